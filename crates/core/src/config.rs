@@ -1,0 +1,585 @@
+//! The typed configuration of a run: one section per stage, two presets, overrides.
+//!
+//! Defaults are the reference settings of `SPEC.md` (the `paper` preset) or a scaled-down
+//! version of them that runs on a laptop CPU in minutes (the `demo` preset). Every trap of the
+//! reference code that we decided on is a named field here, so that a saved `config.toml` says
+//! exactly what a run did. The resolved config is written beside the artifacts of every run.
+
+use crate::error::{CoreError, Result};
+use crate::stage::Stage;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// A set of defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Preset {
+    /// The embedded Fashion-MNIST weak-shot benchmark, a small ResNet, CPU, minutes.
+    Demo,
+    /// The reference hyper-parameters: ResNet-50 at 224 px from ImageNet weights, one GPU.
+    Paper,
+}
+
+impl std::str::FromStr for Preset {
+    type Err = CoreError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "demo" => Ok(Preset::Demo),
+            "paper" => Ok(Preset::Paper),
+            other => Err(CoreError::Config(format!(
+                "unknown preset `{other}`; the presets are: demo, paper"
+            ))),
+        }
+    }
+}
+
+/// Which data set a run uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DatasetKind {
+    /// The embedded weak-shot benchmark built from Fashion-MNIST.
+    Demo,
+    /// CUB-200-2011 with the authors' web images.
+    Cub,
+    /// CompCars with the authors' web images.
+    Car,
+    /// FGVC-Aircraft 2013b with the authors' web images.
+    Air,
+    /// ImageNet (base) and WebVision (novel web images).
+    Webvision,
+}
+
+impl DatasetKind {
+    /// The lower-case name used on the command line and in manifests.
+    pub fn name(self) -> &'static str {
+        match self {
+            DatasetKind::Demo => "demo",
+            DatasetKind::Cub => "cub",
+            DatasetKind::Car => "car",
+            DatasetKind::Air => "air",
+            DatasetKind::Webvision => "webvision",
+        }
+    }
+}
+
+impl std::str::FromStr for DatasetKind {
+    type Err = CoreError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "demo" => Ok(DatasetKind::Demo),
+            "cub" => Ok(DatasetKind::Cub),
+            "car" => Ok(DatasetKind::Car),
+            "air" => Ok(DatasetKind::Air),
+            "webvision" => Ok(DatasetKind::Webvision),
+            other => Err(CoreError::Config(format!(
+                "unknown dataset `{other}`; the datasets are: demo, cub, car, air, webvision"
+            ))),
+        }
+    }
+}
+
+/// Which checkpoint of a training stage becomes its artifact.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Selection {
+    /// The last epoch (honest; the default).
+    Final,
+    /// The best epoch on a held-out validation split (never the test set).
+    Val,
+}
+
+/// The ResNet variant of a backbone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    /// torchvision ResNet-18 (512-d features).
+    Resnet18,
+    /// torchvision ResNet-34 (512-d features).
+    Resnet34,
+    /// torchvision ResNet-50 (2048-d features), the paper's backbone.
+    Resnet50,
+    /// A narrow basic-block ResNet for 28-px images (3×3 stem, no max-pool) for the CPU demo.
+    Small,
+}
+
+/// Run-wide settings that are not a stage's hyper-parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// The preset the defaults came from.
+    pub preset: Preset,
+    /// The data set.
+    pub dataset: DatasetKind,
+    /// Root of the data set on disk (for `demo`: a folder of Fashion-MNIST IDX files).
+    pub data_path: Option<String>,
+    /// Optional second IDX source for junk noise in the demo benchmark (e.g. MNIST digits).
+    pub junk_path: Option<String>,
+    /// `cpu`, `cuda` or `cuda:N`. Not part of any cache key.
+    pub device: String,
+    /// The first seed.
+    pub seed: u64,
+    /// How many seeds (`seed`, `seed+1`, …) `reproduce` runs.
+    pub seeds: usize,
+    /// Run all five classifier variants instead of `naive` and `full`.
+    pub ablations: bool,
+}
+
+/// The data stage: image geometry, augmentation, and the demo benchmark recipe.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// Side of the square network input in pixels (224 in the paper).
+    pub image_size: usize,
+    /// Test transform: resize the shorter side to `round(image_size · resize_ratio)`, then center-crop.
+    pub resize_ratio: f64,
+    /// Train transform: RandomRotation(±degrees).
+    pub rotation_degrees: f64,
+    /// Train transform: RandomResizedCrop scale range.
+    pub crop_scale: [f64; 2],
+    /// Train transform: random horizontal flip.
+    pub hflip: bool,
+    /// Normalisation mean (ImageNet's).
+    pub mean: [f32; 3],
+    /// Normalisation standard deviation (ImageNet's).
+    pub std: [f32; 3],
+    /// Decode/augment threads; 0 = all cores.
+    pub workers: usize,
+    /// The embedded benchmark's recipe (ignored for real data sets).
+    pub demo: DemoConfig,
+}
+
+/// The recipe of the embedded weak-shot benchmark.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DemoConfig {
+    /// Base (clean) class names.
+    pub base: Vec<String>,
+    /// Novel (web-only) class names.
+    pub novel: Vec<String>,
+    /// Clean training images per base class.
+    pub base_train_per_class: usize,
+    /// Held-out base validation images per base class (model selection, SimNet F1).
+    pub base_val_per_class: usize,
+    /// Web images per novel class, noise included.
+    pub web_per_class: usize,
+    /// Clean test images per novel class.
+    pub novel_test_per_class: usize,
+    /// Fraction of each web set that are images of another novel class.
+    pub closed_set_rate: f64,
+    /// Fraction of each web set that are images of a base class.
+    pub open_set_rate: f64,
+    /// Fraction of each web set drawn from `run.junk_path` (needs that path).
+    pub junk_rate: f64,
+}
+
+/// Shared SGD and schedule settings of a training stage (the reference semantics).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimConfig {
+    /// Epochs.
+    pub epochs: usize,
+    /// Initial learning rate.
+    pub lr: f64,
+    /// Multiplicative decay applied every `lr_step` epochs.
+    pub lr_decay: f64,
+    /// Epochs between decays.
+    pub lr_step: usize,
+    /// SGD momentum.
+    pub momentum: f64,
+    /// Coupled (L2) weight decay, PyTorch SGD semantics.
+    pub weight_decay: f64,
+    /// Zero the momentum buffers at the start of each epoch (the reference rebuilt its optimiser).
+    pub reset_momentum: bool,
+}
+
+/// Step 0: the backbone.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackboneConfig {
+    /// The network.
+    pub arch: Arch,
+    /// Base width of the `small` network (channels of its first stage).
+    pub small_width: usize,
+    /// `imagenet` (hf-hub), `scratch`, or a path to a safetensors state dict.
+    pub weights: String,
+    /// `base` (clean base classes; our default) or `noisy_novel` (the script's choice).
+    pub pretrain_on: String,
+    /// Minibatch size.
+    pub batch_size: usize,
+    /// Optimiser and schedule.
+    pub optim: OptimConfig,
+}
+
+/// Step 1: the similarity network.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimnetConfig {
+    /// Head type: 4 (default) or 2.
+    pub head: u8,
+    /// Weight of the adversarial domain loss; 0 disables it.
+    pub beta: f64,
+    /// BatchNorm statistics per domain half during training (what the reference's two GPUs did).
+    pub bn_split: bool,
+    /// Source batch size and classes per batch.
+    pub batch_a: usize,
+    /// Classes per source batch.
+    pub classes_a: usize,
+    /// Target (web) batch size.
+    pub batch_b: usize,
+    /// Classes per target batch.
+    pub classes_b: usize,
+    /// Validation: batches × classes × images.
+    pub val_batches: usize,
+    /// Validation classes per batch.
+    pub val_classes: usize,
+    /// Validation images per class.
+    pub val_per_class: usize,
+    /// Which epoch becomes the artifact.
+    pub select: Selection,
+    /// Optimiser and schedule (both SGDs).
+    pub optim: OptimConfig,
+}
+
+/// Step 2: similarity matrices and sample weights.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DenoiseConfig {
+    /// Images per feature batch.
+    pub feature_batch: usize,
+    /// Rows of S computed at once (bounds memory).
+    pub row_block: usize,
+    /// Fraction R of a row averaged by the `avgR` weights.
+    pub top_r: f64,
+}
+
+/// Steps 3a/3b: the novel classifier and its baselines.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassifierConfig {
+    /// `imagenet` (the paper) or `backbone` (the step-0 network; the demo).
+    pub init: String,
+    /// Variants trained by default (`--ablations` adds the others).
+    pub variants: Vec<String>,
+    /// Step 3a: weighted training epochs.
+    pub epochs_3a: usize,
+    /// Step 3b: alternating epochs (graph and classification-only, counted together).
+    pub epochs_3b: usize,
+    /// Batch size of classification(-only) epochs.
+    pub batch_size: usize,
+    /// Batch size of graph epochs.
+    pub graph_batch_size: usize,
+    /// Weight scheme of step 3a.
+    pub weights_3a: String,
+    /// Weight scheme of step 3b.
+    pub weights_3b: String,
+    /// Weight α of the graph loss.
+    pub alpha: f64,
+    /// Relax exponent μ.
+    pub mu: f64,
+    /// Value on the diagonal of the same-label mask (1 = every pair regularised).
+    pub eye: f64,
+    /// `gcn` (‖g_i − g_j‖² weighted by Â) or `cos` ((cos − Â)²).
+    pub reg: String,
+    /// Which epoch becomes the artifact.
+    pub select: Selection,
+    /// Optimiser and schedule (lr 1e-4·0.5^⌊epoch/20⌋ in the paper).
+    pub optim: OptimConfig,
+}
+
+/// Evaluation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalConfig {
+    /// Images per evaluation batch.
+    pub batch_size: usize,
+}
+
+/// A whole run's configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub run: RunConfig,
+    pub data: DataConfig,
+    pub backbone: BackboneConfig,
+    pub simnet: SimnetConfig,
+    pub denoise: DenoiseConfig,
+    pub classifier: ClassifierConfig,
+    pub eval: EvalConfig,
+}
+
+const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+fn optim(epochs: usize, lr: f64, lr_step: usize) -> OptimConfig {
+    OptimConfig {
+        epochs,
+        lr,
+        lr_decay: 0.5,
+        lr_step,
+        momentum: 0.9,
+        weight_decay: 1e-4,
+        reset_momentum: true,
+    }
+}
+
+fn strings(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+impl Config {
+    /// The defaults of a preset.
+    pub fn preset(preset: Preset) -> Self {
+        match preset {
+            Preset::Paper => Self::paper(),
+            Preset::Demo => Self::demo(),
+        }
+    }
+
+    /// The reference hyper-parameters (`SPEC.md`), CUB, ResNet-50 at 224 px.
+    fn paper() -> Self {
+        Config {
+            run: RunConfig {
+                preset: Preset::Paper,
+                dataset: DatasetKind::Cub,
+                data_path: None,
+                junk_path: None,
+                device: "cuda".into(),
+                seed: 0,
+                seeds: 1,
+                ablations: false,
+            },
+            data: DataConfig {
+                image_size: 224,
+                resize_ratio: 255.0 / 224.0,
+                rotation_degrees: 30.0,
+                crop_scale: [0.5, 1.0],
+                hflip: true,
+                mean: IMAGENET_MEAN,
+                std: IMAGENET_STD,
+                workers: 0,
+                demo: DemoConfig::default_recipe(),
+            },
+            backbone: BackboneConfig {
+                arch: Arch::Resnet50,
+                small_width: 16,
+                weights: "imagenet".into(),
+                pretrain_on: "base".into(),
+                batch_size: 64,
+                optim: optim(30, 1e-4, 20),
+            },
+            simnet: SimnetConfig {
+                head: 4,
+                beta: 0.1,
+                bn_split: true,
+                batch_a: 50,
+                classes_a: 20,
+                batch_b: 50,
+                classes_b: 2,
+                val_batches: 10,
+                val_classes: 10,
+                val_per_class: 10,
+                select: Selection::Final,
+                optim: optim(50, 5e-3, 25),
+            },
+            denoise: DenoiseConfig {
+                feature_batch: 100,
+                row_block: 256,
+                top_r: 0.5,
+            },
+            classifier: ClassifierConfig {
+                init: "imagenet".into(),
+                variants: strings(&["naive", "full"]),
+                epochs_3a: 60,
+                epochs_3b: 100,
+                batch_size: 8,
+                graph_batch_size: 128,
+                weights_3a: "savg1".into(),
+                weights_3b: "avg1".into(),
+                alpha: 0.1,
+                mu: -4.0,
+                eye: 1.0,
+                reg: "gcn".into(),
+                select: Selection::Final,
+                optim: optim(0, 1e-4, 20),
+            },
+            eval: EvalConfig { batch_size: 100 },
+        }
+    }
+
+    /// The embedded benchmark on a laptop CPU: same method, scaled down.
+    fn demo() -> Self {
+        let mut c = Self::paper();
+        c.run.preset = Preset::Demo;
+        c.run.dataset = DatasetKind::Demo;
+        c.run.device = "cpu".into();
+        c.data.image_size = 28;
+        c.data.resize_ratio = 32.0 / 28.0;
+        c.data.rotation_degrees = 10.0;
+        c.data.crop_scale = [0.7, 1.0];
+        c.data.mean = [0.286; 3];
+        c.data.std = [0.353; 3];
+        c.backbone.arch = Arch::Small;
+        c.backbone.weights = "scratch".into();
+        c.backbone.batch_size = 64;
+        c.backbone.optim = optim(8, 0.05, 4);
+        c.simnet.classes_a = 6;
+        c.simnet.val_batches = 4;
+        c.simnet.val_classes = 4;
+        c.simnet.optim = optim(6, 5e-3, 3);
+        c.classifier.init = "backbone".into();
+        c.classifier.epochs_3a = 8;
+        c.classifier.epochs_3b = 8;
+        c.classifier.batch_size = 32;
+        c.classifier.graph_batch_size = 64;
+        c.classifier.optim = optim(0, 0.01, 4);
+        c
+    }
+
+    /// Reads a config file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| CoreError::io(path, e))?;
+        toml::from_str(&text).map_err(|e| {
+            CoreError::Config(format!(
+                "{}: {}; fix the file or start from `cargo xtask config --preset demo`",
+                path.display(),
+                e.message()
+            ))
+        })
+    }
+
+    /// The config as TOML text.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("a Config always serialises")
+    }
+
+    /// Sets one field from `section.field=value` (nested fields with more dots). The value is
+    /// parsed as a TOML value, falling back to a string.
+    pub fn set(&mut self, assignment: &str) -> Result<()> {
+        let (path, raw) = assignment.split_once('=').ok_or_else(|| {
+            CoreError::Config(format!(
+                "override `{assignment}` is not of the form section.field=value"
+            ))
+        })?;
+        let path = path.trim();
+        let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {}", raw.trim()))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(raw.trim().to_string()));
+        let mut root = toml::Value::try_from(&*self)
+            .map_err(|e| CoreError::Config(format!("cannot serialise the config: {e}")))?;
+        let mut slot = &mut root;
+        let keys: Vec<&str> = path.split('.').collect();
+        for (depth, key) in keys.iter().enumerate() {
+            let table = slot.as_table_mut().ok_or_else(|| {
+                CoreError::Config(format!(
+                    "`{}` is not a section",
+                    keys[..depth].join(".")
+                ))
+            })?;
+            slot = table.get_mut(*key).ok_or_else(|| {
+                CoreError::Config(format!(
+                    "unknown config field `{path}`; see `cargo xtask config` for the fields"
+                ))
+            })?;
+        }
+        *slot = value;
+        *self = root.try_into().map_err(|e: toml::de::Error| {
+            CoreError::Config(format!("override `{assignment}`: {}", e.message()))
+        })?;
+        Ok(())
+    }
+
+    /// What a stage's result depends on in this config, as canonical JSON: its own section and
+    /// the run-wide fields that change what it computes (never the device).
+    pub fn stage_inputs(&self, stage: Stage) -> String {
+        let section = match stage {
+            Stage::Data => serde_json::json!({
+                "section": self.data,
+                "data_path": self.run.data_path,
+                "junk_path": self.run.junk_path,
+            }),
+            Stage::Backbone => serde_json::json!({ "section": self.backbone }),
+            Stage::Simnet => serde_json::json!({ "section": self.simnet }),
+            Stage::Denoise => serde_json::json!({ "section": self.denoise }),
+            Stage::Classifier => serde_json::json!({ "section": self.classifier }),
+            Stage::Eval => serde_json::json!({ "section": self.eval }),
+        };
+        serde_json::json!({ "dataset": self.run.dataset, "inputs": section }).to_string()
+    }
+}
+
+impl DemoConfig {
+    /// The default split and noise recipe of the embedded benchmark.
+    pub fn default_recipe() -> Self {
+        DemoConfig {
+            base: strings(&["T-shirt/top", "Trouser", "Pullover", "Dress", "Sandal", "Bag"]),
+            novel: strings(&["Coat", "Shirt", "Sneaker", "Ankle boot"]),
+            base_train_per_class: 600,
+            base_val_per_class: 50,
+            web_per_class: 300,
+            novel_test_per_class: 200,
+            closed_set_rate: 0.30,
+            open_set_rate: 0.20,
+            junk_rate: 0.0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_round_trip_through_toml() {
+        for p in [Preset::Demo, Preset::Paper] {
+            let c = Config::preset(p);
+            let back: Config = toml::from_str(&c.to_toml()).unwrap();
+            assert_eq!(c, back);
+        }
+    }
+
+    #[test]
+    fn paper_preset_has_the_reference_values() {
+        let c = Config::preset(Preset::Paper);
+        assert_eq!(c.simnet.optim.lr, 5e-3);
+        assert_eq!(c.simnet.optim.lr_step, 25);
+        assert_eq!(c.simnet.optim.epochs, 50);
+        assert_eq!(c.simnet.beta, 0.1);
+        assert_eq!(c.classifier.alpha, 0.1);
+        assert_eq!(c.classifier.mu, -4.0);
+        assert_eq!(c.classifier.graph_batch_size, 128);
+        assert_eq!(c.classifier.batch_size, 8);
+        assert_eq!(c.data.image_size, 224);
+    }
+
+    #[test]
+    fn overrides_set_typed_fields_and_reject_bad_ones() {
+        let mut c = Config::preset(Preset::Demo);
+        c.set("simnet.beta=0").unwrap();
+        assert_eq!(c.simnet.beta, 0.0);
+        c.set("simnet.optim.epochs=3").unwrap();
+        assert_eq!(c.simnet.optim.epochs, 3);
+        c.set("backbone.weights=scratch").unwrap();
+        assert_eq!(c.backbone.weights, "scratch");
+        let err = c.set("simnet.nosuch=1").unwrap_err().to_string();
+        assert!(err.contains("simnet.nosuch"), "{err}");
+        let err = c.set("simnet.bn_split=maybe").unwrap_err().to_string();
+        assert!(err.contains("bn_split"), "{err}");
+        let err = c.set("simnet.head=\"four\"").unwrap_err().to_string();
+        assert!(err.contains("simnet.head"), "{err}");
+    }
+
+    #[test]
+    fn stage_inputs_change_only_with_their_section() {
+        let a = Config::preset(Preset::Demo);
+        let mut b = a.clone();
+        b.simnet.beta = 0.0;
+        assert_eq!(a.stage_inputs(Stage::Backbone), b.stage_inputs(Stage::Backbone));
+        assert_ne!(a.stage_inputs(Stage::Simnet), b.stage_inputs(Stage::Simnet));
+        let mut d = a.clone();
+        d.run.device = "cuda:1".into();
+        for s in Stage::ALL {
+            assert_eq!(a.stage_inputs(s), d.stage_inputs(s));
+        }
+    }
+}

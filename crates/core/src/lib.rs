@@ -1,0 +1,26 @@
+//! Shared plumbing of simtrans-rs.
+//!
+//! Every pipeline stage needs the same few services: a typed configuration, a run directory in
+//! which artifacts are written atomically and validated on load, cache keys that tell when an
+//! artifact is stale, deterministic seeding, the reference SGD (momentum, coupled weight decay,
+//! step schedule, optional momentum reset each epoch), device selection and progress reporting.
+//! They live here, once, so that each stage crate holds only the logic of its stage. This crate
+//! knows nothing about what a stage computes.
+
+pub mod artifact;
+pub mod checkpoint;
+pub mod config;
+pub mod device;
+pub mod error;
+pub mod hash;
+pub mod optim;
+pub mod progress;
+pub mod seed;
+pub mod stage;
+pub mod store;
+
+pub use artifact::{Artifact, ArtifactMeta, ArtifactSchema, TensorSpec};
+pub use config::{Config, Preset};
+pub use error::{CoreError, Result};
+pub use stage::{Node, Stage, StageContext, StageOutput};
+pub use store::{Freshness, RunStore};
