@@ -1,0 +1,246 @@
+//! Batch normalisation that trains, with the split-batch mode the reference got from two GPUs.
+//!
+//! candle-transformers' ResNet calls its BatchNorm in inference mode only, and candle-nn's
+//! BatchNorm has no way to normalise two halves of a batch separately. The reference trained
+//! SimNet with `DataParallel` on two GPUs, so each half of its batch (base images, web images)
+//! was normalised with its own statistics and only the first GPU's running statistics survived.
+//! [`BnMode::Split`] reproduces that on one device.
+//!
+//! Semantics follow PyTorch's `BatchNorm1d/2d` (eps 1e-5, momentum 0.1): in training the batch
+//! mean and the *biased* batch variance normalise, and the running estimates move towards the
+//! batch mean and the *unbiased* batch variance. Running statistics are variables of the
+//! [`VarMap`](candle_nn::VarMap) (so they are saved with the model) but are never trained:
+//! [`crate::trainable_vars`] leaves them out and the forward pass never differentiates them.
+
+use candle_core::{bail, DType, Result, Tensor, Var};
+use candle_nn::{Init, VarBuilder};
+
+/// PyTorch's default epsilon.
+pub const EPS: f64 = 1e-5;
+/// PyTorch's default momentum of the running statistics.
+pub const MOMENTUM: f64 = 0.1;
+
+/// Which statistics a BatchNorm uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BnMode {
+    /// Batch statistics; the running statistics are updated.
+    Train,
+    /// Running statistics; nothing is updated.
+    Eval,
+    /// Rows `[0, n)` and `[n, B)` are normalised with their own batch statistics (the
+    /// reference's two-GPU `DataParallel`); the running statistics are updated from rows
+    /// `[0, n)` only. `Split(B)` is [`BnMode::Train`].
+    Split(usize),
+}
+
+impl BnMode {
+    /// Whether this mode uses batch statistics.
+    pub fn is_training(self) -> bool {
+        !matches!(self, BnMode::Eval)
+    }
+}
+
+/// A BatchNorm over the channel dimension (dimension 1) of `[B, C]` or `[B, C, H, W]` inputs,
+/// with torchvision's parameter names: `weight`, `bias`, `running_mean`, `running_var`.
+#[derive(Debug, Clone)]
+pub struct BatchNorm {
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Var,
+    running_var: Var,
+    channels: usize,
+}
+
+impl BatchNorm {
+    /// A BatchNorm over `c` channels: weight 1, bias 0, running mean 0, running variance 1
+    /// (PyTorch's initialisation), or the values already in the VarBuilder's map.
+    pub fn new(c: usize, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get_with_hints(c, "weight", Init::Const(1.0))?;
+        let bias = vb.get_with_hints(c, "bias", Init::Const(0.0))?;
+        let running_mean = vb.get_with_hints(c, "running_mean", Init::Const(0.0))?;
+        let running_var = vb.get_with_hints(c, "running_var", Init::Const(1.0))?;
+        // A tensor that is a VarMap variable shares its storage with the returned Var, so the
+        // in-place updates below are visible in the map (and saved with it).
+        Ok(BatchNorm {
+            weight,
+            bias,
+            running_mean: Var::from_tensor(&running_mean)?,
+            running_var: Var::from_tensor(&running_var)?,
+            channels: c,
+        })
+    }
+
+    /// The number of channels.
+    pub fn channels(&self) -> usize {
+        self.channels
+    }
+
+    /// The current running mean (detached copy of the variable's value).
+    pub fn running_mean(&self) -> Tensor {
+        self.running_mean.as_tensor().detach()
+    }
+
+    /// The current running variance (detached copy of the variable's value).
+    pub fn running_var(&self) -> Tensor {
+        self.running_var.as_tensor().detach()
+    }
+
+    /// The shape that broadcasts a per-channel vector against an input of `rank` dimensions.
+    fn channel_shape(&self, rank: usize) -> Vec<usize> {
+        let mut shape = vec![1; rank];
+        shape[1] = self.channels;
+        shape
+    }
+
+    /// Normalises `x` (`[B, C]` or `[B, C, H, W]`) in the given mode.
+    pub fn forward(&self, x: &Tensor, mode: BnMode) -> Result<Tensor> {
+        let rank = x.rank();
+        if !(rank == 2 || rank == 4) || x.dim(1)? != self.channels {
+            bail!(
+                "BatchNorm over {} channels expects [B, {0}] or [B, {0}, H, W], got {:?}",
+                self.channels,
+                x.dims()
+            )
+        }
+        let batch = x.dim(0)?;
+        match mode {
+            BnMode::Eval => self.eval(x),
+            BnMode::Train => self.train(x, true),
+            BnMode::Split(n) if n == batch => self.train(x, true),
+            BnMode::Split(n) => {
+                if n == 0 || n > batch {
+                    bail!("BatchNorm Split({n}) needs 0 < n <= batch size {batch}")
+                }
+                let first = self.train(&x.narrow(0, 0, n)?, true)?;
+                let second = self.train(&x.narrow(0, n, batch - n)?, false)?;
+                Tensor::cat(&[first, second], 0)
+            }
+        }
+    }
+
+    /// Running statistics: `y = x·s + (b − μ·s)` with `s = w / √(σ² + ε)`.
+    fn eval(&self, x: &Tensor) -> Result<Tensor> {
+        let shape = self.channel_shape(x.rank());
+        let mean = self.running_mean.as_tensor().detach();
+        let var = self.running_var.as_tensor().detach();
+        let scale = (&self.weight / (var + EPS)?.sqrt()?)?;
+        let shift = (&self.bias - (mean * &scale)?)?;
+        let scale = scale.reshape(shape.as_slice())?.to_dtype(x.dtype())?;
+        let shift = shift.reshape(shape.as_slice())?.to_dtype(x.dtype())?;
+        x.broadcast_mul(&scale)?.broadcast_add(&shift)
+    }
+
+    /// Batch statistics, differentiated as PyTorch does (the mean and the variance depend on
+    /// `x`); optionally moves the running statistics.
+    fn train(&self, x: &Tensor, update: bool) -> Result<Tensor> {
+        let rank = x.rank();
+        let shape = self.channel_shape(rank);
+        let reduce: Vec<usize> = (0..rank).filter(|&d| d != 1).collect();
+        let count = x.elem_count() / self.channels;
+        if count < 2 {
+            bail!(
+                "BatchNorm in training mode needs more than one value per channel, got input {:?}",
+                x.dims()
+            )
+        }
+        // Statistics in f32 at least, whatever the activations' dtype.
+        let xs = if x.dtype() == DType::F64 {
+            x.clone()
+        } else {
+            x.to_dtype(DType::F32)?
+        };
+        let mean = xs.mean_keepdim(reduce.clone())?;
+        let centred = xs.broadcast_sub(&mean)?;
+        let var = centred.sqr()?.mean_keepdim(reduce)?;
+        let w = self
+            .weight
+            .to_dtype(xs.dtype())?
+            .reshape(shape.as_slice())?;
+        let b = self.bias.to_dtype(xs.dtype())?.reshape(shape.as_slice())?;
+        let scale = w.broadcast_div(&(&var + EPS)?.sqrt()?)?;
+        let y = centred.broadcast_mul(&scale)?.broadcast_add(&b)?;
+        if update {
+            let dtype = self.running_mean.dtype();
+            let batch_mean = mean.detach().flatten_all()?.to_dtype(dtype)?;
+            let unbiased = (var.detach().flatten_all()? * (count as f64 / (count - 1) as f64))?
+                .to_dtype(dtype)?;
+            let rm = ((self.running_mean.as_tensor().detach() * (1.0 - MOMENTUM))?
+                + (batch_mean * MOMENTUM)?)?;
+            let rv = ((self.running_var.as_tensor().detach() * (1.0 - MOMENTUM))?
+                + (unbiased * MOMENTUM)?)?;
+            self.running_mean.set(&rm)?;
+            self.running_var.set(&rv)?;
+        }
+        y.to_dtype(x.dtype())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use candle_nn::VarMap;
+
+    fn bn(c: usize) -> (BatchNorm, VarMap) {
+        let vm = VarMap::new();
+        let vb = simtrans_core::seed::var_builder(&vm, 0, "bn", DType::F32, &Device::Cpu);
+        (BatchNorm::new(c, vb).unwrap(), vm)
+    }
+
+    #[test]
+    fn running_stats_live_in_the_varmap_and_move_with_momentum() {
+        let (bn, vm) = bn(2);
+        // Channel 0 values 1,3 (mean 2, biased var 1, unbiased 2); channel 1 values 0,0.
+        let x = Tensor::new(&[[1f32, 0.], [3., 0.]], &Device::Cpu).unwrap();
+        let y = bn
+            .forward(&x, BnMode::Train)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert!(
+            (y[0][0] + 1.0).abs() < 1e-4 && (y[1][0] - 1.0).abs() < 1e-4,
+            "{y:?}"
+        );
+        assert_eq!(y[0][1], 0.0);
+        let data = vm.data().lock().unwrap();
+        let rm = data["running_mean"].as_tensor().to_vec1::<f32>().unwrap();
+        let rv = data["running_var"].as_tensor().to_vec1::<f32>().unwrap();
+        assert!((rm[0] - 0.2).abs() < 1e-6 && rm[1] == 0.0, "{rm:?}");
+        assert!(
+            (rv[0] - 1.1).abs() < 1e-6 && (rv[1] - 0.9).abs() < 1e-6,
+            "{rv:?}"
+        );
+    }
+
+    #[test]
+    fn eval_leaves_running_stats_alone_and_split_of_full_batch_is_train() {
+        let (a, _) = bn(3);
+        let (b, _) = bn(3);
+        let x = Tensor::arange(0f32, 24., &Device::Cpu)
+            .unwrap()
+            .reshape((2, 3, 2, 2))
+            .unwrap();
+        let ya = a.forward(&x, BnMode::Train).unwrap();
+        let yb = b.forward(&x, BnMode::Split(2)).unwrap();
+        let d = (ya - yb)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(d, 0.0);
+        let before = a.running_mean().to_vec1::<f32>().unwrap();
+        a.forward(&x, BnMode::Eval).unwrap();
+        assert_eq!(a.running_mean().to_vec1::<f32>().unwrap(), before);
+        assert!(a.forward(&x, BnMode::Split(0)).is_err());
+        assert!(a.forward(&x, BnMode::Split(3)).is_err());
+        assert!(a
+            .forward(
+                &x.narrow(0, 0, 1).unwrap().flatten_from(1).unwrap(),
+                BnMode::Train
+            )
+            .is_err());
+    }
+}
