@@ -1,1 +1,142 @@
-fn main() {}
+//! `cargo xtask …`: runs the SimTrans pipeline end to end or one stage at a time.
+
+use anyhow::{bail, Result};
+use clap::Parser;
+use simtrans_core::Stage;
+use std::process::ExitCode;
+use tracing_subscriber::{fmt, prelude::*, EnvFilter};
+use xtask::cli::{Cli, Command, Common};
+use xtask::pipeline::{seeds, Pipeline};
+use xtask::stages::RealStages;
+
+fn init_logging(common: Option<&Common>) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let stderr = fmt::layer().with_writer(std::io::stderr).with_target(false);
+    let file = common.and_then(|c| {
+        let dir = c.runs_dir.join(&c.run).join("logs");
+        std::fs::create_dir_all(&dir).ok()?;
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("xtask.log"))
+            .ok()?;
+        Some(
+            fmt::layer()
+                .with_writer(std::sync::Mutex::new(f))
+                .with_ansi(false),
+        )
+    });
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(stderr)
+        .with(file)
+        .init();
+}
+
+fn pipeline<'a>(common: &Common, runner: &'a RealStages) -> Result<Pipeline<'a>> {
+    let config = common.resolve()?;
+    let device = simtrans_core::device::parse(&config.run.device)?;
+    let store = common.store()?;
+    let cleaned = store.clean_temporaries()?;
+    if cleaned > 0 {
+        tracing::info!("removed {cleaned} leftover temporary file(s) of an interrupted write");
+    }
+    Ok(Pipeline {
+        store,
+        config,
+        device,
+        runner,
+    })
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let runner = RealStages;
+    match cli.command {
+        Command::Reproduce(common) => {
+            let p = pipeline(&common, &runner)?;
+            let seeds = seeds(&p.config);
+            p.reproduce(&seeds, &common.forced()?)?;
+            Ok(())
+        }
+        Command::Stage { name, common } => {
+            let stage: Stage = name.parse()?;
+            let p = pipeline(&common, &runner)?;
+            let force = common.forced()?.contains(&stage);
+            p.stage(stage, &seeds(&p.config), force)?;
+            Ok(())
+        }
+        Command::Eval(common) => {
+            let p = pipeline(&common, &runner)?;
+            p.stage(
+                Stage::Eval,
+                &seeds(&p.config),
+                common.forced()?.contains(&Stage::Eval),
+            )?;
+            Ok(())
+        }
+        Command::Report(_) => bail!(simtrans_core::CoreError::NotImplemented("report".into())),
+        Command::Bench { what, .. } => bail!(simtrans_core::CoreError::NotImplemented(format!(
+            "bench {what}"
+        ))),
+        Command::Fetch(_) => bail!(simtrans_core::CoreError::NotImplemented("fetch".into())),
+        Command::Config(common) => {
+            print!("{}", common.resolve()?.to_toml());
+            Ok(())
+        }
+        Command::Ci => ci(),
+    }
+}
+
+/// What CI runs, in order; stops at the first failure.
+fn ci() -> Result<()> {
+    let steps: [&[&str]; 3] = [
+        &["fmt", "--all", "--", "--check"],
+        &[
+            "clippy",
+            "--workspace",
+            "--release",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
+        &["test", "--workspace", "--release"],
+    ];
+    for args in steps {
+        tracing::info!("cargo {}", args.join(" "));
+        let status = std::process::Command::new(env!("CARGO"))
+            .args(args)
+            .status()?;
+        if !status.success() {
+            bail!("`cargo {}` failed", args.join(" "));
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    if std::env::args_os().len() <= 1 {
+        // No subcommand: help on stdout, success (clap's own default would exit 2).
+        use clap::CommandFactory;
+        let _ = Cli::command().print_help();
+        println!();
+        return ExitCode::SUCCESS;
+    }
+    let cli = Cli::parse();
+    let common = match &cli.command {
+        Command::Reproduce(c) | Command::Eval(c) | Command::Report(c) | Command::Fetch(c) => {
+            Some(c)
+        }
+        Command::Stage { common, .. } | Command::Bench { common, .. } => Some(common),
+        Command::Config(_) | Command::Ci => None,
+    };
+    init_logging(common);
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            eprintln!("error: {}", chain.join(": "));
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -150,7 +150,12 @@ impl ArtifactSchema {
         }
     }
 
-    fn check(&self, meta: &ArtifactMeta, tensors: &BTreeMap<String, Tensor>, path: &Path) -> Result<()> {
+    fn check(
+        &self,
+        meta: &ArtifactMeta,
+        tensors: &BTreeMap<String, Tensor>,
+        path: &Path,
+    ) -> Result<()> {
         let Some(stage) = self.stage else {
             return Ok(());
         };
@@ -160,7 +165,8 @@ impl ArtifactSchema {
             version: self.version,
             reason,
         };
-        let belongs = meta.node == stage.name() || meta.node.starts_with(&format!("{}-", stage.name()));
+        let belongs =
+            meta.node == stage.name() || meta.node.starts_with(&format!("{}-", stage.name()));
         if !belongs {
             return Err(fail(format!("it was written by node `{}`", meta.node)));
         }
@@ -169,7 +175,10 @@ impl ArtifactSchema {
         }
         for spec in &self.tensors {
             let matches: Vec<(&String, &Tensor)> = match spec.name.strip_suffix('*') {
-                Some(prefix) => tensors.iter().filter(|(n, _)| n.starts_with(prefix)).collect(),
+                Some(prefix) => tensors
+                    .iter()
+                    .filter(|(n, _)| n.starts_with(prefix))
+                    .collect(),
                 None => tensors.get_key_value(&spec.name).into_iter().collect(),
             };
             if matches.is_empty() {
@@ -185,7 +194,10 @@ impl ArtifactSchema {
                 }
                 let dims = t.dims();
                 let ok = dims.len() == spec.shape.len()
-                    && dims.iter().zip(&spec.shape).all(|(d, s)| s.is_none_or(|s| s == *d));
+                    && dims
+                        .iter()
+                        .zip(&spec.shape)
+                        .all(|(d, s)| s.is_none_or(|s| s == *d));
                 if !ok {
                     return Err(fail(format!(
                         "tensor `{name}` has shape {dims:?}, expected {:?}",
@@ -259,10 +271,12 @@ impl Artifact {
 
     /// One tensor by name, with an error naming the artifact when absent.
     pub fn tensor(&self, name: &str) -> Result<&Tensor> {
-        self.tensors.get(name).ok_or_else(|| CoreError::ArtifactCorrupt {
-            path: self.path.clone().unwrap_or_default(),
-            reason: format!("tensor `{name}` is missing from node `{}`", self.meta.node),
-        })
+        self.tensors
+            .get(name)
+            .ok_or_else(|| CoreError::ArtifactCorrupt {
+                path: self.path.clone().unwrap_or_default(),
+                reason: format!("tensor `{name}` is missing from node `{}`", self.meta.node),
+            })
     }
 
     /// Serialises the artifact and fills in its checksum.
@@ -287,8 +301,11 @@ impl Artifact {
                 .map(|(n, r)| (n.as_str(), r.dtype, r.shape.as_slice(), r.data.as_slice())),
         );
         map.insert("checksum".into(), self.meta.checksum.clone());
-        safetensors::tensor::serialize(raws.iter().map(|(n, r)| (n.as_str(), r)), Some(map.into_iter().collect()))
-            .map_err(|e| CoreError::Config(format!("safetensors serialisation failed: {e}")))
+        safetensors::tensor::serialize(
+            raws.iter().map(|(n, r)| (n.as_str(), r)),
+            Some(map.into_iter().collect()),
+        )
+        .map_err(|e| CoreError::Config(format!("safetensors serialisation failed: {e}")))
     }
 
     /// Writes the artifact to a temporary file beside `path` and returns that file's path,
@@ -340,7 +357,8 @@ fn parse<'a>(bytes: &'a [u8], path: &Path) -> Result<(ArtifactMeta, SafeTensors<
         path: path.to_path_buf(),
         reason,
     };
-    let st = SafeTensors::deserialize(bytes).map_err(|e| corrupt(format!("not a readable safetensors file: {e}")))?;
+    let st = SafeTensors::deserialize(bytes)
+        .map_err(|e| corrupt(format!("not a readable safetensors file: {e}")))?;
     let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| corrupt(e.to_string()))?;
     let map = header
         .metadata()
@@ -359,16 +377,24 @@ fn parse<'a>(bytes: &'a [u8], path: &Path) -> Result<(ArtifactMeta, SafeTensors<
             .map(|((n, v), s)| (*n, v.dtype(), s.as_slice(), v.data())),
     );
     if actual != meta.checksum {
-        return Err(corrupt("checksum mismatch: the file was modified after it was written".into()));
+        return Err(corrupt(
+            "checksum mismatch: the file was modified after it was written".into(),
+        ));
     }
     Ok((meta, st))
 }
 
 /// Writes bytes to a fresh temporary file in the folder of `path` and syncs it.
 pub fn write_temp(path: &Path, bytes: &[u8]) -> Result<PathBuf> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| CoreError::io(dir, e))?;
-    let file_name = path.file_name().and_then(|s| s.to_str()).unwrap_or("artifact");
+    let file_name = path
+        .file_name()
+        .and_then(|s| s.to_str())
+        .unwrap_or("artifact");
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
@@ -435,8 +461,14 @@ mod tests {
         a.save(&path).unwrap();
         let b = Artifact::load(&path, &schema(), &Device::Cpu).unwrap();
         assert_eq!(b.meta, a.meta);
-        assert_eq!(b.tensor("w").unwrap().to_vec2::<f32>().unwrap(), vec![vec![1.5f32; 3]; 2]);
-        assert_eq!(b.tensor("ids").unwrap().to_vec1::<u32>().unwrap(), vec![1, 2, 3]);
+        assert_eq!(
+            b.tensor("w").unwrap().to_vec2::<f32>().unwrap(),
+            vec![vec![1.5f32; 3]; 2]
+        );
+        assert_eq!(
+            b.tensor("ids").unwrap().to_vec1::<u32>().unwrap(),
+            vec![1, 2, 3]
+        );
     }
 
     #[test]
@@ -470,7 +502,10 @@ mod tests {
 
         // Edit the metadata in place (same length, so the header still parses).
         let needle = b"\"cache_key\":\"k\"";
-        let at = bytes.windows(needle.len()).position(|w| w == needle).unwrap();
+        let at = bytes
+            .windows(needle.len())
+            .position(|w| w == needle)
+            .unwrap();
         let mut edited = bytes.clone();
         edited[at + needle.len() - 2] = b'x';
         std::fs::write(&path, &edited).unwrap();
@@ -493,17 +528,23 @@ mod tests {
             1,
             vec![TensorSpec::new("w", DType::F32, &[Some(3), None])],
         );
-        let err = Artifact::load(&path, &wrong_shape, &Device::Cpu).unwrap_err().to_string();
+        let err = Artifact::load(&path, &wrong_shape, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("shape"), "{err}");
         let wrong_stage = ArtifactSchema::new(Stage::Denoise, 1, vec![]);
-        let err = Artifact::load(&path, &wrong_stage, &Device::Cpu).unwrap_err().to_string();
+        let err = Artifact::load(&path, &wrong_stage, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("written by node `simnet`"), "{err}");
         let missing = ArtifactSchema::new(
             Stage::Simnet,
             1,
             vec![TensorSpec::new("head.*", DType::F32, &[None])],
         );
-        let err = Artifact::load(&path, &missing, &Device::Cpu).unwrap_err().to_string();
+        let err = Artifact::load(&path, &missing, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("missing"), "{err}");
     }
 }

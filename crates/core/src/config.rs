@@ -26,7 +26,7 @@ impl std::str::FromStr for Preset {
         match s {
             "demo" => Ok(Preset::Demo),
             "paper" => Ok(Preset::Paper),
-            other => Err(CoreError::Config(format!(
+            other => Err(CoreError::Unknown(format!(
                 "unknown preset `{other}`; the presets are: demo, paper"
             ))),
         }
@@ -71,7 +71,7 @@ impl std::str::FromStr for DatasetKind {
             "car" => Ok(DatasetKind::Car),
             "air" => Ok(DatasetKind::Air),
             "webvision" => Ok(DatasetKind::Webvision),
-            other => Err(CoreError::Config(format!(
+            other => Err(CoreError::Unknown(format!(
                 "unknown dataset `{other}`; the datasets are: demo, cub, car, air, webvision"
             ))),
         }
@@ -471,10 +471,7 @@ impl Config {
         let keys: Vec<&str> = path.split('.').collect();
         for (depth, key) in keys.iter().enumerate() {
             let table = slot.as_table_mut().ok_or_else(|| {
-                CoreError::Config(format!(
-                    "`{}` is not a section",
-                    keys[..depth].join(".")
-                ))
+                CoreError::Config(format!("`{}` is not a section", keys[..depth].join(".")))
             })?;
             slot = table.get_mut(*key).ok_or_else(|| {
                 CoreError::Config(format!(
@@ -512,7 +509,14 @@ impl DemoConfig {
     /// The default split and noise recipe of the embedded benchmark.
     pub fn default_recipe() -> Self {
         DemoConfig {
-            base: strings(&["T-shirt/top", "Trouser", "Pullover", "Dress", "Sandal", "Bag"]),
+            base: strings(&[
+                "T-shirt/top",
+                "Trouser",
+                "Pullover",
+                "Dress",
+                "Sandal",
+                "Bag",
+            ]),
             novel: strings(&["Coat", "Shirt", "Sneaker", "Ankle boot"]),
             base_train_per_class: 600,
             base_val_per_class: 50,
@@ -574,7 +578,10 @@ mod tests {
         let a = Config::preset(Preset::Demo);
         let mut b = a.clone();
         b.simnet.beta = 0.0;
-        assert_eq!(a.stage_inputs(Stage::Backbone), b.stage_inputs(Stage::Backbone));
+        assert_eq!(
+            a.stage_inputs(Stage::Backbone),
+            b.stage_inputs(Stage::Backbone)
+        );
         assert_ne!(a.stage_inputs(Stage::Simnet), b.stage_inputs(Stage::Simnet));
         let mut d = a.clone();
         d.run.device = "cuda:1".into();

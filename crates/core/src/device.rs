@@ -32,9 +32,15 @@ mod tests {
     #[test]
     fn names() {
         assert!(super::parse("cpu").unwrap().is_cpu());
-        assert!(super::parse("gpu").unwrap_err().to_string().contains("cpu, cuda"));
+        assert!(super::parse("gpu")
+            .unwrap_err()
+            .to_string()
+            .contains("cpu, cuda"));
         assert!(super::parse("cuda:x").is_err());
         #[cfg(not(feature = "cuda"))]
-        assert!(super::parse("cuda").unwrap_err().to_string().contains("--features cuda"));
+        assert!(super::parse("cuda")
+            .unwrap_err()
+            .to_string()
+            .contains("--features cuda"));
     }
 }

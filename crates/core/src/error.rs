@@ -18,6 +18,9 @@ pub enum CoreError {
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// A name on the command line or in a config that matches nothing known.
+    #[error("{0}")]
+    Unknown(String),
     /// A configuration file or override could not be understood.
     #[error("config: {0}")]
     Config(String),

@@ -119,7 +119,10 @@ mod tests {
         }
         let got = p.as_tensor().to_vec1::<f32>().unwrap();
         for i in 0..2 {
-            assert!((got[i] as f64 - expect[i]).abs() < 1e-6, "{got:?} vs {expect:?}");
+            assert!(
+                (got[i] as f64 - expect[i]).abs() < 1e-6,
+                "{got:?} vs {expect:?}"
+            );
         }
         opt.reset_momentum();
         assert!(opt.state().is_empty());

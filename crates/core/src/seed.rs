@@ -101,7 +101,11 @@ impl SimpleBackend for SeededBackend {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.varmap.data().lock().expect("varmap lock").contains_key(name)
+        self.varmap
+            .data()
+            .lock()
+            .expect("varmap lock")
+            .contains_key(name)
     }
 }
 
@@ -146,7 +150,11 @@ mod tests {
                 .get_with_hints((64, 32), "w", candle_nn::init::DEFAULT_KAIMING_NORMAL)
                 .unwrap();
             let b = vb.get_with_hints(5, "b", Init::Const(0.25)).unwrap();
-            (w.flatten_all().unwrap().to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap(), vm)
+            (
+                w.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                b.to_vec1::<f32>().unwrap(),
+                vm,
+            )
         };
         let (w1, b1, vm) = make(3);
         let (w2, _, _) = make(3);

@@ -62,7 +62,7 @@ impl std::str::FromStr for Stage {
             .find(|st| st.name() == s)
             .ok_or_else(|| {
                 let names: Vec<&str> = Stage::ALL.iter().map(|s| s.name()).collect();
-                CoreError::Config(format!(
+                CoreError::Unknown(format!(
                     "unknown stage `{s}`; the stages are: {}",
                     names.join(", ")
                 ))
@@ -200,6 +200,9 @@ mod tests {
     #[test]
     fn node_names() {
         assert_eq!(Node::stage(Stage::Simnet).name(), "simnet");
-        assert_eq!(Node::variant(Stage::Classifier, "full").name(), "classifier-full");
+        assert_eq!(
+            Node::variant(Stage::Classifier, "full").name(),
+            "classifier-full"
+        );
     }
 }

@@ -64,7 +64,8 @@ impl RunStore {
 
     /// Where a node's artifact lives.
     pub fn artifact_path(&self, seed: u64, node: &Node) -> PathBuf {
-        self.seed_dir(seed).join(format!("{}.safetensors", node.name()))
+        self.seed_dir(seed)
+            .join(format!("{}.safetensors", node.name()))
     }
 
     /// Path of the resolved config.
@@ -159,10 +160,19 @@ mod tests {
         };
         let path = store.artifact_path(0, &node);
         Artifact::new(meta, BTreeMap::new()).save(&path).unwrap();
-        assert!(matches!(store.freshness(0, &node, "k1"), Freshness::Fresh(_)));
-        assert!(matches!(store.freshness(0, &node, "k2"), Freshness::Stale { .. }));
+        assert!(matches!(
+            store.freshness(0, &node, "k1"),
+            Freshness::Fresh(_)
+        ));
+        assert!(matches!(
+            store.freshness(0, &node, "k2"),
+            Freshness::Stale { .. }
+        ));
         std::fs::write(&path, b"xx").unwrap();
-        assert!(matches!(store.freshness(0, &node, "k1"), Freshness::Corrupt { .. }));
+        assert!(matches!(
+            store.freshness(0, &node, "k1"),
+            Freshness::Corrupt { .. }
+        ));
     }
 
     #[test]
@@ -175,7 +185,10 @@ mod tests {
         assert_ne!(k, cache_key(&n, 0, "{}", &up, "m2"));
         let up2 = BTreeMap::from([("backbone".to_string(), "c2".to_string())]);
         assert_ne!(k, cache_key(&n, 0, "{}", &up2, "m"));
-        assert_ne!(k, cache_key(&Node::stage(Stage::Denoise), 0, "{}", &up, "m"));
+        assert_ne!(
+            k,
+            cache_key(&Node::stage(Stage::Denoise), 0, "{}", &up, "m")
+        );
     }
 
     #[test]
