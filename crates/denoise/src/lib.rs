@@ -1,1 +1,21 @@
-//! placeholder
+//! Step 2 of SimTrans: from the SimNet's pairwise similarities to per-image sample weights.
+//!
+//! For every novel category, the similarity of each pair of its web images is computed
+//! (streamed over row blocks so that memory stays bounded), and each image's weight is its
+//! average similarity to the rest of the category, normalised to mean 1. The classifier stage
+//! trains on these weights (steps 3a/3b); where the noise ground truth is known (the embedded
+//! benchmark), the ROC-AUC of the weights for clean vs noisy images measures how well they
+//! separate the two.
+//!
+//! This crate holds the pure formulas as tensor functions (CPU and CUDA alike):
+//! [`weights`] (the weight schemes and `one_mean`), [`similarity`] (the row-block streaming of
+//! `S`) and [`auc`] (weight quality). The stage `run` function that ties them to the data and
+//! SimNet artifacts lives beside them once those crates are ready.
+
+pub mod auc;
+pub mod error;
+pub mod similarity;
+pub mod weights;
+
+pub use error::{DenoiseError, Result};
+pub use weights::WeightScheme;
