@@ -1,1 +1,95 @@
-//! placeholder
+//! The data stage of simtrans-rs: data set layouts, the embedded weak-shot benchmark, image
+//! transforms, batch samplers and the `data` artifact.
+//!
+//! The stage resolves a data set once into a [`DataIndex`] (every image with a stable id, its
+//! label, split and, for the demo benchmark, its noise truth) and hands it on as the `data`
+//! artifact. Later stages read the index back with [`DataIndex::from_artifact`], draw batches of
+//! ids with [`sampler`] and turn ids into normalised tensors with [`Loader`].
+
+pub mod demo;
+pub mod error;
+pub mod idx;
+pub mod index;
+
+pub use error::{DataError, Result};
+pub use index::{DataIndex, Images, Item, NoiseKind, Split};
+pub use simtrans_core::config::DatasetKind;
+
+use simtrans_core::{StageContext, StageOutput};
+use std::path::Path;
+
+const MANIFESTS: [(DatasetKind, &str); 5] = [
+    (
+        DatasetKind::Demo,
+        include_str!("../../../data-manifests/demo.toml"),
+    ),
+    (
+        DatasetKind::Cub,
+        include_str!("../../../data-manifests/cub.toml"),
+    ),
+    (
+        DatasetKind::Car,
+        include_str!("../../../data-manifests/car.toml"),
+    ),
+    (
+        DatasetKind::Air,
+        include_str!("../../../data-manifests/air.toml"),
+    ),
+    (
+        DatasetKind::Webvision,
+        include_str!("../../../data-manifests/webvision.toml"),
+    ),
+];
+
+/// The text of `data-manifests/<dataset>.toml` as compiled into this library.
+pub fn manifest(dataset: DatasetKind) -> &'static str {
+    MANIFESTS
+        .iter()
+        .find(|(d, _)| *d == dataset)
+        .map(|(_, t)| *t)
+        .expect("every data set has a manifest")
+}
+
+/// SHA-256 (lower-case hex) of the embedded `data-manifests/<dataset>.toml`; part of the data
+/// stage's cache key.
+pub fn manifest_hash(dataset: DatasetKind) -> String {
+    simtrans_core::hash::sha256_hex(manifest(dataset))
+}
+
+/// Builds the index of `config.run.dataset` for one seed, with metrics about it.
+pub fn build_index(
+    config: &simtrans_core::Config,
+    seed: u64,
+) -> Result<(DataIndex, serde_json::Value)> {
+    match config.run.dataset {
+        DatasetKind::Demo => {
+            let source = demo::resolve_source(config.run.data_path.as_deref().map(Path::new))?;
+            let junk = match &config.run.junk_path {
+                Some(p) if config.data.demo.junk_rate > 0.0 => Some(demo::load_junk(Path::new(p))?),
+                _ => None,
+            };
+            let index = demo::build(&config.data.demo, &source, junk.as_ref(), seed)?;
+            let mut metrics = serde_json::json!({ "source": source.origin });
+            if let Some(j) = &junk {
+                metrics["junk_source"] = serde_json::json!(j.origin);
+            }
+            Ok((index, metrics))
+        }
+        other => Err(DataError::NotImplemented(format!(
+            "the `{}` data set layout",
+            other.name()
+        ))),
+    }
+}
+
+/// The data stage: resolves `ctx.config`'s data set for `ctx.seed` and returns the index as
+/// tensors, with counts per split and noise kind as metrics and class names as metadata.
+pub fn run(ctx: &StageContext) -> Result<StageOutput> {
+    let (index, metrics) = build_index(&ctx.config, ctx.seed)?;
+    tracing::info!(
+        items = index.items.len(),
+        dataset = index.dataset.name(),
+        "data index built"
+    );
+    index.to_output(metrics)
+}

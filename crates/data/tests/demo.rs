@@ -1,0 +1,388 @@
+//! The embedded benchmark builder: exact counts, noise truth, disjointness, determinism,
+//! errors, and the artifact round trip.
+
+use simtrans_core::config::{Config, DemoConfig, Preset};
+use simtrans_core::{Artifact, ArtifactMeta};
+use simtrans_data::demo::{self, DemoSource};
+use simtrans_data::idx::IdxImages;
+use simtrans_data::{DataIndex, Images, NoiseKind, Split};
+use std::collections::{BTreeMap, HashSet};
+
+/// A source whose every image is unique and says where it came from: bytes 0..4 are the
+/// index in its file (little endian), byte 4 the file (1 = train, 2 = test, 3 = junk).
+fn synthetic(per_class_train: usize, per_class_test: usize) -> DemoSource {
+    let make = |per_class: usize, file: u8| {
+        let n = per_class * 10;
+        let mut pixels = Vec::new();
+        let mut labels = Vec::new();
+        for i in 0..n {
+            let mut img = [0u8; 16];
+            img[..4].copy_from_slice(&(i as u32).to_le_bytes());
+            img[4] = file;
+            pixels.extend_from_slice(&img);
+            labels.push(((i * 7) % 10) as u8); // interleaved classes
+        }
+        IdxImages {
+            count: n,
+            height: 4,
+            width: 4,
+            pixels,
+            labels: Some(labels),
+            origin: format!("synthetic {file}"),
+        }
+    };
+    DemoSource {
+        train: make(per_class_train, 1),
+        test: make(per_class_test, 2),
+        class_names: demo::FASHION_MNIST_CLASSES
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        origin: "synthetic".into(),
+    }
+}
+
+fn junk_source(n: usize) -> IdxImages {
+    let mut pixels = Vec::new();
+    for i in 0..n {
+        let mut img = [0u8; 16];
+        img[..4].copy_from_slice(&(i as u32).to_le_bytes());
+        img[4] = 3;
+        pixels.extend_from_slice(&img);
+    }
+    IdxImages {
+        count: n,
+        height: 4,
+        width: 4,
+        pixels,
+        labels: None,
+        origin: "junk".into(),
+    }
+}
+
+fn pixels_of(index: &DataIndex, id: u32) -> &[u8] {
+    match &index.images {
+        Images::Pixels {
+            height,
+            width,
+            data,
+        } => {
+            let n = height * width;
+            &data[id as usize * n..(id as usize + 1) * n]
+        }
+        Images::Paths(_) => panic!("demo stores pixels"),
+    }
+}
+
+fn origin(index: &DataIndex, id: u32) -> (u8, u32) {
+    let p = pixels_of(index, id);
+    (p[4], u32::from_le_bytes([p[0], p[1], p[2], p[3]]))
+}
+
+fn small_recipe() -> DemoConfig {
+    DemoConfig {
+        base_train_per_class: 20,
+        base_val_per_class: 5,
+        web_per_class: 30,
+        novel_test_per_class: 8,
+        closed_set_rate: 0.3,
+        open_set_rate: 0.2,
+        junk_rate: 0.1,
+        ..DemoConfig::default_recipe()
+    }
+}
+
+#[test]
+fn default_recipe_from_the_embedded_subset_has_exact_counts_and_truth() {
+    let source = demo::embedded_source().unwrap();
+    assert_eq!(source.train.count, 9000);
+    assert_eq!(source.test.count, 3000);
+    let recipe = DemoConfig::default_recipe();
+    let index = demo::build(&recipe, &source, None, 0).unwrap();
+    let counts = index.split_counts();
+    assert_eq!(counts["base_train"], 6 * 600);
+    assert_eq!(counts["base_val"], 6 * 50);
+    assert_eq!(counts["base_test"], 6 * 200);
+    assert_eq!(counts["novel_web"], 4 * 300);
+    assert_eq!(counts["novel_test"], 4 * 200);
+    assert_eq!(
+        index.base_names(),
+        [
+            "T-shirt/top",
+            "Trouser",
+            "Pullover",
+            "Dress",
+            "Sandal",
+            "Bag"
+        ]
+    );
+    assert_eq!(
+        index.novel_names(),
+        ["Coat", "Shirt", "Sneaker", "Ankle boot"]
+    );
+    // Exactly 150 clean, 90 closed-set, 60 open-set images in every web set.
+    for &c in &index.novel_classes {
+        let set: Vec<_> = index
+            .items_in(Split::NovelWeb)
+            .into_iter()
+            .filter(|i| i.label == c)
+            .collect();
+        let n = |k| set.iter().filter(|i| i.noise == k).count();
+        assert_eq!(
+            (
+                n(NoiseKind::Clean),
+                n(NoiseKind::ClosedSet),
+                n(NoiseKind::OpenSet),
+                n(NoiseKind::Junk)
+            ),
+            (150, 90, 60, 0)
+        );
+        for i in &set {
+            let t = i.true_label.unwrap();
+            match i.noise {
+                NoiseKind::Clean => assert_eq!(t, c),
+                NoiseKind::ClosedSet => assert!(t != c && index.novel_classes.contains(&t)),
+                NoiseKind::OpenSet => assert!(index.base_classes.contains(&t)),
+                k => panic!("unexpected {k:?}"),
+            }
+        }
+    }
+    // The true label of a clean image matches what its pixels are: a novel-test image of
+    // class c is not pixel-identical to any web image (test and train files are disjoint).
+    let web: HashSet<&[u8]> = index
+        .items_in(Split::NovelWeb)
+        .iter()
+        .map(|i| pixels_of(&index, i.id))
+        .collect();
+    let overlap = index
+        .items_in(Split::NovelTest)
+        .iter()
+        .filter(|i| web.contains(pixels_of(&index, i.id)))
+        .count();
+    assert_eq!(overlap, 0);
+}
+
+#[test]
+fn roles_are_disjoint_heads_of_each_class() {
+    let source = synthetic(60, 12);
+    let junk = junk_source(50);
+    let recipe = small_recipe();
+    let index = demo::build(&recipe, &source, Some(&junk), 3).unwrap();
+    // Every source image is used at most once.
+    let mut seen = HashSet::new();
+    for item in &index.items {
+        assert!(seen.insert(origin(&index, item.id)), "image used twice");
+    }
+    // Per web set: round(30·0.3)=9 closed, round(30·0.2)=6 open, round(30·0.1)=3 junk, 12 clean.
+    assert_eq!(
+        demo::web_counts(&recipe).unwrap(),
+        demo::WebCounts {
+            clean: 12,
+            closed_set: 9,
+            open_set: 6,
+            junk: 3
+        }
+    );
+    let labels = source.train.labels.as_ref().unwrap();
+    for item in &index.items {
+        let (file, i) = origin(&index, item.id);
+        match item.noise {
+            NoiseKind::Junk => {
+                assert_eq!(file, 3);
+                assert_eq!(item.true_label, None);
+                assert_eq!(item.split, Split::NovelWeb);
+            }
+            _ => {
+                let file_labels = if file == 1 {
+                    labels
+                } else {
+                    source.test.labels.as_ref().unwrap()
+                };
+                // The recorded true label is the class of the source image.
+                assert_eq!(item.true_label, Some(file_labels[i as usize] as u32));
+                let test_split = matches!(item.split, Split::BaseTest | Split::NovelTest);
+                assert_eq!(file == 2, test_split);
+            }
+        }
+    }
+    // Each class uses a prefix of its images in file order.
+    let mut used: BTreeMap<(u8, u32), Vec<u32>> = BTreeMap::new();
+    for item in index.items.iter().filter(|i| i.noise != NoiseKind::Junk) {
+        let (file, i) = origin(&index, item.id);
+        used.entry((file, item.true_label.unwrap()))
+            .or_default()
+            .push(i);
+    }
+    for ((file, class), mut pos) in used {
+        let file_labels = if file == 1 {
+            labels
+        } else {
+            source.test.labels.as_ref().unwrap()
+        };
+        let all: Vec<u32> = (0..file_labels.len() as u32)
+            .filter(|&i| file_labels[i as usize] as u32 == class)
+            .collect();
+        pos.sort();
+        assert_eq!(
+            pos,
+            all[..pos.len()],
+            "class {class} of file {file} is not a prefix"
+        );
+    }
+    // Ids are in the documented order.
+    let order: Vec<Split> = index.items.iter().map(|i| i.split).collect();
+    let mut sorted = order.clone();
+    sorted.sort();
+    assert_eq!(order, sorted);
+}
+
+#[test]
+fn same_seed_same_index_other_seed_other_index() {
+    let source = synthetic(60, 12);
+    let junk = junk_source(50);
+    let a = demo::build(&small_recipe(), &source, Some(&junk), 1).unwrap();
+    let b = demo::build(&small_recipe(), &source, Some(&junk), 1).unwrap();
+    let c = demo::build(&small_recipe(), &source, Some(&junk), 2).unwrap();
+    assert_eq!(a, b);
+    assert_ne!(a, c);
+}
+
+#[test]
+fn the_subset_and_the_full_files_build_the_same_benchmark() {
+    let debian = std::path::Path::new(demo::DEBIAN_DIR);
+    if !debian.join("train-images-idx3-ubyte.gz").is_file() {
+        eprintln!("skipped: {} is not installed", demo::DEBIAN_DIR);
+        return;
+    }
+    let full = demo::dir_source(debian).unwrap();
+    let subset = demo::embedded_source().unwrap();
+    let recipe = DemoConfig::default_recipe();
+    assert_eq!(
+        demo::build(&recipe, &full, None, 5).unwrap(),
+        demo::build(&recipe, &subset, None, 5).unwrap()
+    );
+}
+
+#[test]
+fn bad_recipes_are_refused_with_a_reason() {
+    let source = synthetic(60, 12);
+    let err = |r: DemoConfig, junk: Option<&IdxImages>| {
+        demo::build(&r, &source, junk, 0).unwrap_err().to_string()
+    };
+
+    let e = err(
+        DemoConfig {
+            base_train_per_class: 100,
+            ..small_recipe()
+        },
+        Some(&junk_source(50)),
+    );
+    assert!(
+        e.contains("has only 60") && e.contains("train file") && e.contains("--data-path"),
+        "{e}"
+    );
+    let e = err(
+        DemoConfig {
+            novel_test_per_class: 13,
+            ..small_recipe()
+        },
+        Some(&junk_source(50)),
+    );
+    assert!(e.contains("test file") && e.contains("has only 12"), "{e}");
+    let e = err(small_recipe(), None);
+    assert!(e.contains("junk_path"), "{e}");
+    let e = err(small_recipe(), Some(&junk_source(5)));
+    assert!(e.contains("needs 12 junk images"), "{e}");
+    let mut r = small_recipe();
+    r.novel.push("Jacket".into());
+    let e = err(r, None);
+    assert!(
+        e.contains("unknown novel class `Jacket`") && e.contains("Ankle boot"),
+        "{e}"
+    );
+    let mut r = small_recipe();
+    r.novel.push("Bag".into());
+    assert!(err(r, None).contains("both base and novel"));
+    let r = DemoConfig {
+        closed_set_rate: 0.6,
+        open_set_rate: 0.5,
+        junk_rate: 0.0,
+        ..small_recipe()
+    };
+    assert!(err(r, None).contains("add up to"));
+    let r = DemoConfig {
+        open_set_rate: -0.1,
+        ..small_recipe()
+    };
+    assert!(err(r, None).contains("open_set_rate"));
+}
+
+#[test]
+fn rounding_of_noise_counts_is_half_away_from_zero() {
+    let r = DemoConfig {
+        web_per_class: 7,
+        closed_set_rate: 0.5,
+        open_set_rate: 0.3,
+        junk_rate: 0.0,
+        ..small_recipe()
+    };
+    // 3.5 → 4, 2.1 → 2, the rest clean.
+    assert_eq!(
+        demo::web_counts(&r).unwrap(),
+        demo::WebCounts {
+            clean: 1,
+            closed_set: 4,
+            open_set: 2,
+            junk: 0
+        }
+    );
+}
+
+#[test]
+fn the_stage_output_round_trips_through_an_artifact() {
+    let mut config = Config::preset(Preset::Demo);
+    config.data.demo = DemoConfig {
+        base_train_per_class: 30,
+        base_val_per_class: 5,
+        web_per_class: 20,
+        novel_test_per_class: 10,
+        ..DemoConfig::default_recipe()
+    };
+    let (index, metrics) = simtrans_data::build_index(&config, 9).unwrap();
+    let out = index.to_output(metrics).unwrap();
+    assert_eq!(out.metrics["splits"]["novel_web"], 80);
+    assert_eq!(out.metrics["web_noise"]["closed_set"], 4 * 6);
+    assert!(out.metrics["source"].is_string());
+    let meta = ArtifactMeta {
+        node: "data".into(),
+        schema_version: simtrans_data::index::SCHEMA_VERSION,
+        cache_key: "k".into(),
+        crate_version: "0".into(),
+        metrics: out.metrics.clone(),
+        extra: out.meta.clone(),
+        ..Default::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("data.safetensors");
+    Artifact::new(meta, out.tensors).save(&path).unwrap();
+    let loaded = Artifact::load(&path, &DataIndex::schema(), &candle_core::Device::Cpu).unwrap();
+    let back = DataIndex::from_artifact(&loaded).unwrap();
+    assert_eq!(back, index);
+    let web = back.items_in(Split::NovelWeb)[0];
+    assert_eq!(back.item(web.id), Some(web));
+    assert!(back.local_label(web) < 4);
+}
+
+#[test]
+fn manifests_are_embedded_and_hashed() {
+    use simtrans_data::DatasetKind;
+    let h = simtrans_data::manifest_hash(DatasetKind::Demo);
+    assert_eq!(h.len(), 64);
+    assert_ne!(h, simtrans_data::manifest_hash(DatasetKind::Cub));
+    let on_disk = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../data-manifests/demo.toml"
+    ))
+    .unwrap();
+    assert_eq!(h, simtrans_core::hash::sha256_hex(on_disk));
+}
