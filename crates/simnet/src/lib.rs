@@ -1,1 +1,32 @@
-//! placeholder
+//! SimNet, step 1 of SimTrans: a network that says whether two images show the same category.
+//!
+//! It is trained on pairs of clean base images (where "same category" is known) while an
+//! adversarial discriminator pushes its pair representation to look alike on base pairs and on
+//! pairs of novel web images, so that the similarity transfers to the novel categories. The
+//! later stages use it frozen, to score how similar each web image is to the others of its
+//! category. See `SPEC.md` step 1 for the reference behaviour this crate follows.
+//!
+//! Modules: [`pairs`] (the reference's pair enumeration), [`head`] (similarity heads and the
+//! discriminator, with the factorised first layer).
+
+pub mod head;
+pub mod norm;
+pub mod pairs;
+pub mod train;
+
+/// Errors of the SimNet stage.
+#[derive(Debug, thiserror::Error)]
+pub enum SimnetError {
+    /// Shared plumbing (artifacts, config, checkpoints, divergence).
+    #[error(transparent)]
+    Core(#[from] simtrans_core::CoreError),
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// The configuration asks for something this stage cannot do.
+    #[error("simnet config: {0}")]
+    Config(String),
+}
+
+/// Result with [`SimnetError`].
+pub type Result<T> = std::result::Result<T, SimnetError>;

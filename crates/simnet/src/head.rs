@@ -1,0 +1,280 @@
+//! The similarity heads (types 4 and 2) and the domain discriminator, with a factorised first layer.
+//!
+//! The head classifies a pair of backbone features as dissimilar (logit 0) or similar (logit 1).
+//! Its first layer is one `Linear(2D → H)` applied to the concatenation of the two features, the
+//! parameter layout of the reference (so its checkpoints load). Because that layer is linear,
+//! `W·[a ; b] + bias = W_a·a + W_b·b + bias` with `W_a`, `W_b` the column halves of `W`: the
+//! per-image projections are computed once and broadcast-added over the pair grid, which costs
+//! two `[B, D]×[D, H]` products instead of one `[B², 2D]×[2D, H]` product and never
+//! materialises the `B²` concatenations. Everything after the first layer is row-wise except
+//! BatchNorm, whose statistics see all rows either way, so the result is exactly the reference's.
+//!
+//! Parameter names follow the reference modules with its `DataParallel` wrappers removed:
+//!
+//! | ours | reference state dict |
+//! |---|---|
+//! | `backbone.<torchvision name>` | `backbone.module.resnet.<torchvision name>` |
+//! | `head.fc1.0.*`, `head.fc1.1.*`, `head.fc2.{0,1}.*`, `head.fc3.{0,1}.*`, `head.fc4.*` (type 4) | `similarity_head.module.` + the same |
+//! | `head.fc.*`, `head.bn.*`, `head.fc2.*` (type 2) | `similarity_head.module.` + the same |
+//! | `disc.fc.*`, `disc.bn.*` (LayerNorm), `disc.fc2.*` | the discriminator's `module.` + the same |
+//!
+//! BatchNorm `num_batches_tracked` entries of a PyTorch state dict carry no information here
+//! (momentum is fixed at 0.1) and are dropped when converting.
+
+use crate::norm::{BatchNorm, BnMode};
+use crate::SimnetError;
+use candle_core::{Result, Tensor, D};
+use candle_nn::{Init, Linear, Module, VarBuilder};
+
+/// Which head architecture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadKind {
+    /// `Linear(2D→2D)→BN→ReLU→Linear(2D→D)→BN→ReLU` (= diff_feat) `→Linear(D→D)→BN→ReLU→Linear(D→2)`.
+    Type4,
+    /// `Linear(2D→4D)→BN→ReLU` (= diff_feat) `→Linear(4D→2)`.
+    Type2,
+}
+
+impl HeadKind {
+    /// The config's `simnet.head` number.
+    pub fn from_config(head: u8) -> std::result::Result<Self, SimnetError> {
+        match head {
+            4 => Ok(HeadKind::Type4),
+            2 => Ok(HeadKind::Type2),
+            other => Err(SimnetError::Config(format!(
+                "simnet.head = {other} is not a head type; use 4 (the reference script's) or 2"
+            ))),
+        }
+    }
+
+    /// The number used in the config and the artifact metadata.
+    pub fn number(self) -> u8 {
+        match self {
+            HeadKind::Type4 => 4,
+            HeadKind::Type2 => 2,
+        }
+    }
+
+    /// Width of `diff_feat` (the discriminator's input) for feature dimension `d`.
+    pub fn diff_dim(self, d: usize) -> usize {
+        match self {
+            HeadKind::Type4 => d,
+            HeadKind::Type2 => 4 * d,
+        }
+    }
+
+    /// Width of the first layer's output for feature dimension `d`.
+    fn first_width(self, d: usize) -> usize {
+        match self {
+            HeadKind::Type4 => 2 * d,
+            HeadKind::Type2 => 4 * d,
+        }
+    }
+}
+
+/// Which image of a grid pair fills the first half of the concatenation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PairOrder {
+    /// Grid row `r·C + c` is `[rows_r ; cols_c]`: the similarity matrix `S[i,j] = sim([f_i ; f_j])`.
+    RowFirst,
+    /// Grid row `r·C + c` is `[cols_c ; rows_r]`: the reference's pair enumeration (row `i·B + j` is `[f_j ; f_i]`).
+    ColFirst,
+}
+
+/// A `Linear` layer with PyTorch's default initialisation (weight and bias uniform in ±1/√in).
+pub fn linear(input: usize, output: usize, vb: VarBuilder) -> Result<Linear> {
+    let bound = 1.0 / (input as f64).sqrt();
+    let init = Init::Uniform {
+        lo: -bound,
+        up: bound,
+    };
+    let weight = vb.get_with_hints((output, input), "weight", init)?;
+    let bias = vb.get_with_hints(output, "bias", init)?;
+    Ok(Linear::new(weight, Some(bias)))
+}
+
+/// A Linear followed by BatchNorm (one `nn.Sequential(Linear, BN, ReLU)` block of the reference).
+#[derive(Debug, Clone)]
+struct Block {
+    fc: Linear,
+    bn: BatchNorm,
+}
+
+impl Block {
+    fn new(input: usize, output: usize, fc: VarBuilder, bn: VarBuilder) -> Result<Self> {
+        Ok(Block {
+            fc: linear(input, output, fc)?,
+            bn: BatchNorm::new(output, bn)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, mode: BnMode) -> Result<Tensor> {
+        self.bn.forward(&self.fc.forward(x)?, mode)?.relu()
+    }
+}
+
+/// A similarity head of type 4 or 2.
+#[derive(Debug, Clone)]
+pub struct SimHead {
+    kind: HeadKind,
+    dim: usize,
+    /// The first Linear (weight `[H, 2D]`) and its BatchNorm.
+    first: Block,
+    /// Type 4 only: the block producing diff_feat (`fc2`) and the one after it (`fc3`).
+    middle: Option<(Block, Block)>,
+    /// The final Linear to 2 logits.
+    out: Linear,
+}
+
+impl SimHead {
+    /// A head for features of dimension `dim`; `vb` is the head's prefix (`head`).
+    pub fn new(kind: HeadKind, dim: usize, vb: VarBuilder) -> Result<Self> {
+        let h = kind.first_width(dim);
+        match kind {
+            HeadKind::Type4 => Ok(SimHead {
+                kind,
+                dim,
+                first: Block::new(2 * dim, h, vb.pp("fc1.0"), vb.pp("fc1.1"))?,
+                middle: Some((
+                    Block::new(h, dim, vb.pp("fc2.0"), vb.pp("fc2.1"))?,
+                    Block::new(dim, dim, vb.pp("fc3.0"), vb.pp("fc3.1"))?,
+                )),
+                out: linear(dim, 2, vb.pp("fc4"))?,
+            }),
+            HeadKind::Type2 => Ok(SimHead {
+                kind,
+                dim,
+                first: Block::new(2 * dim, h, vb.pp("fc"), vb.pp("bn"))?,
+                middle: None,
+                out: linear(h, 2, vb.pp("fc2"))?,
+            }),
+        }
+    }
+
+    /// The head type.
+    pub fn kind(&self) -> HeadKind {
+        self.kind
+    }
+
+    /// The feature dimension D (pairs are 2D wide).
+    pub fn feature_dim(&self) -> usize {
+        self.dim
+    }
+
+    /// Width of diff_feat.
+    pub fn diff_dim(&self) -> usize {
+        self.kind.diff_dim(self.dim)
+    }
+
+    /// The first Linear on literal `[N, 2D]` concatenations (the reference form), before BatchNorm.
+    pub fn first_layer_concat(&self, pairs: &Tensor) -> Result<Tensor> {
+        self.first.fc.forward(pairs)
+    }
+
+    /// The first Linear on every pair of a `rows × cols` grid, factorised: `[R, D]`, `[C, D]` →
+    /// `[R·C, H]`, grid row `r·C + c`, concatenation order given by `order`.
+    pub fn first_layer_grid(
+        &self,
+        rows: &Tensor,
+        cols: &Tensor,
+        order: PairOrder,
+    ) -> Result<Tensor> {
+        let (r, d) = rows.dims2()?;
+        let (c, d2) = cols.dims2()?;
+        if d != self.dim || d2 != self.dim {
+            candle_core::bail!(
+                "similarity head expects {}-d features, got rows of {d} and columns of {d2}",
+                self.dim
+            );
+        }
+        let w = self.first.fc.weight();
+        let (w_row, w_col) = match order {
+            PairOrder::RowFirst => (w.narrow(1, 0, d)?, w.narrow(1, d, d)?),
+            PairOrder::ColFirst => (w.narrow(1, d, d)?, w.narrow(1, 0, d)?),
+        };
+        let p_row = rows.matmul(&w_row.t()?)?;
+        let mut p_col = cols.matmul(&w_col.t()?)?;
+        if let Some(b) = self.first.fc.bias() {
+            p_col = p_col.broadcast_add(b)?;
+        }
+        let h = p_row.dim(1)?;
+        p_row
+            .unsqueeze(1)?
+            .broadcast_add(&p_col.unsqueeze(0)?)?
+            .reshape((r * c, h))
+    }
+
+    /// The rest of the head from the first Linear's output: `(logits [N, 2], diff_feat [N, diff_dim])`.
+    pub fn from_first_layer(&self, h: &Tensor, mode: BnMode) -> Result<(Tensor, Tensor)> {
+        let x = self.first.bn.forward(h, mode)?.relu()?;
+        match &self.middle {
+            Some((fc2, fc3)) => {
+                let diff = fc2.forward(&x, mode)?;
+                let logits = self.out.forward(&fc3.forward(&diff, mode)?)?;
+                Ok((logits, diff))
+            }
+            None => Ok((self.out.forward(&x)?, x)),
+        }
+    }
+
+    /// The reference forward on literal `[N, 2D]` pairs.
+    pub fn forward_concat(&self, pairs: &Tensor, mode: BnMode) -> Result<(Tensor, Tensor)> {
+        self.from_first_layer(&self.first_layer_concat(pairs)?, mode)
+    }
+
+    /// The forward on every pair of a grid (factorised first layer).
+    pub fn forward_grid(
+        &self,
+        rows: &Tensor,
+        cols: &Tensor,
+        order: PairOrder,
+        mode: BnMode,
+    ) -> Result<(Tensor, Tensor)> {
+        self.from_first_layer(&self.first_layer_grid(rows, cols, order)?, mode)
+    }
+}
+
+/// The domain discriminator on diff_feat: `Linear → LayerNorm → ReLU → Linear(→2)`.
+#[derive(Debug, Clone)]
+pub struct Discriminator {
+    fc: Linear,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    fc2: Linear,
+}
+
+impl Discriminator {
+    /// A discriminator for `dim`-wide diff_feat; `vb` is its prefix (`disc`).
+    pub fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Discriminator {
+            fc: linear(dim, dim, vb.pp("fc"))?,
+            ln_weight: vb
+                .pp("bn")
+                .get_with_hints(dim, "weight", Init::Const(1.0))?,
+            ln_bias: vb.pp("bn").get_with_hints(dim, "bias", Init::Const(0.0))?,
+            fc2: linear(dim, 2, vb.pp("fc2"))?,
+        })
+    }
+
+    /// `[N, dim]` → domain logits `[N, 2]` (0 = source/base, 1 = target/web).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.fc.forward(x)?;
+        // candle-nn's fused LayerNorm has no backward pass, so it is written out here.
+        let mean = h.mean_keepdim(D::Minus1)?;
+        let centred = h.broadcast_sub(&mean)?;
+        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centred.broadcast_div(&(var + 1e-5)?.sqrt()?)?;
+        let h = normed
+            .broadcast_mul(&self.ln_weight)?
+            .broadcast_add(&self.ln_bias)?
+            .relu()?;
+        self.fc2.forward(&h)
+    }
+}
+
+/// Similarity = softmax(logits)[:, 1] for `[N, 2]` logits.
+pub fn similarity(logits: &Tensor) -> Result<Tensor> {
+    candle_nn::ops::softmax(logits, 1)?
+        .narrow(1, 1, 1)?
+        .squeeze(1)
+}

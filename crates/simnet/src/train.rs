@@ -1,0 +1,260 @@
+//! The losses of SimNet training and one adversarial training step, in the reference's order.
+//!
+//! One step on a source batch A (clean base images) and a target batch B (novel web images):
+//! 1. the backbone runs on `cat(A, B)`; the head runs on the pairs within A and the pairs within
+//!    B (never across), `|A|² + |B|²` rows, with the factorised first layer;
+//! 2. `L_sim` = cross-entropy of the head on A's pairs (targets: same label);
+//! 3. `L_dom` = cross-entropy of the discriminator on diff_feat (domain 0 for A's pairs, 1 for B's);
+//! 4. the SimNet optimiser (backbone + head parameters only) minimises `L_sim − β·L_dom`;
+//! 5. the discriminator optimiser (its parameters only) minimises `L_dom` on **detached** diff_feat.
+//!
+//! With `bn_split`, every BatchNorm runs in [`BnMode::Split`]: the backbone at `|A|` images and
+//! the head at `|A|²` pair rows, which is what the reference's two-GPU `DataParallel` did (GPU 0
+//! held the base half, GPU 1 the web half, and running statistics came from GPU 0).
+
+use crate::head::{Discriminator, PairOrder, SimHead};
+use crate::norm::BnMode;
+use crate::pairs;
+use candle_core::{Result, Tensor, D};
+use candle_nn::loss::cross_entropy;
+use simtrans_core::optim::Sgd;
+
+/// Anything that turns a batch of images into `[B, D]` features with a BatchNorm mode.
+pub trait FeatureNet {
+    /// Pooled features of `images`.
+    fn features(&self, images: &Tensor, mode: BnMode) -> Result<Tensor>;
+}
+
+/// The tensors of one forward pass over a pair of batches.
+#[derive(Debug, Clone)]
+pub struct Forward {
+    /// Head logits of A's pairs then B's pairs, `[|A|² + |B|², 2]`.
+    pub logits: Tensor,
+    /// diff_feat of the same rows.
+    pub diff_feat: Tensor,
+    /// Number of A pair rows (`|A|²`).
+    pub rows_a: usize,
+    /// Pair targets of A (same label = 1).
+    pub targets_a: Tensor,
+    /// Domain targets: 0 for A's pairs, 1 for B's.
+    pub domains: Tensor,
+}
+
+impl Forward {
+    /// `L_sim`: cross-entropy of the head on A's pairs.
+    pub fn sim_loss(&self) -> Result<Tensor> {
+        cross_entropy(&self.logits.narrow(0, 0, self.rows_a)?, &self.targets_a)
+    }
+
+    /// `L_dom` with the gradient flowing into the head (for the SimNet step).
+    pub fn dom_loss(&self, disc: &Discriminator) -> Result<Tensor> {
+        cross_entropy(&disc.forward(&self.diff_feat)?, &self.domains)
+    }
+
+    /// `L_sim − β·L_dom`; with β = 0 exactly `L_sim` (the discriminator is not evaluated).
+    pub fn simnet_loss(&self, disc: &Discriminator, beta: f64) -> Result<Tensor> {
+        let l_sim = self.sim_loss()?;
+        if beta == 0.0 {
+            return Ok(l_sim);
+        }
+        l_sim - (self.dom_loss(disc)? * beta)?
+    }
+}
+
+/// The head on the pairs within A and within B, from their features `[|A|, D]` and `[|B|, D]`.
+pub fn head_forward(
+    head: &SimHead,
+    features_a: &Tensor,
+    labels_a: &[u32],
+    features_b: &Tensor,
+    bn_split: bool,
+) -> Result<Forward> {
+    let na = features_a.dim(0)?;
+    let nb = features_b.dim(0)?;
+    if labels_a.len() != na {
+        candle_core::bail!("{} labels for {na} source images", labels_a.len());
+    }
+    let device = features_a.device();
+    let h = Tensor::cat(
+        &[
+            &head.first_layer_grid(features_a, features_a, PairOrder::ColFirst)?,
+            &head.first_layer_grid(features_b, features_b, PairOrder::ColFirst)?,
+        ],
+        0,
+    )?;
+    let rows_a = na * na;
+    let mode = if bn_split {
+        BnMode::Split(rows_a)
+    } else {
+        BnMode::Train
+    };
+    let (logits, diff_feat) = head.from_first_layer(&h, mode)?;
+    let mut domains = vec![0u32; rows_a];
+    domains.resize(rows_a + nb * nb, 1);
+    Ok(Forward {
+        logits,
+        diff_feat,
+        rows_a,
+        targets_a: pairs::targets_tensor(labels_a, device)?,
+        domains: Tensor::new(domains, device)?,
+    })
+}
+
+/// What one step measured.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StepStats {
+    /// `L_sim`.
+    pub l_sim: f32,
+    /// `L_dom` (before the discriminator update).
+    pub l_dom: f32,
+    /// `L_sim − β·L_dom`.
+    pub total: f32,
+    /// Similarity confusion counts on A's pairs.
+    pub counts: PairCounts,
+    /// Discriminator accuracy on this step's pairs.
+    pub domain_acc: f32,
+}
+
+/// The two optimisers and the settings of adversarial training.
+pub struct Trainer {
+    /// SimNet (backbone + head) optimiser.
+    pub sim_opt: Sgd,
+    /// Discriminator optimiser.
+    pub disc_opt: Sgd,
+    /// Weight of the adversarial term.
+    pub beta: f64,
+    /// Per-domain BatchNorm statistics.
+    pub bn_split: bool,
+}
+
+impl Trainer {
+    /// The forward pass of one step: backbone on `cat(A, B)`, head on the pairs within each.
+    pub fn forward(
+        &self,
+        net: &impl FeatureNet,
+        head: &SimHead,
+        images_a: &Tensor,
+        labels_a: &[u32],
+        images_b: &Tensor,
+    ) -> Result<Forward> {
+        let na = images_a.dim(0)?;
+        let nb = images_b.dim(0)?;
+        let mode = if self.bn_split {
+            BnMode::Split(na)
+        } else {
+            BnMode::Train
+        };
+        let feats = net.features(&Tensor::cat(&[images_a, images_b], 0)?, mode)?;
+        let fa = feats.narrow(0, 0, na)?;
+        let fb = feats.narrow(0, na, nb)?;
+        head_forward(head, &fa, labels_a, &fb, self.bn_split)
+    }
+
+    /// The SimNet update: minimises `L_sim − β·L_dom` over the backbone and head variables
+    /// (the only ones `sim_opt` holds). Returns `(L_sim, total)`.
+    pub fn simnet_update(
+        &mut self,
+        fwd: &Forward,
+        disc: &Discriminator,
+    ) -> crate::Result<(Tensor, Tensor)> {
+        let l_sim = fwd.sim_loss()?;
+        let total = if self.beta == 0.0 {
+            l_sim.clone()
+        } else {
+            (&l_sim - (fwd.dom_loss(disc)? * self.beta)?)?
+        };
+        self.sim_opt.step(&total.backward()?)?;
+        Ok((l_sim, total))
+    }
+
+    /// The discriminator update: minimises `L_dom` on detached diff_feat over the
+    /// discriminator's variables. Returns `(L_dom, domain logits)`.
+    pub fn discriminator_update(
+        &mut self,
+        fwd: &Forward,
+        disc: &Discriminator,
+    ) -> crate::Result<(Tensor, Tensor)> {
+        let d_logits = disc.forward(&fwd.diff_feat.detach())?;
+        let l_dom = cross_entropy(&d_logits, &fwd.domains)?;
+        self.disc_opt.step(&l_dom.backward()?)?;
+        Ok((l_dom, d_logits))
+    }
+
+    /// One adversarial step on source images A (with labels) and target images B: the forward
+    /// pass, the SimNet update, then the discriminator update on the same (pre-update) diff_feat.
+    pub fn step(
+        &mut self,
+        net: &impl FeatureNet,
+        head: &SimHead,
+        disc: &Discriminator,
+        images_a: &Tensor,
+        labels_a: &[u32],
+        images_b: &Tensor,
+    ) -> crate::Result<StepStats> {
+        let fwd = self.forward(net, head, images_a, labels_a, images_b)?;
+        let (l_sim, total) = self.simnet_update(&fwd, disc)?;
+        let (l_dom, d_logits) = self.discriminator_update(&fwd, disc)?;
+
+        let mut counts = PairCounts::default();
+        counts.add(&fwd.logits.narrow(0, 0, fwd.rows_a)?, &fwd.targets_a)?;
+        let hits = d_logits
+            .argmax(D::Minus1)?
+            .eq(&fwd.domains)?
+            .to_dtype(candle_core::DType::F32)?
+            .mean_all()?;
+        Ok(StepStats {
+            l_sim: l_sim.to_scalar::<f32>()?,
+            l_dom: l_dom.to_scalar::<f32>()?,
+            total: total.to_scalar::<f32>()?,
+            counts,
+            domain_acc: hits.to_scalar::<f32>()?,
+        })
+    }
+}
+
+/// Confusion counts of the "similar" class (predicted similar when logit 1 > logit 0).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PairCounts {
+    pub tp: u64,
+    pub fp: u64,
+    pub fn_: u64,
+    pub tn: u64,
+}
+
+impl PairCounts {
+    /// Adds `[N, 2]` logits against `N` targets (u32, 1 = similar).
+    pub fn add(&mut self, logits: &Tensor, targets: &Tensor) -> Result<()> {
+        let l = logits.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
+        let t = targets.to_vec1::<u32>()?;
+        if l.len() != t.len() {
+            candle_core::bail!("{} logit rows for {} targets", l.len(), t.len());
+        }
+        for (row, &y) in l.iter().zip(&t) {
+            match (row[1] > row[0], y == 1) {
+                (true, true) => self.tp += 1,
+                (true, false) => self.fp += 1,
+                (false, true) => self.fn_ += 1,
+                (false, false) => self.tn += 1,
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds another set of counts.
+    pub fn merge(&mut self, other: &PairCounts) {
+        self.tp += other.tp;
+        self.fp += other.fp;
+        self.fn_ += other.fn_;
+        self.tn += other.tn;
+    }
+
+    /// F1 of "similar": `2·TP / (2·TP + FP + FN)`, 0 when there is nothing to score.
+    pub fn f1(&self) -> f64 {
+        let denom = 2 * self.tp + self.fp + self.fn_;
+        if denom == 0 {
+            0.0
+        } else {
+            2.0 * self.tp as f64 / denom as f64
+        }
+    }
+}
