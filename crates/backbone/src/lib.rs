@@ -11,9 +11,11 @@
 
 pub mod bn;
 pub mod error;
+pub mod resnet;
 
 pub use bn::{BatchNorm, BnMode};
 pub use error::{BackboneError, Result};
+pub use resnet::{Arch, ResNet};
 
 use candle_core::Var;
 use candle_nn::VarMap;
