@@ -21,10 +21,10 @@
 //! BatchNorm `num_batches_tracked` entries of a PyTorch state dict carry no information here
 //! (momentum is fixed at 0.1) and are dropped when converting.
 
-use crate::norm::{BatchNorm, BnMode};
 use crate::SimnetError;
 use candle_core::{Result, Tensor, D};
 use candle_nn::{Init, Linear, Module, VarBuilder};
+use simtrans_backbone::{BatchNorm, BnMode};
 
 /// Which head architecture.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

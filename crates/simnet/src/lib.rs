@@ -10,9 +10,10 @@
 //! discriminator, with the factorised first layer).
 
 pub mod head;
-pub mod norm;
 pub mod pairs;
 pub mod train;
+
+pub use simtrans_backbone::{BatchNorm, BnMode};
 
 /// Errors of the SimNet stage.
 #[derive(Debug, thiserror::Error)]

@@ -13,16 +13,22 @@
 //! held the base half, GPU 1 the web half, and running statistics came from GPU 0).
 
 use crate::head::{Discriminator, PairOrder, SimHead};
-use crate::norm::BnMode;
 use crate::pairs;
 use candle_core::{Result, Tensor, D};
 use candle_nn::loss::cross_entropy;
+use simtrans_backbone::BnMode;
 use simtrans_core::optim::Sgd;
 
 /// Anything that turns a batch of images into `[B, D]` features with a BatchNorm mode.
 pub trait FeatureNet {
     /// Pooled features of `images`.
     fn features(&self, images: &Tensor, mode: BnMode) -> Result<Tensor>;
+}
+
+impl FeatureNet for simtrans_backbone::ResNet {
+    fn features(&self, images: &Tensor, mode: BnMode) -> Result<Tensor> {
+        simtrans_backbone::ResNet::features(self, images, mode)
+    }
 }
 
 /// The tensors of one forward pass over a pair of batches.

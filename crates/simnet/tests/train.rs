@@ -3,14 +3,14 @@
 
 mod common;
 
-use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{Module, VarBuilder, VarMap};
 use common::*;
 use simtrans_core::optim::Sgd;
 use simtrans_simnet::head::{linear, Discriminator, HeadKind, PairOrder, SimHead};
-use simtrans_simnet::norm::{BatchNorm, BnMode};
 use simtrans_simnet::pairs;
 use simtrans_simnet::train::{FeatureNet, Trainer};
+use simtrans_simnet::{BatchNorm, BnMode};
 use std::collections::BTreeMap;
 
 /// A stand-in backbone: Linear → BatchNorm → ReLU, so that `bn_split` matters in it too.
@@ -43,17 +43,6 @@ struct Setup {
     images_a: Tensor,
     labels_a: Vec<u32>,
     images_b: Tensor,
-}
-
-fn trainable(vm: &VarMap) -> Vec<(String, Var)> {
-    let data = vm.data().lock().unwrap();
-    let mut v: Vec<(String, Var)> = data
-        .iter()
-        .filter(|(n, _)| !n.ends_with("running_mean") && !n.ends_with("running_var"))
-        .map(|(n, v)| (n.clone(), v.clone()))
-        .collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
 }
 
 fn snapshot(vm: &VarMap) -> BTreeMap<String, Vec<f32>> {
@@ -112,8 +101,18 @@ fn setup(kind: HeadKind) -> Setup {
 
 fn trainer(s: &Setup, beta: f64, bn_split: bool) -> Trainer {
     Trainer {
-        sim_opt: Sgd::new(trainable(&s.sim_vm), 0.05, 0.9, 1e-4),
-        disc_opt: Sgd::new(trainable(&s.disc_vm), 0.05, 0.9, 1e-4),
+        sim_opt: Sgd::new(
+            simtrans_backbone::trainable_vars(&s.sim_vm),
+            0.05,
+            0.9,
+            1e-4,
+        ),
+        disc_opt: Sgd::new(
+            simtrans_backbone::trainable_vars(&s.disc_vm),
+            0.05,
+            0.9,
+            1e-4,
+        ),
         beta,
         bn_split,
     }
