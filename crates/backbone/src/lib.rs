@@ -12,10 +12,12 @@
 pub mod bn;
 pub mod error;
 pub mod resnet;
+pub mod weights;
 
 pub use bn::{BatchNorm, BnMode};
 pub use error::{BackboneError, Result};
 pub use resnet::{Arch, ResNet};
+pub use weights::{fetch, load_state_dict};
 
 use candle_core::Var;
 use candle_nn::VarMap;
