@@ -17,3 +17,4 @@ pub mod variants;
 
 pub use error::{ClassifierError, Result};
 pub use losses::{GraphReg, Reg};
+pub use variants::Variant;
