@@ -10,9 +10,12 @@ pub mod demo;
 pub mod error;
 pub mod idx;
 pub mod index;
+pub mod loader;
+pub mod transform;
 
 pub use error::{DataError, Result};
 pub use index::{DataIndex, Images, Item, NoiseKind, Split};
+pub use loader::{Augment, Loader};
 pub use simtrans_core::config::DatasetKind;
 
 use simtrans_core::{StageContext, StageOutput};

@@ -1,0 +1,146 @@
+//! Turning image ids into normalised batches: decode, augment, normalise, in parallel.
+//!
+//! Every stage that trains or evaluates a network asks the loader for `[B, 3, S, S]` tensors of
+//! ids drawn by a sampler. The loader reads pixels from the index (demo) or decodes files
+//! (real data sets), applies the reference train or test transform with randomness derived
+//! from `(seed, id, position)` only, so the same arguments always give the same tensor whatever
+//! the thread count, and fans the images out over rayon.
+
+use crate::error::{DataError, Result};
+use crate::index::{DataIndex, Images};
+use crate::transform::{normalise_into, test_transform, train_transform, ImageU8};
+use candle_core::{Device, Tensor};
+use rayon::prelude::*;
+use simtrans_core::config::DataConfig;
+use std::path::Path;
+use std::sync::Arc;
+
+/// Which transform a batch gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Augment {
+    /// Rotation, random resized crop, flip, normalisation.
+    Train,
+    /// Resize, centre crop, normalisation.
+    Test,
+}
+
+/// Decodes an image file to planar RGB; the error names the file.
+pub fn decode_file(path: &Path) -> Result<ImageU8> {
+    let img = image::ImageReader::open(path)
+        .map_err(|e| DataError::io(path, e))?
+        .with_guessed_format()
+        .map_err(|e| DataError::io(path, e))?
+        .decode()
+        .map_err(|e| DataError::Image {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    Ok(ImageU8::from_rgb(&img.to_rgb8()))
+}
+
+/// Batches of transformed images from a [`DataIndex`].
+#[derive(Clone)]
+pub struct Loader {
+    index: Arc<DataIndex>,
+    cfg: DataConfig,
+    pool: Option<Arc<rayon::ThreadPool>>,
+}
+
+impl std::fmt::Debug for Loader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loader")
+            .field("items", &self.index.items.len())
+            .field("image_size", &self.cfg.image_size)
+            .field("workers", &self.cfg.workers)
+            .finish()
+    }
+}
+
+impl Loader {
+    /// A loader over `index` with the transforms of `cfg`; `cfg.workers` threads (0 = rayon's
+    /// global pool, all cores).
+    pub fn new(index: Arc<DataIndex>, cfg: &DataConfig) -> Self {
+        let pool = (cfg.workers > 0)
+            .then(|| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(cfg.workers)
+                    .build()
+                    .ok()
+            })
+            .flatten()
+            .map(Arc::new);
+        Loader {
+            index,
+            cfg: cfg.clone(),
+            pool,
+        }
+    }
+
+    /// The index the loader reads.
+    pub fn index(&self) -> &Arc<DataIndex> {
+        &self.index
+    }
+
+    /// The untransformed image of an id (grayscale for the demo, RGB for files).
+    pub fn source_image(&self, id: u32) -> Result<ImageU8> {
+        if self.index.item(id).is_none() {
+            return Err(DataError::Invalid(format!(
+                "image id {id} is not in the data index ({} items); rebuild the downstream stage",
+                self.index.items.len()
+            )));
+        }
+        match &self.index.images {
+            Images::Pixels {
+                height,
+                width,
+                data,
+            } => {
+                let n = height * width;
+                let k = id as usize;
+                Ok(ImageU8::new(
+                    *width,
+                    *height,
+                    1,
+                    data[k * n..(k + 1) * n].to_vec(),
+                ))
+            }
+            Images::Paths(paths) => decode_file(&paths[id as usize]),
+        }
+    }
+
+    /// One transformed (not yet normalised) image: `id` at position `k` of a batch.
+    pub fn transformed(&self, id: u32, k: usize, aug: Augment, seed: u64) -> Result<ImageU8> {
+        let img = self.source_image(id)?;
+        Ok(match aug {
+            Augment::Train => {
+                let mut rng =
+                    simtrans_core::seed::rng(seed, &["augment", &id.to_string()], k as u64);
+                train_transform(&img, &self.cfg, &mut rng)
+            }
+            Augment::Test => test_transform(&img, &self.cfg),
+        })
+    }
+
+    /// `[B, 3, S, S]` f32, normalised; image k's augmentation randomness is derived from
+    /// `(seed, ids[k], k)`, decoded and augmented in parallel. Same arguments, same tensor.
+    pub fn batch(&self, ids: &[u32], aug: Augment, seed: u64, device: &Device) -> Result<Tensor> {
+        let s = self.cfg.image_size;
+        let per = 3 * s * s;
+        let mut out = vec![0f32; ids.len() * per];
+        let work = |out: &mut [f32]| {
+            out.par_chunks_mut(per.max(1))
+                .zip(ids.par_iter())
+                .enumerate()
+                .try_for_each(|(k, (dst, &id))| -> Result<()> {
+                    let img = self.transformed(id, k, aug, seed)?;
+                    normalise_into(&img, self.cfg.mean, self.cfg.std, dst);
+                    Ok(())
+                })
+        };
+        match &self.pool {
+            Some(pool) => pool.install(|| work(&mut out))?,
+            None => work(&mut out)?,
+        }
+        Ok(Tensor::from_vec(out, (ids.len(), 3, s, s), &Device::Cpu)?.to_device(device)?)
+    }
+}

@@ -1,0 +1,405 @@
+//! Image transforms with the reference (torchvision on PIL images) semantics.
+//!
+//! The reference trains on `RandomRotation(30) → RandomResizedCrop(224, scale=(0.5, 1)) →
+//! RandomHorizontalFlip → ToTensor → Normalize` and tests on `Resize(255) → CenterCrop(224) →
+//! ToTensor → Normalize`, all applied by torchvision to PIL images. Reproducing the geometry
+//! exactly matters for parity: this module follows torchvision's parameter formulas (Python's
+//! round-half-to-even included) and PIL's pixel arithmetic (nearest-neighbour affine sampling in
+//! 16.16 fixed point, antialiased bilinear resampling with 22-bit fixed-point weights and 8-bit
+//! rounding between the horizontal and vertical passes). Images stay 8-bit until normalisation,
+//! as in the reference. Randomness comes from a caller-supplied generator.
+
+use rand::Rng;
+use simtrans_core::config::DataConfig;
+
+/// An 8-bit image stored channel-planar (`[C, H, W]`), 1 (grayscale) or 3 (RGB) channels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageU8 {
+    pub width: usize,
+    pub height: usize,
+    pub channels: usize,
+    pub data: Vec<u8>,
+}
+
+impl ImageU8 {
+    /// An image from planar data; panics when the size does not match (a programming error).
+    pub fn new(width: usize, height: usize, channels: usize, data: Vec<u8>) -> Self {
+        assert_eq!(data.len(), width * height * channels, "planar buffer size");
+        ImageU8 {
+            width,
+            height,
+            channels,
+            data,
+        }
+    }
+
+    /// A black image.
+    pub fn zeros(width: usize, height: usize, channels: usize) -> Self {
+        Self::new(width, height, channels, vec![0; width * height * channels])
+    }
+
+    /// From an `image` crate RGB buffer (interleaved) to planar.
+    pub fn from_rgb(img: &image::RgbImage) -> Self {
+        let (w, h) = (img.width() as usize, img.height() as usize);
+        let mut data = vec![0u8; 3 * w * h];
+        for (k, px) in img.pixels().enumerate() {
+            for c in 0..3 {
+                data[c * w * h + k] = px.0[c];
+            }
+        }
+        Self::new(w, h, 3, data)
+    }
+
+    fn plane(&self, c: usize) -> &[u8] {
+        let n = self.width * self.height;
+        &self.data[c * n..(c + 1) * n]
+    }
+}
+
+/// Python's `round` on floats: halves go to the even neighbour.
+pub fn round_half_even(x: f64) -> f64 {
+    let r = x.round();
+    if (x - x.trunc()).abs() == 0.5 && r % 2.0 != 0.0 {
+        r - x.signum()
+    } else {
+        r
+    }
+}
+
+/// PIL's `Image.rotate(angle, NEAREST, expand=False, fillcolor=0)`: counter-clockwise by
+/// `angle` degrees about the image centre, nearest neighbour, uncovered pixels black.
+pub fn rotate_nearest(img: &ImageU8, angle: f64) -> ImageU8 {
+    let angle = angle.rem_euclid(360.0);
+    if angle == 0.0 {
+        return img.clone();
+    }
+    let (w, h) = (img.width, img.height);
+    let r = -angle.to_radians();
+    let round15 = |v: f64| (v * 1e15).round() / 1e15;
+    let (a, b, d, e) = (
+        round15(r.cos()),
+        round15(r.sin()),
+        round15(-r.sin()),
+        round15(r.cos()),
+    );
+    let (cx, cy) = (w as f64 / 2.0, h as f64 / 2.0);
+    let c = a * -cx + b * -cy + cx;
+    let f = d * -cx + e * -cy + cy;
+    // PIL samples at pixel centres in 16.16 fixed point and floors with an arithmetic shift.
+    let fix = |v: f64| (v * 65536.0 + 0.5).floor() as i64;
+    let (a0, a1, a3, a4) = (fix(a), fix(b), fix(d), fix(e));
+    let a2 = fix(c + a * 0.5 + b * 0.5);
+    let a5 = fix(f + d * 0.5 + e * 0.5);
+    let mut out = ImageU8::zeros(w, h, img.channels);
+    let n = w * h;
+    for y in 0..h {
+        let (mut xx, mut yy) = (a2 + a1 * y as i64, a5 + a4 * y as i64);
+        for x in 0..w {
+            let (xin, yin) = (xx >> 16, yy >> 16);
+            if xin >= 0 && (xin as usize) < w && yin >= 0 && (yin as usize) < h {
+                let src = yin as usize * w + xin as usize;
+                for ch in 0..img.channels {
+                    out.data[ch * n + y * w + x] = img.data[ch * n + src];
+                }
+            }
+            xx += a0;
+            yy += a3;
+        }
+    }
+    out
+}
+
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+/// PIL's bilinear coefficients for one axis: per output pixel, the first input pixel and the
+/// fixed-point weights of the input pixels it reads.
+fn coefficients(in_size: usize, out_size: usize) -> Vec<(usize, Vec<i64>)> {
+    let scale = in_size as f64 / out_size as f64;
+    let filterscale = scale.max(1.0);
+    let support = filterscale; // the bilinear (triangle) filter has support 1
+    let triangle = |x: f64| {
+        let x = x.abs();
+        if x < 1.0 {
+            1.0 - x
+        } else {
+            0.0
+        }
+    };
+    (0..out_size)
+        .map(|xx| {
+            let center = (xx as f64 + 0.5) * scale;
+            let ss = 1.0 / filterscale;
+            // C's (int) cast truncates toward zero.
+            let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+            let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
+            let len = xmax.saturating_sub(xmin);
+            let k: Vec<f64> = (0..len)
+                .map(|x| triangle((x as f64 + xmin as f64 - center + 0.5) * ss))
+                .collect();
+            let total: f64 = k.iter().sum();
+            let one = (1i64 << PRECISION_BITS) as f64;
+            let kk = k
+                .iter()
+                .map(|&v| {
+                    let v = if total != 0.0 { v / total } else { v };
+                    if v < 0.0 {
+                        (-0.5 + v * one) as i64
+                    } else {
+                        (0.5 + v * one) as i64
+                    }
+                })
+                .collect();
+            (xmin, kk)
+        })
+        .collect()
+}
+
+fn clip8(v: i64) -> u8 {
+    if v >= (1i64 << PRECISION_BITS) << 8 {
+        255
+    } else if v <= 0 {
+        0
+    } else {
+        (v >> PRECISION_BITS) as u8
+    }
+}
+
+/// PIL's `Image.resize((out_w, out_h), BILINEAR)`: antialiased when shrinking, horizontal pass
+/// first, each pass rounded to 8 bits.
+pub fn resize_bilinear(img: &ImageU8, out_w: usize, out_h: usize) -> ImageU8 {
+    if (out_w, out_h) == (img.width, img.height) {
+        return img.clone();
+    }
+    let (w, h) = (img.width, img.height);
+    let half = 1i64 << (PRECISION_BITS - 1);
+    let hc = coefficients(w, out_w);
+    let vc = coefficients(h, out_h);
+    let mut out = ImageU8::zeros(out_w, out_h, img.channels);
+    let mut tmp = vec![0u8; out_w * h];
+    for ch in 0..img.channels {
+        let src = img.plane(ch);
+        for y in 0..h {
+            let row = &src[y * w..(y + 1) * w];
+            for (x, (x0, k)) in hc.iter().enumerate() {
+                let s: i64 = half
+                    + k.iter()
+                        .enumerate()
+                        .map(|(i, &kk)| row[x0 + i] as i64 * kk)
+                        .sum::<i64>();
+                tmp[y * out_w + x] = clip8(s);
+            }
+        }
+        let dst = &mut out.data[ch * out_w * out_h..(ch + 1) * out_w * out_h];
+        for (y, (y0, k)) in vc.iter().enumerate() {
+            for x in 0..out_w {
+                let s: i64 = half
+                    + k.iter()
+                        .enumerate()
+                        .map(|(i, &kk)| tmp[(y0 + i) * out_w + x] as i64 * kk)
+                        .sum::<i64>();
+                dst[y * out_w + x] = clip8(s);
+            }
+        }
+    }
+    out
+}
+
+/// The box `(top, left, height, width)`; parts outside the image are black (PIL's `crop`).
+pub fn crop(img: &ImageU8, top: i64, left: i64, height: usize, width: usize) -> ImageU8 {
+    let mut out = ImageU8::zeros(width, height, img.channels);
+    let (w, h) = (img.width as i64, img.height as i64);
+    for ch in 0..img.channels {
+        let src = img.plane(ch);
+        for y in 0..height {
+            let sy = top + y as i64;
+            if sy < 0 || sy >= h {
+                continue;
+            }
+            for x in 0..width {
+                let sx = left + x as i64;
+                if sx >= 0 && sx < w {
+                    out.data[ch * width * height + y * width + x] = src[(sy * w + sx) as usize];
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Mirror left–right.
+pub fn hflip(img: &ImageU8) -> ImageU8 {
+    let mut out = img.clone();
+    let w = img.width;
+    for row in out.data.chunks_mut(w) {
+        row.reverse();
+    }
+    out
+}
+
+/// The random draws of [`resized_crop_params`], so that tests can script them.
+pub trait CropDraws {
+    /// A float in `[lo, hi)`.
+    fn uniform(&mut self, lo: f64, hi: f64) -> f64;
+    /// An integer in `[0, n)`.
+    fn randint(&mut self, n: usize) -> usize;
+}
+
+/// [`CropDraws`] from a random generator.
+pub struct RngDraws<'a, R: Rng>(pub &'a mut R);
+
+impl<R: Rng> CropDraws for RngDraws<'_, R> {
+    fn uniform(&mut self, lo: f64, hi: f64) -> f64 {
+        if hi > lo {
+            lo + (hi - lo) * self.0.random::<f64>()
+        } else {
+            lo
+        }
+    }
+    fn randint(&mut self, n: usize) -> usize {
+        self.0.random_range(0..n)
+    }
+}
+
+/// torchvision `RandomResizedCrop.get_params`: `(top, left, height, width)` of the crop box.
+/// Ten attempts at a box of area `U(scale) · W·H` and aspect ratio `exp(U(ln r0, ln r1))`, sides
+/// rounded half to even; the first that fits gets a uniform position. If none fits, the central
+/// crop of the whole image clamped to the ratio range.
+pub fn resized_crop_params(
+    width: usize,
+    height: usize,
+    scale: [f64; 2],
+    ratio: [f64; 2],
+    draws: &mut impl CropDraws,
+) -> (usize, usize, usize, usize) {
+    let area = (width * height) as f64;
+    let (l0, l1) = (ratio[0].ln(), ratio[1].ln());
+    for _ in 0..10 {
+        let target = area * draws.uniform(scale[0], scale[1]);
+        let aspect = draws.uniform(l0, l1).exp();
+        let w = round_half_even((target * aspect).sqrt()) as i64;
+        let h = round_half_even((target / aspect).sqrt()) as i64;
+        if 0 < w && w as usize <= width && 0 < h && h as usize <= height {
+            let (w, h) = (w as usize, h as usize);
+            let i = draws.randint(height - h + 1);
+            let j = draws.randint(width - w + 1);
+            return (i, j, h, w);
+        }
+    }
+    let in_ratio = width as f64 / height as f64;
+    let (rmin, rmax) = (ratio[0].min(ratio[1]), ratio[0].max(ratio[1]));
+    let (w, h) = if in_ratio < rmin {
+        (width, round_half_even(width as f64 / rmin) as usize)
+    } else if in_ratio > rmax {
+        (round_half_even(height as f64 * rmax) as usize, height)
+    } else {
+        (width, height)
+    };
+    ((height - h) / 2, (width - w) / 2, h, w)
+}
+
+/// torchvision `Resize(size)` with an int: the output `(width, height)` whose shorter side is
+/// `size` and whose longer side is `int(size · long / short)` (truncated).
+pub fn resize_shorter_size(width: usize, height: usize, size: usize) -> (usize, usize) {
+    let (short, long) = if width <= height {
+        (width, height)
+    } else {
+        (height, width)
+    };
+    if short == size {
+        return (width, height);
+    }
+    let new_long = (size as f64 * long as f64 / short as f64) as usize;
+    if width <= height {
+        (size, new_long)
+    } else {
+        (new_long, size)
+    }
+}
+
+/// torchvision `CenterCrop` offsets `(top, left)` for an image at least as large as the crop:
+/// `int(round((H − h) / 2))`, `int(round((W − w) / 2))`, Python rounding.
+pub fn center_crop_offsets(
+    width: usize,
+    height: usize,
+    crop_w: usize,
+    crop_h: usize,
+) -> (usize, usize) {
+    let top = round_half_even((height as f64 - crop_h as f64) / 2.0) as usize;
+    let left = round_half_even((width as f64 - crop_w as f64) / 2.0) as usize;
+    (top, left)
+}
+
+/// torchvision `CenterCrop(size)`: pads with black first when the image is smaller (left/top
+/// get `(size − W) // 2`), then crops the centre.
+pub fn center_crop(img: &ImageU8, size: usize) -> ImageU8 {
+    let (mut top, mut left) = (0i64, 0i64);
+    let (mut w, mut h) = (img.width, img.height);
+    if size > w || size > h {
+        let pl = if size > w { (size - w) / 2 } else { 0 };
+        let pt = if size > h { (size - h) / 2 } else { 0 };
+        let pr = if size > w { (size - w).div_ceil(2) } else { 0 };
+        let pb = if size > h { (size - h).div_ceil(2) } else { 0 };
+        top -= pt as i64;
+        left -= pl as i64;
+        w += pl + pr;
+        h += pt + pb;
+    }
+    let (t, l) = center_crop_offsets(w, h, size, size);
+    crop(img, top + t as i64, left + l as i64, size, size)
+}
+
+/// The aspect-ratio range of `RandomResizedCrop`.
+pub const CROP_RATIO: [f64; 2] = [3.0 / 4.0, 4.0 / 3.0];
+
+/// The reference training augmentation, up to (not including) normalisation: rotation by
+/// `U(−d, d)` degrees, random resized crop to `image_size` (scale `crop_scale`, ratio 3/4–4/3,
+/// bilinear), horizontal flip with p = 0.5 when `hflip`.
+pub fn train_transform(img: &ImageU8, cfg: &DataConfig, rng: &mut impl Rng) -> ImageU8 {
+    let d = cfg.rotation_degrees;
+    let angle = if d > 0.0 {
+        rng.random_range(-d..d)
+    } else {
+        0.0
+    };
+    let rotated = rotate_nearest(img, angle);
+    let (i, j, h, w) = resized_crop_params(
+        rotated.width,
+        rotated.height,
+        cfg.crop_scale,
+        CROP_RATIO,
+        &mut RngDraws(&mut *rng),
+    );
+    let cropped = crop(&rotated, i as i64, j as i64, h, w);
+    let resized = resize_bilinear(&cropped, cfg.image_size, cfg.image_size);
+    if cfg.hflip && rng.random::<f64>() < 0.5 {
+        hflip(&resized)
+    } else {
+        resized
+    }
+}
+
+/// The side the test transform resizes the shorter side to: `round(image_size · resize_ratio)`.
+pub fn test_resize_side(cfg: &DataConfig) -> usize {
+    (cfg.image_size as f64 * cfg.resize_ratio).round() as usize
+}
+
+/// The reference test transform, up to normalisation: shorter side to
+/// [`test_resize_side`] (bilinear), then the central `image_size` square.
+pub fn test_transform(img: &ImageU8, cfg: &DataConfig) -> ImageU8 {
+    let (w, h) = resize_shorter_size(img.width, img.height, test_resize_side(cfg));
+    center_crop(&resize_bilinear(img, w, h), cfg.image_size)
+}
+
+/// `ToTensor` + `Normalize`: writes `[3, H, W]` floats `(v/255 − mean) / std` into `out`,
+/// repeating a grayscale plane on the three channels.
+pub fn normalise_into(img: &ImageU8, mean: [f32; 3], std: [f32; 3], out: &mut [f32]) {
+    let n = img.width * img.height;
+    assert_eq!(out.len(), 3 * n, "output buffer size");
+    for c in 0..3 {
+        let src = img.plane(if img.channels == 1 { 0 } else { c });
+        let (m, s) = (mean[c], std[c]);
+        for (o, &v) in out[c * n..(c + 1) * n].iter_mut().zip(src) {
+            *o = (v as f32 / 255.0 - m) / s;
+        }
+    }
+}
