@@ -11,6 +11,7 @@ pub mod error;
 pub mod idx;
 pub mod index;
 pub mod loader;
+pub mod sampler;
 pub mod transform;
 
 pub use error::{DataError, Result};
