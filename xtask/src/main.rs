@@ -56,6 +56,8 @@ fn run(cli: Cli) -> Result<()> {
             let p = pipeline(&common, &runner)?;
             let seeds = seeds(&p.config);
             p.reproduce(&seeds, &common.forced()?)?;
+            let summary = simtrans_eval::stage::write_report(&p.store, &p.config, &seeds)?;
+            print_headline(&summary, &p.store);
             Ok(())
         }
         Command::Stage { name, common } => {
@@ -85,6 +87,33 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Ci => ci(),
     }
+}
+
+/// The two accuracies and where the report is.
+fn print_headline(summary: &serde_json::Value, store: &simtrans_core::RunStore) {
+    let pct = |v: &serde_json::Value| {
+        v.as_f64()
+            .map_or("—".to_string(), |x| format!("{:.2} %", 100.0 * x))
+    };
+    println!(
+        "novel-class top-1, final epoch, mean over seeds {}:",
+        summary["seeds"]
+    );
+    println!(
+        "  baseline (naive, web images unweighted): {}",
+        pct(&summary["baseline_top1"])
+    );
+    println!(
+        "  SimTrans (full):                          {}",
+        pct(&summary["novel_top1"])
+    );
+    if !summary["gap_closed"].is_null() {
+        println!(
+            "  gap closed towards the clean oracle:      {:.2}",
+            summary["gap_closed"].as_f64().unwrap_or(0.0)
+        );
+    }
+    println!("report: {}", store.root.join("report.md").display());
 }
 
 /// What CI runs, in order; stops at the first failure.

@@ -47,7 +47,12 @@ pub fn upstream(node: &Node, config: &Config) -> Vec<Node> {
             up
         }
         Stage::Eval => {
-            let mut up = vec![n(Stage::Data), n(Stage::Simnet), n(Stage::Denoise)];
+            let mut up = vec![
+                n(Stage::Data),
+                n(Stage::Backbone),
+                n(Stage::Simnet),
+                n(Stage::Denoise),
+            ];
             up.extend(
                 variants(config)
                     .into_iter()

@@ -7,4 +7,5 @@
 
 pub mod metrics;
 pub mod report;
+pub mod stage;
 pub mod summary;
