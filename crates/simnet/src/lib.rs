@@ -10,9 +10,12 @@
 //! discriminator, with the factorised first layer).
 
 pub mod head;
+pub mod model;
 pub mod pairs;
+pub mod stage;
 pub mod train;
 
+pub use model::{schema, SimNet, SimNetShape};
 pub use simtrans_backbone::{BatchNorm, BnMode};
 
 /// Errors of the SimNet stage.
@@ -24,6 +27,15 @@ pub enum SimnetError {
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// The backbone crate failed (weights, artifact).
+    #[error(transparent)]
+    Backbone(#[from] simtrans_backbone::BackboneError),
+    /// The data crate failed (index, images).
+    #[error(transparent)]
+    Data(#[from] simtrans_data::DataError),
+    /// A `simnet` artifact or checkpoint does not hold what this version needs.
+    #[error("simnet artifact: {0}")]
+    Artifact(String),
     /// The configuration asks for something this stage cannot do.
     #[error("simnet config: {0}")]
     Config(String),

@@ -1,0 +1,336 @@
+//! Step 1 as a pipeline stage: the training loop, validation, checkpoints and the artifact.
+//!
+//! Each epoch: the learning rate follows `lr·decay^⌊epoch/step⌋` (both optimisers), momentum is
+//! reset when configured (the reference rebuilt its optimisers every epoch), the source (clean
+//! base train) and target (novel web) batches are drawn afresh from `ctx.rng("batches", epoch)`
+//! and zipped (a pair of unequal sizes is skipped, as in the reference), and every pair of
+//! batches makes one adversarial step ([`crate::train::Trainer::step`]). After the epoch the
+//! pair F1 of "similar" is measured on fixed validation batches of the held-out base
+//! validation split (used for selection when `select = "val"`) and of the novel test split
+//! (logged and reported, labelled as test, never used for selection). A checkpoint after every
+//! epoch holds the model, the momentum buffers, the history and the selected epoch's weights,
+//! so a killed run resumes and ends exactly as an uninterrupted one.
+//!
+//! The loop reads images through [`TrainData`], so it is tested on synthetic images; the stage
+//! itself ([`run`]) feeds it from the `data` artifact.
+
+use crate::head::{HeadKind, PairOrder};
+use crate::model::{insert_vars, meta, SimNet, SimNetShape};
+use crate::pairs;
+use crate::train::{PairCounts, Trainer};
+use crate::{Result, SimnetError};
+use candle_core::{Device, Tensor};
+use candle_nn::VarMap;
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use simtrans_backbone::{Arch, BnMode};
+use simtrans_core::config::Selection;
+use simtrans_core::optim::{step_lr, Sgd};
+use simtrans_core::{CoreError, StageContext, StageOutput};
+use std::collections::BTreeMap;
+
+/// The held-out sets SimNet is validated on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EvalSet {
+    /// Held-out base validation images (selection).
+    BaseVal,
+    /// Novel test images (reported, labelled as test).
+    NovelTest,
+}
+
+/// Where the training loop gets its batches and images from.
+pub trait TrainData {
+    /// `[B, 3, S, S]` images of `ids`, with the training augmentation when `train`
+    /// (randomness from `seed`), else the test transform.
+    fn images(&self, ids: &[u32], train: bool, seed: u64, device: &Device) -> Result<Tensor>;
+    /// The label of an image (only equality matters).
+    fn label(&self, id: u32) -> u32;
+    /// One epoch's source (A) and target (B) batches.
+    fn epoch_batches(&self, rng: &mut ChaCha8Rng) -> Result<(Vec<Vec<u32>>, Vec<Vec<u32>>)>;
+    /// Validation batches of a held-out set (drawn once per run).
+    fn eval_batches(&self, set: EvalSet, rng: &mut ChaCha8Rng) -> Result<Vec<Vec<u32>>>;
+}
+
+/// The trained step-0 network SimNet starts from.
+#[derive(Debug, Clone)]
+pub struct BackboneInit {
+    /// Architecture.
+    pub arch: Arch,
+    /// First-stage width of the `small` architecture.
+    pub small_width: usize,
+    /// Its tensors with torchvision names (`conv1.weight`, …); `fc.*` is ignored.
+    pub tensors: BTreeMap<String, Tensor>,
+}
+
+/// Pair F1 of "similar" over all pairs of every batch, in eval mode.
+pub fn pair_f1(
+    net: &SimNet,
+    data: &impl TrainData,
+    batches: &[Vec<u32>],
+    device: &Device,
+) -> Result<PairCounts> {
+    let mut counts = PairCounts::default();
+    for ids in batches {
+        let x = data.images(ids, false, 0, device)?;
+        let f = net.backbone.features(&x, BnMode::Eval)?;
+        let (logits, _) = net
+            .head
+            .forward_grid(&f, &f, PairOrder::ColFirst, BnMode::Eval)?;
+        let labels: Vec<u32> = ids.iter().map(|&id| data.label(id)).collect();
+        counts.add(&logits, &pairs::targets_tensor(&labels, device)?)?;
+    }
+    Ok(counts)
+}
+
+fn prefixed(
+    tensors: BTreeMap<String, Tensor>,
+    prefix: &str,
+) -> impl Iterator<Item = (String, Tensor)> + '_ {
+    tensors
+        .into_iter()
+        .map(move |(k, v)| (format!("{prefix}{k}"), v))
+}
+
+fn strip(tensors: &BTreeMap<String, Tensor>, prefix: &str) -> BTreeMap<String, Tensor> {
+    tensors
+        .iter()
+        .filter_map(|(k, v)| k.strip_prefix(prefix).map(|k| (k.to_string(), v.clone())))
+        .collect()
+}
+
+/// Trains SimNet from a backbone on `data` under `ctx` (config, seed, checkpoints, logs).
+pub fn train(
+    ctx: &StageContext,
+    data: &impl TrainData,
+    init: &BackboneInit,
+) -> Result<StageOutput> {
+    let cfg = &ctx.config.simnet;
+    let oc = &cfg.optim;
+    let device = &ctx.device;
+    let kind = HeadKind::from_config(cfg.head)?;
+    if cfg.batch_a < 2 || cfg.batch_b < 2 {
+        return Err(SimnetError::Config(format!(
+            "batch_a = {} and batch_b = {} must both be at least 2 (BatchNorm needs two images per domain)",
+            cfg.batch_a, cfg.batch_b
+        )));
+    }
+    if oc.epochs == 0 {
+        return Err(SimnetError::Config(
+            "simnet.optim.epochs must be at least 1".into(),
+        ));
+    }
+
+    // The backbone's weights (classifier dropped), then the seeded head and discriminator.
+    let simnet_vars = VarMap::new();
+    let backbone: BTreeMap<String, Tensor> = init
+        .tensors
+        .iter()
+        .filter(|(k, _)| !k.starts_with("fc."))
+        .map(|(k, v)| (format!("backbone.{k}"), v.clone()))
+        .collect();
+    insert_vars(&simnet_vars, &backbone, &["backbone."], device)?;
+    let loaded = simnet_vars.all_vars().len();
+    let shape = SimNetShape {
+        arch: init.arch,
+        small_width: init.small_width,
+        head: kind,
+    };
+    let net = SimNet::build(shape, simnet_vars, VarMap::new(), ctx.seed, device)?;
+    let backbone_vars = net
+        .simnet_vars
+        .data()
+        .lock()
+        .expect("varmap lock")
+        .keys()
+        .filter(|k| k.starts_with("backbone."))
+        .count();
+    if backbone_vars != loaded {
+        return Err(SimnetError::Artifact(format!(
+            "the backbone artifact has {loaded} of the {backbone_vars} tensors a {:?} trunk needs; rebuild it with `{} backbone`",
+            init.arch, ctx.rebuild_hint
+        )));
+    }
+
+    let mut trainer = Trainer {
+        sim_opt: Sgd::new(
+            simtrans_backbone::trainable_vars(&net.simnet_vars),
+            oc.lr,
+            oc.momentum,
+            oc.weight_decay,
+        ),
+        disc_opt: Sgd::new(
+            simtrans_backbone::trainable_vars(&net.disc_vars),
+            oc.lr,
+            oc.momentum,
+            oc.weight_decay,
+        ),
+        beta: cfg.beta,
+        bn_split: cfg.bn_split,
+    };
+    // Fixed validation batches: every epoch is scored on the same pairs.
+    let val_batches = data.eval_batches(EvalSet::BaseVal, &mut ctx.rng("validation-base", 0))?;
+    let test_batches =
+        data.eval_batches(EvalSet::NovelTest, &mut ctx.rng("validation-novel", 0))?;
+
+    let ck = ctx.checkpoints();
+    let mut history: Vec<serde_json::Value> = Vec::new();
+    let mut best: Option<(usize, f64, BTreeMap<String, Tensor>)> = None;
+    let mut start = 0;
+    if let Some(r) = ck.latest(device)? {
+        net.set_tensors(&r.tensors, "model.")?;
+        trainer.sim_opt.load_state(&strip(&r.tensors, "opt.sim."))?;
+        trainer
+            .disc_opt
+            .load_state(&strip(&r.tensors, "opt.disc."))?;
+        history = r.metrics["history"].as_array().cloned().unwrap_or_default();
+        if let (Some(e), Some(f)) = (r.extra.get("best_epoch"), r.extra.get("best_f1_val")) {
+            let parse_err = || {
+                SimnetError::Artifact(format!(
+                    "checkpoint in {} has a bad best_epoch",
+                    ck.dir.display()
+                ))
+            };
+            best = Some((
+                e.parse().map_err(|_| parse_err())?,
+                f.parse().map_err(|_| parse_err())?,
+                strip(&r.tensors, "best."),
+            ));
+        }
+        start = r.epochs_done;
+        tracing::info!(epochs_done = start, "simnet resumes from its checkpoint");
+    }
+
+    for epoch in start..oc.epochs {
+        let lr = step_lr(oc.lr, oc.lr_decay, oc.lr_step, epoch);
+        trainer.sim_opt.lr = lr;
+        trainer.disc_opt.lr = lr;
+        if oc.reset_momentum {
+            trainer.sim_opt.reset_momentum();
+            trainer.disc_opt.reset_momentum();
+        }
+        let (batches_a, batches_b) = data.epoch_batches(&mut ctx.rng("batches", epoch as u64))?;
+        let mut aug = ctx.rng("augment", epoch as u64);
+        let steps = batches_a.len().min(batches_b.len());
+        let bar = simtrans_core::progress::bar(steps as u64, format!("simnet epoch {epoch}"));
+        let (mut l_sim, mut l_dom, mut dom_acc, mut done, mut skipped) =
+            (0f64, 0f64, 0f64, 0usize, 0usize);
+        let mut train_counts = PairCounts::default();
+        for (step, (ids_a, ids_b)) in batches_a.iter().zip(&batches_b).enumerate() {
+            bar.inc(1);
+            if ids_a.len() != ids_b.len() || ids_a.len() < 2 {
+                skipped += 1;
+                continue;
+            }
+            let (seed_a, seed_b): (u64, u64) = (aug.random(), aug.random());
+            let xa = data.images(ids_a, true, seed_a, device)?;
+            let xb = data.images(ids_b, true, seed_b, device)?;
+            let labels_a: Vec<u32> = ids_a.iter().map(|&id| data.label(id)).collect();
+            let st = trainer.step(&net.backbone, &net.head, &net.disc, &xa, &labels_a, &xb)?;
+            if !st.total.is_finite() || !st.l_dom.is_finite() {
+                return Err(CoreError::NonFinite {
+                    what: "the SimNet loss".into(),
+                    epoch,
+                    step,
+                    checkpoint_dir: ck.dir.clone(),
+                }
+                .into());
+            }
+            l_sim += st.l_sim as f64;
+            l_dom += st.l_dom as f64;
+            dom_acc += st.domain_acc as f64;
+            train_counts.merge(&st.counts);
+            done += 1;
+        }
+        bar.finish_and_clear();
+        if done == 0 {
+            return Err(SimnetError::Config(format!(
+                "epoch {epoch} had no usable pair of batches ({} source, {} target, {skipped} skipped); lower simnet.batch_a/batch_b",
+                batches_a.len(),
+                batches_b.len()
+            )));
+        }
+        let f1_val = pair_f1(&net, data, &val_batches, device)?.f1();
+        let f1_test = pair_f1(&net, data, &test_batches, device)?.f1();
+        let n = done as f64;
+        let record = serde_json::json!({
+            "epoch": epoch, "lr": lr, "steps": done, "skipped": skipped,
+            "l_sim": l_sim / n, "l_dom": l_dom / n, "domain_acc": dom_acc / n,
+            "f1_train": train_counts.f1(), "f1_val": f1_val, "f1_test": f1_test,
+        });
+        tracing::info!(
+            epoch,
+            f1_val,
+            f1_test,
+            l_sim = l_sim / n,
+            "simnet epoch done"
+        );
+        ctx.log_json(&record)?;
+        history.push(record);
+
+        if cfg.select == Selection::Val && best.as_ref().is_none_or(|(_, f, _)| f1_val > *f) {
+            best = Some((epoch, f1_val, net.tensors()?));
+        }
+        let mut state: BTreeMap<String, Tensor> = prefixed(net.tensors()?, "model.").collect();
+        state.extend(prefixed(trainer.sim_opt.state(), "opt.sim."));
+        state.extend(prefixed(trainer.disc_opt.state(), "opt.disc."));
+        let mut extra = BTreeMap::new();
+        if let Some((e, f, t)) = &best {
+            state.extend(prefixed(t.clone(), "best."));
+            extra.insert("best_epoch".to_string(), e.to_string());
+            extra.insert("best_f1_val".to_string(), f.to_string());
+        }
+        ck.save(
+            epoch + 1,
+            state,
+            extra,
+            serde_json::json!({ "history": history }),
+        )?;
+    }
+
+    finish(ctx, &net, history, best)
+}
+
+/// The artifact: the selected weights, how to rebuild them, and the metrics.
+fn finish(
+    ctx: &StageContext,
+    net: &SimNet,
+    history: Vec<serde_json::Value>,
+    best: Option<(usize, f64, BTreeMap<String, Tensor>)>,
+) -> Result<StageOutput> {
+    let cfg = &ctx.config.simnet;
+    let last = history.last().cloned().unwrap_or_default();
+    let f = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+    let (epoch, tensors) = match (cfg.select, best) {
+        (Selection::Val, Some((e, _, t))) => (e, t),
+        _ => (history.len().saturating_sub(1), net.tensors()?),
+    };
+    let selected = &history[epoch.min(history.len().saturating_sub(1))];
+    // The test-selected epoch is reported for comparison with the paper only (SPEC "Traps" 3).
+    let test_best = history
+        .iter()
+        .max_by(|a, b| f(a, "f1_test").total_cmp(&f(b, "f1_test")))
+        .cloned()
+        .unwrap_or_default();
+    let metrics = serde_json::json!({
+        "selection": match cfg.select { Selection::Val => "val", Selection::Final => "final" },
+        "epoch": epoch,
+        "f1_val": f(selected, "f1_val"),
+        "f1_test": f(selected, "f1_test"),
+        "final_f1_val": f(&last, "f1_val"),
+        "final_f1_test": f(&last, "f1_test"),
+        "test_selected_epoch": test_best["epoch"],
+        "test_selected_f1_test": f(&test_best, "f1_test"),
+        "history": history,
+    });
+    let mut meta = net.meta();
+    meta.insert(
+        meta::CONFIG.to_string(),
+        serde_json::to_string(cfg).expect("the config serialises"),
+    );
+    meta.insert(meta::EPOCH.to_string(), epoch.to_string());
+    Ok(StageOutput {
+        tensors,
+        metrics,
+        meta,
+    })
+}
