@@ -237,6 +237,27 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
+    /// Deterministic pseudo-random values in [lo, hi): a scrambled sine of the element index.
+    fn det(shape: &[usize], seed: f64, lo: f32, hi: f32) -> Tensor {
+        let n: usize = shape.iter().product();
+        let x = Tensor::arange(0u32, n as u32, &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let s = x
+            .affine(12.9898, seed)
+            .unwrap()
+            .sin()
+            .unwrap()
+            .affine(43758.547, 0.0)
+            .unwrap();
+        let frac = (&s - s.floor().unwrap()).unwrap();
+        frac.affine((hi - lo) as f64, lo as f64)
+            .unwrap()
+            .reshape(shape)
+            .unwrap()
+    }
+
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)
             .unwrap()
@@ -250,10 +271,9 @@ mod tests {
 
     #[test]
     fn gram_form_equals_the_direct_form() {
-        let dev = Device::Cpu;
         let (b, d) = (7, 5);
-        let g = Tensor::randn(0f32, 1.0, (b, d), &dev).unwrap();
-        let a_hat = Tensor::rand(0f32, 1.0, (b, b), &dev).unwrap();
+        let g = det(&[b, d], 1.0, -2.0, 2.0);
+        let a_hat = det(&[b, b], 2.0, 0.0, 1.0);
         // The direct form materialises [B, B, D], fine at this size.
         let diff = g
             .unsqueeze(1)
@@ -292,8 +312,8 @@ mod tests {
     #[test]
     fn similarity_matrix_gets_no_gradient() {
         let dev = Device::Cpu;
-        let g = Var::from_tensor(&Tensor::randn(0f32, 1.0, (4, 3), &dev).unwrap()).unwrap();
-        let a = Var::from_tensor(&Tensor::rand(0f32, 1.0, (4, 4), &dev).unwrap()).unwrap();
+        let g = Var::from_tensor(&det(&[4, 3], 3.0, -2.0, 2.0)).unwrap();
+        let a = Var::from_tensor(&det(&[4, 4], 4.0, 0.0, 1.0)).unwrap();
         let labels = Tensor::new(&[0u32, 1, 0, 2], &dev).unwrap();
         for reg in [Reg::Gcn, Reg::Cos] {
             let gr = GraphReg {

@@ -103,6 +103,27 @@ mod tests {
     use super::*;
     use candle_core::{DType, Device};
 
+    /// Deterministic pseudo-random values in [lo, hi): a scrambled sine of the element index.
+    fn det(shape: &[usize], seed: f64, lo: f32, hi: f32) -> Tensor {
+        let n: usize = shape.iter().product();
+        let x = Tensor::arange(0u32, n as u32, &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let s = x
+            .affine(12.9898, seed)
+            .unwrap()
+            .sin()
+            .unwrap()
+            .affine(43758.547, 0.0)
+            .unwrap();
+        let frac = (&s - s.floor().unwrap()).unwrap();
+        frac.affine((hi - lo) as f64, lo as f64)
+            .unwrap()
+            .reshape(shape)
+            .unwrap()
+    }
+
     /// A small asymmetric stand-in for the SimNet head: a one-hidden-layer MLP on the
     /// concatenated pair, then a sigmoid, computed the unfactorised way.
     struct ToyHead {
@@ -112,10 +133,9 @@ mod tests {
 
     impl ToyHead {
         fn new(d: usize, h: usize) -> Self {
-            let dev = Device::Cpu;
             Self {
-                w1: Tensor::randn(0f32, 0.5, (2 * d, h), &dev).unwrap(),
-                w2: Tensor::randn(0f32, 0.5, (h, 1), &dev).unwrap(),
+                w1: det(&[2 * d, h], 1.0, -1.0, 1.0),
+                w2: det(&[h, 1], 2.0, -1.0, 1.0),
             }
         }
 
@@ -130,7 +150,7 @@ mod tests {
     #[test]
     fn every_block_size_gives_the_one_shot_matrix() {
         let (l, d) = (13, 6);
-        let feats = Tensor::randn(0f32, 1.0, (l, d), &Device::Cpu).unwrap();
+        let feats = det(&[l, d], 3.0, -2.0, 2.0);
         let head = ToyHead::new(d, 8);
         let one_shot = head.block(&feats, &feats).unwrap();
         for row_block in [1, 2, 5, 12, 13, 100] {

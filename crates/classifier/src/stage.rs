@@ -1,0 +1,281 @@
+//! The classifier stage (steps 3a and 3b) for one variant.
+//!
+//! One training loop serves every variant: the [`schedule`] says, epoch by epoch, the phase,
+//! the batch size, the weight scheme and whether the graph term is on; the variant's switches
+//! say which training images are used (all web images, or the clean ones for the oracle). After
+//! every epoch the model is checkpointed (resume after a kill) and measured on the novel test
+//! set — that number is logged and recorded as `top1_test_per_epoch`, labelled as the test set,
+//! and never used to choose the model: the artifact is the final epoch.
+
+use crate::losses::{weighted_ce, GraphReg};
+use crate::variants::{schedule, Phase, Variant};
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::VarMap;
+use rand::RngCore;
+use simtrans_backbone::{trainable_vars, BnMode, ResNet};
+use simtrans_core::config::Selection;
+use simtrans_core::optim::Sgd;
+use simtrans_core::{ArtifactSchema, CoreError, Stage, StageContext, StageOutput, TensorSpec};
+use simtrans_data::{sampler, Augment, DataIndex, Loader, NoiseKind, Split};
+use simtrans_denoise::{SampleWeights, WeightScheme};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+/// Layout version of `classifier-<variant>.safetensors`.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// What a classifier artifact must hold: a ResNet with an `fc` over the novel classes.
+pub fn schema() -> ArtifactSchema {
+    ArtifactSchema::new(
+        Stage::Classifier,
+        SCHEMA_VERSION,
+        vec![
+            TensorSpec::new("fc.weight", DType::F32, &[None, None]),
+            TensorSpec::new("fc.bias", DType::F32, &[None]),
+        ],
+    )
+}
+
+/// Builds the novel-class network and loads its initial weights (`classifier.init`).
+fn init_model(ctx: &StageContext, num_classes: usize) -> anyhow::Result<(VarMap, ResNet)> {
+    let bcfg = &ctx.config.backbone;
+    let varmap = VarMap::new();
+    let label = format!("{}-fc", ctx.node.name());
+    let vb = simtrans_core::seed::var_builder(&varmap, ctx.seed, &label, DType::F32, &ctx.device);
+    let net = ResNet::new(bcfg.arch, bcfg.small_width, Some(num_classes), vb)?;
+    match ctx.config.classifier.init.as_str() {
+        "backbone" => {
+            let a = ctx.load_upstream("backbone", &simtrans_backbone::schema())?;
+            let tensors: HashMap<String, Tensor> = a.tensors.into_iter().collect();
+            simtrans_backbone::weights::load_tensors(&varmap, &tensors, &["fc."])?;
+        }
+        "imagenet" => {
+            if let Some(path) = simtrans_backbone::weights::resolve("imagenet", bcfg.arch)? {
+                simtrans_backbone::load_state_dict(&varmap, &path, &["fc."])?;
+            }
+        }
+        "scratch" => {}
+        other => anyhow::bail!(
+            "classifier.init = `{other}`; use `backbone` (the step-0 network), `imagenet` or `scratch`"
+        ),
+    }
+    Ok((varmap, net))
+}
+
+/// Predictions of `net` on `ids` (test transform, BatchNorm in eval mode).
+pub fn predict(net: &ResNet, loader: &Loader, ids: &[u32], batch: usize, device: &Device) -> anyhow::Result<Vec<u32>> {
+    let mut preds = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(batch.max(1)) {
+        let x = loader.batch(chunk, Augment::Test, 0, device)?;
+        let (logits, _) = net.forward(&x, BnMode::Eval)?;
+        preds.extend(logits.argmax(D::Minus1)?.to_dtype(DType::U32)?.to_vec1::<u32>()?);
+    }
+    Ok(preds)
+}
+
+/// `counts[true][pred]`.
+fn confusion(classes: usize, labels: &[u32], preds: &[u32]) -> Vec<Vec<u64>> {
+    let mut c = vec![vec![0u64; classes]; classes];
+    for (&l, &p) in labels.iter().zip(preds) {
+        c[l as usize][p as usize] += 1;
+    }
+    c
+}
+
+fn top1(labels: &[u32], preds: &[u32]) -> f64 {
+    let hits = labels.iter().zip(preds).filter(|(l, p)| l == p).count();
+    hits as f64 / labels.len().max(1) as f64
+}
+
+/// Runs steps 3a and 3b of the variant named by `ctx.node.variant`.
+pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
+    let cfg = &ctx.config.classifier;
+    let variant: Variant = ctx
+        .node
+        .variant
+        .as_deref()
+        .ok_or_else(|| anyhow::anyhow!("the classifier stage needs a variant"))?
+        .parse()?;
+    if cfg.select == Selection::Val {
+        anyhow::bail!(
+            "classifier.select = \"val\" needs a clean novel validation split, which weak-shot data do not have; \
+             use \"final\" (the test-selected epoch is recorded separately, labelled as such)"
+        );
+    }
+    let data = Arc::new(DataIndex::from_artifact(&ctx.load_upstream("data", &DataIndex::schema())?)?);
+    let loader = Loader::new(data.clone(), &ctx.config.data);
+    let n_classes = data.novel_classes.len();
+    let sw = variant.switches();
+
+    // The training set: novel web images with the label they were found under.
+    let web = data.items_in(Split::NovelWeb);
+    if sw.clean_only && web.iter().any(|it| it.noise == NoiseKind::Unknown) {
+        anyhow::bail!("variant `clean` needs the noise ground truth of every web image; this data set has none");
+    }
+    let train: Vec<(u32, u32)> = web
+        .iter()
+        .filter(|it| !sw.clean_only || it.noise == NoiseKind::Clean)
+        .map(|it| (it.id, data.local_label(it)))
+        .collect();
+    let train_ids: Vec<u32> = train.iter().map(|p| p.0).collect();
+    let label_of: HashMap<u32, u32> = train.iter().copied().collect();
+    let test: Vec<(u32, u32)> = data
+        .items_in(Split::NovelTest)
+        .iter()
+        .map(|it| (it.id, data.local_label(it)))
+        .collect();
+    let test_ids: Vec<u32> = test.iter().map(|p| p.0).collect();
+    let test_labels: Vec<u32> = test.iter().map(|p| p.1).collect();
+
+    let plans = schedule(variant, cfg, ctx.config.denoise.top_r)?;
+    let denoise = if plans.iter().any(|p| p.weights != WeightScheme::None) {
+        Some(ctx.load_upstream("denoise", &simtrans_denoise::stage::schema())?)
+    } else {
+        None
+    };
+    let simnet = if plans.iter().any(|p| p.graph_loss) {
+        Some(simtrans_simnet::SimNet::load(
+            &ctx.load_upstream("simnet", &simtrans_simnet::schema())?,
+            &ctx.device,
+        )?)
+    } else {
+        None
+    };
+    let graph = GraphReg::from_config(cfg)?;
+
+    let (varmap, net) = init_model(ctx, n_classes)?;
+    let ocfg = &cfg.optim;
+    let mut sgd = Sgd::new(trainable_vars(&varmap), ocfg.lr, ocfg.momentum, ocfg.weight_decay);
+
+    // Resume.
+    let checkpoints = ctx.checkpoints();
+    let mut history = serde_json::json!({ "train_loss": [], "top1_test_per_epoch": [] });
+    let mut start = 0;
+    if let Some(r) = checkpoints.latest(&ctx.device)? {
+        let data_map = varmap.data().lock().expect("varmap lock");
+        for (name, var) in data_map.iter() {
+            let t = r.tensors.get(&format!("model.{name}")).ok_or_else(|| {
+                anyhow::anyhow!("checkpoint in {} lacks `model.{name}`; delete it", checkpoints.dir.display())
+            })?;
+            var.set(t)?;
+        }
+        drop(data_map);
+        sgd.load_state(&r.tensors)?;
+        history = r.metrics;
+        start = r.epochs_done;
+        tracing::info!("{}: resuming after epoch {start}", ctx.node);
+    }
+
+    let mut weight_cache: BTreeMap<String, SampleWeights> = BTreeMap::new();
+    let bar = simtrans_core::progress::bar(plans.len() as u64, format!("{}", ctx.node));
+    bar.set_position(start as u64);
+    for plan in plans.iter().skip(start) {
+        let e = plan.global_epoch;
+        let first_of_3b = plan.phase == Phase::Step3b && plan.epoch == 0;
+        if ocfg.reset_momentum || first_of_3b {
+            sgd.reset_momentum();
+        }
+        sgd.lr = plan.lr;
+        let key = plan.weights.name();
+        if !weight_cache.contains_key(&key) {
+            let w = match (plan.weights, &denoise) {
+                (WeightScheme::None, _) => SampleWeights::uniform(),
+                (scheme, Some(a)) => SampleWeights::from_artifact(a, scheme)?,
+                (_, None) => unreachable!("denoise is loaded whenever a plan uses weights"),
+            };
+            weight_cache.insert(key.clone(), w);
+        }
+        let weights = &weight_cache[&key];
+
+        let mut rng = ctx.rng("batches", e as u64);
+        let batches = sampler::shuffled_batches(&train_ids, plan.batch_size, false, &mut rng);
+        let mut loss_sum = 0.0;
+        for (b, ids) in batches.iter().enumerate() {
+            let aug_seed = ctx.rng("augment", e as u64).next_u64() ^ (b as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            let x = loader.batch(ids, Augment::Train, aug_seed, &ctx.device)?;
+            let y: Vec<u32> = ids.iter().map(|id| label_of[id]).collect();
+            let w: Vec<f32> = ids.iter().map(|id| weights.get(*id)).collect::<simtrans_denoise::Result<_>>()?;
+            let y = Tensor::new(y, &ctx.device)?;
+            let w = Tensor::new(w, &ctx.device)?;
+            let (logits, g) = net.forward(&x, BnMode::Train)?;
+            let loss = match (&simnet, plan.graph_loss) {
+                (Some(sim), true) => {
+                    // A[i, j] = sim([f_j ; f_i]) on the same augmented batch, SimNet frozen in eval mode.
+                    let f = sim.backbone.features(&x, BnMode::Eval)?;
+                    let a = sim.similarity_matrix(&f, &f)?.t()?.detach();
+                    graph.total_loss(&logits, &y, &w, &g, &a)?
+                }
+                _ => weighted_ce(&logits, &y, &w)?,
+            };
+            let l = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            if !l.is_finite() {
+                return Err(CoreError::NonFinite {
+                    what: "classifier loss".into(),
+                    epoch: e,
+                    step: b,
+                    checkpoint_dir: checkpoints.dir.clone(),
+                }
+                .into());
+            }
+            loss_sum += l;
+            sgd.step(&loss.backward()?)?;
+        }
+        let preds = predict(&net, &loader, &test_ids, ctx.config.eval.batch_size, &ctx.device)?;
+        let acc = top1(&test_labels, &preds);
+        let mean_loss = loss_sum / batches.len().max(1) as f64;
+        history["train_loss"].as_array_mut().expect("array").push(mean_loss.into());
+        history["top1_test_per_epoch"].as_array_mut().expect("array").push(acc.into());
+        ctx.log_json(&serde_json::json!({
+            "epoch": e, "phase": format!("{:?}", plan.phase), "kind": format!("{:?}", plan.kind),
+            "lr": plan.lr, "train_loss": mean_loss, "top1_test": acc,
+        }))?;
+        tracing::info!("{} epoch {e}: loss {mean_loss:.4}, novel test top-1 {:.2} %", ctx.node, 100.0 * acc);
+        let mut state: BTreeMap<String, Tensor> = varmap
+            .data()
+            .lock()
+            .expect("varmap lock")
+            .iter()
+            .map(|(n, v)| (format!("model.{n}"), v.as_tensor().clone()))
+            .collect();
+        state.extend(sgd.state());
+        checkpoints.save(e + 1, state, BTreeMap::new(), history.clone())?;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+
+    let preds = predict(&net, &loader, &test_ids, ctx.config.eval.batch_size, &ctx.device)?;
+    let conf = confusion(n_classes, &test_labels, &preds);
+    let per_class: Vec<f64> = conf
+        .iter()
+        .enumerate()
+        .map(|(i, row)| row[i] as f64 / row.iter().sum::<u64>().max(1) as f64)
+        .collect();
+    let per_epoch: Vec<f64> = history["top1_test_per_epoch"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_f64()).collect())
+        .unwrap_or_default();
+    let tensors: BTreeMap<String, Tensor> = varmap
+        .data()
+        .lock()
+        .expect("varmap lock")
+        .iter()
+        .map(|(n, v)| Ok((n.clone(), v.as_tensor().to_device(&Device::Cpu)?)))
+        .collect::<candle_core::Result<_>>()?;
+    Ok(StageOutput {
+        tensors,
+        metrics: serde_json::json!({
+            "variant": variant.name(),
+            "train_images": train_ids.len(),
+            "top1_final": top1(&test_labels, &preds),
+            "top1_test_selected": per_epoch.iter().cloned().fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x)))),
+            "per_class_final": per_class,
+            "confusion_final": conf,
+            "history": history,
+        }),
+        meta: BTreeMap::from([
+            ("variant".to_string(), variant.name().to_string()),
+            ("num_classes".to_string(), n_classes.to_string()),
+            ("class_names".to_string(), serde_json::to_string(&data.novel_names())?),
+        ]),
+    })
+}
