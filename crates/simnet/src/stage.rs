@@ -38,6 +38,9 @@ pub enum EvalSet {
     NovelTest,
 }
 
+/// Batches of image ids.
+pub type Batches = Vec<Vec<u32>>;
+
 /// Where the training loop gets its batches and images from.
 pub trait TrainData {
     /// `[B, 3, S, S]` images of `ids`, with the training augmentation when `train`
@@ -46,9 +49,9 @@ pub trait TrainData {
     /// The label of an image (only equality matters).
     fn label(&self, id: u32) -> u32;
     /// One epoch's source (A) and target (B) batches.
-    fn epoch_batches(&self, rng: &mut ChaCha8Rng) -> Result<(Vec<Vec<u32>>, Vec<Vec<u32>>)>;
+    fn epoch_batches(&self, rng: &mut ChaCha8Rng) -> Result<(Batches, Batches)>;
     /// Validation batches of a held-out set (drawn once per run).
-    fn eval_batches(&self, set: EvalSet, rng: &mut ChaCha8Rng) -> Result<Vec<Vec<u32>>>;
+    fn eval_batches(&self, set: EvalSet, rng: &mut ChaCha8Rng) -> Result<Batches>;
 }
 
 /// The trained step-0 network SimNet starts from.

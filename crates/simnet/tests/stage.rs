@@ -12,7 +12,7 @@ use rand_chacha::ChaCha8Rng;
 use simtrans_backbone::{Arch, BnMode, ResNet};
 use simtrans_core::{Artifact, ArtifactMeta, Config, CoreError, Node, Preset, Stage, StageContext};
 use simtrans_simnet::head::PairOrder;
-use simtrans_simnet::stage::{train, BackboneInit, EvalSet, TrainData};
+use simtrans_simnet::stage::{train, BackboneInit, Batches, EvalSet, TrainData};
 use simtrans_simnet::{SimNet, SimnetError};
 use std::collections::BTreeMap;
 
@@ -85,10 +85,7 @@ impl TrainData for Synthetic {
         self.labels[&id]
     }
 
-    fn epoch_batches(
-        &self,
-        rng: &mut ChaCha8Rng,
-    ) -> simtrans_simnet::Result<(Vec<Vec<u32>>, Vec<Vec<u32>>)> {
+    fn epoch_batches(&self, rng: &mut ChaCha8Rng) -> simtrans_simnet::Result<(Batches, Batches)> {
         let mut a = self.a.clone();
         let mut b = self.b.clone();
         a.shuffle(rng);
@@ -101,7 +98,7 @@ impl TrainData for Synthetic {
         &self,
         set: EvalSet,
         _rng: &mut ChaCha8Rng,
-    ) -> simtrans_simnet::Result<Vec<Vec<u32>>> {
+    ) -> simtrans_simnet::Result<Batches> {
         let v = match set {
             EvalSet::BaseVal => &self.val,
             EvalSet::NovelTest => &self.test,
