@@ -9,7 +9,9 @@
 //!
 //! The AUC is computed from mid-ranks (the Mann–Whitney U statistic) in `O(N log N)` on the host:
 //! it runs once per stage on a few thousand numbers, not in a training loop. Images whose noise is
-//! unknown must be left out by the caller.
+//! unknown must be left out by the caller. Because every category's weights are normalised to
+//! mean 1, the weights of all categories can be pooled into one overall AUC; a per-category AUC
+//! is the same call on one category's images.
 
 use serde::Serialize;
 
