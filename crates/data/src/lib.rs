@@ -10,7 +10,9 @@ pub mod demo;
 pub mod error;
 pub mod idx;
 pub mod index;
+pub mod layouts;
 pub mod loader;
+mod mat;
 pub mod sampler;
 pub mod transform;
 
@@ -79,10 +81,19 @@ pub fn build_index(
             }
             Ok((index, metrics))
         }
-        other => Err(DataError::NotImplemented(format!(
-            "the `{}` data set layout",
-            other.name()
-        ))),
+        other => {
+            let root = config.run.data_path.as_deref().ok_or_else(|| {
+                DataError::layout(
+                    "run.data_path",
+                    format!("the `{}` data set needs its folder", other.name()),
+                    format!(
+                        "pass --data-path; data-manifests/{}.toml says what it must hold and how to obtain it",
+                        other.name()
+                    ),
+                )
+            })?;
+            layouts::build(other, Path::new(root))
+        }
     }
 }
 
