@@ -6,6 +6,7 @@
 //! artifact. Later stages read the index back with [`DataIndex::from_artifact`], draw batches of
 //! ids with [`sampler`] and turn ids into normalised tensors with [`Loader`].
 
+pub mod bench;
 pub mod demo;
 pub mod error;
 pub mod idx;
@@ -13,12 +14,15 @@ pub mod index;
 pub mod layouts;
 pub mod loader;
 mod mat;
+pub mod prefetch;
 pub mod sampler;
 pub mod transform;
 
+pub use bench::{bench, BenchReport};
 pub use error::{DataError, Result};
 pub use index::{DataIndex, Images, Item, NoiseKind, Split};
 pub use loader::{Augment, Loader};
+pub use prefetch::Prefetch;
 pub use simtrans_core::config::DatasetKind;
 
 use simtrans_core::{StageContext, StageOutput};

@@ -1,0 +1,107 @@
+//! Throughput of the input pipeline, for `cargo xtask bench data`.
+//!
+//! Writes synthetic JPEG photographs (textured, varied sizes around 500×375 like CUB) to a
+//! temporary folder, indexes them as a real data set and times decoded + augmented images per
+//! second through [`Loader::batch`] with the train transform. The figure is written by the
+//! orchestrator to its bench file; no test asserts it.
+
+use crate::error::{DataError, Result};
+use crate::index::{DataIndex, Images, Item, NoiseKind, Split};
+use crate::loader::{Augment, Loader};
+use candle_core::Device;
+use simtrans_core::config::{DataConfig, DatasetKind};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// What one bench run measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchReport {
+    /// Images decoded and augmented in the timed passes.
+    pub images: usize,
+    /// Wall time of the timed passes.
+    pub seconds: f64,
+    /// `images / seconds`.
+    pub images_per_second: f64,
+    /// Output side in pixels.
+    pub image_size: usize,
+    /// Images per batch.
+    pub batch_size: usize,
+    /// Threads used for decoding (rayon).
+    pub threads: usize,
+    /// How many distinct JPEG files were written.
+    pub files: usize,
+}
+
+/// Times `passes` passes over `files` synthetic JPEGs in batches of `batch_size`, at
+/// `cfg.image_size` with the train transform (one untimed warm-up batch first).
+pub fn bench(
+    cfg: &DataConfig,
+    files: usize,
+    batch_size: usize,
+    passes: usize,
+) -> Result<BenchReport> {
+    let files = files.max(1);
+    let batch_size = batch_size.max(1);
+    let dir = tempfile::tempdir().map_err(|e| DataError::io(std::env::temp_dir(), e))?;
+    let mut paths = Vec::with_capacity(files);
+    for k in 0..files {
+        let (w, h) = (440 + (k % 7) as u32 * 20, 330 + (k % 5) as u32 * 15);
+        let img = image::RgbImage::from_fn(w, h, |x, y| {
+            let v = (x * 7 + y * 3 + k as u32 * 13) ^ (x * y / 17);
+            image::Rgb([
+                (v % 251) as u8,
+                ((v / 3) % 241) as u8,
+                ((x + y) % 239) as u8,
+            ])
+        });
+        let path = dir.path().join(format!("img_{k:05}.jpg"));
+        img.save(&path).map_err(|e| DataError::Image {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        paths.push(path);
+    }
+    let items = (0..files as u32)
+        .map(|id| Item {
+            id,
+            label: 0,
+            split: Split::BaseTrain,
+            noise: NoiseKind::Clean,
+            true_label: Some(0),
+        })
+        .collect();
+    let index = DataIndex {
+        dataset: DatasetKind::Cub,
+        class_names: vec!["bench".into(), "unused".into()],
+        base_classes: vec![0],
+        novel_classes: vec![1],
+        items,
+        images: Images::Paths(paths),
+    };
+    let loader = Loader::new(Arc::new(index), cfg);
+    let ids: Vec<u32> = (0..files as u32).collect();
+    let device = Device::Cpu;
+    loader.batch(&ids[..batch_size.min(files)], Augment::Train, 0, &device)?;
+    let start = Instant::now();
+    let mut images = 0;
+    for pass in 0..passes.max(1) {
+        for (b, chunk) in ids.chunks(batch_size).enumerate() {
+            loader.batch(chunk, Augment::Train, (pass * 1000 + b) as u64, &device)?;
+            images += chunk.len();
+        }
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    Ok(BenchReport {
+        images,
+        seconds,
+        images_per_second: images as f64 / seconds.max(1e-9),
+        image_size: cfg.image_size,
+        batch_size,
+        threads: if cfg.workers > 0 {
+            cfg.workers
+        } else {
+            rayon::current_num_threads()
+        },
+        files,
+    })
+}

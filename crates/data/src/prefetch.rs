@@ -1,0 +1,73 @@
+//! Bounded prefetch: building the next batches on a background thread while the current one
+//! is being computed on.
+//!
+//! Decoding and augmenting a batch of real images takes about as long as a training step on a
+//! GPU; doing both in turn leaves each idle half of the time. [`Prefetch`] builds up to `depth`
+//! batches ahead on a producer thread (each batch itself decoded in parallel by the loader) and
+//! hands them over in order. The batches are exactly those of [`Loader::batch`] with the same
+//! arguments, so prefetching never changes results. Dropping the iterator stops the producer.
+
+use crate::error::Result;
+use crate::loader::{Augment, Loader};
+use candle_core::{Device, Tensor};
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::thread::JoinHandle;
+
+/// One prefetched batch: its ids and its tensor.
+pub type Batch = Result<(Vec<u32>, Tensor)>;
+
+/// An iterator over `(ids, tensor)` of batches built ahead of use.
+pub struct Prefetch {
+    rx: Option<Receiver<Batch>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Loader {
+    /// Builds `batches[i]` with seed `seeds[i]` on a background thread, at most `depth` batches
+    /// ahead of the consumer (at least one), and yields them in order on `device`.
+    pub fn prefetch(
+        &self,
+        batches: Vec<Vec<u32>>,
+        seeds: Vec<u64>,
+        aug: Augment,
+        depth: usize,
+        device: &Device,
+    ) -> Prefetch {
+        assert_eq!(batches.len(), seeds.len(), "one seed per batch");
+        let (tx, rx) = sync_channel(depth.max(1));
+        let loader = self.clone();
+        let device = device.clone();
+        let handle = std::thread::spawn(move || {
+            for (ids, seed) in batches.into_iter().zip(seeds) {
+                let item = loader.batch(&ids, aug, seed, &device).map(|t| (ids, t));
+                let failed = item.is_err();
+                if tx.send(item).is_err() || failed {
+                    break;
+                }
+            }
+        });
+        Prefetch {
+            rx: Some(rx),
+            handle: Some(handle),
+        }
+    }
+}
+
+impl Iterator for Prefetch {
+    type Item = Batch;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.rx.as_ref()?.recv().ok()
+    }
+}
+
+impl Drop for Prefetch {
+    fn drop(&mut self) {
+        // Closing the channel makes the producer's next send fail, so it stops; then wait
+        // for it so that no thread outlives the iterator.
+        self.rx.take();
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}

@@ -1,0 +1,72 @@
+//! Prefetching yields exactly the loader's batches, in order, and stops cleanly when dropped;
+//! the bench runs end to end on a few files.
+
+use simtrans_core::config::{Config, DemoConfig, Preset};
+use simtrans_data::{Augment, Loader, Split};
+use std::sync::Arc;
+
+#[test]
+fn prefetched_batches_equal_direct_batches() {
+    let mut config = Config::preset(Preset::Demo);
+    config.data.demo = DemoConfig {
+        base_train_per_class: 8,
+        base_val_per_class: 1,
+        web_per_class: 10,
+        novel_test_per_class: 2,
+        ..DemoConfig::default_recipe()
+    };
+    let (index, _) = simtrans_data::build_index(&config, 0).unwrap();
+    let index = Arc::new(index);
+    let loader = Loader::new(index.clone(), &config.data);
+    let ids: Vec<u32> = index
+        .items_in(Split::BaseTrain)
+        .iter()
+        .map(|i| i.id)
+        .collect();
+    let batches: Vec<Vec<u32>> = ids.chunks(5).map(|c| c.to_vec()).collect();
+    let seeds: Vec<u64> = (0..batches.len() as u64).map(|b| 100 + b).collect();
+    let dev = candle_core::Device::Cpu;
+    let got: Vec<_> = loader
+        .prefetch(batches.clone(), seeds.clone(), Augment::Train, 2, &dev)
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(got.len(), batches.len());
+    for ((ids, t), (b, s)) in got.iter().zip(batches.iter().zip(&seeds)) {
+        assert_eq!(ids, b);
+        let direct = loader.batch(b, Augment::Train, *s, &dev).unwrap();
+        let diff = (t - &direct)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(diff, 0.0);
+    }
+    // Taking one batch and dropping the rest must not hang.
+    let mut it = loader.prefetch(batches, seeds, Augment::Train, 1, &dev);
+    assert!(it.next().unwrap().is_ok());
+    drop(it);
+    // An unknown id surfaces as an error in order, then the iterator ends.
+    let mut bad = loader.prefetch(
+        vec![vec![0], vec![u32::MAX], vec![1]],
+        vec![0, 0, 0],
+        Augment::Test,
+        2,
+        &dev,
+    );
+    assert!(bad.next().unwrap().is_ok());
+    assert!(bad.next().unwrap().is_err());
+    assert!(bad.next().is_none());
+}
+
+#[test]
+fn bench_runs_on_a_few_jpeg_files() {
+    let mut cfg = Config::preset(Preset::Paper).data;
+    cfg.image_size = 32;
+    let r = simtrans_data::bench(&cfg, 3, 2, 1).unwrap();
+    assert_eq!(r.images, 3);
+    assert_eq!(r.files, 3);
+    assert!(r.images_per_second > 0.0);
+}
