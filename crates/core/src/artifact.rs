@@ -280,7 +280,7 @@ impl Artifact {
     }
 
     /// Serialises the artifact and fills in its checksum.
-    fn to_bytes(&mut self) -> Result<Vec<u8>> {
+    fn serialize(&mut self) -> Result<Vec<u8>> {
         let mut raws = BTreeMap::new();
         for (name, t) in &self.tensors {
             let t = t.contiguous()?;
@@ -311,7 +311,7 @@ impl Artifact {
     /// Writes the artifact to a temporary file beside `path` and returns that file's path,
     /// without making it visible under `path`. [`Artifact::save`] is this plus [`commit`].
     pub fn write_uncommitted(&mut self, path: &Path) -> Result<PathBuf> {
-        let bytes = self.to_bytes()?;
+        let bytes = self.serialize()?;
         write_temp(path, &bytes)
     }
 

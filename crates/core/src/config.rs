@@ -246,7 +246,8 @@ pub struct SimnetConfig {
 pub struct DenoiseConfig {
     /// Images per feature batch.
     pub feature_batch: usize,
-    /// Rows of S computed at once (bounds memory).
+    /// Rows of S computed at once (bounds memory: about rows · L · 2D · 4 bytes · 3 live tensors;
+    /// 32 rows keep L = 1000, D = 2048 under 2 GB).
     pub row_block: usize,
     /// Fraction R of a row averaged by the `avgR` weights.
     pub top_r: f64,
@@ -276,7 +277,7 @@ pub struct ClassifierConfig {
     pub alpha: f64,
     /// Relax exponent μ.
     pub mu: f64,
-    /// Value on the diagonal of the same-label mask (1 = every pair regularised).
+    /// Floor of the same-label mask: `Â = relax(A) ⊙ max(C, eye)` (1 = every pair regularised).
     pub eye: f64,
     /// `gcn` (‖g_i − g_j‖² weighted by Â) or `cos` ((cos − Â)²).
     pub reg: String,
@@ -383,7 +384,7 @@ impl Config {
             },
             denoise: DenoiseConfig {
                 feature_batch: 100,
-                row_block: 256,
+                row_block: 32,
                 top_r: 0.5,
             },
             classifier: ClassifierConfig {
