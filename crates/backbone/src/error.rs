@@ -10,6 +10,9 @@ pub enum BackboneError {
     /// Plumbing: artifacts, checkpoints, configuration, non-finite losses.
     #[error(transparent)]
     Core(#[from] simtrans_core::CoreError),
+    /// The data index or image loading failed.
+    #[error(transparent)]
+    Data(#[from] simtrans_data::DataError),
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -12,11 +12,13 @@
 pub mod bn;
 pub mod error;
 pub mod resnet;
+pub mod stage;
 pub mod weights;
 
 pub use bn::{BatchNorm, BnMode};
 pub use error::{BackboneError, Result};
 pub use resnet::{Arch, ResNet};
+pub use stage::{load_model, run, schema};
 pub use weights::{fetch, load_state_dict};
 
 use candle_core::Var;

@@ -158,12 +158,26 @@ pub fn load_state_dict(varmap: &VarMap, path: &Path, skip_prefixes: &[&str]) -> 
 }
 
 /// Why [`load_tensors`] failed.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     /// Missing, mis-shaped and unexpected tensors, one line each.
+    #[error("the tensors do not fit the network ({} problems): {}", .0.len(), .0.join("; "))]
     Problems(Vec<String>),
     /// Copying failed.
+    #[error(transparent)]
     Candle(candle_core::Error),
+}
+
+impl From<LoadError> for BackboneError {
+    fn from(e: LoadError) -> Self {
+        match e {
+            LoadError::Problems(problems) => BackboneError::StateDict {
+                path: "<tensors in memory>".into(),
+                problems,
+            },
+            LoadError::Candle(e) => e.into(),
+        }
+    }
 }
 
 /// [`load_state_dict`] from tensors already in memory (artifacts, checkpoints).

@@ -1,0 +1,360 @@
+//! Step 0: fine-tune the backbone, and rebuild networks from its artifact.
+//!
+//! The reference's `naive/train.py` fine-tunes an ImageNet ResNet-50 with a new `fc` and plain
+//! cross-entropy. Its script trains on the novel web images; the authors' answer in their issue #2
+//! says SimNet should start from a network trained on the clean base classes, which is our
+//! default (`backbone.pretrain_on = "base"`); `"noisy_novel"` is the script's choice (and then
+//! this step is also the web-only baseline). Training uses the reference's SGD (momentum,
+//! coupled weight decay, step schedule, momentum reset every epoch when configured), keeps a
+//! checkpoint after every epoch and resumes from the newest one, and stops with
+//! [`CoreError::NonFinite`] on a NaN or infinite loss, before that epoch's checkpoint is
+//! written, so the last good one stays.
+//!
+//! Batches: `sampler::shuffled_batches` without dropping the last batch (PyTorch's default),
+//! except that a last batch of one image is skipped, since training-mode BatchNorm needs two.
+//! Augmentation randomness of step `s` of epoch `e` comes from `ctx.rng("augment", e)`, the batch
+//! order from `ctx.rng("batches", e)`, so a resumed run draws exactly what an uninterrupted one
+//! would.
+//!
+//! The artifact holds every variable of the network under its torchvision name (`conv1.weight`,
+//! …, `fc.bias`; BatchNorm running statistics included) and the metadata in [`meta`].
+
+use crate::error::{BackboneError, Result};
+use crate::resnet::{arch_name, parse_arch, Arch, ResNet, DTYPE};
+use crate::weights::{load_tensors, LoadError};
+use crate::{trainable_vars, BnMode};
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::VarMap;
+use rand::Rng;
+use simtrans_core::artifact::{Artifact, ArtifactSchema, TensorSpec};
+use simtrans_core::optim::{step_lr, Sgd};
+use simtrans_core::stage::{Stage, StageContext, StageOutput};
+use simtrans_core::CoreError;
+use simtrans_data::{sampler, Augment, DataIndex, Loader, Split};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+/// Version of the artifact layout.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Metadata keys of a backbone artifact.
+pub mod meta {
+    /// Architecture name (`resnet50`, `small`, …; see [`crate::resnet::arch_name`]).
+    pub const ARCH: &str = "arch";
+    /// First-stage width of the small architecture.
+    pub const SMALL_WIDTH: &str = "small_width";
+    /// Rows of `fc` (number of classes it was trained on).
+    pub const NUM_CLASSES: &str = "num_classes";
+    /// Size of the pooled feature.
+    pub const FEATURE_DIM: &str = "feature_dim";
+    /// JSON list of the global class ids of the rows of `fc`, in order.
+    pub const CLASSES: &str = "classes";
+    /// `base` or `noisy_novel`.
+    pub const PRETRAIN_ON: &str = "pretrain_on";
+    /// The `backbone.weights` setting training started from.
+    pub const WEIGHTS: &str = "weights";
+}
+
+/// What a backbone artifact must contain.
+pub fn schema() -> ArtifactSchema {
+    let f = DType::F32;
+    ArtifactSchema::new(
+        Stage::Backbone,
+        SCHEMA_VERSION,
+        vec![
+            TensorSpec::new("conv1.weight", f, &[None, Some(3), None, None]),
+            TensorSpec::new("bn1.weight", f, &[None]),
+            TensorSpec::new("bn1.running_mean", f, &[None]),
+            TensorSpec::new("bn1.running_var", f, &[None]),
+            TensorSpec::new("layer4.0.conv1.weight", f, &[None, None, None, None]),
+            TensorSpec::new("fc.weight", f, &[None, None]),
+            TensorSpec::new("fc.bias", f, &[None]),
+        ],
+    )
+}
+
+fn meta_value<'a>(artifact: &'a Artifact, key: &str) -> Result<&'a str> {
+    artifact
+        .meta
+        .extra
+        .get(key)
+        .map(String::as_str)
+        .ok_or_else(|| {
+            BackboneError::Config(format!(
+                "{}: metadata `{key}` is missing; rebuild the backbone with `--force backbone`",
+                artifact
+                    .path
+                    .as_deref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "backbone artifact".into())
+            ))
+        })
+}
+
+/// The architecture and small width recorded in a backbone artifact.
+pub fn artifact_arch(artifact: &Artifact) -> Result<(Arch, usize)> {
+    let name = meta_value(artifact, meta::ARCH)?;
+    let arch = parse_arch(name).ok_or_else(|| {
+        BackboneError::Config(format!("backbone artifact has unknown arch `{name}`"))
+    })?;
+    let width = meta_value(artifact, meta::SMALL_WIDTH)?
+        .parse()
+        .map_err(|_| {
+            BackboneError::Config("backbone artifact: small_width is not a number".into())
+        })?;
+    Ok((arch, width))
+}
+
+/// Rebuilds the network of a backbone artifact on `device`, with every tensor loaded
+/// (running statistics included), and returns it with its VarMap (ready to train further).
+///
+/// `num_classes = None` gives the trunk only (features); `Some(n)` with the artifact's own class
+/// count keeps its trained `fc`; another `n` gets a fresh `fc` initialised as PyTorch's `Linear`,
+/// seeded from the artifact's checksum (deterministic for a given artifact).
+pub fn load_model(
+    artifact: &Artifact,
+    num_classes: Option<usize>,
+    device: &Device,
+) -> Result<(ResNet, VarMap)> {
+    let (arch, width) = artifact_arch(artifact)?;
+    let trained_classes = artifact
+        .tensors
+        .get("fc.weight")
+        .map(|w| w.dim(0))
+        .transpose()?;
+    let keep_fc = num_classes.is_some() && num_classes == trained_classes;
+    let varmap = VarMap::new();
+    let seed =
+        u64::from_str_radix(artifact.meta.checksum.get(..16).unwrap_or("0"), 16).unwrap_or(0);
+    let vb = simtrans_core::seed::var_builder(&varmap, seed, "backbone-fc", DTYPE, device);
+    let net = ResNet::new(arch, width, num_classes, vb)?;
+    let tensors: HashMap<String, Tensor> = artifact
+        .tensors
+        .iter()
+        .filter(|(k, _)| keep_fc || !k.starts_with("fc."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let skip: &[&str] = if keep_fc { &[] } else { &["fc."] };
+    load_tensors(&varmap, &tensors, skip).map_err(|e| match e {
+        LoadError::Problems(problems) => BackboneError::StateDict {
+            path: artifact.path.clone().unwrap_or_default(),
+            problems,
+        },
+        LoadError::Candle(e) => e.into(),
+    })?;
+    Ok((net, varmap))
+}
+
+/// Every variable of a map by name, copied (so later training does not alter them).
+pub fn varmap_tensors(varmap: &VarMap) -> Result<BTreeMap<String, Tensor>> {
+    let data = varmap.data().lock().expect("varmap lock");
+    let mut out = BTreeMap::new();
+    for (k, v) in data.iter() {
+        out.insert(k.clone(), v.as_tensor().copy()?);
+    }
+    Ok(out)
+}
+
+/// Top-1 accuracy of `net` (eval mode, test transform) on `(id, local label)` pairs.
+pub fn accuracy(
+    net: &ResNet,
+    loader: &Loader,
+    items: &[(u32, u32)],
+    batch: usize,
+    device: &Device,
+) -> Result<f64> {
+    if items.is_empty() {
+        return Ok(f64::NAN);
+    }
+    let mut correct = 0usize;
+    for chunk in items.chunks(batch.max(1)) {
+        let ids: Vec<u32> = chunk.iter().map(|p| p.0).collect();
+        let x = loader.batch(&ids, Augment::Test, 0, device)?;
+        let (logits, _) = net.forward(&x, BnMode::Eval)?;
+        let pred = logits
+            .argmax(D::Minus1)?
+            .to_dtype(DType::U32)?
+            .to_vec1::<u32>()?;
+        correct += pred.iter().zip(chunk).filter(|(p, c)| **p == c.1).count();
+    }
+    Ok(correct as f64 / items.len() as f64)
+}
+
+/// Step 0 (see the module documentation).
+pub fn run(ctx: &StageContext) -> Result<StageOutput> {
+    let cfg = &ctx.config.backbone;
+    let oc = &cfg.optim;
+    let device = &ctx.device;
+    let data = ctx.load_upstream("data", &DataIndex::schema())?;
+    let index = Arc::new(DataIndex::from_artifact(&data)?);
+    let (train_split, classes) = match cfg.pretrain_on.as_str() {
+        "base" => (Split::BaseTrain, index.base_classes.clone()),
+        "noisy_novel" => (Split::NovelWeb, index.novel_classes.clone()),
+        other => {
+            return Err(BackboneError::Config(format!(
+                "pretrain_on = `{other}`; use `base` (clean base classes) or `noisy_novel` (web images of the novel classes)"
+            )))
+        }
+    };
+    let pairs = |split: Split| -> Vec<(u32, u32)> {
+        index
+            .items_in(split)
+            .into_iter()
+            .map(|it| (it.id, index.local_label(it)))
+            .collect()
+    };
+    let train = pairs(train_split);
+    // Clean held-out images of the classes being learnt exist only for the base classes; the
+    // novel test set is never used for anything but the final evaluation.
+    let val = if train_split == Split::BaseTrain {
+        pairs(Split::BaseVal)
+    } else {
+        vec![]
+    };
+    if train.len() < 2 || cfg.batch_size < 2 {
+        return Err(BackboneError::Config(format!(
+            "step 0 needs at least 2 training images ({} in split {:?}) and batch_size >= 2 (is {})",
+            train.len(),
+            train_split,
+            cfg.batch_size
+        )));
+    }
+    let labels: HashMap<u32, u32> = train.iter().copied().collect();
+    let ids: Vec<u32> = train.iter().map(|p| p.0).collect();
+    let loader = Loader::new(index.clone(), &ctx.config.data);
+
+    let varmap = VarMap::new();
+    let vb = simtrans_core::seed::var_builder(&varmap, ctx.seed, "backbone", DTYPE, device);
+    let net = ResNet::new(cfg.arch, cfg.small_width, Some(classes.len()), vb)?;
+    if let Some(path) = crate::weights::resolve(&cfg.weights, cfg.arch)? {
+        crate::weights::load_state_dict(&varmap, &path, &["fc."])?;
+        tracing::info!("backbone starts from {}", path.display());
+    }
+    let mut sgd = Sgd::new(trainable_vars(&varmap), oc.lr, oc.momentum, oc.weight_decay);
+
+    let checkpoints = ctx.checkpoints();
+    let mut start = 0;
+    let mut history: Vec<serde_json::Value> = vec![];
+    if let Some(r) = checkpoints.latest(device)? {
+        let model: HashMap<String, Tensor> = r
+            .tensors
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix("model.").map(|k| (k.to_string(), v.clone())))
+            .collect();
+        load_tensors(&varmap, &model, &[]).map_err(|e| match e {
+            LoadError::Problems(p) => BackboneError::StateDict {
+                path: checkpoints.dir.clone(),
+                problems: p,
+            },
+            LoadError::Candle(e) => e.into(),
+        })?;
+        sgd.load_state(&r.tensors)?;
+        start = r.epochs_done;
+        history = r
+            .metrics
+            .get("history")
+            .and_then(|h| h.as_array())
+            .cloned()
+            .unwrap_or_default();
+        tracing::info!("backbone resumes after epoch {start}");
+    }
+
+    for epoch in start..oc.epochs {
+        if oc.reset_momentum {
+            sgd.reset_momentum();
+        }
+        sgd.lr = step_lr(oc.lr, oc.lr_decay, oc.lr_step, epoch);
+        let batches = sampler::shuffled_batches(
+            &ids,
+            cfg.batch_size,
+            false,
+            &mut ctx.rng("batches", epoch as u64),
+        );
+        let mut aug_rng = ctx.rng("augment", epoch as u64);
+        let bar = simtrans_core::progress::bar(
+            batches.len() as u64,
+            format!("backbone epoch {}", epoch + 1),
+        );
+        let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
+        for (step, batch) in batches.iter().enumerate() {
+            let aug_seed: u64 = aug_rng.random();
+            bar.inc(1);
+            if batch.len() < 2 {
+                continue;
+            }
+            let x = loader.batch(batch, Augment::Train, aug_seed, device)?;
+            let y: Vec<u32> = batch.iter().map(|id| labels[id]).collect();
+            let y = Tensor::new(y.as_slice(), device)?;
+            let (logits, _) = net.forward(&x, BnMode::Train)?;
+            let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
+            let value = loss.to_scalar::<f32>()? as f64;
+            if !value.is_finite() {
+                return Err(CoreError::NonFinite {
+                    what: "backbone training loss".into(),
+                    epoch,
+                    step,
+                    checkpoint_dir: checkpoints.dir.clone(),
+                }
+                .into());
+            }
+            sgd.step(&loss.backward()?)?;
+            let pred = logits
+                .argmax(D::Minus1)?
+                .eq(&y)?
+                .to_dtype(DType::F32)?
+                .sum_all()?
+                .to_scalar::<f32>()?;
+            loss_sum += value * batch.len() as f64;
+            correct += pred as usize;
+            seen += batch.len();
+        }
+        bar.finish_and_clear();
+        let val_acc = accuracy(&net, &loader, &val, cfg.batch_size, device)?;
+        let record = serde_json::json!({
+            "epoch": epoch + 1,
+            "lr": sgd.lr,
+            "train_loss": loss_sum / seen.max(1) as f64,
+            "train_acc": correct as f64 / seen.max(1) as f64,
+            "val_acc": if val_acc.is_nan() { serde_json::Value::Null } else { val_acc.into() },
+        });
+        tracing::info!("backbone {record}");
+        ctx.log_json(&record)?;
+        history.push(record);
+        let mut state: BTreeMap<String, Tensor> = varmap_tensors(&varmap)?
+            .into_iter()
+            .map(|(k, v)| (format!("model.{k}"), v))
+            .collect();
+        state.extend(sgd.state());
+        checkpoints.save(
+            epoch + 1,
+            state,
+            BTreeMap::new(),
+            serde_json::json!({ "history": history }),
+        )?;
+    }
+
+    let last = history.last().cloned().unwrap_or(serde_json::Value::Null);
+    let metrics = serde_json::json!({
+        "train_loss": last.get("train_loss"),
+        "train_acc": last.get("train_acc"),
+        "val_acc": last.get("val_acc"),
+        "epochs": oc.epochs,
+        "history": history,
+    });
+    let mut out_meta = BTreeMap::new();
+    out_meta.insert(meta::ARCH.into(), arch_name(cfg.arch).into());
+    out_meta.insert(meta::SMALL_WIDTH.into(), cfg.small_width.to_string());
+    out_meta.insert(meta::NUM_CLASSES.into(), classes.len().to_string());
+    out_meta.insert(meta::FEATURE_DIM.into(), net.feature_dim().to_string());
+    out_meta.insert(
+        meta::CLASSES.into(),
+        serde_json::to_string(&classes).expect("ids serialise"),
+    );
+    out_meta.insert(meta::PRETRAIN_ON.into(), cfg.pretrain_on.clone());
+    out_meta.insert(meta::WEIGHTS.into(), cfg.weights.clone());
+    Ok(StageOutput {
+        tensors: varmap_tensors(&varmap)?,
+        metrics,
+        meta: out_meta,
+    })
+}
