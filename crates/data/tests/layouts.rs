@@ -472,3 +472,65 @@ fn real_data_sets_need_a_data_path() {
         "{err}"
     );
 }
+
+#[test]
+fn car_reads_the_model_table_from_the_mat_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    // The golden MAT-file's models: 1 Arrizo 7, 2 Yuexiang hatchback, 3 (empty), 4 Volvo S60,
+    // 5 BWM 3 Series, 6 seventy A's.
+    let long = "A".repeat(70);
+    for name in [
+        "Arrizo 7",
+        "Yuexiang hatchback",
+        "Volvo S60",
+        "BWM 3 Series",
+        long.as_str(),
+    ] {
+        image(&root.join("web_data").join(name).join("w.jpg"), 70);
+    }
+    let golden = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/golden/model_names_compressed.mat"
+    );
+    std::fs::create_dir_all(root.join("CampCar/misc")).unwrap();
+    std::fs::copy(golden, root.join("CampCar/misc/make_model_name.mat")).unwrap();
+    let (mut train, mut test) = (String::new(), String::new());
+    for model in 1..=6 {
+        for (list, tag) in [(&mut train, "a"), (&mut test, "b")] {
+            let rel = format!("9/{model}/2014/{tag}{model}.jpg");
+            *list += &format!("{rel}\n");
+            placeholder(&root.join("CampCar/image").join(&rel));
+        }
+    }
+    write(
+        &root.join("CampCar/train_test_split/classification/train.txt"),
+        train.as_bytes(),
+    );
+    write(
+        &root.join("CampCar/train_test_split/classification/test.txt"),
+        test.as_bytes(),
+    );
+    let (index, _) = build(DatasetKind::Car, root).unwrap();
+    assert_eq!(index.novel_names(), [long.as_str(), "Yuexiang hatchback"]);
+    assert_eq!(
+        index.base_names(),
+        ["Arrizo 7", "BWM 3 Series", "Volvo S60"]
+    );
+    let c = index.split_counts();
+    assert_eq!(
+        (
+            c["base_train"],
+            c["base_test"],
+            c["novel_web"],
+            c["novel_test"]
+        ),
+        (3, 3, 2, 2)
+    );
+    let volvo = index
+        .items_in(Split::BaseTrain)
+        .into_iter()
+        .find(|i| index.class_names[i.label as usize] == "Volvo S60")
+        .unwrap();
+    assert!(path_of(&index, volvo.id).ends_with("9/4/2014/a4.jpg"));
+}
