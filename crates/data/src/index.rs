@@ -307,6 +307,7 @@ impl DataIndex {
             "items": n,
             "splits": self.split_counts(),
             "web_noise": self.noise_counts(Split::NovelWeb),
+            "web_noise_by_class": self.web_noise_by_class(),
         });
         if let (Some(m), serde_json::Value::Object(extra)) =
             (metrics.as_object_mut(), extra_metrics)
@@ -342,6 +343,23 @@ impl DataIndex {
             NoiseKind::ALL.iter().map(|s| (s.name(), 0)).collect();
         for i in self.items.iter().filter(|i| i.split == split) {
             *m.get_mut(i.noise.name()).expect("every kind is a key") += 1;
+        }
+        m
+    }
+
+    /// Web items per novel class name and noise kind.
+    pub fn web_noise_by_class(&self) -> BTreeMap<String, BTreeMap<&'static str, usize>> {
+        let mut m: BTreeMap<String, BTreeMap<&'static str, usize>> = BTreeMap::new();
+        for &c in &self.novel_classes {
+            m.insert(
+                self.class_names[c as usize].clone(),
+                NoiseKind::ALL.iter().map(|k| (k.name(), 0)).collect(),
+            );
+        }
+        for i in self.items.iter().filter(|i| i.split == Split::NovelWeb) {
+            if let Some(row) = m.get_mut(&self.class_names[i.label as usize]) {
+                *row.get_mut(i.noise.name()).expect("every kind is a key") += 1;
+            }
         }
         m
     }

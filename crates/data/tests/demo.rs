@@ -353,6 +353,8 @@ fn the_stage_output_round_trips_through_an_artifact() {
     assert_eq!(out.metrics["splits"]["novel_web"], 80);
     assert_eq!(out.metrics["web_noise"]["closed_set"], 4 * 6);
     assert!(out.metrics["source"].is_string());
+    assert_eq!(out.metrics["web_noise_by_class"]["Sneaker"]["open_set"], 4);
+    assert_eq!(out.metrics["web_noise_by_class"]["Sneaker"]["clean"], 10);
     let meta = ArtifactMeta {
         node: "data".into(),
         schema_version: simtrans_data::index::SCHEMA_VERSION,
@@ -385,4 +387,35 @@ fn manifests_are_embedded_and_hashed() {
     ))
     .unwrap();
     assert_eq!(h, simtrans_core::hash::sha256_hex(on_disk));
+}
+
+#[test]
+fn the_stage_entry_point_builds_the_configured_benchmark() {
+    let mut config = Config::preset(Preset::Demo);
+    config.data.demo.base_train_per_class = 12;
+    config.data.demo.web_per_class = 10;
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = simtrans_core::StageContext {
+        config: config.clone(),
+        device: candle_core::Device::Cpu,
+        seed: 4,
+        node: simtrans_core::Node::stage(simtrans_core::Stage::Data),
+        cache_key: "k".into(),
+        seed_dir: dir.path().to_path_buf(),
+        upstream: Default::default(),
+        rebuild_hint: "cargo xtask stage".into(),
+    };
+    let out = simtrans_data::run(&ctx).unwrap();
+    assert_eq!(out.metrics["splits"]["base_train"], 6 * 12);
+    assert_eq!(out.metrics["splits"]["novel_web"], 4 * 10);
+    let names: Vec<String> = serde_json::from_str(&out.meta["class_names"]).unwrap();
+    assert_eq!(names[9], "Ankle boot");
+    assert_eq!(out.meta["dataset"], "demo");
+    // The same seed through build_index gives the same labels.
+    let (index, _) = simtrans_data::build_index(&config, 4).unwrap();
+    let labels = out.tensors["label"].to_vec1::<u32>().unwrap();
+    assert_eq!(
+        labels,
+        index.items.iter().map(|i| i.label).collect::<Vec<_>>()
+    );
 }
