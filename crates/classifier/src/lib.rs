@@ -13,6 +13,7 @@
 
 pub mod error;
 pub mod losses;
+pub mod stage;
 pub mod variants;
 
 pub use error::{ClassifierError, Result};

@@ -63,12 +63,23 @@ fn init_model(ctx: &StageContext, num_classes: usize) -> anyhow::Result<(VarMap,
 }
 
 /// Predictions of `net` on `ids` (test transform, BatchNorm in eval mode).
-pub fn predict(net: &ResNet, loader: &Loader, ids: &[u32], batch: usize, device: &Device) -> anyhow::Result<Vec<u32>> {
+pub fn predict(
+    net: &ResNet,
+    loader: &Loader,
+    ids: &[u32],
+    batch: usize,
+    device: &Device,
+) -> anyhow::Result<Vec<u32>> {
     let mut preds = Vec::with_capacity(ids.len());
     for chunk in ids.chunks(batch.max(1)) {
         let x = loader.batch(chunk, Augment::Test, 0, device)?;
         let (logits, _) = net.forward(&x, BnMode::Eval)?;
-        preds.extend(logits.argmax(D::Minus1)?.to_dtype(DType::U32)?.to_vec1::<u32>()?);
+        preds.extend(
+            logits
+                .argmax(D::Minus1)?
+                .to_dtype(DType::U32)?
+                .to_vec1::<u32>()?,
+        );
     }
     Ok(preds)
 }
@@ -102,7 +113,9 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
              use \"final\" (the test-selected epoch is recorded separately, labelled as such)"
         );
     }
-    let data = Arc::new(DataIndex::from_artifact(&ctx.load_upstream("data", &DataIndex::schema())?)?);
+    let data = Arc::new(DataIndex::from_artifact(
+        &ctx.load_upstream("data", &DataIndex::schema())?,
+    )?);
     let loader = Loader::new(data.clone(), &ctx.config.data);
     let n_classes = data.novel_classes.len();
     let sw = variant.switches();
@@ -145,7 +158,12 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
 
     let (varmap, net) = init_model(ctx, n_classes)?;
     let ocfg = &cfg.optim;
-    let mut sgd = Sgd::new(trainable_vars(&varmap), ocfg.lr, ocfg.momentum, ocfg.weight_decay);
+    let mut sgd = Sgd::new(
+        trainable_vars(&varmap),
+        ocfg.lr,
+        ocfg.momentum,
+        ocfg.weight_decay,
+    );
 
     // Resume.
     let checkpoints = ctx.checkpoints();
@@ -155,7 +173,10 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
         let data_map = varmap.data().lock().expect("varmap lock");
         for (name, var) in data_map.iter() {
             let t = r.tensors.get(&format!("model.{name}")).ok_or_else(|| {
-                anyhow::anyhow!("checkpoint in {} lacks `model.{name}`; delete it", checkpoints.dir.display())
+                anyhow::anyhow!(
+                    "checkpoint in {} lacks `model.{name}`; delete it",
+                    checkpoints.dir.display()
+                )
             })?;
             var.set(t)?;
         }
@@ -191,10 +212,14 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
         let batches = sampler::shuffled_batches(&train_ids, plan.batch_size, false, &mut rng);
         let mut loss_sum = 0.0;
         for (b, ids) in batches.iter().enumerate() {
-            let aug_seed = ctx.rng("augment", e as u64).next_u64() ^ (b as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            let aug_seed = ctx.rng("augment", e as u64).next_u64()
+                ^ (b as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
             let x = loader.batch(ids, Augment::Train, aug_seed, &ctx.device)?;
             let y: Vec<u32> = ids.iter().map(|id| label_of[id]).collect();
-            let w: Vec<f32> = ids.iter().map(|id| weights.get(*id)).collect::<simtrans_denoise::Result<_>>()?;
+            let w: Vec<f32> = ids
+                .iter()
+                .map(|id| weights.get(*id))
+                .collect::<simtrans_denoise::Result<_>>()?;
             let y = Tensor::new(y, &ctx.device)?;
             let w = Tensor::new(w, &ctx.device)?;
             let (logits, g) = net.forward(&x, BnMode::Train)?;
@@ -220,16 +245,32 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
             loss_sum += l;
             sgd.step(&loss.backward()?)?;
         }
-        let preds = predict(&net, &loader, &test_ids, ctx.config.eval.batch_size, &ctx.device)?;
+        let preds = predict(
+            &net,
+            &loader,
+            &test_ids,
+            ctx.config.eval.batch_size,
+            &ctx.device,
+        )?;
         let acc = top1(&test_labels, &preds);
         let mean_loss = loss_sum / batches.len().max(1) as f64;
-        history["train_loss"].as_array_mut().expect("array").push(mean_loss.into());
-        history["top1_test_per_epoch"].as_array_mut().expect("array").push(acc.into());
+        history["train_loss"]
+            .as_array_mut()
+            .expect("array")
+            .push(mean_loss.into());
+        history["top1_test_per_epoch"]
+            .as_array_mut()
+            .expect("array")
+            .push(acc.into());
         ctx.log_json(&serde_json::json!({
             "epoch": e, "phase": format!("{:?}", plan.phase), "kind": format!("{:?}", plan.kind),
             "lr": plan.lr, "train_loss": mean_loss, "top1_test": acc,
         }))?;
-        tracing::info!("{} epoch {e}: loss {mean_loss:.4}, novel test top-1 {:.2} %", ctx.node, 100.0 * acc);
+        tracing::info!(
+            "{} epoch {e}: loss {mean_loss:.4}, novel test top-1 {:.2} %",
+            ctx.node,
+            100.0 * acc
+        );
         let mut state: BTreeMap<String, Tensor> = varmap
             .data()
             .lock()
@@ -243,7 +284,13 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
     }
     bar.finish_and_clear();
 
-    let preds = predict(&net, &loader, &test_ids, ctx.config.eval.batch_size, &ctx.device)?;
+    let preds = predict(
+        &net,
+        &loader,
+        &test_ids,
+        ctx.config.eval.batch_size,
+        &ctx.device,
+    )?;
     let conf = confusion(n_classes, &test_labels, &preds);
     let per_class: Vec<f64> = conf
         .iter()
@@ -275,7 +322,10 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
         meta: BTreeMap::from([
             ("variant".to_string(), variant.name().to_string()),
             ("num_classes".to_string(), n_classes.to_string()),
-            ("class_names".to_string(), serde_json::to_string(&data.novel_names())?),
+            (
+                "class_names".to_string(),
+                serde_json::to_string(&data.novel_names())?,
+            ),
         ]),
     })
 }

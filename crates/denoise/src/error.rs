@@ -57,6 +57,8 @@ pub enum DenoiseError {
         source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// A block size of zero was requested.
+    #[error("web image {id} has no `{scheme}` weight in the denoise artifact: it is stale or from another data index; rebuild it with `cargo xtask stage denoise --run NAME --force denoise`")]
+    MissingWeight { id: u32, scheme: String },
     #[error("row block size must be at least 1 (set denoise.row_block)")]
     ZeroRowBlock,
     /// Two slices that must be parallel have different lengths.

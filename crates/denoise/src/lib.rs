@@ -9,13 +9,15 @@
 //!
 //! This crate holds the pure formulas as tensor functions (CPU and CUDA alike):
 //! [`weights`] (the weight schemes and `one_mean`), [`similarity`] (the row-block streaming of
-//! `S`) and [`auc`] (weight quality). The stage `run` function that ties them to the data and
-//! SimNet artifacts lives beside them once those crates are ready.
+//! `S`) and [`auc`] (weight quality). [`stage`] ties them to the data and SimNet
+//! artifacts: it writes `denoise.safetensors` and looks weights up by image id for step 3.
 
 pub mod auc;
 pub mod error;
 pub mod similarity;
+pub mod stage;
 pub mod weights;
 
 pub use error::{DenoiseError, Result};
+pub use stage::SampleWeights;
 pub use weights::WeightScheme;

@@ -12,7 +12,9 @@ use crate::similarity::similarity_matrix;
 use crate::weights::{weights, WeightScheme};
 use candle_core::{DType, Device, Tensor};
 use simtrans_backbone::BnMode;
-use simtrans_core::{Artifact, ArtifactSchema, CoreError, Stage, StageContext, StageOutput, TensorSpec};
+use simtrans_core::{
+    Artifact, ArtifactSchema, CoreError, Stage, StageContext, StageOutput, TensorSpec,
+};
 use simtrans_data::{Augment, DataIndex, Loader, NoiseKind, Split};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -39,7 +41,9 @@ pub const STORED_SCHEMES: [&str; 3] = ["savg1", "avg1", "avgR"];
 
 /// Runs step 2.
 pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
-    let data = Arc::new(DataIndex::from_artifact(&ctx.load_upstream("data", &DataIndex::schema())?)?);
+    let data = Arc::new(DataIndex::from_artifact(
+        &ctx.load_upstream("data", &DataIndex::schema())?,
+    )?);
     let simnet = simtrans_simnet::SimNet::load(
         &ctx.load_upstream("simnet", &simtrans_simnet::schema())?,
         &ctx.device,
@@ -58,7 +62,11 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
     let mut stored: BTreeMap<String, Vec<f32>> = BTreeMap::new();
     let bar = simtrans_core::progress::bar(data.novel_classes.len() as u64, "denoise: categories");
     for (k, &class) in data.novel_classes.iter().enumerate() {
-        let mut ids: Vec<u32> = web.iter().filter(|it| it.label == class).map(|it| it.id).collect();
+        let mut ids: Vec<u32> = web
+            .iter()
+            .filter(|it| it.label == class)
+            .map(|it| it.id)
+            .collect();
         ids.sort_unstable();
         if ids.is_empty() {
             anyhow::bail!(
@@ -72,8 +80,10 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
             feats.push(simnet.backbone.features(&x, BnMode::Eval)?);
         }
         let feats = Tensor::cat(&feats, 0)?;
-        let s = similarity_matrix(&feats, cfg.row_block, |rows, all| simnet.similarity_matrix(rows, all))?
-            .to_dtype(DType::F32)?;
+        let s = similarity_matrix(&feats, cfg.row_block, |rows, all| {
+            simnet.similarity_matrix(rows, all)
+        })?
+        .to_dtype(DType::F32)?;
         for (name, scheme) in &schemes {
             let w = weights(&s, *scheme)?.to_vec1::<f32>()?;
             stored.entry(name.clone()).or_default().extend(w);
@@ -89,10 +99,17 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
     let mut auc = serde_json::Map::new();
     let kinds: Vec<Option<NoiseKind>> = all_ids
         .iter()
-        .map(|id| data.item(*id).map(|it| it.noise).filter(|n| *n != NoiseKind::Unknown))
+        .map(|id| {
+            data.item(*id)
+                .map(|it| it.noise)
+                .filter(|n| *n != NoiseKind::Unknown)
+        })
         .collect();
     if kinds.iter().all(Option::is_some) {
-        let kinds: Vec<u8> = kinds.into_iter().map(|k| k.map_or(0, |k| k as u8)).collect();
+        let kinds: Vec<u8> = kinds
+            .into_iter()
+            .map(|k| k.map_or(0, |k| k as u8))
+            .collect();
         for (name, w) in &stored {
             let report = weight_auc(w, &kinds, NoiseKind::Clean as u8)?;
             let mut m = serde_json::Map::new();
@@ -108,9 +125,15 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
     let n = all_ids.len();
     tensors.insert("ids".into(), Tensor::from_vec(all_ids, n, &Device::Cpu)?);
     let c = offsets.len();
-    tensors.insert("class_offsets".into(), Tensor::from_vec(offsets, c, &Device::Cpu)?);
+    tensors.insert(
+        "class_offsets".into(),
+        Tensor::from_vec(offsets, c, &Device::Cpu)?,
+    );
     for (name, w) in stored {
-        tensors.insert(format!("weights.{name}"), Tensor::from_vec(w, n, &Device::Cpu)?);
+        tensors.insert(
+            format!("weights.{name}"),
+            Tensor::from_vec(w, n, &Device::Cpu)?,
+        );
     }
     Ok(StageOutput {
         tensors,
@@ -167,7 +190,10 @@ impl SampleWeights {
         self.by_id
             .get(&id)
             .copied()
-            .ok_or(crate::DenoiseError::MissingWeight { id, scheme: self.scheme.clone() })
+            .ok_or(crate::DenoiseError::MissingWeight {
+                id,
+                scheme: self.scheme.clone(),
+            })
     }
 }
 
@@ -179,14 +205,30 @@ mod tests {
     fn artifact() -> Artifact {
         let dev = Device::Cpu;
         let mut t = BTreeMap::new();
-        t.insert("ids".to_string(), Tensor::new(&[10u32, 11, 12, 20, 21], &dev).unwrap());
-        t.insert("class_offsets".to_string(), Tensor::new(&[0u32, 3, 5], &dev).unwrap());
+        t.insert(
+            "ids".to_string(),
+            Tensor::new(&[10u32, 11, 12, 20, 21], &dev).unwrap(),
+        );
+        t.insert(
+            "class_offsets".to_string(),
+            Tensor::new(&[0u32, 3, 5], &dev).unwrap(),
+        );
         let s0 = Tensor::new(&[[1f32, 0.8, 0.1], [0.8, 1.0, 0.2], [0.1, 0.3, 1.0]], &dev).unwrap();
         let s1 = Tensor::new(&[[1f32, 0.5], [0.5, 1.0]], &dev).unwrap();
         t.insert("S.0".to_string(), s0);
         t.insert("S.1".to_string(), s1);
-        t.insert("weights.savg1".to_string(), Tensor::ones(5, DType::F32, &dev).unwrap());
-        Artifact::new(ArtifactMeta { node: "denoise".into(), schema_version: 1, ..Default::default() }, t)
+        t.insert(
+            "weights.savg1".to_string(),
+            Tensor::ones(5, DType::F32, &dev).unwrap(),
+        );
+        Artifact::new(
+            ArtifactMeta {
+                node: "denoise".into(),
+                schema_version: 1,
+                ..Default::default()
+            },
+            t,
+        )
     }
 
     #[test]
