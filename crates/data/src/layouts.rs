@@ -801,6 +801,8 @@ fn webvision(root: &Path) -> Result<Collector> {
 /// Resolves a real data set under `root` into an index, with metrics (skipped web files).
 pub fn build(kind: DatasetKind, root: &Path) -> Result<(DataIndex, serde_json::Value)> {
     check_root(kind, root)?;
+    // Absolute paths in the artifact, so later stages may run from another folder.
+    let root = &root.canonicalize().unwrap_or_else(|_| root.to_path_buf());
     let collector = match kind {
         DatasetKind::Cub => cub(root)?,
         DatasetKind::Car => car(root)?,

@@ -419,3 +419,24 @@ fn the_stage_entry_point_builds_the_configured_benchmark() {
         index.items.iter().map(|i| i.label).collect::<Vec<_>>()
     );
 }
+
+#[test]
+fn the_embedded_subset_matches_the_manifest_checksums() {
+    let manifest: toml::Table =
+        toml::from_str(simtrans_data::manifest(simtrans_data::DatasetKind::Demo)).unwrap();
+    let sums = manifest["checksums"].as_table().unwrap();
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/fashion-mnist-subset");
+    for file in [
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+    ] {
+        let bytes = std::fs::read(std::path::Path::new(dir).join(file)).unwrap();
+        assert_eq!(
+            simtrans_core::hash::sha256_hex(bytes),
+            sums[file].as_str().unwrap(),
+            "{file}"
+        );
+    }
+}
