@@ -65,8 +65,9 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
                 },
             );
         } else if name == "simnet" {
-            result.simnet_f1_base_val = f64_at(m, &["pair_f1_base_val"]);
-            result.simnet_f1_novel_test = f64_at(m, &["pair_f1_novel_test"]);
+            // The selected epoch's F1 (the final one unless simnet.select = "val").
+            result.simnet_f1_base_val = f64_at(m, &["f1_val"]).filter(|x| x.is_finite());
+            result.simnet_f1_novel_test = f64_at(m, &["f1_test"]).filter(|x| x.is_finite());
         } else if name == "denoise" {
             // The AUC of the weights step 3a uses.
             let scheme = &ctx.config.classifier.weights_3a;
