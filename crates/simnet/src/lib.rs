@@ -6,8 +6,11 @@
 //! later stages use it frozen, to score how similar each web image is to the others of its
 //! category. See `SPEC.md` step 1 for the reference behaviour this crate follows.
 //!
-//! Modules: [`pairs`] (the reference's pair enumeration), [`head`] (similarity heads and the
-//! discriminator, with the factorised first layer).
+//! Modules: [`pairs`] (the reference's pair enumeration, kept as the definition), [`head`]
+//! (similarity heads and the discriminator, with the factorised first layer), [`train`] (the
+//! losses and the adversarial step in the reference's update order), [`model`] (the trained
+//! network as later stages load it: [`SimNet::load`], [`SimNet::similarity_matrix`]) and
+//! [`stage`] (the training loop, validation, checkpoints; [`run`] is step 1).
 
 pub mod head;
 pub mod model;
@@ -17,6 +20,7 @@ pub mod train;
 
 pub use model::{schema, SimNet, SimNetShape};
 pub use simtrans_backbone::{BatchNorm, BnMode};
+pub use stage::run;
 
 /// Errors of the SimNet stage.
 #[derive(Debug, thiserror::Error)]

@@ -25,9 +25,12 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use simtrans_backbone::{Arch, BnMode};
 use simtrans_core::config::Selection;
+use simtrans_core::config::{DataConfig, SimnetConfig};
 use simtrans_core::optim::{step_lr, Sgd};
-use simtrans_core::{CoreError, StageContext, StageOutput};
+use simtrans_core::{Artifact, Config, CoreError, StageContext, StageOutput};
+use simtrans_data::{sampler, Augment, DataIndex, Loader, Split};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// The held-out sets SimNet is validated on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +55,123 @@ pub trait TrainData {
     fn epoch_batches(&self, rng: &mut ChaCha8Rng) -> Result<(Batches, Batches)>;
     /// Validation batches of a held-out set (drawn once per run).
     fn eval_batches(&self, set: EvalSet, rng: &mut ChaCha8Rng) -> Result<Batches>;
+}
+
+/// [`TrainData`] over the `data` artifact: source = clean base train, target = novel web,
+/// validation = base val and novel test; batches from `simtrans_data::sampler`, images from
+/// [`simtrans_data::Loader`].
+pub struct IndexData {
+    index: Arc<DataIndex>,
+    loader: Loader,
+    source: Vec<(u32, u32)>,
+    target: Vec<(u32, u32)>,
+    base_val: Vec<(u32, u32)>,
+    novel_test: Vec<(u32, u32)>,
+    cfg: SimnetConfig,
+}
+
+impl IndexData {
+    /// Reads the splits SimNet uses from an index.
+    pub fn new(index: Arc<DataIndex>, data: &DataConfig, cfg: &SimnetConfig) -> Result<Self> {
+        let source = index.pairs(Split::BaseTrain);
+        let target = index.pairs(Split::NovelWeb);
+        for (name, set) in [("base train", &source), ("novel web", &target)] {
+            if set.is_empty() {
+                return Err(SimnetError::Config(format!(
+                    "the data index has no {name} images; SimNet needs both base train and novel web images"
+                )));
+            }
+        }
+        Ok(IndexData {
+            loader: Loader::new(index.clone(), data),
+            base_val: index.pairs(Split::BaseVal),
+            novel_test: index.pairs(Split::NovelTest),
+            index,
+            source,
+            target,
+            cfg: cfg.clone(),
+        })
+    }
+}
+
+impl TrainData for IndexData {
+    fn images(&self, ids: &[u32], train: bool, seed: u64, device: &Device) -> Result<Tensor> {
+        let aug = if train { Augment::Train } else { Augment::Test };
+        Ok(self.loader.batch(ids, aug, seed, device)?)
+    }
+
+    fn label(&self, id: u32) -> u32 {
+        self.index.item(id).map(|i| i.label).unwrap_or(u32::MAX)
+    }
+
+    fn epoch_batches(&self, rng: &mut ChaCha8Rng) -> Result<(Batches, Batches)> {
+        let c = &self.cfg;
+        let a = sampler::simnet_batches(&self.source, c.batch_a, c.classes_a, rng);
+        let b = sampler::simnet_batches(&self.target, c.batch_b, c.classes_b, rng);
+        Ok((a, b))
+    }
+
+    fn eval_batches(&self, set: EvalSet, rng: &mut ChaCha8Rng) -> Result<Batches> {
+        let items = match set {
+            EvalSet::BaseVal => &self.base_val,
+            EvalSet::NovelTest => &self.novel_test,
+        };
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let c = &self.cfg;
+        Ok(sampler::validation_batches(
+            items,
+            c.val_batches,
+            c.val_classes,
+            c.val_per_class,
+            rng,
+        ))
+    }
+}
+
+/// The backbone artifact's network: tensors with torchvision names; `arch` and `small_width`
+/// from its metadata when recorded there, else from the run's `[backbone]` config.
+pub fn backbone_init(artifact: &Artifact, config: &Config) -> Result<BackboneInit> {
+    let extra = &artifact.meta.extra;
+    let arch = match extra.get("arch") {
+        Some(a) => simtrans_backbone::resnet::parse_arch(a).ok_or_else(|| {
+            SimnetError::Artifact(format!("the backbone artifact names an unknown arch `{a}`"))
+        })?,
+        None => config.backbone.arch,
+    };
+    let small_width = match extra.get("small_width") {
+        Some(w) => w.parse().map_err(|_| {
+            SimnetError::Artifact(format!(
+                "the backbone artifact's small_width `{w}` is not a number"
+            ))
+        })?,
+        None => config.backbone.small_width,
+    };
+    Ok(BackboneInit {
+        arch,
+        small_width,
+        tensors: artifact.tensors.clone(),
+    })
+}
+
+/// Step 1: trains SimNet from the `data` and `backbone` artifacts and returns the `simnet`
+/// artifact (all tensors under `backbone.`, `head.`, `disc.`; rebuild metadata; F1 metrics).
+pub fn run(ctx: &StageContext) -> Result<StageOutput> {
+    let data = ctx.load_upstream("data", &DataIndex::schema())?;
+    let index = Arc::new(DataIndex::from_artifact(&data)?);
+    // The backbone crate does not export its artifact schema yet: any artifact of ours is
+    // accepted here, its node is checked, and `train` checks that every trunk tensor is there.
+    let backbone = ctx.load_upstream("backbone", &simtrans_core::ArtifactSchema::any())?;
+    if backbone.meta.node != "backbone" {
+        return Err(SimnetError::Artifact(format!(
+            "the backbone input was written by node `{}`; rebuild it with `{} backbone`",
+            backbone.meta.node, ctx.rebuild_hint
+        )));
+    }
+    let init = backbone_init(&backbone, &ctx.config)?;
+    let source = IndexData::new(index, &ctx.config.data, &ctx.config.simnet)?;
+    train(ctx, &source, &init)
 }
 
 /// The trained step-0 network SimNet starts from.
@@ -174,6 +294,18 @@ pub fn train(
     let val_batches = data.eval_batches(EvalSet::BaseVal, &mut ctx.rng("validation-base", 0))?;
     let test_batches =
         data.eval_batches(EvalSet::NovelTest, &mut ctx.rng("validation-novel", 0))?;
+    if val_batches.is_empty() && cfg.select == Selection::Val {
+        return Err(SimnetError::Config(
+            "simnet.select = \"val\" needs base validation images, and the data index has none; use select = \"final\" or give the data set a base validation split".into(),
+        ));
+    }
+    if val_batches.is_empty() || test_batches.is_empty() {
+        tracing::warn!(
+            base_val = val_batches.len(),
+            novel_test = test_batches.len(),
+            "a SimNet validation set is empty; its F1 is reported as null"
+        );
+    }
 
     let ck = ctx.checkpoints();
     let mut history: Vec<serde_json::Value> = Vec::new();
@@ -252,8 +384,14 @@ pub fn train(
                 batches_b.len()
             )));
         }
-        let f1_val = pair_f1(&net, data, &val_batches, device)?.f1();
-        let f1_test = pair_f1(&net, data, &test_batches, device)?.f1();
+        let score = |b: &Batches| -> Result<Option<f64>> {
+            if b.is_empty() {
+                return Ok(None);
+            }
+            Ok(Some(pair_f1(&net, data, b, device)?.f1()))
+        };
+        let f1_val = score(&val_batches)?;
+        let f1_test = score(&test_batches)?;
         let n = done as f64;
         let record = serde_json::json!({
             "epoch": epoch, "lr": lr, "steps": done, "skipped": skipped,
@@ -270,8 +408,10 @@ pub fn train(
         ctx.log_json(&record)?;
         history.push(record);
 
-        if cfg.select == Selection::Val && best.as_ref().is_none_or(|(_, f, _)| f1_val > *f) {
-            best = Some((epoch, f1_val, net.tensors()?));
+        if let (Selection::Val, Some(f1)) = (cfg.select, f1_val) {
+            if best.as_ref().is_none_or(|(_, f, _)| f1 > *f) {
+                best = Some((epoch, f1, net.tensors()?));
+            }
         }
         let mut state: BTreeMap<String, Tensor> = prefixed(net.tensors()?, "model.").collect();
         state.extend(prefixed(trainer.sim_opt.state(), "opt.sim."));

@@ -263,3 +263,28 @@ fn a_non_finite_loss_stops_with_the_checkpoint_folder() {
         other => panic!("expected NonFinite, got {:?}", other.map(|o| o.metrics)),
     }
 }
+
+#[test]
+fn select_val_keeps_the_best_validation_epoch() {
+    let data = Synthetic::new();
+    let init = backbone();
+    let one_dir = tempfile::tempdir().unwrap();
+    let one = train(&context(one_dir.path(), 1), &data, &init).unwrap();
+    let two_dir = tempfile::tempdir().unwrap();
+    let two = train(&context(two_dir.path(), 2), &data, &init).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut ctx = context(dir.path(), 2);
+    ctx.config.simnet.select = simtrans_core::config::Selection::Val;
+    let sel = train(&ctx, &data, &init).unwrap();
+    let hist = sel.metrics["history"].as_array().unwrap();
+    let f = |e: usize| hist[e]["f1_val"].as_f64().unwrap();
+    let want_epoch = if f(1) > f(0) { 1 } else { 0 };
+    assert_eq!(sel.metrics["epoch"].as_u64().unwrap() as usize, want_epoch);
+    assert_eq!(sel.meta["epoch"], want_epoch.to_string());
+    let reference = if want_epoch == 0 { &one } else { &two };
+    for (name, t) in &reference.tensors {
+        assert_eq!(max_diff(t, &sel.tensors[name]), 0.0, "{name}");
+    }
+    assert_eq!(sel.metrics["f1_val"].as_f64().unwrap(), f(want_epoch));
+}
