@@ -132,11 +132,14 @@ impl BatchNorm {
 
     /// Batch statistics, differentiated as PyTorch does (the mean and the variance depend on
     /// `x`); optionally moves the running statistics.
+    ///
+    /// The work happens on a `[C, N]` copy of the input (N = values per channel): reducing and
+    /// broadcasting along the last dimension is an order of magnitude faster in candle, forward
+    /// and backward, than reducing over dimensions (0, 2, 3) at once.
     fn train(&self, x: &Tensor, update: bool) -> Result<Tensor> {
-        let rank = x.rank();
-        let shape = self.channel_shape(rank);
-        let reduce: Vec<usize> = (0..rank).filter(|&d| d != 1).collect();
-        let count = x.elem_count() / self.channels;
+        let dims = x.dims().to_vec();
+        let c = self.channels;
+        let count = x.elem_count() / c;
         if count < 2 {
             bail!(
                 "BatchNorm in training mode needs more than one value per channel, got input {:?}",
@@ -149,16 +152,17 @@ impl BatchNorm {
         } else {
             x.to_dtype(DType::F32)?
         };
-        let mean = xs.mean_keepdim(reduce.clone())?;
-        let centred = xs.broadcast_sub(&mean)?;
-        let var = centred.sqr()?.mean_keepdim(reduce)?;
-        let w = self
-            .weight
-            .to_dtype(xs.dtype())?
-            .reshape(shape.as_slice())?;
-        let b = self.bias.to_dtype(xs.dtype())?.reshape(shape.as_slice())?;
+        let flat = xs.transpose(0, 1)?.contiguous()?.reshape((c, count))?;
+        let mean = flat.mean_keepdim(1)?;
+        let centred = flat.broadcast_sub(&mean)?;
+        let var = centred.sqr()?.mean_keepdim(1)?;
+        let w = self.weight.to_dtype(xs.dtype())?.reshape((c, 1))?;
+        let b = self.bias.to_dtype(xs.dtype())?.reshape((c, 1))?;
         let scale = w.broadcast_div(&(&var + EPS)?.sqrt()?)?;
         let y = centred.broadcast_mul(&scale)?.broadcast_add(&b)?;
+        let mut swapped = dims.clone();
+        swapped.swap(0, 1);
+        let y = y.reshape(swapped)?.transpose(0, 1)?.contiguous()?;
         if update {
             let dtype = self.running_mean.dtype();
             let batch_mean = mean.detach().flatten_all()?.to_dtype(dtype)?;

@@ -9,12 +9,14 @@
 //! Model construction and forward passes return `candle_core::Result` so that other stage
 //! crates can compose them with their own layers; loading and the stage return [`Result`].
 
+pub mod bench;
 pub mod bn;
 pub mod error;
 pub mod resnet;
 pub mod stage;
 pub mod weights;
 
+pub use bench::{bench, bench_default, BenchReport};
 pub use bn::{BatchNorm, BnMode};
 pub use error::{BackboneError, Result};
 pub use resnet::{Arch, ResNet};

@@ -1,0 +1,97 @@
+//! Training throughput of the backbone, for `cargo xtask bench backbone`.
+//!
+//! Times full training steps (forward in training mode, cross-entropy, backward, SGD update
+//! with momentum and weight decay) on random images, so the figure is the network's cost alone,
+//! without image decoding. The orchestrator prints and records the numbers; no test asserts them.
+
+use crate::error::Result;
+use crate::resnet::{arch_name, Arch, ResNet, DTYPE};
+use crate::{trainable_vars, BnMode};
+use candle_core::{Device, Tensor};
+use candle_nn::VarMap;
+use simtrans_core::optim::Sgd;
+use std::time::Instant;
+
+/// What one bench run measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchReport {
+    /// Network name.
+    pub arch: String,
+    /// Width of the small network (0 for the torchvision ones).
+    pub small_width: usize,
+    /// Input side in pixels.
+    pub image_size: usize,
+    /// Images per step.
+    pub batch_size: usize,
+    /// Timed steps (after one untimed warm-up step).
+    pub steps: usize,
+    /// Wall time of the timed steps.
+    pub seconds: f64,
+    /// Training images per second.
+    pub images_per_second: f64,
+    /// The device, as candle names it.
+    pub device: String,
+}
+
+/// Times `steps` training steps of `arch` at `image_size` px in batches of `batch_size`.
+pub fn bench(
+    device: &Device,
+    arch: Arch,
+    small_width: usize,
+    image_size: usize,
+    batch_size: usize,
+    steps: usize,
+) -> Result<BenchReport> {
+    let classes = 10;
+    let varmap = VarMap::new();
+    let vb = simtrans_core::seed::var_builder(&varmap, 0, "bench", DTYPE, device);
+    let net = ResNet::new(arch, small_width, Some(classes), vb)?;
+    let mut sgd = Sgd::new(trainable_vars(&varmap), 0.01, 0.9, 1e-4);
+    let x = Tensor::randn(0f32, 1., (batch_size, 3, image_size, image_size), device)?;
+    let y: Vec<u32> = (0..batch_size as u32).map(|i| i % classes as u32).collect();
+    let y = Tensor::new(y.as_slice(), device)?;
+    let mut step = || -> Result<()> {
+        let (logits, _) = net.forward(&x, BnMode::Train)?;
+        let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
+        sgd.step(&loss.backward()?)?;
+        // Reading the loss waits for asynchronous devices.
+        loss.to_scalar::<f32>()?;
+        Ok(())
+    };
+    step()?;
+    let start = Instant::now();
+    for _ in 0..steps {
+        step()?;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    Ok(BenchReport {
+        arch: arch_name(arch).into(),
+        small_width: if arch == Arch::Small { small_width } else { 0 },
+        image_size,
+        batch_size,
+        steps,
+        seconds,
+        images_per_second: (steps * batch_size) as f64 / seconds.max(1e-9),
+        device: format!("{device:?}"),
+    })
+}
+
+/// The two figures the README records: the demo network (small, width 16, 28 px, batch 64) on
+/// `device`, and ResNet-50 at 224 px (batch 8 on CPU, 64 on a GPU).
+pub fn bench_default(device: &Device, steps: usize) -> Result<Vec<BenchReport>> {
+    let r50_batch = if device.is_cpu() { 8 } else { 64 };
+    Ok(vec![
+        bench(device, Arch::Small, 16, 28, 64, steps)?,
+        bench(device, Arch::Resnet50, 0, 224, r50_batch, steps.clamp(1, 5))?,
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn one_step_runs() {
+        let r = super::bench(&candle_core::Device::Cpu, super::Arch::Small, 2, 12, 4, 1).unwrap();
+        assert_eq!((r.steps, r.batch_size, r.image_size), (1, 4, 12));
+        assert!(r.images_per_second > 0.0);
+    }
+}
