@@ -69,24 +69,78 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Eval(common) => {
             let p = pipeline(&common, &runner)?;
-            p.stage(
-                Stage::Eval,
-                &seeds(&p.config),
-                common.forced()?.contains(&Stage::Eval),
-            )?;
+            let seeds = seeds(&p.config);
+            p.stage(Stage::Eval, &seeds, common.forced()?.contains(&Stage::Eval))?;
+            let summary = simtrans_eval::stage::write_report(&p.store, &p.config, &seeds)?;
+            print_headline(&summary, &p.store);
             Ok(())
         }
-        Command::Report(_) => bail!(simtrans_core::CoreError::NotImplemented("report".into())),
-        Command::Bench { what, .. } => bail!(simtrans_core::CoreError::NotImplemented(format!(
-            "bench {what}"
-        ))),
-        Command::Fetch(_) => bail!(simtrans_core::CoreError::NotImplemented("fetch".into())),
+        Command::Report(common) => {
+            let p = pipeline(&common, &runner)?;
+            let summary =
+                simtrans_eval::stage::write_report(&p.store, &p.config, &seeds(&p.config))?;
+            print_headline(&summary, &p.store);
+            Ok(())
+        }
+        Command::Bench { what, common } => bench(&what, &common),
+        Command::Fetch(common) => {
+            let config = common.resolve()?;
+            let path = simtrans_backbone::fetch(config.backbone.arch)?;
+            println!("{}", path.display());
+            Ok(())
+        }
         Command::Config(common) => {
             print!("{}", common.resolve()?.to_toml());
             Ok(())
         }
         Command::Ci => ci(),
     }
+}
+
+/// Throughput benchmarks: prints each figure and writes them to `runs/<name>/bench-<what>.json`.
+fn bench(what: &str, common: &Common) -> Result<()> {
+    let config = common.resolve()?;
+    let device = simtrans_core::device::parse(&config.run.device)?;
+    let all = what == "all";
+    let mut out = serde_json::Map::new();
+    if all || what == "data" {
+        // Decoding and augmentation of JPEG files at the paper's 224 px.
+        let mut cfg = config.data.clone();
+        cfg.image_size = 224;
+        let r = simtrans_data::bench(&cfg, 64, 32, 2)?;
+        println!(
+            "data: {:.1} decoded+augmented images/s at 224 px ({} threads)",
+            r.images_per_second, r.threads
+        );
+        out.insert("data".into(), serde_json::to_value(&r)?);
+    }
+    if all || what == "backbone" {
+        let reports = simtrans_backbone::bench_default(&device, 5)?;
+        for r in &reports {
+            println!(
+                "backbone: {} {} px batch {}: {:.1} training images/s on {}",
+                r.arch, r.image_size, r.batch_size, r.images_per_second, r.device
+            );
+        }
+        out.insert("backbone".into(), serde_json::to_value(&reports)?);
+    }
+    for stage in ["simnet", "denoise"] {
+        if what == stage {
+            bail!(simtrans_core::CoreError::NotImplemented(format!(
+                "bench {stage}"
+            )));
+        }
+    }
+    if out.is_empty() {
+        bail!(
+            "unknown benchmark `{what}`; the benchmarks are: data, backbone, simnet, denoise, all"
+        );
+    }
+    let store = common.store()?;
+    let path = store.root.join(format!("bench-{what}.json"));
+    simtrans_core::artifact::write_atomic(&path, serde_json::to_string_pretty(&out)?.as_bytes())?;
+    println!("written to {}", path.display());
+    Ok(())
 }
 
 /// The two accuracies and where the report is.
