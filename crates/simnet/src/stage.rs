@@ -27,7 +27,7 @@ use simtrans_backbone::{Arch, BnMode};
 use simtrans_core::config::Selection;
 use simtrans_core::config::{DataConfig, SimnetConfig};
 use simtrans_core::optim::{step_lr, Sgd};
-use simtrans_core::{Artifact, Config, CoreError, StageContext, StageOutput};
+use simtrans_core::{Artifact, CoreError, StageContext, StageOutput};
 use simtrans_data::{sampler, Augment, DataIndex, Loader, Split};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -130,24 +130,10 @@ impl TrainData for IndexData {
     }
 }
 
-/// The backbone artifact's network: tensors with torchvision names; `arch` and `small_width`
-/// from its metadata when recorded there, else from the run's `[backbone]` config.
-pub fn backbone_init(artifact: &Artifact, config: &Config) -> Result<BackboneInit> {
-    let extra = &artifact.meta.extra;
-    let arch = match extra.get("arch") {
-        Some(a) => simtrans_backbone::resnet::parse_arch(a).ok_or_else(|| {
-            SimnetError::Artifact(format!("the backbone artifact names an unknown arch `{a}`"))
-        })?,
-        None => config.backbone.arch,
-    };
-    let small_width = match extra.get("small_width") {
-        Some(w) => w.parse().map_err(|_| {
-            SimnetError::Artifact(format!(
-                "the backbone artifact's small_width `{w}` is not a number"
-            ))
-        })?,
-        None => config.backbone.small_width,
-    };
+/// The backbone artifact's network: its tensors (torchvision names) and the `arch` and
+/// `small_width` recorded in its metadata.
+pub fn backbone_init(artifact: &Artifact) -> Result<BackboneInit> {
+    let (arch, small_width) = simtrans_backbone::stage::artifact_arch(artifact)?;
     Ok(BackboneInit {
         arch,
         small_width,
@@ -160,16 +146,8 @@ pub fn backbone_init(artifact: &Artifact, config: &Config) -> Result<BackboneIni
 pub fn run(ctx: &StageContext) -> Result<StageOutput> {
     let data = ctx.load_upstream("data", &DataIndex::schema())?;
     let index = Arc::new(DataIndex::from_artifact(&data)?);
-    // The backbone crate does not export its artifact schema yet: any artifact of ours is
-    // accepted here, its node is checked, and `train` checks that every trunk tensor is there.
-    let backbone = ctx.load_upstream("backbone", &simtrans_core::ArtifactSchema::any())?;
-    if backbone.meta.node != "backbone" {
-        return Err(SimnetError::Artifact(format!(
-            "the backbone input was written by node `{}`; rebuild it with `{} backbone`",
-            backbone.meta.node, ctx.rebuild_hint
-        )));
-    }
-    let init = backbone_init(&backbone, &ctx.config)?;
+    let backbone = ctx.load_upstream("backbone", &simtrans_backbone::schema())?;
+    let init = backbone_init(&backbone)?;
     let source = IndexData::new(index, &ctx.config.data, &ctx.config.simnet)?;
     train(ctx, &source, &init)
 }

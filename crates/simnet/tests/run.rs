@@ -67,7 +67,7 @@ fn run_trains_from_the_data_and_backbone_artifacts() {
         .collect();
     let meta = ArtifactMeta {
         node: "backbone".into(),
-        schema_version: 1,
+        schema_version: simtrans_backbone::stage::SCHEMA_VERSION,
         extra: BTreeMap::from([
             ("arch".to_string(), "small".to_string()),
             ("small_width".to_string(), "4".to_string()),
