@@ -49,6 +49,9 @@ pub fn schema() -> ArtifactSchema {
     )
 }
 
+/// Most first-layer activations (floats) [`SimNet::similarity_matrix`] holds at once: 2²⁶ (256 MiB in f32).
+pub const PAIR_BUDGET: usize = 1 << 26;
+
 /// How to rebuild the modules of a SimNet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SimNetShape {
@@ -174,13 +177,42 @@ impl SimNet {
     /// mode, as `[Bi, Bj]`. Note the order: the first image of the pair is the row. The
     /// reference's pair enumeration (row `i·B + j` is `[f_j ; f_i]`) and the graph adjacency
     /// `A[i, j] = sim([f_j ; f_i])` of step 3b are the transpose `similarity_matrix(f, f)ᵀ`.
+    ///
+    /// The head's first-layer activations of a block of rows are `rows·Bj·H` floats; rows are
+    /// processed in blocks that keep this under [`PAIR_BUDGET`] (eval-mode BatchNorm is
+    /// row-wise, so blocking changes nothing in the result).
     pub fn similarity_matrix(&self, features_i: &Tensor, features_j: &Tensor) -> Result<Tensor> {
+        self.similarity_matrix_within(features_i, features_j, PAIR_BUDGET)
+    }
+
+    /// [`SimNet::similarity_matrix`] holding at most `budget` first-layer activations at once
+    /// (at least one row of pairs).
+    pub fn similarity_matrix_within(
+        &self,
+        features_i: &Tensor,
+        features_j: &Tensor,
+        budget: usize,
+    ) -> Result<Tensor> {
         let bi = features_i.dim(0)?;
         let bj = features_j.dim(0)?;
-        let (logits, _) =
-            self.head
-                .forward_grid(features_i, features_j, PairOrder::RowFirst, BnMode::Eval)?;
-        Ok(similarity(&logits)?.reshape((bi, bj))?)
+        let width = 2 * self.feature_dim().max(1);
+        let block = (budget / (bj.max(1) * width)).clamp(1, bi.max(1));
+        let mut parts = Vec::with_capacity(bi.div_ceil(block));
+        let mut start = 0;
+        while start < bi {
+            let n = block.min(bi - start);
+            let rows = features_i.narrow(0, start, n)?;
+            let (logits, _) =
+                self.head
+                    .forward_grid(&rows, features_j, PairOrder::RowFirst, BnMode::Eval)?;
+            parts.push(similarity(&logits)?.reshape((n, bj))?);
+            start += n;
+        }
+        match parts.len() {
+            0 => Ok(Tensor::zeros((0, bj), DType::F32, features_i.device())?),
+            1 => Ok(parts.remove(0)),
+            _ => Ok(Tensor::cat(&parts, 0)?),
+        }
     }
 
     /// Every tensor of the model by artifact name (`backbone.*`, `head.*`, `disc.*`), copied.

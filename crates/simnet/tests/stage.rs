@@ -221,6 +221,9 @@ fn trains_resumes_exactly_and_loads_back() {
         .unwrap();
     let s = net.similarity_matrix(&fi, &fj).unwrap();
     assert_eq!(s.dims(), &[5, 3]);
+    // Blocking the rows to bound memory changes nothing but rounding (two rows per block here).
+    let blocked = net.similarity_matrix_within(&fi, &fj, 2 * 3 * 64).unwrap();
+    assert!(max_diff(&blocked, &s) < 1e-6);
     let (logits, _) = net
         .head
         .forward_concat(
