@@ -291,3 +291,20 @@ fn select_val_keeps_the_best_validation_epoch() {
     }
     assert_eq!(sel.metrics["f1_val"].as_f64().unwrap(), f(want_epoch));
 }
+
+#[test]
+fn simnet_learns_the_synthetic_classes() {
+    // Class colours are separable, so a working loop lowers L_sim and finds similar pairs,
+    // also between the target (novel) classes it never had labels for.
+    let data = Synthetic::new();
+    let dir = tempfile::tempdir().unwrap();
+    let mut ctx = context(dir.path(), 6);
+    ctx.config.simnet.optim.lr_step = 25;
+    ctx.config.simnet.optim.lr = 0.05;
+    let out = train(&ctx, &data, &backbone()).unwrap();
+    let hist = out.metrics["history"].as_array().unwrap();
+    let l = |e: usize| hist[e]["l_sim"].as_f64().unwrap();
+    assert!(l(5) < 0.7 * l(0), "L_sim {} -> {}", l(0), l(5));
+    let f1_test = out.metrics["final_f1_test"].as_f64().unwrap();
+    assert!(f1_test > 0.5, "novel pair F1 {f1_test}");
+}
