@@ -19,7 +19,7 @@
 //! | `disc.fc.*`, `disc.bn.*` (LayerNorm), `disc.fc2.*` | the discriminator's `module.` + the same |
 //!
 //! BatchNorm `num_batches_tracked` entries of a PyTorch state dict carry no information here
-//! (momentum is fixed at 0.1) and are dropped when converting.
+//! (momentum is fixed at 0.1) and are dropped when converting ([`crate::model::from_reference`]).
 
 use crate::SimnetError;
 use candle_core::{Result, Tensor, D};

@@ -18,7 +18,7 @@ pub mod pairs;
 pub mod stage;
 pub mod train;
 
-pub use model::{schema, SimNet, SimNetShape};
+pub use model::{from_reference, schema, SimNet, SimNetShape};
 pub use simtrans_backbone::{BatchNorm, BnMode};
 pub use stage::run;
 

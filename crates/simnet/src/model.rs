@@ -261,6 +261,54 @@ impl SimNet {
     }
 }
 
+/// Renames the tensors of the reference's checkpoints (after conversion from their pickled
+/// modules to flat state dicts) to this crate's names: `simnet` is the state dict of
+/// `GANSimilarityNet` (`backbone.module.resnet.*`, `similarity_head.module.*`, with or without
+/// the `module.` of `DataParallel`), `disc` that of the `DomainClassifier` (`module.*` or bare).
+/// `num_batches_tracked` entries and the unused backbone `fc` are dropped; an entry that fits
+/// neither layout is an error naming it.
+pub fn from_reference(
+    simnet: &BTreeMap<String, Tensor>,
+    disc: Option<&BTreeMap<String, Tensor>>,
+) -> Result<BTreeMap<String, Tensor>> {
+    let mut out = BTreeMap::new();
+    let unknown = |name: &str| {
+        SimnetError::Artifact(format!(
+            "reference tensor `{name}` is neither backbone.module.resnet.*, similarity_head.module.* nor a discriminator entry"
+        ))
+    };
+    for (name, t) in simnet {
+        if name.ends_with("num_batches_tracked") {
+            continue;
+        }
+        let ours = if let Some(rest) = name
+            .strip_prefix("backbone.module.resnet.")
+            .or_else(|| name.strip_prefix("backbone.resnet."))
+        {
+            if rest.starts_with("fc.") {
+                continue;
+            }
+            format!("backbone.{rest}")
+        } else if let Some(rest) = name
+            .strip_prefix("similarity_head.module.")
+            .or_else(|| name.strip_prefix("similarity_head."))
+        {
+            format!("head.{rest}")
+        } else {
+            return Err(unknown(name));
+        };
+        out.insert(ours, t.clone());
+    }
+    for (name, t) in disc.into_iter().flatten() {
+        let rest = name.strip_prefix("module.").unwrap_or(name);
+        if !(rest.starts_with("fc.") || rest.starts_with("bn.") || rest.starts_with("fc2.")) {
+            return Err(unknown(name));
+        }
+        out.insert(format!("disc.{rest}"), t.clone());
+    }
+    Ok(out)
+}
+
 fn artifact_name(a: &Artifact) -> String {
     a.path
         .as_ref()

@@ -125,3 +125,44 @@ fn heads_losses_and_running_statistics_match_numpy() {
         );
     }
 }
+
+#[test]
+fn reference_state_dicts_map_onto_our_names() {
+    let case = &golden("heads.json")[0];
+    let ours: std::collections::BTreeMap<String, Tensor> = case["params"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), tensor(v)))
+        .collect();
+    // The reference's names: DataParallel-wrapped modules, plus entries we drop.
+    let mut simnet = std::collections::BTreeMap::new();
+    let mut disc = std::collections::BTreeMap::new();
+    for (k, t) in &ours {
+        if let Some(rest) = k.strip_prefix("head.") {
+            simnet.insert(format!("similarity_head.module.{rest}"), t.clone());
+        } else if let Some(rest) = k.strip_prefix("disc.") {
+            disc.insert(format!("module.{rest}"), t.clone());
+        }
+    }
+    let one = Tensor::new(&[1f32], &Device::Cpu).unwrap();
+    simnet.insert("backbone.module.resnet.conv1.weight".into(), one.clone());
+    simnet.insert("backbone.module.resnet.fc.weight".into(), one.clone());
+    simnet.insert(
+        "similarity_head.module.fc1.1.num_batches_tracked".into(),
+        one.clone(),
+    );
+    let mapped = simtrans_simnet::from_reference(&simnet, Some(&disc)).unwrap();
+    let mut want: Vec<String> = ours.keys().cloned().collect();
+    want.push("backbone.conv1.weight".into());
+    want.sort();
+    assert_eq!(mapped.keys().cloned().collect::<Vec<_>>(), want);
+    for (k, t) in &ours {
+        assert_eq!(max_diff(&mapped[k], t), 0.0);
+    }
+    simnet.insert("optimizer.state".into(), one);
+    let err = simtrans_simnet::from_reference(&simnet, None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("optimizer.state"), "{err}");
+}
