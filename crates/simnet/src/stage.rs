@@ -425,7 +425,7 @@ fn finish(
         (Selection::Val, Some((e, _, t))) => (e, t),
         _ => (history.len().saturating_sub(1), net.tensors()?),
     };
-    let selected = &history[epoch.min(history.len().saturating_sub(1))];
+    let selected = history.get(epoch).cloned().unwrap_or_default();
     // The test-selected epoch is reported for comparison with the paper only (SPEC "Traps" 3).
     let test_best = history
         .iter()
@@ -435,8 +435,8 @@ fn finish(
     let metrics = serde_json::json!({
         "selection": match cfg.select { Selection::Val => "val", Selection::Final => "final" },
         "epoch": epoch,
-        "f1_val": f(selected, "f1_val"),
-        "f1_test": f(selected, "f1_test"),
+        "f1_val": f(&selected, "f1_val"),
+        "f1_test": f(&selected, "f1_test"),
         "final_f1_val": f(&last, "f1_val"),
         "final_f1_test": f(&last, "f1_test"),
         "test_selected_epoch": test_best["epoch"],
