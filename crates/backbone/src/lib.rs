@@ -11,6 +11,7 @@
 
 pub mod bench;
 pub mod bn;
+pub mod conv;
 pub mod error;
 pub mod resnet;
 pub mod stage;
