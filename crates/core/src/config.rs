@@ -422,7 +422,7 @@ impl Config {
         c.backbone.arch = Arch::Small;
         c.backbone.weights = "scratch".into();
         c.backbone.batch_size = 64;
-        c.backbone.optim = optim(8, 0.05, 4);
+        c.backbone.optim = optim(5, 0.05, 3);
         c.simnet.classes_a = 6;
         c.simnet.val_batches = 4;
         c.simnet.val_classes = 4;
