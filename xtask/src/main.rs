@@ -124,13 +124,20 @@ fn bench(what: &str, common: &Common) -> Result<()> {
         }
         out.insert("backbone".into(), serde_json::to_value(&reports)?);
     }
-    for stage in ["simnet", "denoise"] {
-        if what == stage {
-            bail!(simtrans_core::CoreError::NotImplemented(format!(
-                "bench {stage}"
-            )));
-        }
+    if all || what == "denoise" {
+        let r = simtrans_denoise::bench::bench(&config, &device, 300)?;
+        println!(
+            "denoise: {} {} px: {:.1} feature images/s, {:.0} head pairs/s ({} images, {} pairs) on {}",
+            r.arch, r.image_size, r.feature_images_per_second, r.pairs_per_second, r.images, r.images * r.images, r.device
+        );
+        out.insert("denoise".into(), serde_json::to_value(&r)?);
     }
+    if what == "simnet" {
+        bail!(simtrans_core::CoreError::NotImplemented(
+            "bench simnet".into()
+        ));
+    }
+
     if out.is_empty() {
         bail!(
             "unknown benchmark `{what}`; the benchmarks are: data, backbone, simnet, denoise, all"

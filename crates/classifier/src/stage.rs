@@ -98,6 +98,27 @@ fn top1(labels: &[u32], preds: &[u32]) -> f64 {
     hits as f64 / labels.len().max(1) as f64
 }
 
+/// The training loss of one batch: `mean(w·CE)`, plus on graph epochs `α·reg(g, Â)` with
+/// `A[i, j] = sim([f_j ; f_i])` computed by the frozen SimNet (eval mode, no gradient) on the
+/// same augmented images.
+pub fn batch_loss(
+    net: &ResNet,
+    graph: Option<(&simtrans_simnet::SimNet, &GraphReg)>,
+    x: &Tensor,
+    y: &Tensor,
+    w: &Tensor,
+) -> anyhow::Result<Tensor> {
+    let (logits, g) = net.forward(x, BnMode::Train)?;
+    Ok(match graph {
+        Some((sim, reg)) => {
+            let f = sim.backbone.features(&x.detach(), BnMode::Eval)?;
+            let a = sim.similarity_matrix(&f, &f)?.t()?.detach();
+            reg.total_loss(&logits, y, w, &g, &a)?
+        }
+        None => weighted_ce(&logits, y, w)?,
+    })
+}
+
 /// Runs steps 3a and 3b of the variant named by `ctx.node.variant`.
 pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
     let cfg = &ctx.config.classifier;
@@ -222,16 +243,8 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
                 .collect::<simtrans_denoise::Result<_>>()?;
             let y = Tensor::new(y, &ctx.device)?;
             let w = Tensor::new(w, &ctx.device)?;
-            let (logits, g) = net.forward(&x, BnMode::Train)?;
-            let loss = match (&simnet, plan.graph_loss) {
-                (Some(sim), true) => {
-                    // A[i, j] = sim([f_j ; f_i]) on the same augmented batch, SimNet frozen in eval mode.
-                    let f = sim.backbone.features(&x, BnMode::Eval)?;
-                    let a = sim.similarity_matrix(&f, &f)?.t()?.detach();
-                    graph.total_loss(&logits, &y, &w, &g, &a)?
-                }
-                _ => weighted_ce(&logits, &y, &w)?,
-            };
+            let graph_net = simnet.as_ref().filter(|_| plan.graph_loss);
+            let loss = batch_loss(&net, graph_net.map(|s| (s, &graph)), &x, &y, &w)?;
             let l = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             if !l.is_finite() {
                 return Err(CoreError::NonFinite {
@@ -328,4 +341,66 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
             ),
         ]),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use simtrans_backbone::Arch;
+    use simtrans_core::{Config, Preset};
+    use simtrans_simnet::{SimNet, SimNetShape};
+
+    /// A graph step updates the classifier and leaves every SimNet variable without a gradient
+    /// (so no optimiser can move it), and the loss differs from the plain weighted CE.
+    #[test]
+    fn a_graph_step_never_reaches_the_simnet() {
+        let dev = Device::Cpu;
+        let cfg = Config::preset(Preset::Demo);
+        let vm = VarMap::new();
+        let vb = simtrans_core::seed::var_builder(&vm, 0, "cls", DType::F32, &dev);
+        let net = ResNet::new(Arch::Small, 4, Some(3), vb).unwrap();
+        let shape = SimNetShape {
+            arch: Arch::Small,
+            small_width: 4,
+            head: simtrans_simnet::head::HeadKind::from_config(4).unwrap(),
+        };
+        let sim = SimNet::build(shape, VarMap::new(), VarMap::new(), 1, &dev).unwrap();
+        let n = 6 * 3 * 12 * 12;
+        let x = Tensor::from_vec(
+            (0..n)
+                .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
+                .collect::<Vec<_>>(),
+            (6, 3, 12, 12),
+            &dev,
+        )
+        .unwrap();
+        let y = Tensor::new(&[0u32, 1, 2, 0, 1, 2], &dev).unwrap();
+        let w = Tensor::new(&[1f32, 0.5, 1.5, 1.0, 1.0, 1.0], &dev).unwrap();
+        let reg = GraphReg::from_config(&cfg.classifier).unwrap();
+        let with_graph = batch_loss(&net, Some((&sim, &reg)), &x, &y, &w).unwrap();
+        let plain = batch_loss(&net, None, &x, &y, &w).unwrap();
+        let (a, b) = (
+            with_graph.to_scalar::<f32>().unwrap(),
+            plain.to_scalar::<f32>().unwrap(),
+        );
+        assert!(a > b, "the graph term adds a positive amount: {a} vs {b}");
+        let grads = with_graph.backward().unwrap();
+        for (name, var) in sim
+            .simnet_vars
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .chain(sim.disc_vars.data().lock().unwrap().iter())
+        {
+            assert!(
+                grads.get(var.as_tensor()).is_none(),
+                "SimNet variable {name} got a gradient"
+            );
+        }
+        let trained = trainable_vars(&vm);
+        assert!(trained
+            .iter()
+            .all(|(_, v)| grads.get(v.as_tensor()).is_some()));
+    }
 }

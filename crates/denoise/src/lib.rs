@@ -13,6 +13,7 @@
 //! artifacts: it writes `denoise.safetensors` and looks weights up by image id for step 3.
 
 pub mod auc;
+pub mod bench;
 pub mod error;
 pub mod similarity;
 pub mod stage;

@@ -6,7 +6,7 @@
 //! metrics with the confusion matrices as tensors. [`write_report`] then reads the eval artifacts
 //! of every seed and writes `eval.json`, `report.md` and the pictures.
 
-use crate::report::{heatmap_png, markdown};
+use crate::report::{heatmap_png, line_chart_png, markdown, stacked_histogram_png, PALETTE};
 use crate::summary::{summarise, SeedResult, VariantResult};
 use candle_core::{DType, Device, Tensor};
 use simtrans_core::artifact::write_atomic;
@@ -135,10 +135,100 @@ pub fn write_report(
                 .collect();
             heatmap_png(&rows, 24, &store.root.join(format!("confusion-{name}.png")))?;
         }
+        md.push_str(&curves(
+            store,
+            first.seed,
+            &first.variants.keys().cloned().collect::<Vec<_>>(),
+        )?);
+        md.push_str(&weight_histogram(store, first.seed)?);
         md.push_str(&similarity_pictures(store, first.seed)?);
     }
     write_atomic(&store.root.join("report.md"), md.as_bytes())?;
     Ok(summary)
+}
+
+/// Novel-test top-1 after every epoch of each variant (the test set is only watched, never
+/// used for selection).
+fn curves(store: &RunStore, seed: u64, variants: &[String]) -> anyhow::Result<String> {
+    let mut series = vec![];
+    let mut legend = vec![];
+    let mut table = String::new();
+    for (k, v) in variants.iter().enumerate() {
+        let path = store.artifact_path(seed, &Node::variant(Stage::Classifier, v));
+        let Ok(meta) = Artifact::verify(&path) else {
+            continue;
+        };
+        let acc: Vec<f64> = meta.metrics["history"]["top1_test_per_epoch"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x.as_f64()).collect())
+            .unwrap_or_default();
+        legend.push(format!("{} = `{v}`", PALETTE[k % PALETTE.len()].1));
+        let cells: Vec<String> = acc.iter().map(|a| format!("{:.1}", 100.0 * a)).collect();
+        table.push_str(&format!("| `{v}` | {} |\n", cells.join(" | ")));
+        series.push(acc);
+    }
+    if series.is_empty() {
+        return Ok(String::new());
+    }
+    let lo = series.iter().flatten().fold(1.0f64, |m, &x| m.min(x));
+    let hi = series.iter().flatten().fold(0.0f64, |m, &x| m.max(x));
+    line_chart_png(
+        &series,
+        lo,
+        hi.max(lo + 1e-9),
+        &store.root.join("curves-top1.png"),
+    )?;
+    let epochs = series.iter().map(|s| s.len()).max().unwrap_or(0);
+    let header: Vec<String> = (0..epochs).map(|e| e.to_string()).collect();
+    Ok(format!(
+        "\n## Training curves (seed {seed})\n\nNovel-test top-1 after each epoch (3a epochs, then 3b), watched only; \
+         y from {:.1} % to {:.1} %; {}.\n\n![curves](curves-top1.png)\n\n| variant | {} |\n|---|{}\n{table}",
+        100.0 * lo,
+        100.0 * hi,
+        legend.join(", "),
+        header.join(" | "),
+        "---|".repeat(epochs)
+    ))
+}
+
+/// Histogram of the `savg1` weights of all web images, stacked by the recorded noise kind.
+fn weight_histogram(store: &RunStore, seed: u64) -> anyhow::Result<String> {
+    let denoise = store.artifact_path(seed, &Node::stage(Stage::Denoise));
+    let data = store.artifact_path(seed, &Node::stage(Stage::Data));
+    let (Ok(d), Ok(x)) = (
+        Artifact::load(&denoise, &ArtifactSchema::any(), &Device::Cpu),
+        Artifact::load(&data, &ArtifactSchema::any(), &Device::Cpu),
+    ) else {
+        return Ok(String::new());
+    };
+    let (Some(ids), Some(w), Some(noise)) = (
+        d.tensors.get("ids"),
+        d.tensors.get("weights.savg1"),
+        x.tensors.get("noise"),
+    ) else {
+        return Ok(String::new());
+    };
+    let ids = ids.to_vec1::<u32>()?;
+    let w = w.to_vec1::<f32>()?;
+    let noise = noise.to_vec1::<u8>()?;
+    let kinds = ["clean", "closed-set", "open-set", "junk", "unknown"];
+    let mut series = vec![vec![]; kinds.len()];
+    for (id, wt) in ids.iter().zip(&w) {
+        let k = noise.get(*id as usize).copied().unwrap_or(4).min(4) as usize;
+        series[k].push(*wt as f64);
+    }
+    stacked_histogram_png(&series, 30, 0.0, 2.0, &store.root.join("weights-savg1.png"))?;
+    let legend: Vec<String> = kinds
+        .iter()
+        .enumerate()
+        .filter(|(k, _)| !series[*k].is_empty())
+        .map(|(k, name)| format!("{} = {name} ({})", PALETTE[k].1, series[k].len()))
+        .collect();
+    Ok(format!(
+        "\n## Sample weights (seed {seed})\n\n`savg1` weights of every web image (mean 1 per category), \
+         30 bins over [0, 2], stacked by recorded noise: {}.\n\n![weights](weights-savg1.png)\n",
+        legend.join(", ")
+    ))
 }
 
 /// Heat maps of each novel category's similarity matrix, rows and columns ordered by weight
