@@ -161,13 +161,7 @@ impl CustomOp1 for Fold {
 /// `conv2d(x [B, C, H, W], w [O, C, kh, kw])` with zero padding `padding` and stride `stride`
 /// (no dilation, no groups), trainable; the im2col path on the CPU in f32/f64, candle's
 /// `conv2d` elsewhere.
-pub fn conv2d(
-    x: &Tensor,
-    w: &Tensor,
-    padding: usize,
-    stride: usize,
-    _input_grad: bool,
-) -> Result<Tensor> {
+pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
     let cpu_float = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
     if !cpu_float {
         return x.conv2d(w, padding, stride, 1, 1);
@@ -240,7 +234,7 @@ mod tests {
             let (nx, nw) = (b * c * h * w, o * c * k * k);
             let x = Var::from_tensor(&t(nx, 1, &[b, c, h, w])).unwrap();
             let wt = Var::from_tensor(&t(nw, 2, &[o, c, k, k])).unwrap();
-            let ours = conv2d(x.as_tensor(), wt.as_tensor(), p, s, true).unwrap();
+            let ours = conv2d(x.as_tensor(), wt.as_tensor(), p, s).unwrap();
             let theirs = x.as_tensor().conv2d(wt.as_tensor(), p, s, 1, 1).unwrap();
             assert_eq!(ours.dims(), theirs.dims());
             let err = (&ours - &theirs)

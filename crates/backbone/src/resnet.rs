@@ -50,8 +50,6 @@ struct Conv {
     weight: Tensor,
     stride: usize,
     padding: usize,
-    /// Whether the input needs a gradient (not for the stem, whose input is the image).
-    input_grad: bool,
 }
 
 impl Conv {
@@ -68,12 +66,11 @@ impl Conv {
             weight,
             stride,
             padding,
-            input_grad: true,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        crate::conv::conv2d(x, &self.weight, self.padding, self.stride, self.input_grad)
+        crate::conv::conv2d(x, &self.weight, self.padding, self.stride)
     }
 }
 
@@ -284,9 +281,6 @@ impl ResNet {
                 true,
             ),
         };
-        // The stem's input is the image, which never needs a gradient.
-        let mut stem = stem;
-        stem.input_grad = false;
         let stem_width = stem.weight.dim(0)?;
         let bn1 = BatchNorm::new(stem_width, vb.pp("bn1"))?;
         let mut cin = stem_width;
