@@ -426,13 +426,13 @@ impl Config {
         c.simnet.classes_a = 6;
         c.simnet.val_batches = 4;
         c.simnet.val_classes = 4;
-        c.simnet.optim = optim(6, 5e-3, 3);
+        c.simnet.optim = optim(4, 5e-3, 2);
         c.classifier.init = "backbone".into();
-        c.classifier.epochs_3a = 8;
-        c.classifier.epochs_3b = 8;
+        c.classifier.epochs_3a = 6;
+        c.classifier.epochs_3b = 6;
         c.classifier.batch_size = 32;
         c.classifier.graph_batch_size = 64;
-        c.classifier.optim = optim(0, 0.01, 4);
+        c.classifier.optim = optim(0, 0.01, 2);
         c
     }
 
@@ -523,7 +523,7 @@ impl DemoConfig {
             base_val_per_class: 50,
             web_per_class: 300,
             novel_test_per_class: 200,
-            closed_set_rate: 0.30,
+            closed_set_rate: 0.40,
             open_set_rate: 0.20,
             junk_rate: 0.0,
         }

@@ -120,7 +120,7 @@ fn default_recipe_from_the_embedded_subset_has_exact_counts_and_truth() {
         index.novel_names(),
         ["Coat", "Shirt", "Sneaker", "Ankle boot"]
     );
-    // Exactly 150 clean, 90 closed-set, 60 open-set images in every web set.
+    // Exactly 120 clean, 120 closed-set, 60 open-set images in every web set.
     for &c in &index.novel_classes {
         let set: Vec<_> = index
             .items_in(Split::NovelWeb)
@@ -135,7 +135,7 @@ fn default_recipe_from_the_embedded_subset_has_exact_counts_and_truth() {
                 n(NoiseKind::OpenSet),
                 n(NoiseKind::Junk)
             ),
-            (150, 90, 60, 0)
+            (120, 120, 60, 0)
         );
         for i in &set {
             let t = i.true_label.unwrap();
@@ -346,6 +346,8 @@ fn the_stage_output_round_trips_through_an_artifact() {
         base_val_per_class: 5,
         web_per_class: 20,
         novel_test_per_class: 10,
+        closed_set_rate: 0.3,
+        open_set_rate: 0.2,
         ..DemoConfig::default_recipe()
     };
     let (index, metrics) = simtrans_data::build_index(&config, 9).unwrap();
