@@ -191,7 +191,8 @@ fn curves(store: &RunStore, seed: u64, variants: &[String]) -> anyhow::Result<St
     ))
 }
 
-/// Histogram of the `savg1` weights of all web images, stacked by the recorded noise kind.
+/// Histograms of the `savg1` weights of the web images, one per novel category, stacked by the
+/// recorded noise kind.
 fn weight_histogram(store: &RunStore, seed: u64) -> anyhow::Result<String> {
     let denoise = store.artifact_path(seed, &Node::stage(Stage::Denoise));
     let data = store.artifact_path(seed, &Node::stage(Stage::Data));
@@ -201,34 +202,41 @@ fn weight_histogram(store: &RunStore, seed: u64) -> anyhow::Result<String> {
     ) else {
         return Ok(String::new());
     };
-    let (Some(ids), Some(w), Some(noise)) = (
+    let (Some(ids), Some(offsets), Some(w), Some(noise)) = (
         d.tensors.get("ids"),
+        d.tensors.get("class_offsets"),
         d.tensors.get("weights.savg1"),
         x.tensors.get("noise"),
     ) else {
         return Ok(String::new());
     };
     let ids = ids.to_vec1::<u32>()?;
+    let offsets = offsets.to_vec1::<u32>()?;
     let w = w.to_vec1::<f32>()?;
     let noise = noise.to_vec1::<u8>()?;
     let kinds = ["clean", "closed-set", "open-set", "junk", "unknown"];
-    let mut series = vec![vec![]; kinds.len()];
-    for (id, wt) in ids.iter().zip(&w) {
-        let k = noise.get(*id as usize).copied().unwrap_or(4).min(4) as usize;
-        series[k].push(*wt as f64);
-    }
-    stacked_histogram_png(&series, 30, 0.0, 2.0, &store.root.join("weights-savg1.png"))?;
     let legend: Vec<String> = kinds
         .iter()
         .enumerate()
-        .filter(|(k, _)| !series[*k].is_empty())
-        .map(|(k, name)| format!("{} = {name} ({})", PALETTE[k].1, series[k].len()))
+        .map(|(k, name)| format!("{} = {name}", PALETTE[k].1))
         .collect();
-    Ok(format!(
-        "\n## Sample weights (seed {seed})\n\n`savg1` weights of every web image (mean 1 per category), \
-         30 bins over [0, 2], stacked by recorded noise: {}.\n\n![weights](weights-savg1.png)\n",
+    let mut md = format!(
+        "\n## Sample weights (seed {seed})\n\n`savg1` weights of each novel category's web images (mean 1 per \
+         category), 30 bins over [0, 2], stacked by recorded noise: {}.\n\n",
         legend.join(", ")
-    ))
+    );
+    for (k, pair) in offsets.windows(2).enumerate() {
+        let mut series = vec![vec![]; kinds.len()];
+        for i in pair[0] as usize..pair[1] as usize {
+            let kind = noise.get(ids[i] as usize).copied().unwrap_or(4).min(4) as usize;
+            series[kind].push(w[i] as f64);
+        }
+        let file = format!("weights-{k}.png");
+        stacked_histogram_png(&series, 30, 0.0, 2.0, &store.root.join(&file))?;
+        md.push_str(&format!("![category {k}]({file}) "));
+    }
+    md.push('\n');
+    Ok(md)
 }
 
 /// Heat maps of each novel category's similarity matrix, rows and columns ordered by weight
