@@ -12,6 +12,7 @@ use crate::variants::{schedule, Phase, Variant};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarMap;
 use rand::RngCore;
+use simtrans_backbone::stage::varmap_tensors;
 use simtrans_backbone::{trainable_vars, BnMode, ResNet};
 use simtrans_core::config::Selection;
 use simtrans_core::optim::Sgd;
@@ -209,6 +210,7 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
     }
 
     let mut weight_cache: BTreeMap<String, SampleWeights> = BTreeMap::new();
+    let mut final_preds: Option<Vec<u32>> = None;
     let bar = simtrans_core::progress::bar(plans.len() as u64, format!("{}", ctx.node));
     bar.set_position(start as u64);
     for plan in plans.iter().skip(start) {
@@ -266,6 +268,7 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
             &ctx.device,
         )?;
         let acc = top1(&test_labels, &preds);
+        final_preds = Some(preds);
         let mean_loss = loss_sum / batches.len().max(1) as f64;
         history["train_loss"]
             .as_array_mut()
@@ -284,12 +287,9 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
             ctx.node,
             100.0 * acc
         );
-        let mut state: BTreeMap<String, Tensor> = varmap
-            .data()
-            .lock()
-            .expect("varmap lock")
-            .iter()
-            .map(|(n, v)| (format!("model.{n}"), v.as_tensor().clone()))
+        let mut state: BTreeMap<String, Tensor> = varmap_tensors(&varmap)?
+            .into_iter()
+            .map(|(n, t)| (format!("model.{n}"), t))
             .collect();
         state.extend(sgd.state());
         checkpoints.save(e + 1, state, BTreeMap::new(), history.clone())?;
@@ -297,13 +297,17 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
     }
     bar.finish_and_clear();
 
-    let preds = predict(
-        &net,
-        &loader,
-        &test_ids,
-        ctx.config.eval.batch_size,
-        &ctx.device,
-    )?;
+    // The last epoch's predictions, unless every epoch was restored from a checkpoint.
+    let preds = match final_preds {
+        Some(p) => p,
+        None => predict(
+            &net,
+            &loader,
+            &test_ids,
+            ctx.config.eval.batch_size,
+            &ctx.device,
+        )?,
+    };
     let conf = confusion(n_classes, &test_labels, &preds);
     let per_class: Vec<f64> = conf
         .iter()
@@ -314,13 +318,7 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
         .as_array()
         .map(|a| a.iter().filter_map(|v| v.as_f64()).collect())
         .unwrap_or_default();
-    let tensors: BTreeMap<String, Tensor> = varmap
-        .data()
-        .lock()
-        .expect("varmap lock")
-        .iter()
-        .map(|(n, v)| Ok((n.clone(), v.as_tensor().to_device(&Device::Cpu)?)))
-        .collect::<candle_core::Result<_>>()?;
+    let tensors = varmap_tensors(&varmap)?;
     Ok(StageOutput {
         tensors,
         metrics: serde_json::json!({

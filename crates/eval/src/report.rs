@@ -76,10 +76,14 @@ pub fn markdown(summary: &Value, results: &[SeedResult], class_names: &[String])
          weights; `graph` = unweighted + graph regularisation; `full` = weights + graph (SimTrans); `clean` = the \
          clean web images only (the oracle upper bound, possible only where the noise is known).\n"
     );
+    let gap = summary["gap_closed"]
+        .as_f64()
+        .map_or("— (needs `naive`, `full` and `clean`)".into(), |g| {
+            format!("{g:.2}")
+        });
     let _ = writeln!(
         s,
-        "Gap closed, (full − naive) / (clean − naive): **{}**\n",
-        summary["gap_closed"]
+        "Gap closed, (full − naive) / (clean − naive), means over seeds: **{gap}**\n"
     );
     let _ = writeln!(s, "## SimNet and sample weights\n");
     let _ = writeln!(
