@@ -237,25 +237,9 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
-    /// Deterministic pseudo-random values in [lo, hi): a scrambled sine of the element index.
+    /// Deterministic pseudo-random values in [lo, hi) (shared with the other crates' tests).
     fn det(shape: &[usize], seed: f64, lo: f32, hi: f32) -> Tensor {
-        let n: usize = shape.iter().product();
-        let x = Tensor::arange(0u32, n as u32, &Device::Cpu)
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap();
-        let s = x
-            .affine(12.9898, seed)
-            .unwrap()
-            .sin()
-            .unwrap()
-            .affine(43758.547, 0.0)
-            .unwrap();
-        let frac = (&s - s.floor().unwrap()).unwrap();
-        frac.affine((hi - lo) as f64, lo as f64)
-            .unwrap()
-            .reshape(shape)
-            .unwrap()
+        simtrans_core::seed::det_tensor(shape, seed, lo, hi).unwrap()
     }
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {

@@ -125,6 +125,16 @@ pub fn var_builder(
     VarBuilder::from_backend(Box::new(backend), dtype, device.clone())
 }
 
+/// Deterministic, well-spread values in `[lo, hi)` of a given shape on the CPU (a scrambled sine
+/// of the element index), for tests and goldens that need "random-looking" inputs without an RNG.
+pub fn det_tensor(shape: &[usize], seed: f64, lo: f32, hi: f32) -> candle_core::Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let x = Tensor::arange(0u32, n as u32, &Device::Cpu)?.to_dtype(DType::F32)?;
+    let s = x.affine(12.9898, seed)?.sin()?.affine(43758.547, 0.0)?;
+    let frac = (&s - s.floor()?)?;
+    frac.affine((hi - lo) as f64, lo as f64)?.reshape(shape)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
