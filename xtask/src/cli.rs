@@ -36,7 +36,7 @@ pub enum Command {
     Eval(Common),
     /// Rewrite eval.json and report.md from the eval artifacts of a run.
     Report(Common),
-    /// Measure throughput: data, backbone, simnet, denoise (or all).
+    /// Measure throughput: data, backbone, denoise or all (simnet: not implemented yet).
     Bench {
         /// What to measure.
         #[arg(default_value = "all")]
