@@ -154,6 +154,23 @@ fn list_folder(dir: &Path, kind: DatasetKind) -> Result<Vec<PathBuf>> {
     Ok(names.into_iter().map(|(_, p)| p).collect())
 }
 
+/// Names of the subfolders of `dir`, sorted (the class lists of layouts defined by folders);
+/// `missing` says why the folder is needed when it does not exist.
+fn subfolder_names(dir: &Path, missing: &str, kind: DatasetKind) -> Result<Vec<String>> {
+    if !dir.is_dir() {
+        return Err(DataError::layout(dir, missing, hint(kind)));
+    }
+    let mut names: Vec<String> = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(|e| DataError::io(dir, e))? {
+        let e = e.map_err(|e| DataError::io(dir, e))?;
+        if e.path().is_dir() {
+            names.push(e.file_name().to_string_lossy().into_owned());
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
 /// Why a web file cannot be used, or `None` when it decodes.
 fn unusable(path: &Path) -> Option<String> {
     match std::fs::metadata(path) {
@@ -547,21 +564,7 @@ fn car(root: &Path) -> Result<Collector> {
     let spec = split_spec(kind)?;
     let every = spec.novel_every.unwrap_or(4).max(1);
     let web_root = root.join("web_data");
-    if !web_root.is_dir() {
-        return Err(DataError::layout(
-            &web_root,
-            "missing: it defines the Car categories",
-            hint(kind),
-        ));
-    }
-    let mut names: Vec<String> = Vec::new();
-    for e in std::fs::read_dir(&web_root).map_err(|e| DataError::io(&web_root, e))? {
-        let e = e.map_err(|e| DataError::io(&web_root, e))?;
-        if e.path().is_dir() {
-            names.push(e.file_name().to_string_lossy().into_owned());
-        }
-    }
-    names.sort();
+    let names = subfolder_names(&web_root, "missing: it defines the Car categories", kind)?;
     if names.is_empty() {
         return Err(DataError::layout(
             &web_root,
@@ -639,21 +642,11 @@ fn webvision(root: &Path) -> Result<Collector> {
     let spec = split_spec(kind)?;
     let imagenet = root.join("ImageNet");
     let train_dir = imagenet.join("train");
-    if !train_dir.is_dir() {
-        return Err(DataError::layout(
-            &train_dir,
-            "missing: its WNID folders define the classes",
-            hint(kind),
-        ));
-    }
-    let mut names: Vec<String> = Vec::new();
-    for e in std::fs::read_dir(&train_dir).map_err(|e| DataError::io(&train_dir, e))? {
-        let e = e.map_err(|e| DataError::io(&train_dir, e))?;
-        if e.path().is_dir() {
-            names.push(e.file_name().to_string_lossy().into_owned());
-        }
-    }
-    names.sort();
+    let names = subfolder_names(
+        &train_dir,
+        "missing: its WNID folders define the classes",
+        kind,
+    )?;
     let n_novel = spec.novel_first.unwrap_or(118).min(names.len());
     let novel: Vec<u32> = (0..n_novel as u32).collect();
     let base: Vec<u32> = (n_novel as u32..names.len() as u32).collect();
