@@ -36,7 +36,8 @@ pub enum Command {
     Eval(Common),
     /// Rewrite eval.json and report.md from the eval artifacts of a run.
     Report(Common),
-    /// Measure throughput: data, backbone, denoise or all (simnet: not implemented yet).
+    /// Measure throughput: data, backbone, simnet, denoise, table (the GPU table of
+    /// BENCHMARKS.md: ResNet-50 at 224 px, slow on a CPU) or all (table only on CUDA).
     Bench {
         /// What to measure.
         #[arg(default_value = "all")]
@@ -79,6 +80,9 @@ pub struct Common {
     /// cpu, cuda or cuda:N.
     #[arg(long)]
     pub device: Option<String>,
+    /// Arithmetic on CUDA devices: f32 (exact), tf32 or bf16 (the CPU always uses f32).
+    #[arg(long)]
+    pub precision: Option<String>,
     /// First seed.
     #[arg(long)]
     pub seed: Option<u64>,
@@ -125,6 +129,9 @@ impl Common {
         }
         if let Some(d) = &self.device {
             config.run.device = d.clone();
+        }
+        if let Some(p) = &self.precision {
+            config.run.precision = p.clone();
         }
         if let Some(s) = self.seed {
             config.run.seed = s;

@@ -36,6 +36,9 @@ fn init_logging(common: Option<&Common>) {
 fn pipeline<'a>(common: &Common, runner: &'a RealStages) -> Result<Pipeline<'a>> {
     let config = common.resolve()?;
     let device = simtrans_core::device::parse(&config.run.device)?;
+    simtrans_core::device::set_precision(simtrans_core::device::Precision::parse(
+        &config.run.precision,
+    )?);
     let store = common.store()?;
     let cleaned = store.clean_temporaries()?;
     if cleaned > 0 {
@@ -101,6 +104,9 @@ fn run(cli: Cli) -> Result<()> {
 fn bench(what: &str, common: &Common) -> Result<()> {
     let config = common.resolve()?;
     let device = simtrans_core::device::parse(&config.run.device)?;
+    simtrans_core::device::set_precision(simtrans_core::device::Precision::parse(
+        &config.run.precision,
+    )?);
     let all = what == "all";
     let mut out = serde_json::Map::new();
     if all || what == "data" {
@@ -132,15 +138,34 @@ fn bench(what: &str, common: &Common) -> Result<()> {
         );
         out.insert("denoise".into(), serde_json::to_value(&r)?);
     }
-    if what == "simnet" {
-        bail!(simtrans_core::CoreError::NotImplemented(
-            "bench simnet".into()
-        ));
+    if all || what == "simnet" {
+        // The configured network; 8 + 8 images (128 pairs) keeps the demo figure quick on a CPU.
+        let b = &config.backbone;
+        let head = simtrans_simnet::head::HeadKind::from_config(config.simnet.head)?;
+        let images = if device.is_cpu() { 16 } else { 100 };
+        let r = simtrans_simnet::bench::bench(
+            &device,
+            b.arch,
+            b.small_width,
+            config.data.image_size,
+            images,
+            head,
+            3,
+        )?;
+        println!(
+            "simnet: {} {} px, {} images ({} pairs), head {}: {:.1} training images/s on {}",
+            r.arch, r.image_size, r.images, r.pairs, r.head, r.images_per_second, r.device
+        );
+        out.insert("simnet".into(), serde_json::to_value(&r)?);
+    }
+    if what == "table" || (all && device.is_cuda()) {
+        let rows = gpu_table(&config, &device)?;
+        out.insert("table".into(), serde_json::Value::Array(rows));
     }
 
     if out.is_empty() {
         bail!(
-            "unknown benchmark `{what}`; the benchmarks are: data, backbone, simnet, denoise, all"
+            "unknown benchmark `{what}`; the benchmarks are: data, backbone, simnet, denoise, table, all"
         );
     }
     let store = common.store()?;
@@ -148,6 +173,59 @@ fn bench(what: &str, common: &Common) -> Result<()> {
     simtrans_core::artifact::write_atomic(&path, serde_json::to_string_pretty(&out)?.as_bytes())?;
     println!("written to {}", path.display());
     Ok(())
+}
+
+/// The five workloads of the GPU table in `BENCHMARKS.md` (issue #9), at the paper's size
+/// whatever the preset: ResNet-50 training steps at 224 px in batches of 8, 64 and 128, one
+/// SimNet step on 50 + 50 images (5000 pairs, head 4 and the discriminator), and the features
+/// and similarity matrix of 300 images (step 2). Prints one line per row.
+fn gpu_table(
+    config: &simtrans_core::Config,
+    device: &candle_core::Device,
+) -> Result<Vec<serde_json::Value>> {
+    use simtrans_backbone::Arch;
+    let precision = simtrans_core::device::precision().name();
+    let mut rows = vec![];
+    let mut row = |workload: String, ips: f64, detail: serde_json::Value| {
+        let phases = match detail.get("phase_seconds") {
+            Some(p) => format!(" [forward, backward, optimiser s/step: {p}]"),
+            None => String::new(),
+        };
+        println!("table: {workload}: {ips:.1} images/s ({precision}){phases}");
+        rows.push(serde_json::json!({
+            "workload": workload, "images_per_second": ips, "precision": precision, "detail": detail,
+        }));
+    };
+    for (batch, steps) in [(8, 20), (64, 8), (128, 5)] {
+        let r = simtrans_backbone::bench(device, Arch::Resnet50, 0, 224, batch, steps)?;
+        row(
+            format!("train step, batch {batch}"),
+            r.images_per_second,
+            serde_json::to_value(&r)?,
+        );
+    }
+    let head = simtrans_simnet::head::HeadKind::from_config(4)?;
+    let r = simtrans_simnet::bench::bench(device, Arch::Resnet50, 0, 224, 100, head, 5)?;
+    row(
+        format!(
+            "SimNet step ({} images, {} pairs, head 4 + discriminator)",
+            r.images, r.pairs
+        ),
+        r.images_per_second,
+        serde_json::to_value(&r)?,
+    );
+    let mut paper = simtrans_core::Config::preset(simtrans_core::config::Preset::Paper);
+    paper.run.device = config.run.device.clone();
+    let r = simtrans_denoise::bench::bench(&paper, device, 300)?;
+    let total = r.images as f64
+        / (r.images as f64 / r.feature_images_per_second
+            + (r.images * r.images) as f64 / r.pairs_per_second);
+    row(
+        format!("similarity matrix of {} images (step 2)", r.images),
+        total,
+        serde_json::to_value(&r)?,
+    );
+    Ok(rows)
 }
 
 /// The two accuracies and where the report is.

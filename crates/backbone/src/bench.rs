@@ -31,6 +31,9 @@ pub struct BenchReport {
     pub images_per_second: f64,
     /// The device, as candle names it.
     pub device: String,
+    /// Seconds per step of each phase (forward, backward, optimiser), from extra steps with a
+    /// device synchronisation between phases: where the time goes.
+    pub phase_seconds: [f64; 3],
 }
 
 /// Times `steps` training steps of `arch` at `image_size` px in batches of `batch_size`.
@@ -64,6 +67,26 @@ pub fn bench(
         step()?;
     }
     let seconds = start.elapsed().as_secs_f64();
+    let mut phase_seconds = [0.0; 3];
+    let phase_steps = steps.clamp(1, 3);
+    for _ in 0..phase_steps {
+        let t = Instant::now();
+        let (logits, _) = net.forward(&x, BnMode::Train)?;
+        let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
+        device.synchronize()?;
+        let t1 = Instant::now();
+        let grads = loss.backward()?;
+        device.synchronize()?;
+        let t2 = Instant::now();
+        sgd.step(&grads)?;
+        device.synchronize()?;
+        for (acc, d) in phase_seconds
+            .iter_mut()
+            .zip([t1 - t, t2 - t1, t2.elapsed()])
+        {
+            *acc += d.as_secs_f64() / phase_steps as f64;
+        }
+    }
     Ok(BenchReport {
         arch: arch_name(arch).into(),
         small_width: if arch == Arch::Small { small_width } else { 0 },
@@ -73,6 +96,7 @@ pub fn bench(
         seconds,
         images_per_second: (steps * batch_size) as f64 / seconds.max(1e-9),
         device: format!("{device:?}"),
+        phase_seconds,
     })
 }
 

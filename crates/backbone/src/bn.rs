@@ -146,6 +146,23 @@ impl BatchNorm {
                 x.dims()
             )
         }
+        #[cfg(feature = "cuda")]
+        if crate::cudnn::enabled()
+            && x.device().is_cuda()
+            && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16)
+        {
+            // One fused cuDNN pass each way (statistics in f32 whatever the activations' dtype).
+            let running =
+                update.then(|| (self.running_mean.as_tensor(), self.running_var.as_tensor()));
+            return crate::cudnn::batch_norm_train(
+                x,
+                &self.weight,
+                &self.bias,
+                running,
+                EPS,
+                MOMENTUM,
+            );
+        }
         // Statistics in f32 at least, whatever the activations' dtype.
         let xs = if x.dtype() == DType::F64 {
             x.clone()

@@ -1,4 +1,5 @@
-//! A fast trainable 2-D convolution for the CPU: im2col, one GEMM, col2im.
+//! A fast trainable 2-D convolution for the CPU (im2col, one GEMM, col2im), and the one
+//! entry point every network uses, which sends CUDA tensors to [`crate::cudnn`].
 //!
 //! candle's CPU `conv2d` is fine forward, but its backward goes through `conv_transpose2d` and
 //! a kernel-sized `conv2d`, which dominate a training step of the demo network (measured: the
@@ -159,9 +160,17 @@ impl CustomOp1 for Fold {
 }
 
 /// `conv2d(x [B, C, H, W], w [O, C, kh, kw])` with zero padding `padding` and stride `stride`
-/// (no dilation, no groups), trainable; the im2col path on the CPU in f32/f64, candle's
-/// `conv2d` elsewhere.
+/// (no dilation, no groups), trainable: the im2col path on the CPU in f32/f64, cuDNN on CUDA
+/// devices in builds with `--features cuda` (the weight is cast to the activations' dtype, so
+/// bf16 activations train f32 master weights), candle's `conv2d` elsewhere.
 pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::cudnn::enabled()
+        && x.device().is_cuda()
+        && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16)
+    {
+        return crate::cudnn::conv2d(x, &w.to_dtype(x.dtype())?, padding, stride);
+    }
     let cpu_float = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
     if !cpu_float {
         return x.conv2d(w, padding, stride, 1, 1);

@@ -332,8 +332,18 @@ impl ResNet {
     }
 
     /// Pooled features `[B, D]` of images `[B, 3, H, W]`.
+    ///
+    /// With `run.precision = "bf16"` on a CUDA device the trunk computes in bf16 (weights are
+    /// cast per convolution, BatchNorm keeps f32 statistics) and the features come back in f32.
     pub fn features(&self, x: &Tensor, mode: BnMode) -> Result<Tensor> {
-        let mut y = self.bn1.forward(&self.conv1.forward(x)?, mode)?.relu()?;
+        let low = x.device().is_cuda()
+            && simtrans_core::device::precision() == simtrans_core::device::Precision::Bf16;
+        let x = if low {
+            x.to_dtype(DType::BF16)?
+        } else {
+            x.clone()
+        };
+        let mut y = self.bn1.forward(&self.conv1.forward(&x)?, mode)?.relu()?;
         if self.max_pool {
             y = max_pool_3x3_s2_p1(&y)?;
         }
@@ -341,6 +351,9 @@ impl ResNet {
             for block in layer {
                 y = block.forward(&y, mode)?;
             }
+        }
+        if low {
+            y = y.to_dtype(DType::F32)?;
         }
         y.mean((2, 3))
     }

@@ -116,6 +116,11 @@ pub struct RunConfig {
     pub junk_path: Option<String>,
     /// `cpu`, `cuda` or `cuda:N`. Not part of any cache key.
     pub device: String,
+    /// Arithmetic on CUDA devices: `f32` (exact), `tf32` or `bf16` (see
+    /// [`crate::device::Precision`]); the CPU always computes in f32. Part of the cache keys
+    /// of the training stages when it is not `f32`.
+    #[serde(default = "default_precision")]
+    pub precision: String,
     /// The first seed.
     pub seed: u64,
     /// How many seeds (`seed`, `seed+1`, …) `reproduce` runs.
@@ -345,6 +350,7 @@ impl Config {
                 data_path: None,
                 junk_path: None,
                 device: "cuda".into(),
+                precision: default_precision(),
                 seed: 0,
                 seeds: 1,
                 ablations: false,
@@ -502,8 +508,18 @@ impl Config {
             Stage::Classifier => serde_json::json!({ "section": self.classifier }),
             Stage::Eval => serde_json::json!({ "section": self.eval }),
         };
-        serde_json::json!({ "dataset": self.run.dataset, "inputs": section }).to_string()
+        let mut key = serde_json::json!({ "dataset": self.run.dataset, "inputs": section });
+        // f32 is the exact path every earlier run used, so it adds nothing to the key and old
+        // caches stay valid; a reduced precision changes what the networks compute.
+        if stage != Stage::Data && self.run.precision != "f32" {
+            key["precision"] = serde_json::json!(self.run.precision);
+        }
+        key.to_string()
     }
+}
+
+fn default_precision() -> String {
+    "f32".into()
 }
 
 impl DemoConfig {

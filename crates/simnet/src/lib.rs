@@ -12,6 +12,7 @@
 //! network as later stages load it: [`SimNet::load`], [`SimNet::similarity_matrix`]) and
 //! [`stage`] (the training loop, validation, checkpoints; [`run`] is step 1).
 
+pub mod bench;
 pub mod head;
 pub mod model;
 pub mod pairs;
