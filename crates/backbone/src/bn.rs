@@ -94,6 +94,15 @@ impl BatchNorm {
 
     /// Normalises `x` (`[B, C]` or `[B, C, H, W]`) in the given mode.
     pub fn forward(&self, x: &Tensor, mode: BnMode) -> Result<Tensor> {
+        self.forward_with(x, mode, false)
+    }
+
+    /// `relu(self.forward(x, mode))`; one fused op on CUDA devices.
+    pub fn forward_relu(&self, x: &Tensor, mode: BnMode) -> Result<Tensor> {
+        self.forward_with(x, mode, true)
+    }
+
+    fn forward_with(&self, x: &Tensor, mode: BnMode, relu: bool) -> Result<Tensor> {
         let rank = x.rank();
         if !(rank == 2 || rank == 4) || x.dim(1)? != self.channels {
             bail!(
@@ -104,15 +113,16 @@ impl BatchNorm {
         }
         let batch = x.dim(0)?;
         match mode {
+            BnMode::Eval if relu => self.eval(x)?.relu(),
             BnMode::Eval => self.eval(x),
-            BnMode::Train => self.train(x, true),
-            BnMode::Split(n) if n == batch => self.train(x, true),
+            BnMode::Train => self.train(x, true, relu),
+            BnMode::Split(n) if n == batch => self.train(x, true, relu),
             BnMode::Split(n) => {
                 if n == 0 || n > batch {
                     bail!("BatchNorm Split({n}) needs 0 < n <= batch size {batch}")
                 }
-                let first = self.train(&x.narrow(0, 0, n)?, true)?;
-                let second = self.train(&x.narrow(0, n, batch - n)?, false)?;
+                let first = self.train(&x.narrow(0, 0, n)?, true, relu)?;
+                let second = self.train(&x.narrow(0, n, batch - n)?, false, relu)?;
                 Tensor::cat(&[first, second], 0)
             }
         }
@@ -136,7 +146,7 @@ impl BatchNorm {
     /// The work happens on a `[C, N]` copy of the input (N = values per channel): reducing and
     /// broadcasting along the last dimension is an order of magnitude faster in candle, forward
     /// and backward, than reducing over dimensions (0, 2, 3) at once.
-    fn train(&self, x: &Tensor, update: bool) -> Result<Tensor> {
+    fn train(&self, x: &Tensor, update: bool, relu: bool) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let c = self.channels;
         let count = x.elem_count() / c;
@@ -147,20 +157,21 @@ impl BatchNorm {
             )
         }
         #[cfg(feature = "cuda")]
-        if crate::cudnn::enabled()
+        if simtrans_core::cudnn::enabled()
             && x.device().is_cuda()
             && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16)
         {
             // One fused cuDNN pass each way (statistics in f32 whatever the activations' dtype).
             let running =
                 update.then(|| (self.running_mean.as_tensor(), self.running_var.as_tensor()));
-            return crate::cudnn::batch_norm_train(
+            return simtrans_core::cudnn::batch_norm_train(
                 x,
                 &self.weight,
                 &self.bias,
                 running,
                 EPS,
                 MOMENTUM,
+                relu,
             );
         }
         // Statistics in f32 at least, whatever the activations' dtype.
@@ -192,7 +203,12 @@ impl BatchNorm {
             self.running_mean.set(&rm)?;
             self.running_var.set(&rv)?;
         }
-        y.to_dtype(x.dtype())
+        let y = y.to_dtype(x.dtype())?;
+        if relu {
+            y.relu()
+        } else {
+            Ok(y)
+        }
     }
 }
 

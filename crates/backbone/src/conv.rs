@@ -165,11 +165,11 @@ impl CustomOp1 for Fold {
 /// bf16 activations train f32 master weights), candle's `conv2d` elsewhere.
 pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if crate::cudnn::enabled()
+    if simtrans_core::cudnn::enabled()
         && x.device().is_cuda()
         && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16)
     {
-        return crate::cudnn::conv2d(x, &w.to_dtype(x.dtype())?, padding, stride);
+        return simtrans_core::cudnn::conv2d(x, &w.to_dtype(x.dtype())?, padding, stride);
     }
     let cpu_float = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
     if !cpu_float {

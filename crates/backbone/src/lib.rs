@@ -12,8 +12,6 @@
 pub mod bench;
 pub mod bn;
 pub mod conv;
-#[cfg(feature = "cuda")]
-pub mod cudnn;
 pub mod error;
 pub mod resnet;
 pub mod stage;

@@ -167,9 +167,9 @@ impl Block {
                 bn2,
                 down,
             } => {
-                let y = bn1.forward(&conv1.forward(x)?, mode)?.relu()?;
+                let y = bn1.forward_relu(&conv1.forward(x)?, mode)?;
                 let y = bn2.forward(&conv2.forward(&y)?, mode)?;
-                (y + Downsample::forward(down, x, mode)?)?.relu()
+                add_relu(&y, &Downsample::forward(down, x, mode)?)
             }
             Block::Bottleneck {
                 conv1,
@@ -180,10 +180,10 @@ impl Block {
                 bn3,
                 down,
             } => {
-                let y = bn1.forward(&conv1.forward(x)?, mode)?.relu()?;
-                let y = bn2.forward(&conv2.forward(&y)?, mode)?.relu()?;
+                let y = bn1.forward_relu(&conv1.forward(x)?, mode)?;
+                let y = bn2.forward_relu(&conv2.forward(&y)?, mode)?;
                 let y = bn3.forward(&conv3.forward(&y)?, mode)?;
-                (y + Downsample::forward(down, x, mode)?)?.relu()
+                add_relu(&y, &Downsample::forward(down, x, mode)?)
             }
         }
     }
@@ -196,6 +196,10 @@ impl Block {
 /// shares the gradient between them, whereas PyTorch gives it to one; after a ReLU the only
 /// common ties are zeros, whose gradient the ReLU discards anyway.
 pub fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if simtrans_core::cudnn::enabled() && x.device().is_cuda() {
+        return simtrans_core::cudnn::max_pool_3x3_s2_p1(x);
+    }
     let (b, c, h, w) = x.dims4()?;
     let (ho, wo) = ((h - 1) / 2 + 1, (w - 1) / 2 + 1);
     let dev = x.device();
@@ -214,6 +218,15 @@ pub fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
     pick(&rows, 3, wo, 0)?
         .maximum(&pick(&rows, 3, wo, 1)?)?
         .maximum(&pick(&rows, 3, wo, 2)?)
+}
+
+/// `relu(a + b)`, a residual block's tail: one fused op on CUDA devices.
+pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if simtrans_core::cudnn::enabled() && a.device().is_cuda() {
+        return simtrans_core::cudnn::add_relu(a, b);
+    }
+    (a + b)?.relu()
 }
 
 /// A ResNet trunk with an optional classifier `fc`.
@@ -343,7 +356,7 @@ impl ResNet {
         } else {
             x.clone()
         };
-        let mut y = self.bn1.forward(&self.conv1.forward(&x)?, mode)?.relu()?;
+        let mut y = self.bn1.forward_relu(&self.conv1.forward(&x)?, mode)?;
         if self.max_pool {
             y = max_pool_3x3_s2_p1(&y)?;
         }

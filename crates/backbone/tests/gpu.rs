@@ -152,7 +152,7 @@ fn cudnn_convolution_matches_the_cpu_in_f32_and_bf16() {
 
 /// One BatchNorm forward + backward in `mode` on `dev`: output, the three gradients and the
 /// two running statistics.
-fn bn_case(dev: &Device, dtype: DType, dims: &[usize], mode: BnMode) -> Vec<Tensor> {
+fn bn_case(dev: &Device, dtype: DType, dims: &[usize], mode: BnMode, relu: bool) -> Vec<Tensor> {
     let c = dims[1];
     let vm = VarMap::new();
     let vb = simtrans_core::seed::var_builder(&vm, 7, "bn", DType::F32, dev);
@@ -176,7 +176,11 @@ fn bn_case(dev: &Device, dtype: DType, dims: &[usize], mode: BnMode) -> Vec<Tens
     let x = (random(dims, 9) * 3.0).unwrap().affine(1.0, 0.5).unwrap();
     let x = x.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
     let xv = Var::from_tensor(&x.to_device(dev).unwrap().to_dtype(dtype).unwrap()).unwrap();
-    let y = bn.forward(xv.as_tensor(), mode).unwrap();
+    let y = if relu {
+        bn.forward_relu(xv.as_tensor(), mode).unwrap()
+    } else {
+        bn.forward(xv.as_tensor(), mode).unwrap()
+    };
     let u = random(dims, 10)
         .to_device(dev)
         .unwrap()
@@ -215,15 +219,114 @@ fn cudnn_batchnorm_matches_the_cpu_in_every_mode() {
         (vec![4, 6, 5, 3], BnMode::Eval),
     ] {
         for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 1e-2)] {
-            let cpu = bn_case(&Device::Cpu, DType::F32, &dims, mode);
-            let gpu = bn_case(&dev, dtype, &dims, mode);
-            for ((name, g), c) in names.iter().zip(&gpu).zip(&cpu) {
-                let e = rel_err(g, c);
-                eprintln!("batchnorm {dtype:?} {dims:?} {mode:?} {name}: {e:.2e}");
-                if e > tol {
-                    failed.push(format!("{dtype:?} {dims:?} {mode:?} {name}: {e:.3e}"));
+            for relu in [false, true] {
+                let cpu = bn_case(&Device::Cpu, DType::F32, &dims, mode, relu);
+                let gpu = bn_case(&dev, dtype, &dims, mode, relu);
+                for ((name, g), c) in names.iter().zip(&gpu).zip(&cpu) {
+                    let e = rel_err(g, c);
+                    eprintln!("batchnorm relu={relu} {dtype:?} {dims:?} {mode:?} {name}: {e:.2e}");
+                    if e > tol {
+                        failed.push(format!(
+                            "relu={relu} {dtype:?} {dims:?} {mode:?} {name}: {e:.3e}"
+                        ));
+                    }
                 }
             }
+        }
+    }
+    assert!(failed.is_empty(), "over tolerance: {failed:#?}");
+}
+
+/// `relu(a + b)` and the stem's max-pooling, values and gradients, against the CPU.
+#[test]
+fn fused_add_relu_and_max_pool_match_the_cpu() {
+    let Some(dev) = gpu("fused_add_relu_and_max_pool_match_the_cpu") else {
+        return;
+    };
+    let mut failed = vec![];
+    for (dtype, tol) in [(DType::F32, 1e-6), (DType::BF16, 1e-2)] {
+        let round = |t: Tensor| t.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
+        let run = |dev: &Device, dtype: DType| {
+            let var = |seed: u64, shape: &[usize]| {
+                let t = round(random(shape, seed));
+                Var::from_tensor(&t.to_device(dev).unwrap().to_dtype(dtype).unwrap()).unwrap()
+            };
+            let (a, b) = (var(21, &[2, 5, 6, 7]), var(22, &[2, 5, 6, 7]));
+            let x = var(23, &[2, 3, 9, 8]);
+            let y1 = simtrans_backbone::resnet::add_relu(a.as_tensor(), b.as_tensor()).unwrap();
+            let y2 = simtrans_backbone::resnet::max_pool_3x3_s2_p1(x.as_tensor()).unwrap();
+            let u1 = round(random(y1.dims(), 24))
+                .to_device(dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let u2 = round(random(y2.dims(), 25))
+                .to_device(dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let loss = ((&y1 * &u1)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                + (&y2 * &u2)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap())
+            .unwrap();
+            let g = loss.backward().unwrap();
+            let get = |v: &Var| g.get(v.as_tensor()).unwrap().clone();
+            vec![y1.clone(), get(&a), get(&b), y2.clone(), get(&x)]
+        };
+        let cpu = run(&Device::Cpu, DType::F32);
+        let gpu = run(&dev, dtype);
+        for ((name, g), c) in ["add_relu", "da", "db", "max_pool", "dx"]
+            .iter()
+            .zip(&gpu)
+            .zip(&cpu)
+        {
+            let e = rel_err(g, c);
+            eprintln!("{name} {dtype:?}: {e:.2e}");
+            if e > tol {
+                failed.push(format!("{name} {dtype:?}: {e:.3e}"));
+            }
+        }
+    }
+    assert!(failed.is_empty(), "over tolerance: {failed:#?}");
+}
+
+/// Three SGD steps (momentum, weight decay; and plain) on the GPU's fused in-place update
+/// against the CPU's tensor-op update.
+#[test]
+fn fused_sgd_update_matches_the_cpu() {
+    let Some(dev) = gpu("fused_sgd_update_matches_the_cpu") else {
+        return;
+    };
+    let mut failed = vec![];
+    for (momentum, wd) in [(0.9, 1e-4), (0.0, 5e-4), (0.9, 0.0)] {
+        let run = |dev: &Device| {
+            let p = Var::from_tensor(&random(&[7, 5], 31).to_device(dev).unwrap()).unwrap();
+            let c = random(&[7, 5], 32).to_device(dev).unwrap();
+            let mut sgd =
+                simtrans_core::optim::Sgd::new(vec![("p".into(), p.clone())], 0.1, momentum, wd);
+            for _ in 0..3 {
+                // A gradient that depends on p: ∂/∂p Σ c·p² = 2·c·p.
+                let loss = (p.as_tensor().sqr().unwrap() * &c)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap();
+                sgd.step(&loss.backward().unwrap()).unwrap();
+            }
+            p.as_tensor().clone()
+        };
+        let e = rel_err(&run(&dev), &run(&Device::Cpu));
+        eprintln!("sgd momentum {momentum} weight decay {wd}: {e:.2e}");
+        if e > 1e-6 {
+            failed.push(format!("momentum {momentum} wd {wd}: {e:.3e}"));
         }
     }
     assert!(failed.is_empty(), "over tolerance: {failed:#?}");
@@ -263,11 +366,14 @@ fn resnet_training_step_matches_the_cpu_at_each_precision() {
         set_precision(Precision::F32);
         let (lc, gc) = resnet_step(&Device::Cpu, arch, width, side);
         // A whole network compounds per-op rounding; f32 stays within 1e-4 of the CPU.
-        // Reduced precisions are bounded loosely here; the printed figures are the measurement.
-        for (p, tol) in [
-            (Precision::F32, 1e-4),
-            (Precision::Tf32, 5e-2),
-            (Precision::Bf16, 1e-1),
+        // f32 must match per tensor. At reduced precision a gradient that sits after a
+        // training-mode BatchNorm over few values is a small difference of large terms, so
+        // per-tensor errors are not informative (measured up to 0.7 at batch 4, while each op
+        // is within 1e-2); the loss and the direction of the whole gradient are checked.
+        for (p, loss_tol, cos_min) in [
+            (Precision::F32, 1e-5, 1.0 - 1e-8),
+            (Precision::Tf32, 1e-3, 0.99),
+            (Precision::Bf16, 1e-2, 0.98),
         ] {
             set_precision(p);
             let (lg, gg) = resnet_step(&dev, arch, width, side);
@@ -282,13 +388,38 @@ fn resnet_training_step_matches_the_cpu_at_each_precision() {
                 .zip(&gc)
                 .map(|((n, g), (_, c))| (rel_err(g, c), n.clone()))
                 .fold((0.0, String::new()), |a, b| if b.0 > a.0 { b } else { a });
+            let flat = |v: &[(String, Tensor)]| {
+                let parts: Vec<Tensor> = v
+                    .iter()
+                    .map(|(_, t)| {
+                        t.to_device(&Device::Cpu)
+                            .unwrap()
+                            .to_dtype(DType::F64)
+                            .unwrap()
+                            .flatten_all()
+                            .unwrap()
+                    })
+                    .collect();
+                Tensor::cat(&parts, 0).unwrap()
+            };
+            let (a, b) = (flat(&gg), flat(&gc));
+            let dot = |x: &Tensor, y: &Tensor| {
+                (x * y)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap()
+            };
+            let cos = dot(&a, &b) / (dot(&a, &a) * dot(&b, &b)).sqrt();
             eprintln!(
-                "{arch:?} {p:?}: loss {lg} vs {lc} (rel {loss_err:.2e}), worst gradient {} {:.2e}",
+                "{arch:?} {p:?}: loss {lg} vs {lc} (rel {loss_err:.2e}), gradient cosine {cos:.6}, worst tensor {} {:.2e}",
                 worst.1, worst.0
             );
-            if loss_err > tol || worst.0 > tol {
+            let tensors_ok = p != Precision::F32 || worst.0 <= 1e-4;
+            if loss_err > loss_tol || cos < cos_min || !tensors_ok {
                 failed.push(format!(
-                    "{arch:?} {p:?}: loss {loss_err:.2e}, {} {:.2e}",
+                    "{arch:?} {p:?}: loss {loss_err:.2e}, cosine {cos:.6}, {} {:.2e}",
                     worst.1, worst.0
                 ));
             }

@@ -3,13 +3,17 @@
 //! Every pipeline stage needs the same few services: a typed configuration, a run directory in
 //! which artifacts are written atomically and validated on load, cache keys that tell when an
 //! artifact is stale, deterministic seeding, the reference SGD (momentum, coupled weight decay,
-//! step schedule, optional momentum reset each epoch), device selection and progress reporting.
+//! step schedule, optional momentum reset each epoch), device selection and progress reporting,
+//! and (with `--features cuda`) the cuDNN kernels of the training hot path, which the network
+//! layers and the optimiser share.
 //! They live here, once, so that each stage crate holds only the logic of its stage. This crate
 //! knows nothing about what a stage computes.
 
 pub mod artifact;
 pub mod checkpoint;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cudnn;
 pub mod device;
 pub mod error;
 pub mod hash;

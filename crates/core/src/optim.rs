@@ -42,6 +42,26 @@ impl Sgd {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
+            #[cfg(feature = "cuda")]
+            if crate::cudnn::enabled()
+                && var.device().is_cuda()
+                && var.dtype() == candle_core::DType::F32
+                && var.as_tensor().is_contiguous()
+            {
+                // The same update, in place with three fused device calls.
+                let buf = crate::cudnn::sgd_update(
+                    var.as_tensor(),
+                    g,
+                    self.buffers.get(name),
+                    self.lr,
+                    self.momentum,
+                    self.weight_decay,
+                )?;
+                if let Some(buf) = buf {
+                    self.buffers.insert(name.clone(), buf);
+                }
+                continue;
+            }
             let mut d = g.clone();
             if self.weight_decay != 0.0 {
                 d = (d + (var.as_tensor() * self.weight_decay)?)?;

@@ -188,10 +188,13 @@ impl SimHead {
             );
         }
         let w = self.first.fc.weight();
+        // Column slices of W are strided views; cuBLAS (candle's CUDA matmul) takes only
+        // row- or column-major operands, so each half is made contiguous first.
         let (w_row, w_col) = match order {
             PairOrder::RowFirst => (w.narrow(1, 0, d)?, w.narrow(1, d, d)?),
             PairOrder::ColFirst => (w.narrow(1, d, d)?, w.narrow(1, 0, d)?),
         };
+        let (w_row, w_col) = (w_row.contiguous()?, w_col.contiguous()?);
         let p_row = rows.matmul(&w_row.t()?)?;
         let mut p_col = cols.matmul(&w_col.t()?)?;
         if let Some(b) = self.first.fc.bias() {
@@ -206,7 +209,7 @@ impl SimHead {
 
     /// The rest of the head from the first Linear's output: `(logits [N, 2], diff_feat [N, diff_dim])`.
     pub fn from_first_layer(&self, h: &Tensor, mode: BnMode) -> Result<(Tensor, Tensor)> {
-        let x = self.first.bn.forward(h, mode)?.relu()?;
+        let x = self.first.bn.forward_relu(h, mode)?;
         match &self.middle {
             Some((fc2, fc3)) => {
                 let diff = fc2.forward(&x, mode)?;

@@ -11,20 +11,26 @@
 //!   `benchmark=True`) and are cached per geometry. [`Precision::F32`] asks for FMA math, so
 //!   the result matches the CPU to rounding; `tf32` and `bf16` allow tensor-core math.
 //! - [`batch_norm_train`]: one fused forward that also moves the running statistics (momentum,
-//!   unbiased variance: PyTorch's rule) and one fused backward giving all three gradients.
+//!   unbiased variance: PyTorch's rule) and one fused backward giving all three gradients,
+//!   optionally with the ReLU that follows it folded in (one autograd node instead of two).
+//! - [`add_relu`] (a residual block's tail) and [`max_pool_3x3_s2_p1`] (the stem), so the
+//!   ReLUs and the pooling do not go through candle's multi-pass elementwise backward.
+//! - [`sgd_update`]: the momentum SGD update of one variable in place, three cuDNN calls and no
+//!   allocation instead of seven tensor ops.
 //!
 //! Each is a candle custom op, so autograd, the optimiser and every other op see ordinary
 //! tensors that stay on the device. The ops refuse the CPU; callers dispatch on the device.
 
+use crate::device::{precision, Precision};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda::{CudaDevice, CudaStorage, CudaStorageSlice};
 use candle_core::op::BackpropOp;
 use candle_core::{
-    bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage,
+    Tensor,
 };
 use cudarc::cudnn::{result as dnn, sys};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
-use simtrans_core::device::{precision, Precision};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -133,6 +139,91 @@ impl Drop for ConvDesc {
     fn drop(&mut self) {
         let _ = unsafe { dnn::destroy_convolution_descriptor(self.0) };
     }
+}
+
+/// A ReLU (NaN-propagating, as PyTorch's).
+struct ReluDesc(sys::cudnnActivationDescriptor_t);
+
+impl ReluDesc {
+    fn new() -> Result<Self> {
+        let d = ReluDesc(dnn::create_activation_descriptor().map_err(err)?);
+        unsafe {
+            dnn::set_activation_descriptor(
+                d.0,
+                sys::cudnnActivationMode_t::CUDNN_ACTIVATION_RELU,
+                sys::cudnnNanPropagation_t::CUDNN_PROPAGATE_NAN,
+                0.0,
+            )
+        }
+        .map_err(err)?;
+        Ok(d)
+    }
+}
+
+impl Drop for ReluDesc {
+    fn drop(&mut self) {
+        let _ = unsafe { sys::cudnnDestroyActivationDescriptor(self.0) };
+    }
+}
+
+const ONE: f32 = 1.0;
+const ZERO: f32 = 0.0;
+fn one() -> *const c_void {
+    &ONE as *const f32 as *const c_void
+}
+fn zero() -> *const c_void {
+    &ZERO as *const f32 as *const c_void
+}
+
+/// `[B, C, H, W]` of a rank-2 or rank-4 shape (`[B, C]` is `H = W = 1`).
+fn nchw(dims: &[usize]) -> Result<[usize; 4]> {
+    Ok(match *dims {
+        [b, c] => [b, c, 1, 1],
+        [b, c, h, w] => [b, c, h, w],
+        _ => bail!("expected [B, C] or [B, C, H, W], got {dims:?}"),
+    })
+}
+
+/// ReLU in place on a contiguous buffer described by `desc`.
+fn relu_in_place(h: &Handle, desc: &TensorDesc, y: u64) -> Result<()> {
+    let act = ReluDesc::new()?;
+    unsafe {
+        sys::cudnnActivationForward(
+            h.0,
+            act.0,
+            one(),
+            desc.0,
+            y as *const c_void,
+            zero(),
+            desc.0,
+            y as *mut c_void,
+        )
+    }
+    .result()
+    .map_err(err)
+}
+
+/// `dx = dy · [y > 0]` for the ReLU output `y`.
+fn relu_backward(h: &Handle, desc: &TensorDesc, y: u64, dy: u64, dx: u64) -> Result<()> {
+    let act = ReluDesc::new()?;
+    unsafe {
+        sys::cudnnActivationBackward(
+            h.0,
+            act.0,
+            one(),
+            desc.0,
+            y as *const c_void,
+            desc.0,
+            dy as *const c_void,
+            desc.0,
+            y as *const c_void,
+            zero(),
+            desc.0,
+            dx as *mut c_void,
+        )
+    }
+    .result()
+    .map_err(err)
 }
 
 /// The geometry of one convolution: input `[b, c, h, w]`, weight `[o, c, k, k]`, output
@@ -551,6 +642,8 @@ pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<T
 /// Training-mode BatchNorm of a contiguous `[B, C, H, W]` input (`[B, C]` is `H = W = 1`).
 struct BnTrain {
     dims: [usize; 4],
+    /// Apply a ReLU to the output (and its derivative in the backward pass).
+    relu: bool,
     eps: f64,
     momentum: f64,
     /// Running mean and variance (f32 `[C]`), moved in place by the forward pass.
@@ -659,6 +752,9 @@ impl CustomOp3 for BnTrain {
             }
             .result()
             .map_err(err)?;
+            if self.relu {
+                relu_in_place(&h, &xd, py)?;
+            }
         }
         *self.saved.lock().expect("batchnorm saved statistics") = Some((mean, inv_std));
         Ok((y, xl.shape().clone()))
@@ -668,10 +764,16 @@ impl CustomOp3 for BnTrain {
         x: &Tensor,
         w: &Tensor,
         _b: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
+        // Through the ReLU first: the BatchNorm's own output gradient.
+        let grad = if self.relu {
+            res.apply_op2_no_bwd(&grad, &ReluBackward)?
+        } else {
+            grad
+        };
         let saved = self.saved.lock().expect("batchnorm saved statistics");
         let Some((mean, inv_std)) = saved.as_ref() else {
             bail!("BatchNorm backward before its forward pass")
@@ -744,7 +846,7 @@ impl CustomOp3 for BnTrain {
 /// Training-mode BatchNorm through cuDNN: normalises `x` (`[B, C]` or `[B, C, H, W]`, f32 or
 /// bf16) with its batch statistics and the f32 `weight`/`bias`; when `running` is given, moves
 /// the running mean and variance in place (`r ← (1 − momentum)·r + momentum·batch`, unbiased
-/// batch variance), as PyTorch does.
+/// batch variance), as PyTorch does. With `relu`, returns `relu(BatchNorm(x))` as one op.
 pub fn batch_norm_train(
     x: &Tensor,
     weight: &Tensor,
@@ -752,17 +854,11 @@ pub fn batch_norm_train(
     running: Option<(&Tensor, &Tensor)>,
     eps: f64,
     momentum: f64,
+    relu: bool,
 ) -> Result<Tensor> {
-    let dims = match *x.dims() {
-        [b, c] => [b, c, 1, 1],
-        [b, c, h, w] => [b, c, h, w],
-        _ => bail!(
-            "BatchNorm expects [B, C] or [B, C, H, W], got {:?}",
-            x.dims()
-        ),
-    };
     let op = BnTrain {
-        dims,
+        dims: nchw(x.dims())?,
+        relu,
         eps,
         momentum,
         running: running.map(|(m, v)| (m.clone(), v.clone())),
@@ -770,4 +866,393 @@ pub fn batch_norm_train(
     };
     x.contiguous()?
         .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)
+}
+
+/// `dx = dy · [y > 0]` from `(y, dy)`: the backward of every fused ReLU here.
+struct ReluBackward;
+
+impl CustomOp2 for ReluBackward {
+    fn name(&self) -> &'static str {
+        "cudnn-relu-backward"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_refused(self.name())
+    }
+    fn cuda_fwd(
+        &self,
+        y: &CudaStorage,
+        yl: &Layout,
+        dy: &CudaStorage,
+        dyl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = y.device().clone();
+        let stream = dev.cuda_stream();
+        let h = handle(&dev)?;
+        let desc = TensorDesc::nchw(data_type(y.dtype())?, flat4(yl.shape().elem_count()))?;
+        let mut dx = alloc(&dev, y.dtype(), yl.shape().elem_count())?;
+        {
+            let (py, _g1) = ptr(y, yl, &stream)?;
+            let (pdy, _g2) = ptr(dy, dyl, &stream)?;
+            let (pdx, _g3) = ptr_mut(&mut dx, &stream)?;
+            relu_backward(&h, &desc, py, pdy, pdx)?;
+        }
+        Ok((dx, yl.shape().clone()))
+    }
+}
+
+/// An elementwise op's view of `n` values: `[1, 1, 1, n]` (cuDNN wants 4-D descriptors).
+fn flat4(n: usize) -> [usize; 4] {
+    [1, 1, 1, n]
+}
+
+/// `relu(a + b)`, the tail of a residual block.
+struct AddRelu;
+
+impl CustomOp2 for AddRelu {
+    fn name(&self) -> &'static str {
+        "cudnn-add-relu"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_refused(self.name())
+    }
+    fn cuda_fwd(
+        &self,
+        a: &CudaStorage,
+        al: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        if al.shape() != bl.shape() || a.dtype() != b.dtype() {
+            bail!(
+                "add_relu: {:?} {:?} and {:?} {:?}",
+                al.shape(),
+                a.dtype(),
+                bl.shape(),
+                b.dtype()
+            )
+        }
+        let dev = a.device().clone();
+        let stream = dev.cuda_stream();
+        let h = handle(&dev)?;
+        let n = al.shape().elem_count();
+        let desc = TensorDesc::nchw(data_type(a.dtype())?, flat4(n))?;
+        let op = OpDesc::add()?;
+        let mut y = alloc(&dev, a.dtype(), n)?;
+        {
+            let (pa, _g1) = ptr(a, al, &stream)?;
+            let (pb, _g2) = ptr(b, bl, &stream)?;
+            let (py, _g3) = ptr_mut(&mut y, &stream)?;
+            unsafe {
+                sys::cudnnOpTensor(
+                    h.0,
+                    op.0,
+                    one(),
+                    desc.0,
+                    pa as *const c_void,
+                    one(),
+                    desc.0,
+                    pb as *const c_void,
+                    zero(),
+                    desc.0,
+                    py as *mut c_void,
+                )
+            }
+            .result()
+            .map_err(err)?;
+            relu_in_place(&h, &desc, py)?;
+        }
+        Ok((y, al.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = res.apply_op2_no_bwd(&grad.contiguous()?, &ReluBackward)?;
+        Ok((a.track_op().then(|| g.clone()), b.track_op().then_some(g)))
+    }
+}
+
+/// An elementwise addition for `cudnnOpTensor` (f32 arithmetic).
+struct OpDesc(sys::cudnnOpTensorDescriptor_t);
+
+impl OpDesc {
+    fn add() -> Result<Self> {
+        let mut raw = std::ptr::null_mut();
+        unsafe { sys::cudnnCreateOpTensorDescriptor(&mut raw) }
+            .result()
+            .map_err(err)?;
+        let d = OpDesc(raw);
+        unsafe {
+            sys::cudnnSetOpTensorDescriptor(
+                d.0,
+                sys::cudnnOpTensorOp_t::CUDNN_OP_TENSOR_ADD,
+                sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
+                sys::cudnnNanPropagation_t::CUDNN_PROPAGATE_NAN,
+            )
+        }
+        .result()
+        .map_err(err)?;
+        Ok(d)
+    }
+}
+
+impl Drop for OpDesc {
+    fn drop(&mut self) {
+        let _ = unsafe { sys::cudnnDestroyOpTensorDescriptor(self.0) };
+    }
+}
+
+/// `relu(a + b)` through cuDNN (same shape, dtype and CUDA device); the gradient reaches both.
+pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    a.contiguous()?.apply_op2(&b.contiguous()?, AddRelu)
+}
+
+/// 3×3 max-pooling with stride 2 and padding 1 (padding never wins the maximum).
+struct PoolDesc(sys::cudnnPoolingDescriptor_t);
+
+impl PoolDesc {
+    fn max_3x3_s2_p1() -> Result<Self> {
+        let mut raw = std::ptr::null_mut();
+        unsafe { sys::cudnnCreatePoolingDescriptor(&mut raw) }
+            .result()
+            .map_err(err)?;
+        let d = PoolDesc(raw);
+        unsafe {
+            sys::cudnnSetPooling2dDescriptor(
+                d.0,
+                sys::cudnnPoolingMode_t::CUDNN_POOLING_MAX_DETERMINISTIC,
+                sys::cudnnNanPropagation_t::CUDNN_PROPAGATE_NAN,
+                3,
+                3,
+                1,
+                1,
+                2,
+                2,
+            )
+        }
+        .result()
+        .map_err(err)?;
+        Ok(d)
+    }
+}
+
+impl Drop for PoolDesc {
+    fn drop(&mut self) {
+        let _ = unsafe { sys::cudnnDestroyPoolingDescriptor(self.0) };
+    }
+}
+
+fn pool_dims(x: [usize; 4]) -> [usize; 4] {
+    [x[0], x[1], (x[2] - 1) / 2 + 1, (x[3] - 1) / 2 + 1]
+}
+
+struct MaxPool;
+/// `dx` from `(x, y, dy)`.
+struct MaxPoolBackward;
+
+impl CustomOp1 for MaxPool {
+    fn name(&self) -> &'static str {
+        "cudnn-max-pool"
+    }
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        cpu_refused(self.name())
+    }
+    fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
+        let dev = x.device().clone();
+        let stream = dev.cuda_stream();
+        let h = handle(&dev)?;
+        let dt = data_type(x.dtype())?;
+        let xd4 = nchw(xl.dims())?;
+        let yd4 = pool_dims(xd4);
+        let (xd, yd) = (TensorDesc::nchw(dt, xd4)?, TensorDesc::nchw(dt, yd4)?);
+        let pool = PoolDesc::max_3x3_s2_p1()?;
+        let mut y = alloc(&dev, x.dtype(), yd4.iter().product())?;
+        {
+            let (px, _g1) = ptr(x, xl, &stream)?;
+            let (py, _g2) = ptr_mut(&mut y, &stream)?;
+            unsafe {
+                sys::cudnnPoolingForward(
+                    h.0,
+                    pool.0,
+                    one(),
+                    xd.0,
+                    px as *const c_void,
+                    zero(),
+                    yd.0,
+                    py as *mut c_void,
+                )
+            }
+            .result()
+            .map_err(err)?;
+        }
+        Ok((y, Shape::from(yd4.to_vec())))
+    }
+    fn bwd(&self, x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op3_no_bwd(
+            res,
+            &grad.contiguous()?,
+            &MaxPoolBackward,
+        )?))
+    }
+}
+
+impl CustomOp3 for MaxPoolBackward {
+    fn name(&self) -> &'static str {
+        "cudnn-max-pool-backward"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_refused(self.name())
+    }
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        y: &CudaStorage,
+        yl: &Layout,
+        dy: &CudaStorage,
+        dyl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = x.device().clone();
+        let stream = dev.cuda_stream();
+        let h = handle(&dev)?;
+        let dt = data_type(x.dtype())?;
+        let xd4 = nchw(xl.dims())?;
+        let (xd, yd) = (
+            TensorDesc::nchw(dt, xd4)?,
+            TensorDesc::nchw(dt, pool_dims(xd4))?,
+        );
+        let pool = PoolDesc::max_3x3_s2_p1()?;
+        let mut dx = alloc(&dev, x.dtype(), xd4.iter().product())?;
+        {
+            let (px, _g1) = ptr(x, xl, &stream)?;
+            let (py, _g2) = ptr(y, yl, &stream)?;
+            let (pdy, _g3) = ptr(dy, dyl, &stream)?;
+            let (pdx, _g4) = ptr_mut(&mut dx, &stream)?;
+            unsafe {
+                sys::cudnnPoolingBackward(
+                    h.0,
+                    pool.0,
+                    one(),
+                    yd.0,
+                    py as *const c_void,
+                    yd.0,
+                    pdy as *const c_void,
+                    xd.0,
+                    px as *const c_void,
+                    zero(),
+                    xd.0,
+                    pdx as *mut c_void,
+                )
+            }
+            .result()
+            .map_err(err)?;
+        }
+        Ok((dx, xl.shape().clone()))
+    }
+}
+
+/// The ResNet stem's max-pooling (3×3, stride 2, padding 1) of a contiguous `[B, C, H, W]`
+/// CUDA tensor. Where several inputs of a window tie for the maximum, the gradient goes to
+/// one of them, as in PyTorch.
+pub fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(MaxPool)
+}
+
+/// PyTorch's SGD step for one f32 CUDA variable `p` with gradient `g`, in place on the device:
+/// with momentum μ, `buf ← μ·buf + g + λ·p` (`buf ← g + λ·p` on the first step, when `buf` is
+/// `None`), then `p ← p − lr·buf`; without momentum `p ← (1 − lr·λ)·p − lr·g`. Returns the
+/// momentum buffer (the one passed in, updated in place, or a new one; `None` without momentum).
+pub fn sgd_update(
+    param: &Tensor,
+    grad: &Tensor,
+    buf: Option<&Tensor>,
+    lr: f64,
+    momentum: f64,
+    weight_decay: f64,
+) -> Result<Option<Tensor>> {
+    let grad = grad.contiguous()?;
+    if param.dtype() != DType::F32 || grad.dtype() != DType::F32 || !param.is_contiguous() {
+        bail!("sgd_update needs contiguous f32 tensors")
+    }
+    if param.shape() != grad.shape() {
+        bail!(
+            "sgd_update: parameter {:?}, gradient {:?}",
+            param.shape(),
+            grad.shape()
+        )
+    }
+    let buf = match (momentum != 0.0, buf) {
+        (false, _) => None,
+        (true, Some(b)) => Some((b.clone(), false)),
+        (true, None) => Some((grad.copy()?, true)),
+    };
+    let (ps, pl) = param.storage_and_layout();
+    let (gs, gl) = grad.storage_and_layout();
+    let (ps, gs) = (cuda_of(&ps)?, cuda_of(&gs)?);
+    let dev = ps.device().clone();
+    let stream = dev.cuda_stream();
+    let h = handle(&dev)?;
+    let desc = TensorDesc::nchw(
+        sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
+        flat4(pl.shape().elem_count()),
+    )?;
+    let (pp, _g1) = ptr(ps, pl, &stream)?;
+    let (pg, _g2) = ptr(gs, gl, &stream)?;
+    // C ← alpha·A + beta·C on the device.
+    let add = |alpha: f64, a: u64, beta: f64, c: u64| -> Result<()> {
+        let (alpha, beta) = (alpha as f32, beta as f32);
+        unsafe {
+            sys::cudnnAddTensor(
+                h.0,
+                &alpha as *const f32 as *const c_void,
+                desc.0,
+                a as *const c_void,
+                &beta as *const f32 as *const c_void,
+                desc.0,
+                c as *mut c_void,
+            )
+        }
+        .result()
+        .map_err(err)
+    };
+    let Some((buf, fresh)) = buf else {
+        add(-lr, pg, 1.0 - lr * weight_decay, pp)?;
+        return Ok(None);
+    };
+    {
+        let (bs, bl) = buf.storage_and_layout();
+        let bs = cuda_of(&bs)?;
+        let (pb, _g3) = ptr(bs, bl, &stream)?;
+        if !fresh {
+            add(1.0, pg, momentum, pb)?;
+        }
+        if weight_decay != 0.0 {
+            add(weight_decay, pp, 1.0, pb)?;
+        }
+        add(-lr, pb, 1.0, pp)?;
+    }
+    Ok(Some(buf))
 }
