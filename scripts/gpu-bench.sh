@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Every GPU check of issue #9 in one run, for a machine with an NVIDIA GPU and no network:
 #   1. the GPU-against-CPU tests of crates/backbone/tests/gpu.rs (f32, TF32, bf16);
-#   2. the five workloads of BENCHMARKS.md's table (`xtask bench table`) at f32, tf32 and bf16;
-#   3. the same ResNet-50 steps on candle's own CUDA convolution and BatchNorm
-#      (SIMTRANS_CUDNN=0), the "before" figures on the same card;
-#   4. the demo pipeline end to end on the GPU (`xtask reproduce --device cuda`), time-limited.
+#   2. the five workloads of BENCHMARKS.md's table (`xtask bench table`) at f32, tf32 and bf16,
+#      and at tf32 and bf16 with measured algorithm choice (SIMTRANS_CUDNN_FIND=1);
+#   3. candle's own CUDA convolution and BatchNorm (SIMTRANS_CUDNN=0): the "before" figures;
+#   4. the demo pipeline end to end on the GPU (`xtask reproduce --device cuda`) at each
+#      precision, for the accuracy cost of tf32 and bf16; each run time-limited (DEMO_LIMIT).
 #
 #   scripts/gpu-bench.sh [BIN_DIR] [OUT_DIR]
+#   SECTIONS="tests table" scripts/gpu-bench.sh     # a subset (tests table pool candle demo)
 #
 # BIN_DIR holds `xtask` and `gpu-tests` (plain or .xz), as scripts/build-gpu-bins.sh leaves them;
-# OUT_DIR (default $OUT, else ./gpu-bench-out) receives gpu.txt, log.txt and one JSON per run.
+# OUT_DIR (default $OUT, else ./gpu-bench-out) receives gpu.txt, log.txt and results.json.
 # Needs nothing but the binaries, the NVIDIA driver and the CUDA 13 / cuDNN 9 libraries
 # (PyTorch's wheels provide them; they are located below if the loader does not know them).
 set -uo pipefail
@@ -44,22 +46,58 @@ date -u +%FT%TZ >>"$OUT/gpu.txt"
 cat "$OUT/gpu.txt" | tee -a "$LOG"
 
 cd "$WORK" || exit 1
+SECTIONS=${SECTIONS:-tests table candle demo}
+want() { [[ " $SECTIONS " == *" $1 "* ]]; }
+
+if want tests; then
 say "1. GPU against CPU"
 SIMTRANS_REQUIRE_GPU=1 timeout 300 ./gpu-tests --test-threads 1 --nocapture 2>&1 | tee -a "$LOG"
+fi
 
-say "2. the table at f32, tf32, bf16"
+# Every JSON result goes into one file (the device tool returns at most 8 files), rebuilt after
+# each step so a run cut short still returns what it measured.
+collect() {
+  python3 - "$WORK/runs" "$OUT/results.json" <<'PY'
+import json, pathlib, sys
+runs, out = pathlib.Path(sys.argv[1]), {}
+for f in sorted(runs.glob("*/bench-*.json")) + sorted(runs.glob("*/eval.json")):
+    out[f"{f.parent.name}/{f.name}"] = json.loads(f.read_text())
+pathlib.Path(sys.argv[2]).write_text(json.dumps(out, indent=1))
+PY
+}
+
+if want table; then
+say "2. the table at f32, tf32, bf16 (cuDNN heuristics), then tf32 and bf16 with measured algorithms"
 for p in f32 tf32 bf16; do
-  timeout 300 ./xtask bench table --device cuda --precision "$p" --runs-dir "$WORK/runs" --run "table-$p" 2>&1 | tee -a "$LOG"
-  cp "$WORK/runs/table-$p/bench-table.json" "$OUT/table-$p.json" 2>/dev/null
+  timeout 150 ./xtask bench table --device cuda --precision "$p" --runs-dir "$WORK/runs" --run "table-$p" 2>&1 | tee -a "$LOG"
+  collect
 done
+for p in tf32 bf16; do
+  SIMTRANS_CUDNN_FIND=1 timeout 150 ./xtask bench table --device cuda --precision "$p" --runs-dir "$WORK/runs" --run "table-$p-find" 2>&1 | tee -a "$LOG"
+  collect
+done
+fi
 
+if want pool; then
+say "2b. tf32 with the driver's default memory pool (SIMTRANS_POOL_RELEASE=1), for the A/B"
+SIMTRANS_POOL_RELEASE=1 timeout 150 ./xtask bench table --device cuda --precision tf32 --runs-dir "$WORK/runs" --run "table-tf32-pool-release" 2>&1 | tee -a "$LOG"
+collect
+fi
+
+if want candle; then
 say "3. candle's own CUDA convolution and BatchNorm (SIMTRANS_CUDNN=0)"
-SIMTRANS_CUDNN=0 timeout 180 ./xtask bench backbone --device cuda --runs-dir "$WORK/runs" --run candle 2>&1 | tee -a "$LOG"
-cp "$WORK/runs/candle/bench-backbone.json" "$OUT/candle-backbone.json" 2>/dev/null
+SIMTRANS_CUDNN=0 timeout 120 ./xtask bench backbone --device cuda --runs-dir "$WORK/runs" --run candle 2>&1 | tee -a "$LOG"
+collect
+fi
 
-say "4. demo pipeline on the GPU"
-start=$(date +%s)
-timeout "${DEMO_LIMIT:-240}" ./xtask reproduce --device cuda --runs-dir "$WORK/runs" --run demo-gpu 2>&1 | tail -25 | tee -a "$LOG"
-say "demo exit $? after $(($(date +%s) - start)) s"
-cp "$WORK/runs/demo-gpu/eval.json" "$OUT/demo-eval.json" 2>/dev/null
+if want demo; then
+say "4. the demo pipeline on the GPU at each precision (${DEMO_SEEDS:-2} seeds)"
+for p in f32 tf32 bf16; do
+  start=$(date +%s)
+  timeout "${DEMO_LIMIT:-120}" ./xtask reproduce --device cuda --precision "$p" --seeds "${DEMO_SEEDS:-2}" \
+    --runs-dir "$WORK/runs" --run "demo-$p" 2>&1 | tail -4 | tee -a "$LOG"
+  say "demo $p: exit ${PIPESTATUS[0]} after $(($(date +%s) - start)) s"
+  collect
+done
+fi
 say "done"

@@ -84,12 +84,39 @@ fn handle(dev: &CudaDevice) -> Result<Rc<Handle>> {
         }
         let stream = dev.cuda_stream();
         stream.context().bind_to_thread().map_err(err)?;
+        keep_freed_memory(stream.context())?;
         let raw = dnn::create_handle().map_err(err)?;
         let made = Rc::new(Handle(raw));
         unsafe { dnn::set_stream(raw, stream.cu_stream() as *mut _) }.map_err(err)?;
         h.insert(dev.id(), made.clone());
         Ok(made)
     })
+}
+
+/// Tells the device's stream-ordered memory pool (which candle allocates from) to keep freed
+/// memory instead of returning it to the driver at every synchronisation, its default: a
+/// training step reads its loss back, so otherwise every step would map its working memory
+/// afresh. PyTorch's caching allocator behaves like this too. `SIMTRANS_POOL_RELEASE=1`
+/// keeps the driver's default, to measure the difference.
+fn keep_freed_memory(ctx: &cudarc::driver::CudaContext) -> Result<()> {
+    use cudarc::driver::sys as drv;
+    if std::env::var("SIMTRANS_POOL_RELEASE").is_ok_and(|v| v == "1") || !ctx.has_async_alloc() {
+        return Ok(());
+    }
+    let mut pool: drv::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    unsafe {
+        drv::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+            .result()
+            .map_err(err)?;
+        drv::cuMemPoolSetAttribute(
+            pool,
+            drv::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &mut threshold as *mut u64 as *mut c_void,
+        )
+        .result()
+        .map_err(err)
+    }
 }
 
 fn data_type(dtype: DType) -> Result<sys::cudnnDataType_t> {
@@ -268,6 +295,22 @@ struct Descs {
     conv: ConvDesc,
 }
 
+/// cuDNN's default math allows TF32 for f32 data on Ampere and later; exact f32 needs FMA.
+fn math_type(p: Precision, dtype: DType) -> sys::cudnnMathType_t {
+    match (p, dtype) {
+        (Precision::F32, DType::F32) => sys::cudnnMathType_t::CUDNN_FMA_MATH,
+        _ => sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH,
+    }
+}
+
+/// Whether convolution algorithms are chosen by running them (`SIMTRANS_CUDNN_FIND=1`,
+/// PyTorch's `cudnn.benchmark = True`: faster, and the choice may differ between runs) rather
+/// than by cuDNN's heuristics (the default: the same algorithms every run).
+pub fn find_mode() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("SIMTRANS_CUDNN_FIND").is_ok_and(|v| v == "1"))
+}
+
 fn descs(g: &Geom, dtype: DType, p: Precision) -> Result<Descs> {
     let dt = data_type(dtype)?;
     let w = FilterDesc(dnn::create_filter_descriptor().map_err(err)?);
@@ -296,12 +339,7 @@ fn descs(g: &Geom, dtype: DType, p: Precision) -> Result<Descs> {
         )
     }
     .map_err(err)?;
-    // cuDNN's default math allows TF32 for f32 data on Ampere and later; exact f32 needs FMA.
-    let math = match (p, dtype) {
-        (Precision::F32, DType::F32) => sys::cudnnMathType_t::CUDNN_FMA_MATH,
-        _ => sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH,
-    };
-    unsafe { dnn::set_convolution_math_type(conv.0, math) }.map_err(err)?;
+    unsafe { dnn::set_convolution_math_type(conv.0, math_type(p, dtype)) }.map_err(err)?;
     Ok(Descs {
         x: TensorDesc::nchw(dt, g.x_dims())?,
         w,
@@ -310,8 +348,9 @@ fn descs(g: &Geom, dtype: DType, p: Precision) -> Result<Descs> {
     })
 }
 
-/// The heuristically best algorithm for a pass (0 forward, 1 backward-data, 2 backward-filter)
-/// and its workspace size, cached per geometry.
+/// The best algorithm for a pass (0 forward, 1 backward-data, 2 backward-filter) in the
+/// requested math (heuristics, or measured with [`find_mode`]) and its workspace size, cached
+/// per geometry.
 fn algorithm(pass: u8, h: &Handle, d: &Descs, g: &Geom, dtype: DType) -> Result<(Algo, usize)> {
     let p = precision();
     let key = (pass, *g, dtype, p);
@@ -320,24 +359,47 @@ fn algorithm(pass: u8, h: &Handle, d: &Descs, g: &Geom, dtype: DType) -> Result<
     }
     const MAX: usize = 8;
     let mut count = 0i32;
+    let find = find_mode();
+    // Heuristics honour the descriptor's math type (the f32 tests hold to 1e-6). A measured
+    // search may report tensor-op algorithms; exact f32 must not take them.
+    let fma = math_type(p, dtype) == sys::cudnnMathType_t::CUDNN_FMA_MATH;
+    let exact_enough =
+        |m: sys::cudnnMathType_t| !find || !fma || m == sys::cudnnMathType_t::CUDNN_FMA_MATH;
     let chosen = unsafe {
         match pass {
             0 => {
                 let mut perf: [sys::cudnnConvolutionFwdAlgoPerf_t; MAX] = std::mem::zeroed();
-                dnn::get_convolution_forward_algorithm(
-                    h.0,
-                    d.x.0,
-                    d.w.0,
-                    d.conv.0,
-                    d.y.0,
-                    MAX as i32,
-                    &mut count,
-                    perf.as_mut_ptr(),
-                )
+                if find {
+                    sys::cudnnFindConvolutionForwardAlgorithm(
+                        h.0,
+                        d.x.0,
+                        d.w.0,
+                        d.conv.0,
+                        d.y.0,
+                        MAX as i32,
+                        &mut count,
+                        perf.as_mut_ptr(),
+                    )
+                    .result()
+                } else {
+                    dnn::get_convolution_forward_algorithm(
+                        h.0,
+                        d.x.0,
+                        d.w.0,
+                        d.conv.0,
+                        d.y.0,
+                        MAX as i32,
+                        &mut count,
+                        perf.as_mut_ptr(),
+                    )
+                }
                 .map_err(err)?;
                 let best = perf[..count as usize]
                     .iter()
-                    .find(|r| r.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS)
+                    .find(|r| {
+                        r.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS
+                            && exact_enough(r.mathType)
+                    })
                     .ok_or_else(|| err("no forward algorithm for this convolution"))?;
                 let ws = dnn::get_convolution_forward_workspace_size(
                     h.0, d.x.0, d.w.0, d.conv.0, d.y.0, best.algo,
@@ -347,20 +409,37 @@ fn algorithm(pass: u8, h: &Handle, d: &Descs, g: &Geom, dtype: DType) -> Result<
             }
             1 => {
                 let mut perf: [sys::cudnnConvolutionBwdDataAlgoPerf_t; MAX] = std::mem::zeroed();
-                dnn::get_convolution_backward_data_algorithm(
-                    h.0,
-                    d.w.0,
-                    d.y.0,
-                    d.conv.0,
-                    d.x.0,
-                    MAX as i32,
-                    &mut count,
-                    perf.as_mut_ptr(),
-                )
+                if find {
+                    sys::cudnnFindConvolutionBackwardDataAlgorithm(
+                        h.0,
+                        d.w.0,
+                        d.y.0,
+                        d.conv.0,
+                        d.x.0,
+                        MAX as i32,
+                        &mut count,
+                        perf.as_mut_ptr(),
+                    )
+                    .result()
+                } else {
+                    dnn::get_convolution_backward_data_algorithm(
+                        h.0,
+                        d.w.0,
+                        d.y.0,
+                        d.conv.0,
+                        d.x.0,
+                        MAX as i32,
+                        &mut count,
+                        perf.as_mut_ptr(),
+                    )
+                }
                 .map_err(err)?;
                 let best = perf[..count as usize]
                     .iter()
-                    .find(|r| r.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS)
+                    .find(|r| {
+                        r.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS
+                            && exact_enough(r.mathType)
+                    })
                     .ok_or_else(|| err("no backward-data algorithm for this convolution"))?;
                 let ws = dnn::get_convolution_backward_data_workspace_size(
                     h.0, d.w.0, d.y.0, d.conv.0, d.x.0, best.algo,
@@ -370,20 +449,37 @@ fn algorithm(pass: u8, h: &Handle, d: &Descs, g: &Geom, dtype: DType) -> Result<
             }
             _ => {
                 let mut perf: [sys::cudnnConvolutionBwdFilterAlgoPerf_t; MAX] = std::mem::zeroed();
-                dnn::get_convolution_backward_filter_algorithm(
-                    h.0,
-                    d.x.0,
-                    d.y.0,
-                    d.conv.0,
-                    d.w.0,
-                    MAX as i32,
-                    &mut count,
-                    perf.as_mut_ptr(),
-                )
+                if find {
+                    sys::cudnnFindConvolutionBackwardFilterAlgorithm(
+                        h.0,
+                        d.x.0,
+                        d.y.0,
+                        d.conv.0,
+                        d.w.0,
+                        MAX as i32,
+                        &mut count,
+                        perf.as_mut_ptr(),
+                    )
+                    .result()
+                } else {
+                    dnn::get_convolution_backward_filter_algorithm(
+                        h.0,
+                        d.x.0,
+                        d.y.0,
+                        d.conv.0,
+                        d.w.0,
+                        MAX as i32,
+                        &mut count,
+                        perf.as_mut_ptr(),
+                    )
+                }
                 .map_err(err)?;
                 let best = perf[..count as usize]
                     .iter()
-                    .find(|r| r.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS)
+                    .find(|r| {
+                        r.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS
+                            && exact_enough(r.mathType)
+                    })
                     .ok_or_else(|| err("no backward-filter algorithm for this convolution"))?;
                 let ws = dnn::get_convolution_backward_filter_workspace_size(
                     h.0, d.x.0, d.y.0, d.conv.0, d.w.0, best.algo,
