@@ -112,6 +112,35 @@ impl BatchNorm {
             )
         }
         let batch = x.dim(0)?;
+        #[cfg(feature = "cuda")]
+        if mode.is_training()
+            && simtrans_core::cudnn::enabled()
+            && x.device().is_cuda()
+            && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16)
+        {
+            // One fused cuDNN op each way, the split halves included (statistics in f32
+            // whatever the activations' dtype).
+            if x.elem_count() / self.channels < 2 {
+                bail!(
+                    "BatchNorm in training mode needs more than one value per channel, got input {:?}",
+                    x.dims()
+                )
+            }
+            let split = match mode {
+                BnMode::Split(n) => Some(n),
+                _ => None,
+            };
+            return simtrans_core::cudnn::batch_norm_train(
+                x,
+                &self.weight,
+                &self.bias,
+                Some((self.running_mean.as_tensor(), self.running_var.as_tensor())),
+                split,
+                EPS,
+                MOMENTUM,
+                relu,
+            );
+        }
         match mode {
             BnMode::Eval if relu => self.eval(x)?.relu(),
             BnMode::Eval => self.eval(x),
@@ -155,24 +184,6 @@ impl BatchNorm {
                 "BatchNorm in training mode needs more than one value per channel, got input {:?}",
                 x.dims()
             )
-        }
-        #[cfg(feature = "cuda")]
-        if simtrans_core::cudnn::enabled()
-            && x.device().is_cuda()
-            && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16)
-        {
-            // One fused cuDNN pass each way (statistics in f32 whatever the activations' dtype).
-            let running =
-                update.then(|| (self.running_mean.as_tensor(), self.running_var.as_tensor()));
-            return simtrans_core::cudnn::batch_norm_train(
-                x,
-                &self.weight,
-                &self.bias,
-                running,
-                EPS,
-                MOMENTUM,
-                relu,
-            );
         }
         // Statistics in f32 at least, whatever the activations' dtype.
         let xs = if x.dtype() == DType::F64 {

@@ -735,20 +735,33 @@ pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<T
     x.contiguous()?.apply_op2(&w.contiguous()?, ConvFwd(g))
 }
 
-/// Training-mode BatchNorm of a contiguous `[B, C, H, W]` input (`[B, C]` is `H = W = 1`).
+/// Training-mode BatchNorm of a contiguous `[B, C, H, W]` input (`[B, C]` is `H = W = 1`),
+/// over one or two row ranges of the batch (the split mode normalises each with its own
+/// statistics; both are contiguous in memory, so each is one cuDNN call on an offset pointer).
 struct BnTrain {
     dims: [usize; 4],
+    /// `(first row, rows, moves the running statistics)` of each range.
+    parts: Vec<(usize, usize, bool)>,
     /// Apply a ReLU to the output (and its derivative in the backward pass).
     relu: bool,
     eps: f64,
     momentum: f64,
     /// Running mean and variance (f32 `[C]`), moved in place by the forward pass.
     running: Option<(Tensor, Tensor)>,
-    /// The batch mean and inverse standard deviation cuDNN saved for the backward pass.
-    saved: Mutex<Option<(CudaSlice<f32>, CudaSlice<f32>)>>,
+    /// Per range, the batch mean and inverse standard deviation cuDNN saved for the backward.
+    saved: Mutex<Vec<(CudaSlice<f32>, CudaSlice<f32>)>>,
 }
 
-fn cuda_of<'a>(s: &'a Storage) -> Result<&'a CudaStorage> {
+impl BnTrain {
+    /// The descriptor of one range and its offset in bytes from the start of the tensor.
+    fn part(&self, dtype: DType, start: usize, rows: usize) -> Result<(TensorDesc, u64)> {
+        let [_, c, h, w] = self.dims;
+        let desc = TensorDesc::nchw(data_type(dtype)?, [rows, c, h, w])?;
+        Ok((desc, (start * c * h * w * dtype.size_in_bytes()) as u64))
+    }
+}
+
+fn cuda_of(s: &Storage) -> Result<&CudaStorage> {
     match s {
         Storage::Cuda(s) => Ok(s),
         _ => bail!("the cuDNN BatchNorm needs every tensor on the CUDA device"),
@@ -797,11 +810,9 @@ impl CustomOp3 for BnTrain {
         let stream = dev.cuda_stream();
         let h = handle(&dev)?;
         let c = self.dims[1];
-        let xd = TensorDesc::nchw(data_type(x.dtype())?, self.dims)?;
         let pd = TensorDesc::nchw(sys::cudnnDataType_t::CUDNN_DATA_FLOAT, [1, c, 1, 1])?;
         let mut y = alloc(&dev, x.dtype(), self.dims.iter().product())?;
-        let mut mean = unsafe { dev.alloc::<f32>(c) }?;
-        let mut inv_std = unsafe { dev.alloc::<f32>(c) }?;
+        let mut saved = Vec::with_capacity(self.parts.len());
         {
             let locks = self
                 .running
@@ -822,37 +833,46 @@ impl CustomOp3 for BnTrain {
             let (pw, _gw) = f32_param_ptr(w, wl, &stream)?;
             let (pb, _gb) = f32_param_ptr(b, bl, &stream)?;
             let (py, _gy) = ptr_mut(&mut y, &stream)?;
-            let (pmean, _g1) = mean.device_ptr_mut(&stream);
-            let (pinv, _g2) = inv_std.device_ptr_mut(&stream);
-            let (one, zero) = (1f32, 0f32);
-            unsafe {
-                sys::cudnnBatchNormalizationForwardTraining(
-                    h.0,
-                    sys::cudnnBatchNormMode_t::CUDNN_BATCHNORM_SPATIAL,
-                    &one as *const f32 as *const c_void,
-                    &zero as *const f32 as *const c_void,
-                    xd.0,
-                    px as *const c_void,
-                    xd.0,
-                    py as *mut c_void,
-                    pd.0,
-                    pw as *const c_void,
-                    pb as *const c_void,
-                    self.momentum,
-                    pm as *mut c_void,
-                    pv as *mut c_void,
-                    self.eps,
-                    pmean as *mut c_void,
-                    pinv as *mut c_void,
-                )
+            for &(start, rows, update) in &self.parts {
+                let (xd, off) = self.part(x.dtype(), start, rows)?;
+                let mut mean = unsafe { dev.alloc::<f32>(c) }?;
+                let mut inv_std = unsafe { dev.alloc::<f32>(c) }?;
+                {
+                    let (pmean, _g1) = mean.device_ptr_mut(&stream);
+                    let (pinv, _g2) = inv_std.device_ptr_mut(&stream);
+                    let (pm, pv) = if update { (pm, pv) } else { (0, 0) };
+                    unsafe {
+                        sys::cudnnBatchNormalizationForwardTraining(
+                            h.0,
+                            sys::cudnnBatchNormMode_t::CUDNN_BATCHNORM_SPATIAL,
+                            one(),
+                            zero(),
+                            xd.0,
+                            (px + off) as *const c_void,
+                            xd.0,
+                            (py + off) as *mut c_void,
+                            pd.0,
+                            pw as *const c_void,
+                            pb as *const c_void,
+                            self.momentum,
+                            pm as *mut c_void,
+                            pv as *mut c_void,
+                            self.eps,
+                            pmean as *mut c_void,
+                            pinv as *mut c_void,
+                        )
+                    }
+                    .result()
+                    .map_err(err)?;
+                }
+                saved.push((mean, inv_std));
             }
-            .result()
-            .map_err(err)?;
             if self.relu {
-                relu_in_place(&h, &xd, py)?;
+                let all = TensorDesc::nchw(data_type(x.dtype())?, self.dims)?;
+                relu_in_place(&h, &all, py)?;
             }
         }
-        *self.saved.lock().expect("batchnorm saved statistics") = Some((mean, inv_std));
+        *self.saved.lock().expect("batchnorm saved statistics") = saved;
         Ok((y, xl.shape().clone()))
     }
     fn bwd(
@@ -871,9 +891,9 @@ impl CustomOp3 for BnTrain {
             grad
         };
         let saved = self.saved.lock().expect("batchnorm saved statistics");
-        let Some((mean, inv_std)) = saved.as_ref() else {
+        if saved.len() != self.parts.len() {
             bail!("BatchNorm backward before its forward pass")
-        };
+        }
         let c = self.dims[1];
         let (xs, xl) = x.storage_and_layout();
         let (gs, gl) = grad.storage_and_layout();
@@ -882,7 +902,6 @@ impl CustomOp3 for BnTrain {
         let dev = xs.device().clone();
         let stream = dev.cuda_stream();
         let h = handle(&dev)?;
-        let xd = TensorDesc::nchw(data_type(xs.dtype())?, self.dims)?;
         let pd = TensorDesc::nchw(sys::cudnnDataType_t::CUDNN_DATA_FLOAT, [1, c, 1, 1])?;
         let mut dx = alloc(&dev, xs.dtype(), self.dims.iter().product())?;
         let mut dw = alloc(&dev, DType::F32, c)?;
@@ -894,38 +913,40 @@ impl CustomOp3 for BnTrain {
             let (pdx, _g1) = ptr_mut(&mut dx, &stream)?;
             let (pdw, _g2) = ptr_mut(&mut dw, &stream)?;
             let (pdb, _g3) = ptr_mut(&mut db, &stream)?;
-            let (pm, _g4) = mean.device_ptr(&stream);
-            let (pi, _g5) = inv_std.device_ptr(&stream);
-            let (one, zero) = (1f32, 0f32);
-            let (one, zero) = (
-                &one as *const f32 as *const c_void,
-                &zero as *const f32 as *const c_void,
-            );
-            unsafe {
-                sys::cudnnBatchNormalizationBackward(
-                    h.0,
-                    sys::cudnnBatchNormMode_t::CUDNN_BATCHNORM_SPATIAL,
-                    one,
-                    zero,
-                    one,
-                    zero,
-                    xd.0,
-                    px as *const c_void,
-                    xd.0,
-                    pg as *const c_void,
-                    xd.0,
-                    pdx as *mut c_void,
-                    pd.0,
-                    pw as *const c_void,
-                    pdw as *mut c_void,
-                    pdb as *mut c_void,
-                    self.eps,
-                    pm as *const c_void,
-                    pi as *const c_void,
-                )
+            for (i, (&(start, rows, _), (mean, inv_std))) in
+                self.parts.iter().zip(saved.iter()).enumerate()
+            {
+                let (xd, off) = self.part(xs.dtype(), start, rows)?;
+                let (pm, _g4) = mean.device_ptr(&stream);
+                let (pi, _g5) = inv_std.device_ptr(&stream);
+                // The parameter gradients of the later ranges add to the first's.
+                let param_beta = if i == 0 { zero() } else { one() };
+                unsafe {
+                    sys::cudnnBatchNormalizationBackward(
+                        h.0,
+                        sys::cudnnBatchNormMode_t::CUDNN_BATCHNORM_SPATIAL,
+                        one(),
+                        zero(),
+                        one(),
+                        param_beta,
+                        xd.0,
+                        (px + off) as *const c_void,
+                        xd.0,
+                        (pg + off) as *const c_void,
+                        xd.0,
+                        (pdx + off) as *mut c_void,
+                        pd.0,
+                        pw as *const c_void,
+                        pdw as *mut c_void,
+                        pdb as *mut c_void,
+                        self.eps,
+                        pm as *const c_void,
+                        pi as *const c_void,
+                    )
+                }
+                .result()
+                .map_err(err)?;
             }
-            .result()
-            .map_err(err)?;
         }
         let wrap = |s: CudaStorage, shape: &Shape| {
             Tensor::from_storage(Storage::Cuda(s), shape.clone(), BackpropOp::none(), false)
@@ -942,23 +963,37 @@ impl CustomOp3 for BnTrain {
 /// Training-mode BatchNorm through cuDNN: normalises `x` (`[B, C]` or `[B, C, H, W]`, f32 or
 /// bf16) with its batch statistics and the f32 `weight`/`bias`; when `running` is given, moves
 /// the running mean and variance in place (`r ← (1 − momentum)·r + momentum·batch`, unbiased
-/// batch variance), as PyTorch does. With `relu`, returns `relu(BatchNorm(x))` as one op.
+/// batch variance), as PyTorch does. With `split = Some(n)`, rows `[0, n)` and `[n, B)` are
+/// normalised separately and only the first range moves the running statistics (the
+/// reference's two-GPU DataParallel). With `relu`, returns `relu(BatchNorm(x))` as one op.
+#[allow(clippy::too_many_arguments)]
 pub fn batch_norm_train(
     x: &Tensor,
     weight: &Tensor,
     bias: &Tensor,
     running: Option<(&Tensor, &Tensor)>,
+    split: Option<usize>,
     eps: f64,
     momentum: f64,
     relu: bool,
 ) -> Result<Tensor> {
+    let dims = nchw(x.dims())?;
+    let batch = dims[0];
+    let update = running.is_some();
+    let parts = match split {
+        None => vec![(0, batch, update)],
+        Some(n) if n == batch => vec![(0, batch, update)],
+        Some(n) if n > 0 && n < batch => vec![(0, n, update), (n, batch - n, false)],
+        Some(n) => bail!("BatchNorm split at {n} needs 0 < n <= batch size {batch}"),
+    };
     let op = BnTrain {
-        dims: nchw(x.dims())?,
+        dims,
+        parts,
         relu,
         eps,
         momentum,
         running: running.map(|(m, v)| (m.clone(), v.clone())),
-        saved: Mutex::new(None),
+        saved: Mutex::new(Vec::new()),
     };
     x.contiguous()?
         .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)
