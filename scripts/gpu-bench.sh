@@ -8,7 +8,7 @@
 #      precision, for the accuracy cost of tf32 and bf16; each run time-limited (DEMO_LIMIT).
 #
 #   scripts/gpu-bench.sh [BIN_DIR] [OUT_DIR]
-#   SECTIONS="tests table" scripts/gpu-bench.sh     # a subset (tests table pool candle demo)
+#   SECTIONS="tests table" scripts/gpu-bench.sh     # a subset (tests table quick ab candle demo)
 #
 # BIN_DIR holds `xtask` and `gpu-tests` (plain or .xz), as scripts/build-gpu-bins.sh leaves them;
 # OUT_DIR (default $OUT, else ./gpu-bench-out) receives gpu.txt, log.txt and results.json.
@@ -52,6 +52,8 @@ want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 if want tests; then
 say "1. GPU against CPU"
 SIMTRANS_REQUIRE_GPU=1 timeout 300 ./gpu-tests --test-threads 1 --nocapture 2>&1 | tee -a "$LOG"
+say "1b. whole-network steps with the layer-by-layer path (SIMTRANS_FUSED_BLOCKS=0)"
+SIMTRANS_FUSED_BLOCKS=0 SIMTRANS_REQUIRE_GPU=1 timeout 300 ./gpu-tests resnet_training_step --nocapture 2>&1 | tee -a "$LOG"
 fi
 
 # Every JSON result goes into one file (the device tool returns at most 8 files), rebuilt after
@@ -78,10 +80,24 @@ for p in tf32 bf16; do
 done
 fi
 
-if want pool; then
-say "2b. tf32 with the driver's default memory pool (SIMTRANS_POOL_RELEASE=1), for the A/B"
+if want quick; then
+say "2q. the table at tf32 and bf16, and tf32 with layer-by-layer blocks"
+for p in tf32 bf16; do
+  timeout 150 ./xtask bench table --device cuda --precision "$p" --runs-dir "$WORK/runs" --run "table-$p" 2>&1 | tee -a "$LOG"
+  collect
+done
+SIMTRANS_FUSED_BLOCKS=0 timeout 150 ./xtask bench table --device cuda --precision tf32 --runs-dir "$WORK/runs" --run "table-tf32-unfused" 2>&1 | tee -a "$LOG"
+collect
+fi
+
+if want ab; then
+say "2b. tf32 A/B: the driver's default memory pool (SIMTRANS_POOL_RELEASE=1); layer-by-layer blocks (SIMTRANS_FUSED_BLOCKS=0)"
 SIMTRANS_POOL_RELEASE=1 timeout 150 ./xtask bench table --device cuda --precision tf32 --runs-dir "$WORK/runs" --run "table-tf32-pool-release" 2>&1 | tee -a "$LOG"
 collect
+for p in tf32 bf16; do
+  SIMTRANS_FUSED_BLOCKS=0 timeout 150 ./xtask bench table --device cuda --precision "$p" --runs-dir "$WORK/runs" --run "table-$p-unfused" 2>&1 | tee -a "$LOG"
+  collect
+done
 fi
 
 if want candle; then

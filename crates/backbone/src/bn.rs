@@ -70,6 +70,17 @@ impl BatchNorm {
         })
     }
 
+    /// Weight, bias, running mean and running variance (the running statistics are the
+    /// variables themselves: a fused kernel moves them in place).
+    pub fn tensors(&self) -> [&Tensor; 4] {
+        [
+            &self.weight,
+            &self.bias,
+            self.running_mean.as_tensor(),
+            self.running_var.as_tensor(),
+        ]
+    }
+
     /// The number of channels.
     pub fn channels(&self) -> usize {
         self.channels

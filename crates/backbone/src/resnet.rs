@@ -159,6 +159,10 @@ impl Block {
     }
 
     fn forward(&self, x: &Tensor, mode: BnMode) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(y) = self.fused(x, mode)? {
+            return Ok(y);
+        }
         match self {
             Block::Basic {
                 conv1,
@@ -186,6 +190,81 @@ impl Block {
                 add_relu(&y, &Downsample::forward(down, x, mode)?)
             }
         }
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl Block {
+    /// The whole block as one cuDNN op ([`simtrans_core::cudnn::residual_block`]) when it
+    /// trains on a CUDA device; `None` where the layer-by-layer path applies.
+    fn fused(&self, x: &Tensor, mode: BnMode) -> Result<Option<Tensor>> {
+        use simtrans_core::cudnn::{self, BlockUnit};
+        if !(mode.is_training()
+            && cudnn::enabled()
+            && cudnn::fused_blocks()
+            && x.device().is_cuda()
+            && matches!(x.dtype(), DType::F32 | DType::BF16))
+        {
+            return Ok(None);
+        }
+        fn unit<'a>(c: &'a Conv, bn: &'a BatchNorm, relu: bool) -> BlockUnit<'a> {
+            BlockUnit {
+                weight: &c.weight,
+                stride: c.stride,
+                padding: c.padding,
+                bn: bn.tensors(),
+                relu,
+            }
+        }
+        let (main, down) = match self {
+            Block::Basic {
+                conv1,
+                bn1,
+                conv2,
+                bn2,
+                down,
+            } => (vec![unit(conv1, bn1, true), unit(conv2, bn2, false)], down),
+            Block::Bottleneck {
+                conv1,
+                bn1,
+                conv2,
+                bn2,
+                conv3,
+                bn3,
+                down,
+            } => (
+                vec![
+                    unit(conv1, bn1, true),
+                    unit(conv2, bn2, true),
+                    unit(conv3, bn3, false),
+                ],
+                down,
+            ),
+        };
+        // Every BatchNorm needs two values per channel in each half; the layer-by-layer path
+        // reports the ones that do not have them.
+        let (b, _, h, w) = x.dims4()?;
+        let stride = main.iter().map(|u| u.stride).max().unwrap_or(1);
+        let rows = match mode {
+            BnMode::Split(n) if n < b => n.min(b - n),
+            _ => b,
+        };
+        if rows * ((h - 1) / stride + 1) * ((w - 1) / stride + 1) < 2 {
+            return Ok(None);
+        }
+        let split = match mode {
+            BnMode::Split(n) => Some(n),
+            _ => None,
+        };
+        let short = down.as_ref().map(|d| unit(&d.conv, &d.bn, false));
+        Ok(Some(cudnn::residual_block(
+            x,
+            &main,
+            short.as_ref(),
+            split,
+            crate::bn::EPS,
+            crate::bn::MOMENTUM,
+        )?))
     }
 }
 

@@ -1,5 +1,6 @@
 //! The CUDA path against the CPU path on random inputs (issue #9): each cuDNN op, forward and
-//! backward, and whole ResNet training steps in f32, TF32 and bf16.
+//! backward, and whole ResNet training steps in f32, TF32 and bf16 (basic and bottleneck
+//! blocks; run with `SIMTRANS_FUSED_BLOCKS=0` as well to cover the layer-by-layer path).
 //!
 //! These run only in a `--features cuda` build on a machine with a GPU (`scripts/gpu-bench.sh`
 //! runs them there). Anywhere else every test prints `SKIPPED` to stderr and returns, so a CPU
@@ -376,7 +377,11 @@ fn resnet_training_step_matches_the_cpu_at_each_precision() {
     };
     let _lock = PRECISION.lock().unwrap();
     let mut failed = vec![];
-    for (arch, width, side) in [(Arch::Small, 8, 28), (Arch::Resnet18, 0, 64)] {
+    for (arch, width, side) in [
+        (Arch::Small, 8, 28),
+        (Arch::Resnet18, 0, 64),
+        (Arch::Resnet50, 0, 64),
+    ] {
         set_precision(Precision::F32);
         let (lc, gc) = resnet_step(&Device::Cpu, arch, width, side);
         // A whole network compounds per-op rounding; f32 stays within 1e-4 of the CPU.

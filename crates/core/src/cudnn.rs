@@ -27,7 +27,7 @@ use candle_core::cuda::{CudaDevice, CudaStorage, CudaStorageSlice};
 use candle_core::op::BackpropOp;
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage,
-    Tensor,
+    StorageRef, Tensor,
 };
 use cudarc::cudnn::{result as dnn, sys};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
@@ -68,11 +68,14 @@ enum Algo {
     Filter(sys::cudnnConvolutionBwdFilterAlgo_t),
 }
 
+/// (pass, geometry, dtype, precision) of a cached algorithm choice.
+type AlgoKey = (u8, Geom, DType, Precision);
+
 thread_local! {
     static HANDLES: RefCell<HashMap<candle_core::cuda::DeviceId, Rc<Handle>>> =
         RefCell::new(HashMap::new());
     /// (pass, geometry, dtype, math) → (algorithm, workspace bytes).
-    static ALGOS: RefCell<HashMap<(u8, Geom, DType, Precision), (Algo, usize)>> =
+    static ALGOS: RefCell<HashMap<AlgoKey, (Algo, usize)>> =
         RefCell::new(HashMap::new());
 }
 
@@ -545,6 +548,94 @@ fn ptr_mut<'a>(s: &'a mut CudaStorage, stream: &'a CudaStream) -> Result<(u64, S
 
 /// Runs one convolution pass. `a` and `b` are the two inputs of the pass (forward: x, w;
 /// backward-data: dy, w; backward-filter: x, dy); the output has `out_dims`.
+/// One convolution pass on raw device addresses: `a` and `b` are the two inputs of the pass
+/// (forward: x, w; backward-data: dy, w; backward-filter: x, dy), `out` receives the result,
+/// or has it added when `accumulate`.
+#[allow(clippy::too_many_arguments)]
+fn conv_raw(
+    dev: &CudaDevice,
+    h: &Handle,
+    pass: u8,
+    g: &Geom,
+    dtype: DType,
+    (a, b, out): (u64, u64, u64),
+    accumulate: bool,
+) -> Result<()> {
+    let stream = dev.cuda_stream();
+    let d = descs(g, dtype, precision())?;
+    let (algo, ws_bytes) = algorithm(pass, h, &d, g, dtype)?;
+    let mut work = if ws_bytes > 0 {
+        Some(unsafe { dev.alloc::<u8>(ws_bytes) }?)
+    } else {
+        None
+    };
+    let (pw, _gw) = match work.as_mut() {
+        Some(w) => {
+            let (p, g) = w.device_ptr_mut(&stream);
+            (p, Some(g))
+        }
+        None => (0, None),
+    };
+    let beta = if accumulate { one() } else { zero() };
+    let (pa, pb, po, pw) = (
+        a as *const c_void,
+        b as *const c_void,
+        out as *mut c_void,
+        pw as *mut c_void,
+    );
+    unsafe {
+        match algo {
+            Algo::Fwd(algo) => dnn::convolution_forward(
+                h.0,
+                one(),
+                d.x.0,
+                pa,
+                d.w.0,
+                pb,
+                d.conv.0,
+                algo,
+                pw,
+                ws_bytes,
+                beta,
+                d.y.0,
+                po,
+            ),
+            Algo::Data(algo) => dnn::convolution_backward_data(
+                h.0,
+                one(),
+                d.w.0,
+                pb,
+                d.y.0,
+                pa,
+                d.conv.0,
+                algo,
+                pw,
+                ws_bytes,
+                beta,
+                d.x.0,
+                po,
+            ),
+            Algo::Filter(algo) => dnn::convolution_backward_filter(
+                h.0,
+                one(),
+                d.x.0,
+                pa,
+                d.y.0,
+                pb,
+                d.conv.0,
+                algo,
+                pw,
+                ws_bytes,
+                beta,
+                d.w.0,
+                po,
+            ),
+        }
+    }
+    .map_err(err)
+}
+
+/// Runs one convolution pass on storages into a fresh output of `out_dims`.
 fn conv_pass(
     pass: u8,
     g: &Geom,
@@ -559,48 +650,12 @@ fn conv_pass(
     }
     let stream = dev.cuda_stream();
     let h = handle(&dev)?;
-    let d = descs(g, dtype, precision())?;
-    let (algo, ws_bytes) = algorithm(pass, &h, &d, g, dtype)?;
-    let mut work = if ws_bytes > 0 {
-        Some(unsafe { dev.alloc::<u8>(ws_bytes) }?)
-    } else {
-        None
-    };
     let mut out = alloc(&dev, dtype, out_dims.iter().product())?;
     {
         let (pa, _ga) = ptr(a, al, &stream)?;
         let (pb, _gb) = ptr(b, bl, &stream)?;
         let (po, _go) = ptr_mut(&mut out, &stream)?;
-        let (pw, _gw) = match work.as_mut() {
-            Some(w) => {
-                let (p, g) = w.device_ptr_mut(&stream);
-                (p, Some(g))
-            }
-            None => (0, None),
-        };
-        let (one, zero) = (1f32, 0f32);
-        let one = &one as *const f32 as *const c_void;
-        let zero = &zero as *const f32 as *const c_void;
-        let (pa, pb, po, pw) = (
-            pa as *const c_void,
-            pb as *const c_void,
-            po as *mut c_void,
-            pw as *mut c_void,
-        );
-        unsafe {
-            match algo {
-                Algo::Fwd(algo) => dnn::convolution_forward(
-                    h.0, one, d.x.0, pa, d.w.0, pb, d.conv.0, algo, pw, ws_bytes, zero, d.y.0, po,
-                ),
-                Algo::Data(algo) => dnn::convolution_backward_data(
-                    h.0, one, d.w.0, pb, d.y.0, pa, d.conv.0, algo, pw, ws_bytes, zero, d.x.0, po,
-                ),
-                Algo::Filter(algo) => dnn::convolution_backward_filter(
-                    h.0, one, d.x.0, pa, d.y.0, pb, d.conv.0, algo, pw, ws_bytes, zero, d.w.0, po,
-                ),
-            }
-        }
-        .map_err(err)?;
+        conv_raw(&dev, &h, pass, g, dtype, (pa, pb, po), false)?;
     }
     Ok((out, Shape::from(out_dims.to_vec())))
 }
@@ -735,36 +790,204 @@ pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<T
     x.contiguous()?.apply_op2(&w.contiguous()?, ConvFwd(g))
 }
 
-/// Training-mode BatchNorm of a contiguous `[B, C, H, W]` input (`[B, C]` is `H = W = 1`),
+/// Per row range, the batch mean and inverse standard deviation cuDNN saved for the backward.
+type Stats = Vec<(CudaSlice<f32>, CudaSlice<f32>)>;
+
+/// A training-mode BatchNorm of a contiguous `[B, C, H, W]` tensor (`[B, C]` is `H = W = 1`)
 /// over one or two row ranges of the batch (the split mode normalises each with its own
-/// statistics; both are contiguous in memory, so each is one cuDNN call on an offset pointer).
-struct BnTrain {
+/// statistics; both are contiguous in memory, so each is one cuDNN call on an offset address).
+#[derive(Debug, Clone)]
+struct BnSpec {
     dims: [usize; 4],
     /// `(first row, rows, moves the running statistics)` of each range.
     parts: Vec<(usize, usize, bool)>,
-    /// Apply a ReLU to the output (and its derivative in the backward pass).
-    relu: bool,
     eps: f64,
     momentum: f64,
-    /// Running mean and variance (f32 `[C]`), moved in place by the forward pass.
-    running: Option<(Tensor, Tensor)>,
-    /// Per range, the batch mean and inverse standard deviation cuDNN saved for the backward.
-    saved: Mutex<Vec<(CudaSlice<f32>, CudaSlice<f32>)>>,
 }
 
-impl BnTrain {
+impl BnSpec {
+    fn new(dims: [usize; 4], split: Option<usize>, eps: f64, momentum: f64) -> Result<Self> {
+        let batch = dims[0];
+        let parts = match split {
+            None => vec![(0, batch, true)],
+            Some(n) if n == batch => vec![(0, batch, true)],
+            Some(n) if n > 0 && n < batch => vec![(0, n, true), (n, batch - n, false)],
+            Some(n) => bail!("BatchNorm split at {n} needs 0 < n <= batch size {batch}"),
+        };
+        Ok(BnSpec {
+            dims,
+            parts,
+            eps,
+            momentum,
+        })
+    }
+
     /// The descriptor of one range and its offset in bytes from the start of the tensor.
     fn part(&self, dtype: DType, start: usize, rows: usize) -> Result<(TensorDesc, u64)> {
         let [_, c, h, w] = self.dims;
         let desc = TensorDesc::nchw(data_type(dtype)?, [rows, c, h, w])?;
         Ok((desc, (start * c * h * w * dtype.size_in_bytes()) as u64))
     }
+
+    fn len(&self) -> usize {
+        self.dims.iter().product()
+    }
+
+    /// `y = BatchNorm(x)` (then ReLU in place when `relu`); the running statistics at
+    /// `running` (0, 0 for none) move from the first range. Returns the saved statistics.
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        dev: &CudaDevice,
+        h: &Handle,
+        dtype: DType,
+        (x, y): (u64, u64),
+        (w, b): (u64, u64),
+        running: (u64, u64),
+        relu: bool,
+    ) -> Result<Stats> {
+        let stream = dev.cuda_stream();
+        let c = self.dims[1];
+        let pd = TensorDesc::nchw(sys::cudnnDataType_t::CUDNN_DATA_FLOAT, [1, c, 1, 1])?;
+        let mut saved = Vec::with_capacity(self.parts.len());
+        for &(start, rows, update) in &self.parts {
+            let (xd, off) = self.part(dtype, start, rows)?;
+            let mut mean = unsafe { dev.alloc::<f32>(c) }?;
+            let mut inv_std = unsafe { dev.alloc::<f32>(c) }?;
+            {
+                let (pmean, _g1) = mean.device_ptr_mut(&stream);
+                let (pinv, _g2) = inv_std.device_ptr_mut(&stream);
+                let (pm, pv) = if update { running } else { (0, 0) };
+                unsafe {
+                    sys::cudnnBatchNormalizationForwardTraining(
+                        h.0,
+                        sys::cudnnBatchNormMode_t::CUDNN_BATCHNORM_SPATIAL,
+                        one(),
+                        zero(),
+                        xd.0,
+                        (x + off) as *const c_void,
+                        xd.0,
+                        (y + off) as *mut c_void,
+                        pd.0,
+                        w as *const c_void,
+                        b as *const c_void,
+                        self.momentum,
+                        pm as *mut c_void,
+                        pv as *mut c_void,
+                        self.eps,
+                        pmean as *mut c_void,
+                        pinv as *mut c_void,
+                    )
+                }
+                .result()
+                .map_err(err)?;
+            }
+            saved.push((mean, inv_std));
+        }
+        if relu {
+            let all = TensorDesc::nchw(data_type(dtype)?, self.dims)?;
+            relu_in_place(h, &all, y)?;
+        }
+        Ok(saved)
+    }
+
+    /// `dx` and (written, or added when `accumulate_params`) `dw`, `db` from `x` and the
+    /// gradient `dy` of the BatchNorm's output.
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        &self,
+        dev: &CudaDevice,
+        h: &Handle,
+        dtype: DType,
+        (x, dy, dx): (u64, u64, u64),
+        (w, dw, db): (u64, u64, u64),
+        saved: &Stats,
+        accumulate_params: bool,
+    ) -> Result<()> {
+        if saved.len() != self.parts.len() {
+            bail!("BatchNorm backward before its forward pass")
+        }
+        let stream = dev.cuda_stream();
+        let c = self.dims[1];
+        let pd = TensorDesc::nchw(sys::cudnnDataType_t::CUDNN_DATA_FLOAT, [1, c, 1, 1])?;
+        for (i, (&(start, rows, _), (mean, inv_std))) in
+            self.parts.iter().zip(saved.iter()).enumerate()
+        {
+            let (xd, off) = self.part(dtype, start, rows)?;
+            let (pm, _g4) = mean.device_ptr(&stream);
+            let (pi, _g5) = inv_std.device_ptr(&stream);
+            // The parameter gradients of the later ranges add to the first's.
+            let param_beta = if i == 0 && !accumulate_params {
+                zero()
+            } else {
+                one()
+            };
+            unsafe {
+                sys::cudnnBatchNormalizationBackward(
+                    h.0,
+                    sys::cudnnBatchNormMode_t::CUDNN_BATCHNORM_SPATIAL,
+                    one(),
+                    zero(),
+                    one(),
+                    param_beta,
+                    xd.0,
+                    (x + off) as *const c_void,
+                    xd.0,
+                    (dy + off) as *const c_void,
+                    xd.0,
+                    (dx + off) as *mut c_void,
+                    pd.0,
+                    w as *const c_void,
+                    dw as *mut c_void,
+                    db as *mut c_void,
+                    self.eps,
+                    pm as *const c_void,
+                    pi as *const c_void,
+                )
+            }
+            .result()
+            .map_err(err)?;
+        }
+        Ok(())
+    }
+}
+
+/// A tensor's storage, read-locked, with its layout.
+type Locked<'a> = (StorageRef<'a>, &'a Layout);
+
+/// The running statistics' addresses (0, 0 for none), with the locks and guards that keep
+/// them valid while cuDNN writes to them.
+fn running_ptrs<'a>(
+    locks: &'a Option<(Locked<'a>, Locked<'a>)>,
+    stream: &'a CudaStream,
+    keep: &mut Vec<SyncOnDrop<'a>>,
+) -> Result<(u64, u64)> {
+    Ok(match locks {
+        Some(((ms, ml), (vs, vl))) => {
+            let (pm, gm) = f32_param_ptr(cuda_of(ms)?, ml, stream)?;
+            let (pv, gv) = f32_param_ptr(cuda_of(vs)?, vl, stream)?;
+            keep.push(gm);
+            keep.push(gv);
+            (pm, pv)
+        }
+        None => (0, 0),
+    })
+}
+
+/// Training-mode BatchNorm (optionally followed by a ReLU) as one autograd op.
+struct BnTrain {
+    spec: BnSpec,
+    /// Apply a ReLU to the output (and its derivative in the backward pass).
+    relu: bool,
+    /// Running mean and variance (f32 `[C]`), moved in place by the forward pass.
+    running: Option<(Tensor, Tensor)>,
+    saved: Mutex<Stats>,
 }
 
 fn cuda_of(s: &Storage) -> Result<&CudaStorage> {
     match s {
         Storage::Cuda(s) => Ok(s),
-        _ => bail!("the cuDNN BatchNorm needs every tensor on the CUDA device"),
+        _ => bail!("the cuDNN path needs every tensor on the CUDA device"),
     }
 }
 
@@ -780,6 +1003,10 @@ fn f32_param_ptr<'a>(
         )
     }
     ptr(s, l, stream)
+}
+
+fn wrap(s: CudaStorage, shape: &Shape) -> Tensor {
+    Tensor::from_storage(Storage::Cuda(s), shape.clone(), BackpropOp::none(), false)
 }
 
 impl CustomOp3 for BnTrain {
@@ -809,69 +1036,21 @@ impl CustomOp3 for BnTrain {
         let dev = x.device().clone();
         let stream = dev.cuda_stream();
         let h = handle(&dev)?;
-        let c = self.dims[1];
-        let pd = TensorDesc::nchw(sys::cudnnDataType_t::CUDNN_DATA_FLOAT, [1, c, 1, 1])?;
-        let mut y = alloc(&dev, x.dtype(), self.dims.iter().product())?;
-        let mut saved = Vec::with_capacity(self.parts.len());
-        {
+        let mut y = alloc(&dev, x.dtype(), self.spec.len())?;
+        let saved = {
             let locks = self
                 .running
                 .as_ref()
                 .map(|(m, v)| (m.storage_and_layout(), v.storage_and_layout()));
             let mut keep = Vec::new();
-            let (pm, pv) = match &locks {
-                Some(((ms, ml), (vs, vl))) => {
-                    let (pm, gm) = f32_param_ptr(cuda_of(ms)?, ml, &stream)?;
-                    let (pv, gv) = f32_param_ptr(cuda_of(vs)?, vl, &stream)?;
-                    keep.push(gm);
-                    keep.push(gv);
-                    (pm, pv)
-                }
-                None => (0, 0),
-            };
+            let running = running_ptrs(&locks, &stream, &mut keep)?;
             let (px, _gx) = ptr(x, xl, &stream)?;
             let (pw, _gw) = f32_param_ptr(w, wl, &stream)?;
             let (pb, _gb) = f32_param_ptr(b, bl, &stream)?;
             let (py, _gy) = ptr_mut(&mut y, &stream)?;
-            for &(start, rows, update) in &self.parts {
-                let (xd, off) = self.part(x.dtype(), start, rows)?;
-                let mut mean = unsafe { dev.alloc::<f32>(c) }?;
-                let mut inv_std = unsafe { dev.alloc::<f32>(c) }?;
-                {
-                    let (pmean, _g1) = mean.device_ptr_mut(&stream);
-                    let (pinv, _g2) = inv_std.device_ptr_mut(&stream);
-                    let (pm, pv) = if update { (pm, pv) } else { (0, 0) };
-                    unsafe {
-                        sys::cudnnBatchNormalizationForwardTraining(
-                            h.0,
-                            sys::cudnnBatchNormMode_t::CUDNN_BATCHNORM_SPATIAL,
-                            one(),
-                            zero(),
-                            xd.0,
-                            (px + off) as *const c_void,
-                            xd.0,
-                            (py + off) as *mut c_void,
-                            pd.0,
-                            pw as *const c_void,
-                            pb as *const c_void,
-                            self.momentum,
-                            pm as *mut c_void,
-                            pv as *mut c_void,
-                            self.eps,
-                            pmean as *mut c_void,
-                            pinv as *mut c_void,
-                        )
-                    }
-                    .result()
-                    .map_err(err)?;
-                }
-                saved.push((mean, inv_std));
-            }
-            if self.relu {
-                let all = TensorDesc::nchw(data_type(x.dtype())?, self.dims)?;
-                relu_in_place(&h, &all, py)?;
-            }
-        }
+            self.spec
+                .forward(&dev, &h, x.dtype(), (px, py), (pw, pb), running, self.relu)?
+        };
         *self.saved.lock().expect("batchnorm saved statistics") = saved;
         Ok((y, xl.shape().clone()))
     }
@@ -891,10 +1070,7 @@ impl CustomOp3 for BnTrain {
             grad
         };
         let saved = self.saved.lock().expect("batchnorm saved statistics");
-        if saved.len() != self.parts.len() {
-            bail!("BatchNorm backward before its forward pass")
-        }
-        let c = self.dims[1];
+        let c = self.spec.dims[1];
         let (xs, xl) = x.storage_and_layout();
         let (gs, gl) = grad.storage_and_layout();
         let (ws, wl) = w.storage_and_layout();
@@ -902,8 +1078,7 @@ impl CustomOp3 for BnTrain {
         let dev = xs.device().clone();
         let stream = dev.cuda_stream();
         let h = handle(&dev)?;
-        let pd = TensorDesc::nchw(sys::cudnnDataType_t::CUDNN_DATA_FLOAT, [1, c, 1, 1])?;
-        let mut dx = alloc(&dev, xs.dtype(), self.dims.iter().product())?;
+        let mut dx = alloc(&dev, xs.dtype(), self.spec.len())?;
         let mut dw = alloc(&dev, DType::F32, c)?;
         let mut db = alloc(&dev, DType::F32, c)?;
         {
@@ -913,44 +1088,16 @@ impl CustomOp3 for BnTrain {
             let (pdx, _g1) = ptr_mut(&mut dx, &stream)?;
             let (pdw, _g2) = ptr_mut(&mut dw, &stream)?;
             let (pdb, _g3) = ptr_mut(&mut db, &stream)?;
-            for (i, (&(start, rows, _), (mean, inv_std))) in
-                self.parts.iter().zip(saved.iter()).enumerate()
-            {
-                let (xd, off) = self.part(xs.dtype(), start, rows)?;
-                let (pm, _g4) = mean.device_ptr(&stream);
-                let (pi, _g5) = inv_std.device_ptr(&stream);
-                // The parameter gradients of the later ranges add to the first's.
-                let param_beta = if i == 0 { zero() } else { one() };
-                unsafe {
-                    sys::cudnnBatchNormalizationBackward(
-                        h.0,
-                        sys::cudnnBatchNormMode_t::CUDNN_BATCHNORM_SPATIAL,
-                        one(),
-                        zero(),
-                        one(),
-                        param_beta,
-                        xd.0,
-                        (px + off) as *const c_void,
-                        xd.0,
-                        (pg + off) as *const c_void,
-                        xd.0,
-                        (pdx + off) as *mut c_void,
-                        pd.0,
-                        pw as *const c_void,
-                        pdw as *mut c_void,
-                        pdb as *mut c_void,
-                        self.eps,
-                        pm as *const c_void,
-                        pi as *const c_void,
-                    )
-                }
-                .result()
-                .map_err(err)?;
-            }
+            self.spec.backward(
+                &dev,
+                &h,
+                xs.dtype(),
+                (px, pg, pdx),
+                (pw, pdw, pdb),
+                &saved,
+                false,
+            )?;
         }
-        let wrap = |s: CudaStorage, shape: &Shape| {
-            Tensor::from_storage(Storage::Cuda(s), shape.clone(), BackpropOp::none(), false)
-        };
         let pshape = Shape::from(c);
         Ok((
             Some(wrap(dx, x.shape())),
@@ -977,21 +1124,9 @@ pub fn batch_norm_train(
     momentum: f64,
     relu: bool,
 ) -> Result<Tensor> {
-    let dims = nchw(x.dims())?;
-    let batch = dims[0];
-    let update = running.is_some();
-    let parts = match split {
-        None => vec![(0, batch, update)],
-        Some(n) if n == batch => vec![(0, batch, update)],
-        Some(n) if n > 0 && n < batch => vec![(0, n, update), (n, batch - n, false)],
-        Some(n) => bail!("BatchNorm split at {n} needs 0 < n <= batch size {batch}"),
-    };
     let op = BnTrain {
-        dims,
-        parts,
+        spec: BnSpec::new(nchw(x.dims())?, split, eps, momentum)?,
         relu,
-        eps,
-        momentum,
         running: running.map(|(m, v)| (m.clone(), v.clone())),
         saved: Mutex::new(Vec::new()),
     };
@@ -1386,4 +1521,469 @@ pub fn sgd_update(
         add(-lr, pb, 1.0, pp)?;
     }
     Ok(Some(buf))
+}
+
+/// Whether training-mode residual blocks run as one fused op ([`residual_block`]); yes unless
+/// `SIMTRANS_FUSED_BLOCKS=0` (then each layer is its own op, for the A/B measurement).
+pub fn fused_blocks() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("SIMTRANS_FUSED_BLOCKS").map_or(true, |v| v != "0"))
+}
+
+/// One convolution + training-mode BatchNorm (+ ReLU) of a residual block, by reference to the
+/// network's own tensors.
+pub struct BlockUnit<'a> {
+    /// Convolution weight `[O, C, k, k]` (f32; cast to the activations' dtype).
+    pub weight: &'a Tensor,
+    pub stride: usize,
+    pub padding: usize,
+    /// BatchNorm weight, bias (f32 `[O]`), running mean and variance (moved in place).
+    pub bn: [&'a Tensor; 4],
+    /// A ReLU after the BatchNorm.
+    pub relu: bool,
+}
+
+/// Where one unit lives in the packed parameters, and its geometry.
+#[derive(Debug, Clone)]
+struct UnitPlan {
+    g: Geom,
+    relu: bool,
+    /// Element offset of the weight in the packed weights.
+    w_off: usize,
+    /// Element offset of the BatchNorm weight in the packed BatchNorm parameters (the bias
+    /// follows it).
+    bn_off: usize,
+    bn: BnSpec,
+}
+
+/// What the forward pass keeps for the backward pass.
+struct BlockSaved {
+    /// Convolution outputs of the main units.
+    conv_out: Vec<CudaStorage>,
+    /// BatchNorm(+ReLU) outputs of the main units but the last.
+    unit_out: Vec<CudaStorage>,
+    stats: Vec<Stats>,
+    shortcut: Option<(CudaStorage, Stats)>,
+}
+
+/// `relu(main(x) + shortcut(x))` where `main` is a chain of convolution + BatchNorm (+ ReLU)
+/// units and `shortcut` is one such unit or the identity: a whole ResNet block as one autograd
+/// op. Inside, cuDNN runs every layer and the backward chains the gradients through buffers it
+/// owns, so candle materialises (and zero-fills, then adds) only the block input's gradient
+/// instead of one per layer, and the shortcut's gradient is accumulated by the convolution
+/// itself.
+struct ResBlock {
+    main: Vec<UnitPlan>,
+    shortcut: Option<UnitPlan>,
+    /// Running statistics per unit (main units, then the shortcut).
+    running: Vec<(Tensor, Tensor)>,
+    saved: Mutex<Option<BlockSaved>>,
+}
+
+impl ResBlock {
+    fn out_dims(&self) -> [usize; 4] {
+        self.main.last().expect("a block has units").g.y_dims()
+    }
+}
+
+impl CustomOp3 for ResBlock {
+    fn name(&self) -> &'static str {
+        "cudnn-residual-block"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_refused(self.name())
+    }
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+        p: &CudaStorage,
+        pl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = x.device().clone();
+        let stream = dev.cuda_stream();
+        let h = handle(&dev)?;
+        let dtype = x.dtype();
+        if w.dtype() != dtype {
+            bail!(
+                "residual block: weights in {:?}, activations in {dtype:?}",
+                w.dtype()
+            )
+        }
+        let es = dtype.size_in_bytes() as u64;
+        let out_dims = self.out_dims();
+        let mut y = alloc(&dev, dtype, out_dims.iter().product())?;
+        let mut conv_out = Vec::new();
+        let mut unit_out = Vec::new();
+        let mut stats = Vec::new();
+        let shortcut;
+        {
+            let locks: Vec<_> = self
+                .running
+                .iter()
+                .map(|(m, v)| Some((m.storage_and_layout(), v.storage_and_layout())))
+                .collect();
+            let mut keep = Vec::new();
+            let mut running = Vec::new();
+            for l in &locks {
+                running.push(running_ptrs(l, &stream, &mut keep)?);
+            }
+            let (px, _gx) = ptr(x, xl, &stream)?;
+            let (pw, _gw) = ptr(w, wl, &stream)?;
+            let (pp, _gp) = f32_param_ptr(p, pl, &stream)?;
+            let (py, _gy) = ptr_mut(&mut y, &stream)?;
+            let bn_ptrs =
+                |u: &UnitPlan| (pp + 4 * u.bn_off as u64, pp + 4 * (u.bn_off + u.g.o) as u64);
+            let mut cur = px;
+            let last = self.main.len() - 1;
+            for (i, u) in self.main.iter().enumerate() {
+                let n: usize = u.g.y_dims().iter().product();
+                let mut t = alloc(&dev, dtype, n)?;
+                let (pt, _gt) = ptr_mut(&mut t, &stream)?;
+                conv_raw(
+                    &dev,
+                    &h,
+                    0,
+                    &u.g,
+                    dtype,
+                    (cur, pw + es * u.w_off as u64, pt),
+                    false,
+                )?;
+                let pa = if i == last {
+                    py
+                } else {
+                    unit_out.push(alloc(&dev, dtype, n)?);
+                    let a = unit_out.last_mut().expect("just pushed");
+                    ptr_mut(a, &stream)?.0
+                };
+                stats.push(u.bn.forward(
+                    &dev,
+                    &h,
+                    dtype,
+                    (pt, pa),
+                    bn_ptrs(u),
+                    running[i],
+                    u.relu,
+                )?);
+                cur = pa;
+                drop(_gt);
+                conv_out.push(t);
+            }
+            let all = TensorDesc::nchw(data_type(dtype)?, flat4(out_dims.iter().product()))?;
+            // C ← A + C on the block output.
+            let add_into_y = |a: u64| -> Result<()> {
+                unsafe {
+                    sys::cudnnAddTensor(
+                        h.0,
+                        one(),
+                        all.0,
+                        a as *const c_void,
+                        one(),
+                        all.0,
+                        py as *mut c_void,
+                    )
+                }
+                .result()
+                .map_err(err)
+            };
+            shortcut = match &self.shortcut {
+                None => {
+                    add_into_y(px)?;
+                    None
+                }
+                Some(u) => {
+                    let n: usize = u.g.y_dims().iter().product();
+                    let mut t = alloc(&dev, dtype, n)?;
+                    let mut b = alloc(&dev, dtype, n)?;
+                    let s = {
+                        let (pt, _gt) = ptr_mut(&mut t, &stream)?;
+                        let (pb, _gb) = ptr_mut(&mut b, &stream)?;
+                        conv_raw(
+                            &dev,
+                            &h,
+                            0,
+                            &u.g,
+                            dtype,
+                            (px, pw + es * u.w_off as u64, pt),
+                            false,
+                        )?;
+                        let s = u.bn.forward(
+                            &dev,
+                            &h,
+                            dtype,
+                            (pt, pb),
+                            bn_ptrs(u),
+                            running[self.main.len()],
+                            false,
+                        )?;
+                        add_into_y(pb)?;
+                        s
+                    };
+                    Some((t, s))
+                }
+            };
+            relu_in_place(&h, &all, py)?;
+        }
+        *self.saved.lock().expect("block saved state") = Some(BlockSaved {
+            conv_out,
+            unit_out,
+            stats,
+            shortcut,
+        });
+        Ok((y, Shape::from(out_dims.to_vec())))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        p: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // The gradient at the sum, through the final ReLU.
+        let dz = res.apply_op2_no_bwd(&grad.contiguous()?, &ReluBackward)?;
+        let saved = self.saved.lock().expect("block saved state");
+        let Some(saved) = saved.as_ref() else {
+            bail!("residual block backward before its forward pass")
+        };
+        let (xs, xl) = x.storage_and_layout();
+        let (ws, wl) = w.storage_and_layout();
+        let (ps, pl) = p.storage_and_layout();
+        let (zs, zl) = dz.storage_and_layout();
+        let (xs, ws, ps, zs) = (cuda_of(&xs)?, cuda_of(&ws)?, cuda_of(&ps)?, cuda_of(&zs)?);
+        let dev = xs.device().clone();
+        let stream = dev.cuda_stream();
+        let h = handle(&dev)?;
+        let dtype = xs.dtype();
+        let es = dtype.size_in_bytes() as u64;
+        let mut dx = alloc(&dev, dtype, xl.shape().elem_count())?;
+        let mut dw = alloc(&dev, dtype, wl.shape().elem_count())?;
+        let mut dp = alloc(&dev, DType::F32, pl.shape().elem_count())?;
+        {
+            let (px, _g1) = ptr(xs, xl, &stream)?;
+            let (pw, _g2) = ptr(ws, wl, &stream)?;
+            let (pp, _g3) = f32_param_ptr(ps, pl, &stream)?;
+            let (pz, _g4) = ptr(zs, zl, &stream)?;
+            let (pdx, _g5) = ptr_mut(&mut dx, &stream)?;
+            let (pdw, _g6) = ptr_mut(&mut dw, &stream)?;
+            let (pdp, _g7) = ptr_mut(&mut dp, &stream)?;
+            let bn_ptrs = |u: &UnitPlan, base: u64| {
+                (
+                    base + 4 * u.bn_off as u64,
+                    base + 4 * (u.bn_off + u.g.o) as u64,
+                )
+            };
+            // The shortcut's gradient lands in dx first; the main path adds to it.
+            match (&self.shortcut, &saved.shortcut) {
+                (Some(u), Some((t, s))) => {
+                    let n: usize = u.g.y_dims().iter().product();
+                    let mut dt = alloc(&dev, dtype, n)?;
+                    let (pt, _gt) = ptr(t, &Layout::contiguous(n), &stream)?;
+                    let (pdt, _gdt) = ptr_mut(&mut dt, &stream)?;
+                    let (pg, pb) = bn_ptrs(u, pp);
+                    let (pdg, pdb) = bn_ptrs(u, pdp);
+                    u.bn.backward(&dev, &h, dtype, (pt, pz, pdt), (pg, pdg, pdb), s, false)?;
+                    let _ = pb;
+                    let pwu = pw + es * u.w_off as u64;
+                    conv_raw(&dev, &h, 1, &u.g, dtype, (pdt, pwu, pdx), false)?;
+                    conv_raw(
+                        &dev,
+                        &h,
+                        2,
+                        &u.g,
+                        dtype,
+                        (px, pdt, pdw + es * u.w_off as u64),
+                        false,
+                    )?;
+                }
+                (None, None) => {
+                    let all = TensorDesc::nchw(data_type(dtype)?, flat4(xl.shape().elem_count()))?;
+                    unsafe {
+                        sys::cudnnAddTensor(
+                            h.0,
+                            one(),
+                            all.0,
+                            pz as *const c_void,
+                            zero(),
+                            all.0,
+                            pdx as *mut c_void,
+                        )
+                    }
+                    .result()
+                    .map_err(err)?;
+                }
+                _ => bail!("residual block: shortcut state does not match its plan"),
+            }
+            // The main path, last unit first; `g` is the gradient at the current unit's output.
+            let mut g_buf: Option<CudaStorage> = None;
+            let mut pg_cur = pz;
+            for (i, u) in self.main.iter().enumerate().rev() {
+                let n: usize = u.g.y_dims().iter().product();
+                if u.relu {
+                    let a = &saved.unit_out[i];
+                    let (pa, _ga) = ptr(a, &Layout::contiguous(n), &stream)?;
+                    let mut r = alloc(&dev, dtype, n)?;
+                    let (pr, _gr) = ptr_mut(&mut r, &stream)?;
+                    let desc = TensorDesc::nchw(data_type(dtype)?, flat4(n))?;
+                    relu_backward(&h, &desc, pa, pg_cur, pr)?;
+                    drop(_gr);
+                    pg_cur = pr;
+                    g_buf = Some(r);
+                }
+                let t = &saved.conv_out[i];
+                let (pt, _gt) = ptr(t, &Layout::contiguous(n), &stream)?;
+                let mut dt = alloc(&dev, dtype, n)?;
+                let (pdt, _gdt) = ptr_mut(&mut dt, &stream)?;
+                let (pgm, _) = bn_ptrs(u, pp);
+                let (pdg, pdb) = bn_ptrs(u, pdp);
+                u.bn.backward(
+                    &dev,
+                    &h,
+                    dtype,
+                    (pt, pg_cur, pdt),
+                    (pgm, pdg, pdb),
+                    &saved.stats[i],
+                    false,
+                )?;
+                let pwu = pw + es * u.w_off as u64;
+                let pin = if i == 0 {
+                    px
+                } else {
+                    let a = &saved.unit_out[i - 1];
+                    ptr(a, &Layout::contiguous(a_len(&self.main[i - 1])), &stream)?.0
+                };
+                conv_raw(
+                    &dev,
+                    &h,
+                    2,
+                    &u.g,
+                    dtype,
+                    (pin, pdt, pdw + es * u.w_off as u64),
+                    false,
+                )?;
+                if i == 0 {
+                    conv_raw(&dev, &h, 1, &u.g, dtype, (pdt, pwu, pdx), true)?;
+                } else {
+                    let m = a_len(&self.main[i - 1]);
+                    let mut gin = alloc(&dev, dtype, m)?;
+                    let (pgin, _gg) = ptr_mut(&mut gin, &stream)?;
+                    conv_raw(&dev, &h, 1, &u.g, dtype, (pdt, pwu, pgin), false)?;
+                    drop(_gg);
+                    pg_cur = pgin;
+                    g_buf = Some(gin);
+                }
+                // Keep the buffer `pg_cur` points into alive until the next unit used it.
+                let _ = &g_buf;
+                drop(_gdt);
+                drop(dt);
+            }
+            drop(g_buf);
+        }
+        Ok((
+            Some(wrap(dx, x.shape())),
+            Some(wrap(dw, w.shape())),
+            Some(wrap(dp, p.shape())),
+        ))
+    }
+}
+
+/// Elements of a unit's output.
+fn a_len(u: &UnitPlan) -> usize {
+    u.g.y_dims().iter().product()
+}
+
+/// A training-mode residual block `relu(main(x) + shortcut(x))` as one cuDNN op (see
+/// [`ResBlock`]); `split` is the BatchNorm split of [`batch_norm_train`]. The last main unit
+/// must not have a ReLU (the block's ReLU follows the sum).
+pub fn residual_block(
+    x: &Tensor,
+    main: &[BlockUnit],
+    shortcut: Option<&BlockUnit>,
+    split: Option<usize>,
+    eps: f64,
+    momentum: f64,
+) -> Result<Tensor> {
+    if main.is_empty() || main.last().is_some_and(|u| u.relu) || shortcut.is_some_and(|u| u.relu) {
+        bail!("residual_block: a non-empty main path whose last unit and shortcut have no ReLU")
+    }
+    let x = x.contiguous()?;
+    let x_dims = nchw(x.dims())?;
+    let mut weights = Vec::new();
+    let mut bn_params = Vec::new();
+    let mut running = Vec::new();
+    let (mut w_off, mut bn_off) = (0, 0);
+    let mut plan = |u: &BlockUnit, input: [usize; 4]| -> Result<UnitPlan> {
+        let (o, c, kh, kw) = u.weight.dims4()?;
+        if c != input[1] {
+            bail!(
+                "residual_block: weight {:?} on input {input:?}",
+                u.weight.dims()
+            )
+        }
+        let g = Geom {
+            b: input[0],
+            c,
+            h: input[2],
+            w: input[3],
+            o,
+            kh,
+            kw,
+            pad: u.padding,
+            stride: u.stride,
+        };
+        let p = UnitPlan {
+            g,
+            relu: u.relu,
+            w_off,
+            bn_off,
+            bn: BnSpec::new(g.y_dims(), split, eps, momentum)?,
+        };
+        w_off += u.weight.elem_count();
+        bn_off += 2 * o;
+        weights.push(u.weight.to_dtype(x.dtype())?.flatten_all()?);
+        bn_params.push(u.bn[0].flatten_all()?);
+        bn_params.push(u.bn[1].flatten_all()?);
+        running.push((u.bn[2].clone(), u.bn[3].clone()));
+        Ok(p)
+    };
+    let mut plans = Vec::new();
+    let mut input = x_dims;
+    for u in main {
+        let p = plan(u, input)?;
+        input = p.g.y_dims();
+        plans.push(p);
+    }
+    let shortcut = match shortcut {
+        Some(u) => {
+            let p = plan(u, x_dims)?;
+            if p.g.y_dims() != input {
+                bail!(
+                    "residual_block: shortcut gives {:?}, main path {input:?}",
+                    p.g.y_dims()
+                )
+            }
+            Some(p)
+        }
+        None if x_dims != input => {
+            bail!("residual_block: identity shortcut of {x_dims:?} onto {input:?}")
+        }
+        None => None,
+    };
+    let op = ResBlock {
+        main: plans,
+        shortcut,
+        running,
+        saved: Mutex::new(None),
+    };
+    x.apply_op3(&Tensor::cat(&weights, 0)?, &Tensor::cat(&bn_params, 0)?, op)
 }
