@@ -5,10 +5,11 @@
 #      and at tf32 and bf16 with measured algorithm choice (SIMTRANS_CUDNN_FIND=1);
 #   3. candle's own CUDA convolution and BatchNorm (SIMTRANS_CUDNN=0): the "before" figures;
 #   4. the demo pipeline end to end on the GPU (`xtask reproduce --device cuda`) at each
-#      precision, for the accuracy cost of tf32 and bf16; each run time-limited (DEMO_LIMIT).
+#      precision, for the accuracy cost of tf32 and bf16; each run time-limited (DEMO_LIMIT);
+#   5. (section `profile`) per-kernel times of ResNet-50 steps under Nsight Compute.
 #
 #   scripts/gpu-bench.sh [BIN_DIR] [OUT_DIR]
-#   SECTIONS="tests table" scripts/gpu-bench.sh     # a subset (tests table quick ab candle demo)
+#   SECTIONS="tests table" scripts/gpu-bench.sh     # a subset (tests table quick ab candle demo profile)
 #
 # BIN_DIR holds `xtask` and `gpu-tests` (plain or .xz), as scripts/build-gpu-bins.sh leaves them;
 # OUT_DIR (default $OUT, else ./gpu-bench-out) receives gpu.txt, log.txt and results.json.
@@ -104,6 +105,20 @@ if want candle; then
 say "3. candle's own CUDA convolution and BatchNorm (SIMTRANS_CUDNN=0)"
 SIMTRANS_CUDNN=0 timeout 120 ./xtask bench backbone --device cuda --runs-dir "$WORK/runs" --run candle 2>&1 | tee -a "$LOG"
 collect
+fi
+
+if want profile; then
+say "5. kernel times of ResNet-50 training steps (tf32, batch 64) under ncu"
+if command -v ncu >/dev/null; then
+  timeout "${PROFILE_LIMIT:-120}" ncu --csv --clock-control none --metrics gpu__time_duration.sum --launch-count 4000 \
+    ./xtask bench profile --device cuda --precision tf32 --runs-dir "$WORK/runs" --run profile \
+    >"$WORK/ncu.csv" 2>"$WORK/ncu.err"
+  say "ncu exit $?: $(wc -l <"$WORK/ncu.csv") lines"
+  tail -3 "$WORK/ncu.err" | tee -a "$LOG"
+  xz -9 -c "$WORK/ncu.csv" >"$OUT/ncu.csv.xz"
+else
+  say "ncu not found"
+fi
 fi
 
 if want demo; then

@@ -37,7 +37,8 @@ pub enum Command {
     /// Rewrite eval.json and report.md from the eval artifacts of a run.
     Report(Common),
     /// Measure throughput: data, backbone, simnet, denoise, table (the GPU table of
-    /// BENCHMARKS.md: ResNet-50 at 224 px, slow on a CPU) or all (table only on CUDA).
+    /// BENCHMARKS.md: ResNet-50 at 224 px, slow on a CPU), profile (three ResNet-50 steps at
+    /// batch 64, to run under a kernel profiler) or all (table only on CUDA).
     Bench {
         /// What to measure.
         #[arg(default_value = "all")]

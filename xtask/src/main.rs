@@ -158,6 +158,13 @@ fn bench(what: &str, common: &Common) -> Result<()> {
         );
         out.insert("simnet".into(), serde_json::to_value(&r)?);
     }
+    if what == "profile" {
+        // Three ResNet-50 training steps at 224 px, batch 64 (warm-up, timed, phases): a
+        // fixed workload to run under a kernel profiler (`ncu`, scripts/gpu-bench.sh).
+        let r =
+            simtrans_backbone::bench(&device, simtrans_backbone::Arch::Resnet50, 0, 224, 64, 1)?;
+        out.insert("profile".into(), serde_json::to_value(&r)?);
+    }
     if what == "table" || (all && device.is_cuda()) {
         let rows = gpu_table(&config, &device)?;
         out.insert("table".into(), serde_json::Value::Array(rows));
@@ -165,7 +172,7 @@ fn bench(what: &str, common: &Common) -> Result<()> {
 
     if out.is_empty() {
         bail!(
-            "unknown benchmark `{what}`; the benchmarks are: data, backbone, simnet, denoise, table, all"
+            "unknown benchmark `{what}`; the benchmarks are: data, backbone, simnet, denoise, table, profile, all"
         );
     }
     let store = common.store()?;

@@ -347,29 +347,81 @@ fn fused_sgd_update_matches_the_cpu() {
     assert!(failed.is_empty(), "over tolerance: {failed:#?}");
 }
 
-/// Loss and gradients of one training step of a small ResNet on `dev`.
+/// Loss and gradients of one training step of a ResNet on `dev`, its variables in `dtype`.
 fn resnet_step(
     dev: &Device,
+    dtype: DType,
     arch: Arch,
     width: usize,
     side: usize,
-) -> (f32, Vec<(String, Tensor)>) {
+) -> (f64, Vec<Tensor>) {
     let vm = VarMap::new();
-    let vb = simtrans_core::seed::var_builder(&vm, 3, "gpu-test", DType::F32, dev);
+    let vb = simtrans_core::seed::var_builder(&vm, 3, "gpu-test", dtype, dev);
     let net = ResNet::new(arch, width, Some(5), vb).unwrap();
-    let x = random(&[4, 3, side, side], 11).to_device(dev).unwrap();
+    let x = random(&[4, 3, side, side], 11)
+        .to_dtype(dtype)
+        .unwrap()
+        .to_device(dev)
+        .unwrap();
     let y = Tensor::new(&[0u32, 1, 2, 3], dev).unwrap();
     let (logits, _) = net.forward(&x, BnMode::Train).unwrap();
     let loss = candle_nn::loss::cross_entropy(&logits, &y).unwrap();
     let grads = loss.backward().unwrap();
-    let vars = simtrans_backbone::trainable_vars(&vm);
-    let g = vars
+    let g = simtrans_backbone::trainable_vars(&vm)
         .iter()
-        .filter_map(|(n, v)| grads.get(v.as_tensor()).map(|g| (n.clone(), g.clone())))
+        .map(|(n, v)| {
+            let g = grads
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("no gradient for {n}"));
+            g.to_device(&Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+        })
         .collect();
-    (loss.to_scalar::<f32>().unwrap(), g)
+    let loss = loss
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    (loss, g)
 }
 
+/// How far a step is from the f64 reference: relative loss error, the worst per-tensor
+/// gradient error, and `1 − cosine` of the whole gradient.
+fn distance(step: &(f64, Vec<Tensor>), reference: &(f64, Vec<Tensor>)) -> [f64; 3] {
+    let loss = ((step.0 - reference.0) / reference.0).abs();
+    let worst = step
+        .1
+        .iter()
+        .zip(&reference.1)
+        .map(|(g, r)| rel_err(g, r))
+        .fold(0.0, f64::max);
+    let flat = |v: &[Tensor]| {
+        let parts: Vec<Tensor> = v.iter().map(|t| t.flatten_all().unwrap()).collect();
+        Tensor::cat(&parts, 0).unwrap()
+    };
+    let (a, b) = (flat(&step.1), flat(&reference.1));
+    let dot = |x: &Tensor, y: &Tensor| {
+        (x * y)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let cos = dot(&a, &b) / (dot(&a, &a) * dot(&b, &b)).sqrt();
+    [loss, worst, 1.0 - cos]
+}
+
+/// Whole training steps against an f64 CPU reference. The CPU's own f32 step, measured against
+/// the same reference, says how well conditioned the case is: a deep randomly initialised
+/// ResNet on 4 images normalises over as few as 16 values per channel, where a gradient is a
+/// small difference of large terms (ResNet-50 at 64 px: the first GPU run saw per-tensor
+/// errors of 0.23 between two f32 computations). So f32 on the GPU must be within 10× the
+/// CPU's own f32 error (or 1e-5 loss / 1e-4 per tensor, whichever is larger), and the
+/// reduced precisions are bounded (loss 1e-3 TF32, 1e-2 bf16; gradient cosine 0.99 and 0.9)
+/// only where f32 itself is well conditioned (1 − cosine < 1e-9); elsewhere they are printed.
 #[test]
 fn resnet_training_step_matches_the_cpu_at_each_precision() {
     let Some(dev) = gpu("resnet_training_step_matches_the_cpu_at_each_precision") else {
@@ -383,66 +435,40 @@ fn resnet_training_step_matches_the_cpu_at_each_precision() {
         (Arch::Resnet50, 0, 64),
     ] {
         set_precision(Precision::F32);
-        let (lc, gc) = resnet_step(&Device::Cpu, arch, width, side);
-        // A whole network compounds per-op rounding; f32 stays within 1e-4 of the CPU.
-        // f32 must match per tensor. At reduced precision a gradient that sits after a
-        // training-mode BatchNorm over few values is a small difference of large terms, so
-        // per-tensor errors are not informative (measured up to 0.7 at batch 4, while each op
-        // is within 1e-2); the loss and the direction of the whole gradient are checked. The
-        // bounds sit below what the H100 gave (cosine 0.9926 TF32 and 0.9286 bf16 for
-        // ResNet-18, 0.9995 and 0.9886 for the small net; BENCHMARKS.md).
+        let reference = resnet_step(&Device::Cpu, DType::F64, arch, width, side);
+        let cpu = distance(
+            &resnet_step(&Device::Cpu, DType::F32, arch, width, side),
+            &reference,
+        );
+        eprintln!(
+            "{arch:?} CPU f32 vs f64: loss {:.2e}, worst tensor {:.2e}, 1 - cosine {:.2e}",
+            cpu[0], cpu[1], cpu[2]
+        );
+        let conditioned = cpu[2] < 1e-9;
         for (p, loss_tol, cos_min) in [
-            (Precision::F32, 1e-5, 1.0 - 1e-8),
+            (Precision::F32, 0.0, 0.0),
             (Precision::Tf32, 1e-3, 0.99),
             (Precision::Bf16, 1e-2, 0.9),
         ] {
             set_precision(p);
-            let (lg, gg) = resnet_step(&dev, arch, width, side);
-            assert_eq!(
-                gg.len(),
-                gc.len(),
-                "every trainable variable gets a gradient"
+            let d = distance(
+                &resnet_step(&dev, DType::F32, arch, width, side),
+                &reference,
             );
-            let loss_err = ((lg - lc) / lc).abs() as f64;
-            let worst = gg
-                .iter()
-                .zip(&gc)
-                .map(|((n, g), (_, c))| (rel_err(g, c), n.clone()))
-                .fold((0.0, String::new()), |a, b| if b.0 > a.0 { b } else { a });
-            let flat = |v: &[(String, Tensor)]| {
-                let parts: Vec<Tensor> = v
-                    .iter()
-                    .map(|(_, t)| {
-                        t.to_device(&Device::Cpu)
-                            .unwrap()
-                            .to_dtype(DType::F64)
-                            .unwrap()
-                            .flatten_all()
-                            .unwrap()
-                    })
-                    .collect();
-                Tensor::cat(&parts, 0).unwrap()
-            };
-            let (a, b) = (flat(&gg), flat(&gc));
-            let dot = |x: &Tensor, y: &Tensor| {
-                (x * y)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .to_scalar::<f64>()
-                    .unwrap()
-            };
-            let cos = dot(&a, &b) / (dot(&a, &a) * dot(&b, &b)).sqrt();
             eprintln!(
-                "{arch:?} {p:?}: loss {lg} vs {lc} (rel {loss_err:.2e}), gradient cosine {cos:.6}, worst tensor {} {:.2e}",
-                worst.1, worst.0
+                "{arch:?} GPU {p:?} vs f64: loss {:.2e}, worst tensor {:.2e}, 1 - cosine {:.2e}",
+                d[0], d[1], d[2]
             );
-            let tensors_ok = p != Precision::F32 || worst.0 <= 1e-4;
-            if loss_err > loss_tol || cos < cos_min || !tensors_ok {
-                failed.push(format!(
-                    "{arch:?} {p:?}: loss {loss_err:.2e}, cosine {cos:.6}, {} {:.2e}",
-                    worst.1, worst.0
-                ));
+            let ok = match p {
+                Precision::F32 => {
+                    d[0] <= (10.0 * cpu[0]).max(1e-5)
+                        && d[1] <= (10.0 * cpu[1]).max(1e-4)
+                        && d[2] <= (10.0 * cpu[2]).max(1e-8)
+                }
+                _ => !conditioned || (d[0] <= loss_tol && 1.0 - d[2] >= cos_min),
+            };
+            if !ok {
+                failed.push(format!("{arch:?} {p:?}: {d:?} (CPU f32: {cpu:?})"));
             }
         }
     }
