@@ -107,6 +107,16 @@ SIMTRANS_CUDNN=0 timeout 120 ./xtask bench backbone --device cuda --runs-dir "$W
 collect
 fi
 
+if want demo; then
+say "4. the demo pipeline on the GPU at each precision (${DEMO_SEEDS:-2} seeds)"
+for p in f32 tf32 bf16; do
+  start=$(date +%s)
+  timeout "${DEMO_LIMIT:-120}" ./xtask reproduce --device cuda --precision "$p" --seeds "${DEMO_SEEDS:-2}" \
+    --runs-dir "$WORK/runs" --run "demo-$p" 2>&1 | tail -4 | tee -a "$LOG"
+  say "demo $p: exit ${PIPESTATUS[0]} after $(($(date +%s) - start)) s"
+  collect
+done
+fi
 if want profile; then
 say "5. kernel times of ResNet-50 training steps (tf32, batch 64) under ncu"
 if command -v ncu >/dev/null; then
@@ -121,14 +131,4 @@ else
 fi
 fi
 
-if want demo; then
-say "4. the demo pipeline on the GPU at each precision (${DEMO_SEEDS:-2} seeds)"
-for p in f32 tf32 bf16; do
-  start=$(date +%s)
-  timeout "${DEMO_LIMIT:-120}" ./xtask reproduce --device cuda --precision "$p" --seeds "${DEMO_SEEDS:-2}" \
-    --runs-dir "$WORK/runs" --run "demo-$p" 2>&1 | tail -4 | tee -a "$LOG"
-  say "demo $p: exit ${PIPESTATUS[0]} after $(($(date +%s) - start)) s"
-  collect
-done
-fi
 say "done"
