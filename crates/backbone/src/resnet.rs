@@ -273,7 +273,8 @@ impl Block {
 /// `max_pool2d` has no backward pass for a kernel that differs from its stride. The forward
 /// pass is exact. Where several inputs of a window tie for the maximum, candle's `maximum`
 /// shares the gradient between them, whereas PyTorch gives it to one; after a ReLU the only
-/// common ties are zeros, whose gradient the ReLU discards anyway.
+/// common ties are zeros, whose gradient the ReLU discards anyway. On CUDA devices cuDNN's
+/// pooling runs instead and, like PyTorch, gives the gradient to one of the tied inputs.
 pub fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if simtrans_core::cudnn::enabled() && x.device().is_cuda() {

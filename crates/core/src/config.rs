@@ -551,6 +551,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_reduced_precision_keys_the_training_stages_and_f32_keys_nothing() {
+        let f32 = Config::preset(Preset::Demo);
+        let mut bf16 = f32.clone();
+        bf16.run.precision = "bf16".into();
+        assert_eq!(
+            f32.stage_inputs(Stage::Data),
+            bf16.stage_inputs(Stage::Data)
+        );
+        for stage in [Stage::Backbone, Stage::Simnet, Stage::Classifier] {
+            assert_ne!(f32.stage_inputs(stage), bf16.stage_inputs(stage));
+            assert!(!f32.stage_inputs(stage).contains("precision"));
+        }
+        // A config saved before the field existed reads as f32.
+        let text = toml::to_string(&f32)
+            .unwrap()
+            .replace("precision = \"f32\"\n", "");
+        assert!(!text.contains("precision"));
+        let back: Config = toml::from_str(&text).unwrap();
+        assert_eq!(back.run.precision, "f32");
+    }
+
+    #[test]
     fn presets_round_trip_through_toml() {
         for p in [Preset::Demo, Preset::Paper] {
             let c = Config::preset(p);
