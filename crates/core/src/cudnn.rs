@@ -1790,10 +1790,9 @@ impl CustomOp3 for ResBlock {
                     let mut dt = alloc(&dev, dtype, n)?;
                     let (pt, _gt) = ptr(t, &Layout::contiguous(n), &stream)?;
                     let (pdt, _gdt) = ptr_mut(&mut dt, &stream)?;
-                    let (pg, pb) = bn_ptrs(u, pp);
+                    let (pg, _) = bn_ptrs(u, pp);
                     let (pdg, pdb) = bn_ptrs(u, pdp);
                     u.bn.backward(&dev, &h, dtype, (pt, pz, pdt), (pg, pdg, pdb), s, false)?;
-                    let _ = pb;
                     let pwu = pw + es * u.w_off as u64;
                     conv_raw(&dev, &h, 1, &u.g, dtype, (pdt, pwu, pdx), false)?;
                     conv_raw(
@@ -1824,7 +1823,9 @@ impl CustomOp3 for ResBlock {
                 }
                 _ => bail!("residual block: shortcut state does not match its plan"),
             }
-            // The main path, last unit first; `g` is the gradient at the current unit's output.
+            // The main path, last unit first. `pg_cur` is the gradient at the current unit's
+            // output; `g_buf` owns the buffer it points into (dz itself for the last unit),
+            // which a reassignment frees only after the kernels that read it were queued.
             let mut g_buf: Option<CudaStorage> = None;
             let mut pg_cur = pz;
             for (i, u) in self.main.iter().enumerate().rev() {
@@ -1882,8 +1883,6 @@ impl CustomOp3 for ResBlock {
                     pg_cur = pgin;
                     g_buf = Some(gin);
                 }
-                // Keep the buffer `pg_cur` points into alive until the next unit used it.
-                let _ = &g_buf;
                 drop(_gdt);
                 drop(dt);
             }
