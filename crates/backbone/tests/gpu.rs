@@ -21,10 +21,10 @@ use std::sync::Mutex;
 /// The precision is process-wide: tests that set it take this lock.
 static PRECISION: Mutex<()> = Mutex::new(());
 
-/// The GPU, or `None` after saying on stderr why the test is skipped. The notice is written to
-/// `/dev/stderr` directly: the test harness swallows the output of passing tests.
+/// The GPU, or `None` after saying on stderr why the test is skipped. The notice goes to file
+/// descriptor 2 itself: the test harness swallows `eprintln!` of passing tests, and reopening
+/// `/dev/stderr` would write at its own offset into a redirected log and be overwritten.
 fn gpu(test: &str) -> Option<Device> {
-    use std::io::Write;
     #[cfg(feature = "cuda")]
     let why = match Device::new_cuda(0) {
         Ok(d) => return Some(d),
@@ -36,12 +36,16 @@ fn gpu(test: &str) -> Option<Device> {
     if std::env::var_os("SIMTRANS_REQUIRE_GPU").is_some() {
         panic!("{line}, and SIMTRANS_REQUIRE_GPU is set");
     }
-    match std::fs::OpenOptions::new().append(true).open("/dev/stderr") {
-        Ok(mut f) => {
-            let _ = writeln!(f, "{line}");
-        }
-        Err(_) => eprintln!("{line}"),
+    #[cfg(unix)]
+    {
+        use std::io::Write;
+        use std::os::fd::FromRawFd;
+        // SAFETY: fd 2 is open for the whole process; ManuallyDrop never closes it.
+        let mut stderr = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(2) });
+        let _ = writeln!(stderr, "{line}");
     }
+    #[cfg(not(unix))]
+    eprintln!("{line}");
     None
 }
 
