@@ -38,6 +38,14 @@ impl BnMode {
     pub fn is_training(self) -> bool {
         !matches!(self, BnMode::Eval)
     }
+
+    /// The first range's rows in [`BnMode::Split`], else `None`.
+    pub fn split(self) -> Option<usize> {
+        match self {
+            BnMode::Split(n) => Some(n),
+            _ => None,
+        }
+    }
 }
 
 /// A BatchNorm over the channel dimension (dimension 1) of `[B, C]` or `[B, C, H, W]` inputs,
@@ -137,16 +145,12 @@ impl BatchNorm {
                     x.dims()
                 )
             }
-            let split = match mode {
-                BnMode::Split(n) => Some(n),
-                _ => None,
-            };
             return simtrans_core::cudnn::batch_norm_train(
                 x,
                 &self.weight,
                 &self.bias,
                 Some((self.running_mean.as_tensor(), self.running_var.as_tensor())),
-                split,
+                mode.split(),
                 EPS,
                 MOMENTUM,
                 relu,

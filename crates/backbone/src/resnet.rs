@@ -113,49 +113,56 @@ impl Downsample {
     }
 }
 
-/// A residual block.
+/// A residual block, `relu(main(x) + shortcut(x))`: the main path is a chain of convolution +
+/// BatchNorm layers with a ReLU after every one but the last (two 3×3 layers in a basic
+/// block, 1×1, 3×3, 1×1 in a bottleneck), the shortcut the identity or a [`Downsample`].
 #[derive(Debug, Clone)]
-enum Block {
-    Basic {
-        conv1: Conv,
-        bn1: BatchNorm,
-        conv2: Conv,
-        bn2: BatchNorm,
-        down: Option<Downsample>,
-    },
-    Bottleneck {
-        conv1: Conv,
-        bn1: BatchNorm,
-        conv2: Conv,
-        bn2: BatchNorm,
-        conv3: Conv,
-        bn3: BatchNorm,
-        down: Option<Downsample>,
-    },
+struct Block {
+    main: Vec<(Conv, BatchNorm)>,
+    down: Option<Downsample>,
 }
 
 impl Block {
     fn basic(cin: usize, planes: usize, stride: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Block::Basic {
-            conv1: Conv::new(cin, planes, 3, stride, 1, vb.pp("conv1"))?,
-            bn1: BatchNorm::new(planes, vb.pp("bn1"))?,
-            conv2: Conv::new(planes, planes, 3, 1, 1, vb.pp("conv2"))?,
-            bn2: BatchNorm::new(planes, vb.pp("bn2"))?,
+        Ok(Block {
+            main: vec![
+                (
+                    Conv::new(cin, planes, 3, stride, 1, vb.pp("conv1"))?,
+                    BatchNorm::new(planes, vb.pp("bn1"))?,
+                ),
+                (
+                    Conv::new(planes, planes, 3, 1, 1, vb.pp("conv2"))?,
+                    BatchNorm::new(planes, vb.pp("bn2"))?,
+                ),
+            ],
             down: Downsample::maybe(cin, planes, stride, vb)?,
         })
     }
 
     fn bottleneck(cin: usize, planes: usize, stride: usize, vb: VarBuilder) -> Result<Self> {
         let out = planes * 4;
-        Ok(Block::Bottleneck {
-            conv1: Conv::new(cin, planes, 1, 1, 0, vb.pp("conv1"))?,
-            bn1: BatchNorm::new(planes, vb.pp("bn1"))?,
-            conv2: Conv::new(planes, planes, 3, stride, 1, vb.pp("conv2"))?,
-            bn2: BatchNorm::new(planes, vb.pp("bn2"))?,
-            conv3: Conv::new(planes, out, 1, 1, 0, vb.pp("conv3"))?,
-            bn3: BatchNorm::new(out, vb.pp("bn3"))?,
+        Ok(Block {
+            main: vec![
+                (
+                    Conv::new(cin, planes, 1, 1, 0, vb.pp("conv1"))?,
+                    BatchNorm::new(planes, vb.pp("bn1"))?,
+                ),
+                (
+                    Conv::new(planes, planes, 3, stride, 1, vb.pp("conv2"))?,
+                    BatchNorm::new(planes, vb.pp("bn2"))?,
+                ),
+                (
+                    Conv::new(planes, out, 1, 1, 0, vb.pp("conv3"))?,
+                    BatchNorm::new(out, vb.pp("bn3"))?,
+                ),
+            ],
             down: Downsample::maybe(cin, out, stride, vb)?,
         })
+    }
+
+    /// Whether main-path layer `i` is followed by a ReLU (all but the last).
+    fn relu_after(&self, i: usize) -> bool {
+        i + 1 < self.main.len()
     }
 
     fn forward(&self, x: &Tensor, mode: BnMode) -> Result<Tensor> {
@@ -163,33 +170,16 @@ impl Block {
         if let Some(y) = self.fused(x, mode)? {
             return Ok(y);
         }
-        match self {
-            Block::Basic {
-                conv1,
-                bn1,
-                conv2,
-                bn2,
-                down,
-            } => {
-                let y = bn1.forward_relu(&conv1.forward(x)?, mode)?;
-                let y = bn2.forward(&conv2.forward(&y)?, mode)?;
-                add_relu(&y, &Downsample::forward(down, x, mode)?)
-            }
-            Block::Bottleneck {
-                conv1,
-                bn1,
-                conv2,
-                bn2,
-                conv3,
-                bn3,
-                down,
-            } => {
-                let y = bn1.forward_relu(&conv1.forward(x)?, mode)?;
-                let y = bn2.forward_relu(&conv2.forward(&y)?, mode)?;
-                let y = bn3.forward(&conv3.forward(&y)?, mode)?;
-                add_relu(&y, &Downsample::forward(down, x, mode)?)
-            }
+        let mut y = x.clone();
+        for (i, (conv, bn)) in self.main.iter().enumerate() {
+            let z = conv.forward(&y)?;
+            y = if self.relu_after(i) {
+                bn.forward_relu(&z, mode)?
+            } else {
+                bn.forward(&z, mode)?
+            };
         }
+        add_relu(&y, &Downsample::forward(&self.down, x, mode)?)
     }
 }
 
@@ -216,52 +206,29 @@ impl Block {
                 relu,
             }
         }
-        let (main, down) = match self {
-            Block::Basic {
-                conv1,
-                bn1,
-                conv2,
-                bn2,
-                down,
-            } => (vec![unit(conv1, bn1, true), unit(conv2, bn2, false)], down),
-            Block::Bottleneck {
-                conv1,
-                bn1,
-                conv2,
-                bn2,
-                conv3,
-                bn3,
-                down,
-            } => (
-                vec![
-                    unit(conv1, bn1, true),
-                    unit(conv2, bn2, true),
-                    unit(conv3, bn3, false),
-                ],
-                down,
-            ),
-        };
+        let main: Vec<BlockUnit> = self
+            .main
+            .iter()
+            .enumerate()
+            .map(|(i, (conv, bn))| unit(conv, bn, self.relu_after(i)))
+            .collect();
         // Every BatchNorm needs two values per channel in each half; the layer-by-layer path
         // reports the ones that do not have them.
         let (b, _, h, w) = x.dims4()?;
         let stride = main.iter().map(|u| u.stride).max().unwrap_or(1);
-        let rows = match mode {
-            BnMode::Split(n) if n < b => n.min(b - n),
+        let rows = match mode.split() {
+            Some(n) if n < b => n.min(b - n),
             _ => b,
         };
         if rows * ((h - 1) / stride + 1) * ((w - 1) / stride + 1) < 2 {
             return Ok(None);
         }
-        let split = match mode {
-            BnMode::Split(n) => Some(n),
-            _ => None,
-        };
-        let short = down.as_ref().map(|d| unit(&d.conv, &d.bn, false));
+        let short = self.down.as_ref().map(|d| unit(&d.conv, &d.bn, false));
         Ok(Some(cudnn::residual_block(
             x,
             &main,
             short.as_ref(),
-            split,
+            mode.split(),
             crate::bn::EPS,
             crate::bn::MOMENTUM,
         )?))

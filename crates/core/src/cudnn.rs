@@ -42,23 +42,44 @@ use std::sync::Mutex;
 /// difference on the same machine, as `scripts/gpu-bench.sh` does).
 pub fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("SIMTRANS_CUDNN").map_or(true, |v| v != "0"))
+    *ON.get_or_init(|| env_switch("SIMTRANS_CUDNN", true))
+}
+
+/// An A/B switch from the environment: `1` on, `0` off, anything else (or unset) `default`.
+fn env_switch(var: &str, default: bool) -> bool {
+    match std::env::var(var).as_deref() {
+        Ok("1") => true,
+        Ok("0") => false,
+        _ => default,
+    }
+}
+
+/// An owned cuDNN object of raw type `$raw`, destroyed with `$destroy` when dropped. A failure
+/// then is ignored: at thread exit the context may already be gone, and nothing useful can be
+/// done about it.
+macro_rules! owned {
+    ($(#[$doc:meta])* $name:ident($raw:ty), $destroy:path) => {
+        $(#[$doc])*
+        struct $name($raw);
+
+        impl Drop for $name {
+            fn drop(&mut self) {
+                let _ = unsafe { $destroy(self.0) };
+            }
+        }
+    };
 }
 
 fn err(e: impl std::fmt::Debug) -> candle_core::Error {
     candle_core::Error::Msg(format!("cuDNN: {e:?}"))
 }
 
-/// A cuDNN handle bound to a device's stream. Handles are per thread (cuDNN's rule) and per
-/// device, created on first use.
-struct Handle(sys::cudnnHandle_t);
-
-impl Drop for Handle {
-    fn drop(&mut self) {
-        // At thread exit the context may already be gone; nothing useful can be done then.
-        let _ = unsafe { dnn::destroy_handle(self.0) };
-    }
-}
+owned!(
+    /// A cuDNN handle bound to a device's stream. Handles are per thread (cuDNN's rule) and
+    /// per device, created on first use.
+    Handle(sys::cudnnHandle_t),
+    dnn::destroy_handle
+);
 
 /// What a convolution call needs from cuDNN's algorithm choice.
 #[derive(Clone, Copy)]
@@ -103,7 +124,7 @@ fn handle(dev: &CudaDevice) -> Result<Rc<Handle>> {
 /// keeps the driver's default, to measure the difference.
 fn keep_freed_memory(ctx: &cudarc::driver::CudaContext) -> Result<()> {
     use cudarc::driver::sys as drv;
-    if std::env::var("SIMTRANS_POOL_RELEASE").is_ok_and(|v| v == "1") || !ctx.has_async_alloc() {
+    if env_switch("SIMTRANS_POOL_RELEASE", false) || !ctx.has_async_alloc() {
         return Ok(());
     }
     let mut pool: drv::CUmemoryPool = std::ptr::null_mut();
@@ -131,7 +152,10 @@ fn data_type(dtype: DType) -> Result<sys::cudnnDataType_t> {
     })
 }
 
-struct TensorDesc(sys::cudnnTensorDescriptor_t);
+owned!(
+    TensorDesc(sys::cudnnTensorDescriptor_t),
+    dnn::destroy_tensor_descriptor
+);
 
 impl TensorDesc {
     fn nchw(dtype: sys::cudnnDataType_t, dims: [usize; 4]) -> Result<Self> {
@@ -149,30 +173,19 @@ impl TensorDesc {
     }
 }
 
-impl Drop for TensorDesc {
-    fn drop(&mut self) {
-        let _ = unsafe { dnn::destroy_tensor_descriptor(self.0) };
-    }
-}
-
-struct FilterDesc(sys::cudnnFilterDescriptor_t);
-
-impl Drop for FilterDesc {
-    fn drop(&mut self) {
-        let _ = unsafe { dnn::destroy_filter_descriptor(self.0) };
-    }
-}
-
-struct ConvDesc(sys::cudnnConvolutionDescriptor_t);
-
-impl Drop for ConvDesc {
-    fn drop(&mut self) {
-        let _ = unsafe { dnn::destroy_convolution_descriptor(self.0) };
-    }
-}
-
-/// A ReLU (NaN-propagating, as PyTorch's).
-struct ReluDesc(sys::cudnnActivationDescriptor_t);
+owned!(
+    FilterDesc(sys::cudnnFilterDescriptor_t),
+    dnn::destroy_filter_descriptor
+);
+owned!(
+    ConvDesc(sys::cudnnConvolutionDescriptor_t),
+    dnn::destroy_convolution_descriptor
+);
+owned!(
+    /// A ReLU (NaN-propagating, as PyTorch's).
+    ReluDesc(sys::cudnnActivationDescriptor_t),
+    sys::cudnnDestroyActivationDescriptor
+);
 
 impl ReluDesc {
     fn new() -> Result<Self> {
@@ -187,12 +200,6 @@ impl ReluDesc {
         }
         .map_err(err)?;
         Ok(d)
-    }
-}
-
-impl Drop for ReluDesc {
-    fn drop(&mut self) {
-        let _ = unsafe { sys::cudnnDestroyActivationDescriptor(self.0) };
     }
 }
 
@@ -311,7 +318,7 @@ fn math_type(p: Precision, dtype: DType) -> sys::cudnnMathType_t {
 /// than by cuDNN's heuristics (the default: the same algorithms every run).
 pub fn find_mode() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("SIMTRANS_CUDNN_FIND").is_ok_and(|v| v == "1"))
+    *ON.get_or_init(|| env_switch("SIMTRANS_CUDNN_FIND", false))
 }
 
 fn descs(g: &Geom, dtype: DType, p: Precision) -> Result<Descs> {
@@ -1253,8 +1260,11 @@ impl CustomOp2 for AddRelu {
     }
 }
 
-/// An elementwise addition for `cudnnOpTensor` (f32 arithmetic).
-struct OpDesc(sys::cudnnOpTensorDescriptor_t);
+owned!(
+    /// An elementwise addition for `cudnnOpTensor` (f32 arithmetic).
+    OpDesc(sys::cudnnOpTensorDescriptor_t),
+    sys::cudnnDestroyOpTensorDescriptor
+);
 
 impl OpDesc {
     fn add() -> Result<Self> {
@@ -1277,19 +1287,16 @@ impl OpDesc {
     }
 }
 
-impl Drop for OpDesc {
-    fn drop(&mut self) {
-        let _ = unsafe { sys::cudnnDestroyOpTensorDescriptor(self.0) };
-    }
-}
-
 /// `relu(a + b)` through cuDNN (same shape, dtype and CUDA device); the gradient reaches both.
 pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     a.contiguous()?.apply_op2(&b.contiguous()?, AddRelu)
 }
 
-/// 3×3 max-pooling with stride 2 and padding 1 (padding never wins the maximum).
-struct PoolDesc(sys::cudnnPoolingDescriptor_t);
+owned!(
+    /// 3×3 max-pooling with stride 2 and padding 1 (padding never wins the maximum).
+    PoolDesc(sys::cudnnPoolingDescriptor_t),
+    sys::cudnnDestroyPoolingDescriptor
+);
 
 impl PoolDesc {
     fn max_3x3_s2_p1() -> Result<Self> {
@@ -1314,12 +1321,6 @@ impl PoolDesc {
         .result()
         .map_err(err)?;
         Ok(d)
-    }
-}
-
-impl Drop for PoolDesc {
-    fn drop(&mut self) {
-        let _ = unsafe { sys::cudnnDestroyPoolingDescriptor(self.0) };
     }
 }
 
@@ -1527,7 +1528,7 @@ pub fn sgd_update(
 /// `SIMTRANS_FUSED_BLOCKS=0` (then each layer is its own op, for the A/B measurement).
 pub fn fused_blocks() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("SIMTRANS_FUSED_BLOCKS").map_or(true, |v| v != "0"))
+    *ON.get_or_init(|| env_switch("SIMTRANS_FUSED_BLOCKS", true))
 }
 
 /// One convolution + training-mode BatchNorm (+ ReLU) of a residual block, by reference to the
