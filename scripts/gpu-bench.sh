@@ -69,36 +69,30 @@ pathlib.Path(sys.argv[2]).write_text(json.dumps(out, indent=1))
 PY
 }
 
+# One row set of the table: `table PRECISION RUN [VAR=VALUE ...]` (the variables switch an A/B).
+table() {
+  local p=$1 run=$2
+  shift 2
+  env "$@" timeout 150 ./xtask bench table --device cuda --precision "$p" --runs-dir "$WORK/runs" --run "$run" 2>&1 | tee -a "$LOG"
+  collect
+}
+
 if want table; then
 say "2. the table at f32, tf32, bf16 (cuDNN heuristics), then tf32 and bf16 with measured algorithms"
-for p in f32 tf32 bf16; do
-  timeout 150 ./xtask bench table --device cuda --precision "$p" --runs-dir "$WORK/runs" --run "table-$p" 2>&1 | tee -a "$LOG"
-  collect
-done
-for p in tf32 bf16; do
-  SIMTRANS_CUDNN_FIND=1 timeout 150 ./xtask bench table --device cuda --precision "$p" --runs-dir "$WORK/runs" --run "table-$p-find" 2>&1 | tee -a "$LOG"
-  collect
-done
+for p in f32 tf32 bf16; do table "$p" "table-$p"; done
+for p in tf32 bf16; do table "$p" "table-$p-find" SIMTRANS_CUDNN_FIND=1; done
 fi
 
 if want quick; then
 say "2q. the table at tf32 and bf16, and tf32 with layer-by-layer blocks"
-for p in tf32 bf16; do
-  timeout 150 ./xtask bench table --device cuda --precision "$p" --runs-dir "$WORK/runs" --run "table-$p" 2>&1 | tee -a "$LOG"
-  collect
-done
-SIMTRANS_FUSED_BLOCKS=0 timeout 150 ./xtask bench table --device cuda --precision tf32 --runs-dir "$WORK/runs" --run "table-tf32-unfused" 2>&1 | tee -a "$LOG"
-collect
+for p in tf32 bf16; do table "$p" "table-$p"; done
+table tf32 table-tf32-unfused SIMTRANS_FUSED_BLOCKS=0
 fi
 
 if want ab; then
 say "2b. tf32 A/B: the driver's default memory pool (SIMTRANS_POOL_RELEASE=1); layer-by-layer blocks (SIMTRANS_FUSED_BLOCKS=0)"
-SIMTRANS_POOL_RELEASE=1 timeout 150 ./xtask bench table --device cuda --precision tf32 --runs-dir "$WORK/runs" --run "table-tf32-pool-release" 2>&1 | tee -a "$LOG"
-collect
-for p in tf32 bf16; do
-  SIMTRANS_FUSED_BLOCKS=0 timeout 150 ./xtask bench table --device cuda --precision "$p" --runs-dir "$WORK/runs" --run "table-$p-unfused" 2>&1 | tee -a "$LOG"
-  collect
-done
+table tf32 table-tf32-pool-release SIMTRANS_POOL_RELEASE=1
+for p in tf32 bf16; do table "$p" "table-$p-unfused" SIMTRANS_FUSED_BLOCKS=0; done
 fi
 
 if want candle; then

@@ -53,6 +53,14 @@ fn random(shape: &[usize], seed: u64) -> Tensor {
     simtrans_core::seed::det_tensor(shape, seed as f64, -1.0, 1.0).unwrap()
 }
 
+/// Prints one measured error and records it in `failed` when it is over `tol`.
+fn check(failed: &mut Vec<String>, what: String, e: f64, tol: f64) {
+    eprintln!("{what}: {e:.2e}");
+    if e > tol {
+        failed.push(format!("{what}: {e:.3e} > {tol:e}"));
+    }
+}
+
 fn rel_err(gpu: &Tensor, cpu: &Tensor) -> f64 {
     let g = gpu
         .to_device(&Device::Cpu)
@@ -142,12 +150,8 @@ fn cudnn_convolution_matches_the_cpu_in_f32_and_bf16() {
         set_precision(p);
         for g in GEOMS {
             let e = conv_case(&dev, dtype, g);
-            eprintln!(
-                "conv {dtype:?} {g:?}: forward {:.2e}, dx {:.2e}, dw {:.2e}",
-                e[0], e[1], e[2]
-            );
-            if e.iter().any(|&e| e > tol) {
-                failed.push(format!("{dtype:?} {g:?}: {e:?}"));
+            for (what, e) in ["forward", "dx", "dw"].iter().zip(e) {
+                check(&mut failed, format!("conv {dtype:?} {g:?} {what}"), e, tol);
             }
         }
     }
@@ -228,13 +232,8 @@ fn cudnn_batchnorm_matches_the_cpu_in_every_mode() {
                 let cpu = bn_case(&Device::Cpu, DType::F32, &dims, mode, relu);
                 let gpu = bn_case(&dev, dtype, &dims, mode, relu);
                 for ((name, g), c) in names.iter().zip(&gpu).zip(&cpu) {
-                    let e = rel_err(g, c);
-                    eprintln!("batchnorm relu={relu} {dtype:?} {dims:?} {mode:?} {name}: {e:.2e}");
-                    if e > tol {
-                        failed.push(format!(
-                            "relu={relu} {dtype:?} {dims:?} {mode:?} {name}: {e:.3e}"
-                        ));
-                    }
+                    let what = format!("batchnorm relu={relu} {dtype:?} {dims:?} {mode:?} {name}");
+                    check(&mut failed, what, rel_err(g, c), tol);
                 }
             }
         }
@@ -308,11 +307,7 @@ fn fused_add_relu_and_max_pool_match_the_cpu() {
             .zip(&gpu)
             .zip(&cpu)
         {
-            let e = rel_err(g, c);
-            eprintln!("{name} {dtype:?}: {e:.2e}");
-            if e > tol {
-                failed.push(format!("{name} {dtype:?}: {e:.3e}"));
-            }
+            check(&mut failed, format!("{name} {dtype:?}"), rel_err(g, c), tol);
         }
     }
     assert!(failed.is_empty(), "over tolerance: {failed:#?}");
@@ -343,10 +338,12 @@ fn fused_sgd_update_matches_the_cpu() {
             p.as_tensor().clone()
         };
         let e = rel_err(&run(&dev), &run(&Device::Cpu));
-        eprintln!("sgd momentum {momentum} weight decay {wd}: {e:.2e}");
-        if e > 1e-6 {
-            failed.push(format!("momentum {momentum} wd {wd}: {e:.3e}"));
-        }
+        check(
+            &mut failed,
+            format!("sgd momentum {momentum} weight decay {wd}"),
+            e,
+            1e-6,
+        );
     }
     assert!(failed.is_empty(), "over tolerance: {failed:#?}");
 }
