@@ -42,7 +42,8 @@ fn gpu(test: &str) -> Option<Device> {
         use std::os::fd::FromRawFd;
         // SAFETY: fd 2 is open for the whole process; ManuallyDrop never closes it.
         let mut stderr = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(2) });
-        let _ = writeln!(stderr, "{line}");
+        // One write, so that lines from tests running in parallel do not interleave.
+        let _ = stderr.write_all(format!("{line}\n").as_bytes());
     }
     #[cfg(not(unix))]
     eprintln!("{line}");
