@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check of issue #9 in one run, for a machine with an NVIDIA GPU and no network:
 #   1. the GPU-against-CPU tests of crates/backbone/tests/gpu.rs (f32, TF32, bf16);
+#      (1c: again on cuDNN's BatchNorm, SIMTRANS_OWN_BN=0);
 #   2. the five workloads of BENCHMARKS.md's table (`xtask bench table`) at f32, tf32 and bf16,
 #      and at tf32 and bf16 with measured algorithm choice (SIMTRANS_CUDNN_FIND=1);
 #   3. candle's own CUDA convolution and BatchNorm (SIMTRANS_CUDNN=0): the "before" figures;
@@ -55,6 +56,8 @@ say "1. GPU against CPU"
 SIMTRANS_REQUIRE_GPU=1 timeout 300 ./gpu-tests --test-threads 1 --nocapture 2>&1 | tee -a "$LOG"
 say "1b. whole-network steps with the layer-by-layer path (SIMTRANS_FUSED_BLOCKS=0)"
 SIMTRANS_FUSED_BLOCKS=0 SIMTRANS_REQUIRE_GPU=1 timeout 300 ./gpu-tests resnet_training_step --nocapture 2>&1 | tee -a "$LOG"
+say "1c. BatchNorm and whole steps on cuDNN's BatchNorm instead of ours (SIMTRANS_OWN_BN=0)"
+SIMTRANS_OWN_BN=0 SIMTRANS_REQUIRE_GPU=1 timeout 300 ./gpu-tests --test-threads 1 --nocapture batchnorm resnet_training_step 2>&1 | tee -a "$LOG"
 fi
 
 # Every JSON result goes into one file (the device tool returns at most 8 files), rebuilt after
@@ -84,9 +87,9 @@ for p in tf32 bf16; do table "$p" "table-$p-find" SIMTRANS_CUDNN_FIND=1; done
 fi
 
 if want quick; then
-say "2q. the table at tf32 and bf16, and tf32 with layer-by-layer blocks"
+say "2q. the table at tf32 and bf16, and tf32 on cuDNN's BatchNorm (SIMTRANS_OWN_BN=0)"
 for p in tf32 bf16; do table "$p" "table-$p"; done
-table tf32 table-tf32-unfused SIMTRANS_FUSED_BLOCKS=0
+table tf32 table-tf32-cudnn-bn SIMTRANS_OWN_BN=0
 fi
 
 if want ab; then

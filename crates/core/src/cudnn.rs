@@ -22,6 +22,7 @@
 //! tensors that stay on the device. The ops refuse the CPU; callers dispatch on the device.
 
 use crate::device::{precision, Precision};
+use crate::kernels;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda::{CudaDevice, CudaStorage, CudaStorageSlice};
 use candle_core::op::BackpropOp;
@@ -46,7 +47,7 @@ pub fn enabled() -> bool {
 }
 
 /// An A/B switch from the environment: `1` on, `0` off, anything else (or unset) `default`.
-fn env_switch(var: &str, default: bool) -> bool {
+pub(crate) fn env_switch(var: &str, default: bool) -> bool {
     match std::env::var(var).as_deref() {
         Ok("1") => true,
         Ok("0") => false,
@@ -840,8 +841,9 @@ impl BnSpec {
         self.dims.iter().product()
     }
 
-    /// `y = BatchNorm(x)` (then ReLU in place when `relu`); the running statistics at
-    /// `running` (0, 0 for none) move from the first range. Returns the saved statistics.
+    /// `y = BatchNorm(x)` (`+ residual` unless it is 0, then ReLU when `relu`); the running
+    /// statistics at `running` (0, 0 for none) move from the first range. Returns the saved
+    /// statistics. Runs on our own kernels ([`kernels`]) unless `SIMTRANS_OWN_BN=0`.
     #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
@@ -852,9 +854,11 @@ impl BnSpec {
         (w, b): (u64, u64),
         running: (u64, u64),
         relu: bool,
+        residual: u64,
     ) -> Result<Stats> {
         let stream = dev.cuda_stream();
         let c = self.dims[1];
+        let own = kernels::own_batch_norm();
         let pd = TensorDesc::nchw(sys::cudnnDataType_t::CUDNN_DATA_FLOAT, [1, c, 1, 1])?;
         let mut saved = Vec::with_capacity(self.parts.len());
         for &(start, rows, update) in &self.parts {
@@ -865,41 +869,72 @@ impl BnSpec {
                 let (pmean, _g1) = mean.device_ptr_mut(&stream);
                 let (pinv, _g2) = inv_std.device_ptr_mut(&stream);
                 let (pm, pv) = if update { running } else { (0, 0) };
-                unsafe {
-                    sys::cudnnBatchNormalizationForwardTraining(
-                        h.0,
-                        sys::cudnnBatchNormMode_t::CUDNN_BATCHNORM_SPATIAL,
-                        one(),
-                        zero(),
-                        xd.0,
-                        (x + off) as *const c_void,
-                        xd.0,
-                        (y + off) as *mut c_void,
-                        pd.0,
-                        w as *const c_void,
-                        b as *const c_void,
-                        self.momentum,
-                        pm as *mut c_void,
-                        pv as *mut c_void,
-                        self.eps,
-                        pmean as *mut c_void,
-                        pinv as *mut c_void,
-                    )
+                if own {
+                    kernels::bn_forward(
+                        dev,
+                        dtype,
+                        self.range(rows),
+                        (x + off, at(residual, off), y + off),
+                        (w, b),
+                        (pm, pv),
+                        (self.eps, self.momentum),
+                        relu,
+                        (pmean, pinv),
+                    )?;
+                } else {
+                    unsafe {
+                        sys::cudnnBatchNormalizationForwardTraining(
+                            h.0,
+                            sys::cudnnBatchNormMode_t::CUDNN_BATCHNORM_SPATIAL,
+                            one(),
+                            zero(),
+                            xd.0,
+                            (x + off) as *const c_void,
+                            xd.0,
+                            (y + off) as *mut c_void,
+                            pd.0,
+                            w as *const c_void,
+                            b as *const c_void,
+                            self.momentum,
+                            pm as *mut c_void,
+                            pv as *mut c_void,
+                            self.eps,
+                            pmean as *mut c_void,
+                            pinv as *mut c_void,
+                        )
+                    }
+                    .result()
+                    .map_err(err)?;
                 }
-                .result()
-                .map_err(err)?;
             }
             saved.push((mean, inv_std));
         }
-        if relu {
+        if !own {
             let all = TensorDesc::nchw(data_type(dtype)?, self.dims)?;
-            relu_in_place(h, &all, y)?;
+            if residual != 0 {
+                add_tensor(h, &all, (1.0, residual), (1.0, y))?;
+            }
+            if relu {
+                relu_in_place(h, &all, y)?;
+            }
         }
         Ok(saved)
     }
 
+    /// One range of `rows` rows as our kernels see it.
+    fn range(&self, rows: usize) -> kernels::BnRange {
+        let [_, c, h, w] = self.dims;
+        kernels::BnRange {
+            n: rows,
+            c,
+            hw: h * w,
+        }
+    }
+
     /// `dx` and (written, or added when `accumulate_params`) `dw`, `db` from `x` and the
-    /// gradient `dy` of the BatchNorm's output.
+    /// gradient `dy` of the output. With `relu_out` (the output of a fused ReLU; 0 for none)
+    /// `dy` is taken through that ReLU first, and `dres` (0 for none) receives the gradient
+    /// at the BatchNorm's output (+ residual), which is the residual's gradient.
     #[allow(clippy::too_many_arguments)]
     fn backward(
         &self,
@@ -910,12 +945,31 @@ impl BnSpec {
         (w, dw, db): (u64, u64, u64),
         saved: &Stats,
         accumulate_params: bool,
+        (relu_out, dres): (u64, u64),
     ) -> Result<()> {
         if saved.len() != self.parts.len() {
             bail!("BatchNorm backward before its forward pass")
         }
         let stream = dev.cuda_stream();
         let c = self.dims[1];
+        let own = kernels::own_batch_norm();
+        // cuDNN's path: the ReLU's backward and the residual's copy as passes of their own.
+        let mut through_relu = None;
+        let mut dy = dy;
+        if !own && (relu_out != 0 || dres != 0) {
+            let all = TensorDesc::nchw(data_type(dtype)?, self.dims)?;
+            if relu_out != 0 {
+                let mut g = alloc(dev, dtype, self.len())?;
+                let (pg, _gg) = ptr_mut(&mut g, &stream)?;
+                relu_backward(h, &all, relu_out, dy, pg)?;
+                dy = pg;
+                drop(_gg);
+                through_relu = Some(g);
+            }
+            if dres != 0 {
+                add_tensor(h, &all, (1.0, dy), (0.0, dres))?;
+            }
+        }
         let pd = TensorDesc::nchw(sys::cudnnDataType_t::CUDNN_DATA_FLOAT, [1, c, 1, 1])?;
         for (i, (&(start, rows, _), (mean, inv_std))) in
             self.parts.iter().zip(saved.iter()).enumerate()
@@ -924,11 +978,21 @@ impl BnSpec {
             let (pm, _g4) = mean.device_ptr(&stream);
             let (pi, _g5) = inv_std.device_ptr(&stream);
             // The parameter gradients of the later ranges add to the first's.
-            let param_beta = if i == 0 && !accumulate_params {
-                zero()
-            } else {
-                one()
-            };
+            let add_params = i > 0 || accumulate_params;
+            if own {
+                kernels::bn_backward(
+                    dev,
+                    dtype,
+                    self.range(rows),
+                    (x + off, dy + off, at(relu_out, off)),
+                    (pm, pi),
+                    (w, dw, db),
+                    add_params,
+                    (dx + off, at(dres, off)),
+                )?;
+                continue;
+            }
+            let param_beta = if add_params { one() } else { zero() };
             unsafe {
                 sys::cudnnBatchNormalizationBackward(
                     h.0,
@@ -955,8 +1019,40 @@ impl BnSpec {
             .result()
             .map_err(err)?;
         }
+        drop(through_relu);
         Ok(())
     }
+}
+
+/// `base + offset`, or 0 (no tensor) when `base` is 0.
+fn at(base: u64, offset: u64) -> u64 {
+    if base == 0 {
+        0
+    } else {
+        base + offset
+    }
+}
+
+/// `c ← alpha·a + beta·c` over a contiguous buffer described by `desc`.
+fn add_tensor(
+    h: &Handle,
+    desc: &TensorDesc,
+    (alpha, a): (f32, u64),
+    (beta, c): (f32, u64),
+) -> Result<()> {
+    unsafe {
+        sys::cudnnAddTensor(
+            h.0,
+            &alpha as *const f32 as *const c_void,
+            desc.0,
+            a as *const c_void,
+            &beta as *const f32 as *const c_void,
+            desc.0,
+            c as *mut c_void,
+        )
+    }
+    .result()
+    .map_err(err)
 }
 
 /// A tensor's storage, read-locked, with its layout.
@@ -1055,8 +1151,16 @@ impl CustomOp3 for BnTrain {
             let (pw, _gw) = f32_param_ptr(w, wl, &stream)?;
             let (pb, _gb) = f32_param_ptr(b, bl, &stream)?;
             let (py, _gy) = ptr_mut(&mut y, &stream)?;
-            self.spec
-                .forward(&dev, &h, x.dtype(), (px, py), (pw, pb), running, self.relu)?
+            self.spec.forward(
+                &dev,
+                &h,
+                x.dtype(),
+                (px, py),
+                (pw, pb),
+                running,
+                self.relu,
+                0,
+            )?
         };
         *self.saved.lock().expect("batchnorm saved statistics") = saved;
         Ok((y, xl.shape().clone()))
@@ -1070,18 +1174,13 @@ impl CustomOp3 for BnTrain {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        // Through the ReLU first: the BatchNorm's own output gradient.
-        let grad = if self.relu {
-            res.apply_op2_no_bwd(&grad, &ReluBackward)?
-        } else {
-            grad
-        };
         let saved = self.saved.lock().expect("batchnorm saved statistics");
         let c = self.spec.dims[1];
         let (xs, xl) = x.storage_and_layout();
         let (gs, gl) = grad.storage_and_layout();
         let (ws, wl) = w.storage_and_layout();
-        let (xs, gs, ws) = (cuda_of(&xs)?, cuda_of(&gs)?, cuda_of(&ws)?);
+        let (rs, rl) = res.storage_and_layout();
+        let (xs, gs, ws, rs) = (cuda_of(&xs)?, cuda_of(&gs)?, cuda_of(&ws)?, cuda_of(&rs)?);
         let dev = xs.device().clone();
         let stream = dev.cuda_stream();
         let h = handle(&dev)?;
@@ -1095,6 +1194,9 @@ impl CustomOp3 for BnTrain {
             let (pdx, _g1) = ptr_mut(&mut dx, &stream)?;
             let (pdw, _g2) = ptr_mut(&mut dw, &stream)?;
             let (pdb, _g3) = ptr_mut(&mut db, &stream)?;
+            // With the ReLU, its output (our result) masks the gradient.
+            let (pr, _gr) = ptr(rs, rl, &stream)?;
+            let relu_out = if self.relu { pr } else { 0 };
             self.spec.backward(
                 &dev,
                 &h,
@@ -1103,6 +1205,7 @@ impl CustomOp3 for BnTrain {
                 (pw, pdw, pdb),
                 &saved,
                 false,
+                (relu_out, 0),
             )?;
         }
         let pshape = Shape::from(c);
@@ -1489,21 +1592,8 @@ pub fn sgd_update(
     let (pp, _g1) = ptr(ps, pl, &stream)?;
     let (pg, _g2) = ptr(gs, gl, &stream)?;
     // C ← alpha·A + beta·C on the device.
-    let add = |alpha: f64, a: u64, beta: f64, c: u64| -> Result<()> {
-        let (alpha, beta) = (alpha as f32, beta as f32);
-        unsafe {
-            sys::cudnnAddTensor(
-                h.0,
-                &alpha as *const f32 as *const c_void,
-                desc.0,
-                a as *const c_void,
-                &beta as *const f32 as *const c_void,
-                desc.0,
-                c as *mut c_void,
-            )
-        }
-        .result()
-        .map_err(err)
+    let add = |alpha: f64, a: u64, beta: f64, c: u64| {
+        add_tensor(&h, &desc, (alpha as f32, a), (beta as f32, c))
     };
     let Some((buf, fresh)) = buf else {
         add(-lr, pg, 1.0 - lr * weight_decay, pp)?;
@@ -1645,63 +1735,10 @@ impl CustomOp3 for ResBlock {
             let (py, _gy) = ptr_mut(&mut y, &stream)?;
             let bn_ptrs =
                 |u: &UnitPlan| (pp + 4 * u.bn_off as u64, pp + 4 * (u.bn_off + u.g.o) as u64);
-            let mut cur = px;
-            let last = self.main.len() - 1;
-            for (i, u) in self.main.iter().enumerate() {
-                let n: usize = u.g.y_dims().iter().product();
-                let mut t = alloc(&dev, dtype, n)?;
-                let (pt, _gt) = ptr_mut(&mut t, &stream)?;
-                conv_raw(
-                    &dev,
-                    &h,
-                    0,
-                    &u.g,
-                    dtype,
-                    (cur, pw + es * u.w_off as u64, pt),
-                    false,
-                )?;
-                let pa = if i == last {
-                    py
-                } else {
-                    unit_out.push(alloc(&dev, dtype, n)?);
-                    let a = unit_out.last_mut().expect("just pushed");
-                    ptr_mut(a, &stream)?.0
-                };
-                stats.push(u.bn.forward(
-                    &dev,
-                    &h,
-                    dtype,
-                    (pt, pa),
-                    bn_ptrs(u),
-                    running[i],
-                    u.relu,
-                )?);
-                cur = pa;
-                drop(_gt);
-                conv_out.push(t);
-            }
-            let all = TensorDesc::nchw(data_type(dtype)?, flat4(out_dims.iter().product()))?;
-            // C ← A + C on the block output.
-            let add_into_y = |a: u64| -> Result<()> {
-                unsafe {
-                    sys::cudnnAddTensor(
-                        h.0,
-                        one(),
-                        all.0,
-                        a as *const c_void,
-                        one(),
-                        all.0,
-                        py as *mut c_void,
-                    )
-                }
-                .result()
-                .map_err(err)
-            };
+            // The shortcut first: the last main unit adds it before the block's ReLU.
+            let mut shortcut_out = None;
             shortcut = match &self.shortcut {
-                None => {
-                    add_into_y(px)?;
-                    None
-                }
+                None => None,
                 Some(u) => {
                     let n: usize = u.g.y_dims().iter().product();
                     let mut t = alloc(&dev, dtype, n)?;
@@ -1718,7 +1755,7 @@ impl CustomOp3 for ResBlock {
                             (px, pw + es * u.w_off as u64, pt),
                             false,
                         )?;
-                        let s = u.bn.forward(
+                        u.bn.forward(
                             &dev,
                             &h,
                             dtype,
@@ -1726,14 +1763,54 @@ impl CustomOp3 for ResBlock {
                             bn_ptrs(u),
                             running[self.main.len()],
                             false,
-                        )?;
-                        add_into_y(pb)?;
-                        s
+                            0,
+                        )?
                     };
+                    shortcut_out = Some(b);
                     Some((t, s))
                 }
             };
-            relu_in_place(&h, &all, py)?;
+            let residual = match shortcut_out.as_mut() {
+                Some(b) => ptr_mut(b, &stream)?.0,
+                None => px,
+            };
+            let mut cur = px;
+            let last = self.main.len() - 1;
+            for (i, u) in self.main.iter().enumerate() {
+                let n: usize = u.g.y_dims().iter().product();
+                let mut t = alloc(&dev, dtype, n)?;
+                let (pt, _gt) = ptr_mut(&mut t, &stream)?;
+                conv_raw(
+                    &dev,
+                    &h,
+                    0,
+                    &u.g,
+                    dtype,
+                    (cur, pw + es * u.w_off as u64, pt),
+                    false,
+                )?;
+                let (pa, relu, res) = if i == last {
+                    (py, true, residual)
+                } else {
+                    unit_out.push(alloc(&dev, dtype, n)?);
+                    let a = unit_out.last_mut().expect("just pushed");
+                    (ptr_mut(a, &stream)?.0, u.relu, 0)
+                };
+                stats.push(u.bn.forward(
+                    &dev,
+                    &h,
+                    dtype,
+                    (pt, pa),
+                    bn_ptrs(u),
+                    running[i],
+                    relu,
+                    res,
+                )?);
+                cur = pa;
+                drop(_gt);
+                conv_out.push(t);
+            }
+            drop(shortcut_out);
         }
         *self.saved.lock().expect("block saved state") = Some(BlockSaved {
             conv_out,
@@ -1751,8 +1828,7 @@ impl CustomOp3 for ResBlock {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // The gradient at the sum, through the final ReLU.
-        let dz = res.apply_op2_no_bwd(&grad.contiguous()?, &ReluBackward)?;
+        let grad = grad.contiguous()?;
         let saved = self.saved.lock().expect("block saved state");
         let Some(saved) = saved.as_ref() else {
             bail!("residual block backward before its forward pass")
@@ -1760,8 +1836,10 @@ impl CustomOp3 for ResBlock {
         let (xs, xl) = x.storage_and_layout();
         let (ws, wl) = w.storage_and_layout();
         let (ps, pl) = p.storage_and_layout();
-        let (zs, zl) = dz.storage_and_layout();
-        let (xs, ws, ps, zs) = (cuda_of(&xs)?, cuda_of(&ws)?, cuda_of(&ps)?, cuda_of(&zs)?);
+        let (gs, gl) = grad.storage_and_layout();
+        let (rs, rl) = res.storage_and_layout();
+        let (xs, ws, ps) = (cuda_of(&xs)?, cuda_of(&ws)?, cuda_of(&ps)?);
+        let (gs, rs) = (cuda_of(&gs)?, cuda_of(&rs)?);
         let dev = xs.device().clone();
         let stream = dev.cuda_stream();
         let h = handle(&dev)?;
@@ -1774,7 +1852,9 @@ impl CustomOp3 for ResBlock {
             let (px, _g1) = ptr(xs, xl, &stream)?;
             let (pw, _g2) = ptr(ws, wl, &stream)?;
             let (pp, _g3) = f32_param_ptr(ps, pl, &stream)?;
-            let (pz, _g4) = ptr(zs, zl, &stream)?;
+            // The gradient of the block's output, and that output (the final ReLU's mask).
+            let (pz, _g4) = ptr(gs, gl, &stream)?;
+            let (pr, _g8) = ptr(rs, rl, &stream)?;
             let (pdx, _g5) = ptr_mut(&mut dx, &stream)?;
             let (pdw, _g6) = ptr_mut(&mut dw, &stream)?;
             let (pdp, _g7) = ptr_mut(&mut dp, &stream)?;
@@ -1784,8 +1864,10 @@ impl CustomOp3 for ResBlock {
                     base + 4 * (u.bn_off + u.g.o) as u64,
                 )
             };
-            // The shortcut's gradient lands in dx first; the main path adds to it.
-            match (&self.shortcut, &saved.shortcut) {
+            // A projection shortcut writes its input gradient to dx first; with the identity,
+            // the last main unit writes the gradient at the sum there. The main path's first
+            // convolution then adds to dx.
+            let identity = match (&self.shortcut, &saved.shortcut) {
                 (Some(u), Some((t, s))) => {
                     let n: usize = u.g.y_dims().iter().product();
                     let mut dt = alloc(&dev, dtype, n)?;
@@ -1793,7 +1875,16 @@ impl CustomOp3 for ResBlock {
                     let (pdt, _gdt) = ptr_mut(&mut dt, &stream)?;
                     let (pg, _) = bn_ptrs(u, pp);
                     let (pdg, pdb) = bn_ptrs(u, pdp);
-                    u.bn.backward(&dev, &h, dtype, (pt, pz, pdt), (pg, pdg, pdb), s, false)?;
+                    u.bn.backward(
+                        &dev,
+                        &h,
+                        dtype,
+                        (pt, pz, pdt),
+                        (pg, pdg, pdb),
+                        s,
+                        false,
+                        (pr, 0),
+                    )?;
                     let pwu = pw + es * u.w_off as u64;
                     conv_raw(&dev, &h, 1, &u.g, dtype, (pdt, pwu, pdx), false)?;
                     conv_raw(
@@ -1805,43 +1896,29 @@ impl CustomOp3 for ResBlock {
                         (px, pdt, pdw + es * u.w_off as u64),
                         false,
                     )?;
+                    false
                 }
-                (None, None) => {
-                    let all = TensorDesc::nchw(data_type(dtype)?, flat4(xl.shape().elem_count()))?;
-                    unsafe {
-                        sys::cudnnAddTensor(
-                            h.0,
-                            one(),
-                            all.0,
-                            pz as *const c_void,
-                            zero(),
-                            all.0,
-                            pdx as *mut c_void,
-                        )
-                    }
-                    .result()
-                    .map_err(err)?;
-                }
+                (None, None) => true,
                 _ => bail!("residual block: shortcut state does not match its plan"),
-            }
+            };
             // The main path, last unit first. `pg_cur` is the gradient at the current unit's
-            // output; `g_buf` owns the buffer it points into (dz itself for the last unit),
-            // which a reassignment frees only after the kernels that read it were queued.
+            // output; `g_buf` owns the buffer it points into (the incoming gradient for the
+            // last unit), which a reassignment frees only after the kernels that read it were
+            // queued.
             let mut g_buf: Option<CudaStorage> = None;
             let mut pg_cur = pz;
+            let last = self.main.len() - 1;
             for (i, u) in self.main.iter().enumerate().rev() {
                 let n: usize = u.g.y_dims().iter().product();
-                if u.relu {
+                // The ReLU after the unit, by its output: the block's own for the last unit.
+                let (relu_out, dres) = if i == last {
+                    (pr, if identity { pdx } else { 0 })
+                } else if u.relu {
                     let a = &saved.unit_out[i];
-                    let (pa, _ga) = ptr(a, &Layout::contiguous(n), &stream)?;
-                    let mut r = alloc(&dev, dtype, n)?;
-                    let (pr, _gr) = ptr_mut(&mut r, &stream)?;
-                    let desc = TensorDesc::nchw(data_type(dtype)?, flat4(n))?;
-                    relu_backward(&h, &desc, pa, pg_cur, pr)?;
-                    drop(_gr);
-                    pg_cur = pr;
-                    g_buf = Some(r);
-                }
+                    (ptr(a, &Layout::contiguous(n), &stream)?.0, 0)
+                } else {
+                    (0, 0)
+                };
                 let t = &saved.conv_out[i];
                 let (pt, _gt) = ptr(t, &Layout::contiguous(n), &stream)?;
                 let mut dt = alloc(&dev, dtype, n)?;
@@ -1856,6 +1933,7 @@ impl CustomOp3 for ResBlock {
                     (pgm, pdg, pdb),
                     &saved.stats[i],
                     false,
+                    (relu_out, dres),
                 )?;
                 let pwu = pw + es * u.w_off as u64;
                 let pin = if i == 0 {

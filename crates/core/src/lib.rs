@@ -17,6 +17,8 @@ pub mod cudnn;
 pub mod device;
 pub mod error;
 pub mod hash;
+#[cfg(feature = "cuda")]
+pub mod kernels;
 pub mod optim;
 pub mod progress;
 pub mod seed;

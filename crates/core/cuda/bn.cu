@@ -1,0 +1,259 @@
+// Training-mode BatchNorm kernels with the ReLU and the residual addition folded in.
+//
+// Why they exist: cuDNN's BatchNorm (NCHW) writes its output, then a ReLU reads and writes it
+// again, and a residual block's tail adds the shortcut in a third pass; backward, the ReLU's
+// mask is one more pass before cuDNN's own two. On ResNet-50 at batch 64 (H100) those passes
+// and cuDNN's generic elementwise kernel took 40 % of the GPU time of a training step
+// (BENCHMARKS.md). Here the forward is one statistics pass over x and one pass writing
+// y = relu(BN(x) + residual); the backward is one reduction pass and one pass writing dx
+// (and the residual's gradient), each reading the ReLU's mask from y.
+//
+// Layout: contiguous NCHW, viewed per launch as N rows of C channels of HW values, so a split
+// batch is two launches on offset pointers. Data are f32 or bf16 (`T`); statistics,
+// parameters and their gradients are f32, and every reduction accumulates in f64, so the
+// variance is exact to f32 rounding whatever the mean. VEC consecutive values (one channel,
+// HW % VEC == 0) move as one load.
+//
+// Compiled to PTX by crates/core/build.rs with `--features cuda`; launched from
+// crates/core/src/kernels.rs, which documents each kernel's contract.
+
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+namespace {
+
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
+    return __float2bfloat16_rn(v);
+}
+
+// VEC values of T as one aligned memory access.
+template <typename T, int VEC> struct alignas(sizeof(T) * VEC) Pack {
+    T v[VEC];
+};
+
+template <typename T, int VEC>
+__device__ __forceinline__ void load(const T* p, float (&out)[VEC]) {
+    Pack<T, VEC> k = *reinterpret_cast<const Pack<T, VEC>*>(p);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) out[e] = to_f(k.v[e]);
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void store(T* p, const float (&in)[VEC]) {
+    Pack<T, VEC> k;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) k.v[e] = from_f<T>(in[e]);
+    *reinterpret_cast<Pack<T, VEC>*>(p) = k;
+}
+
+// ReLU that keeps NaN (PyTorch's and cuDNN's PROPAGATE_NAN rule).
+__device__ __forceinline__ float relu(float v) { return v < 0.f ? 0.f : v; }
+
+// The sums (a, b) of every thread of the block, in thread 0. blockDim.x is a multiple of 32,
+// at most 1024.
+__device__ __forceinline__ void block_sum2(double& a, double& b) {
+    __shared__ double sa[32], sb[32];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        a += __shfl_down_sync(0xffffffffu, a, o);
+        b += __shfl_down_sync(0xffffffffu, b, o);
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) {
+        sa[warp] = a;
+        sb[warp] = b;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        const int warps = blockDim.x >> 5;
+        a = lane < warps ? sa[lane] : 0.0;
+        b = lane < warps ? sb[lane] : 0.0;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            a += __shfl_down_sync(0xffffffffu, a, o);
+            b += __shfl_down_sync(0xffffffffu, b, o);
+        }
+    }
+}
+
+// Grid (C, S): block (c, s) sums x and x² of channel c over rows [n0, n1) of its share.
+// partial[(c * S + s) * 2 + {0, 1}].
+template <typename T, int VEC>
+__device__ void stats(const T* x, int n, int c_count, int hw, double* partial) {
+    const int c = blockIdx.x, s = blockIdx.y, shares = gridDim.y;
+    const int n0 = (int)((long long)n * s / shares), n1 = (int)((long long)n * (s + 1) / shares);
+    const int hwv = hw / VEC;
+    const long long total = (long long)(n1 - n0) * hwv;
+    double sum = 0.0, sq = 0.0;
+    for (long long k = threadIdx.x; k < total; k += blockDim.x) {
+        const long long row = n0 + k / hwv, j = k % hwv;
+        float v[VEC];
+        load<T, VEC>(x + (row * c_count + c) * hw + j * VEC, v);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+            sum += v[e];
+            sq += (double)v[e] * v[e];
+        }
+    }
+    block_sum2(sum, sq);
+    if (threadIdx.x == 0) {
+        partial[(c * shares + s) * 2] = sum;
+        partial[(c * shares + s) * 2 + 1] = sq;
+    }
+}
+
+// Grid (C, S), as `stats`: block (c, s) sums g and g·x̂ of channel c, where g is dy masked
+// by y > 0 when `y` is given (the gradient through a ReLU whose output is y) and
+// x̂ = (x − mean)·inv_std.
+template <typename T, int VEC>
+__device__ void grad_stats(const T* x, const T* dy, const T* y, const float* mean,
+                           const float* inv_std, int n, int c_count, int hw, double* partial) {
+    const int c = blockIdx.x, s = blockIdx.y, shares = gridDim.y;
+    const int n0 = (int)((long long)n * s / shares), n1 = (int)((long long)n * (s + 1) / shares);
+    const int hwv = hw / VEC;
+    const long long total = (long long)(n1 - n0) * hwv;
+    const float m = mean[c], is = inv_std[c];
+    double sg = 0.0, sgx = 0.0;
+    for (long long k = threadIdx.x; k < total; k += blockDim.x) {
+        const long long at = ((n0 + k / hwv) * c_count + c) * hw + (k % hwv) * VEC;
+        float xv[VEC], gv[VEC], yv[VEC];
+        load<T, VEC>(x + at, xv);
+        load<T, VEC>(dy + at, gv);
+        if (y) load<T, VEC>(y + at, yv);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+            const float g = (y && !(yv[e] > 0.f)) ? 0.f : gv[e];
+            sg += g;
+            sgx += (double)g * ((xv[e] - m) * is);
+        }
+    }
+    block_sum2(sg, sgx);
+    if (threadIdx.x == 0) {
+        partial[(c * shares + s) * 2] = sg;
+        partial[(c * shares + s) * 2 + 1] = sgx;
+    }
+}
+
+// y = BN(x) (+ residual) (then ReLU), elementwise; one thread per VEC values.
+template <typename T, int VEC>
+__device__ void apply(const T* x, const T* residual, T* y, const float* mean,
+                      const float* inv_std, const float* w, const float* b, long long total,
+                      int c_count, int hw, int do_relu) {
+    const long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (k * VEC >= total) return;
+    const long long at = k * VEC;
+    const int c = (int)((at / hw) % c_count);
+    const float m = mean[c], scale = inv_std[c] * w[c], shift = b[c];
+    float v[VEC], r[VEC];
+    load<T, VEC>(x + at, v);
+    if (residual) load<T, VEC>(residual + at, r);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+        float o = (v[e] - m) * scale + shift;
+        if (residual) o += r[e];
+        v[e] = do_relu ? relu(o) : o;
+    }
+    store<T, VEC>(y + at, v);
+}
+
+// dx = w·inv_std·(g − mean(g) − x̂·mean(g·x̂)) with g = dy (masked by y > 0 when `y` is
+// given); `coef[c] = (mean(g), mean(g·x̂))`. Also writes g itself to `dres` when given (the
+// residual branch's gradient).
+template <typename T, int VEC>
+__device__ void grad_apply(const T* x, const T* dy, const T* y, const float* mean,
+                           const float* inv_std, const float* w, const float* coef, T* dx,
+                           T* dres, long long total, int c_count, int hw) {
+    const long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (k * VEC >= total) return;
+    const long long at = k * VEC;
+    const int c = (int)((at / hw) % c_count);
+    const float m = mean[c], is = inv_std[c], scale = w[c] * is;
+    const float mg = coef[2 * c], mgx = coef[2 * c + 1];
+    float xv[VEC], gv[VEC], yv[VEC], out[VEC];
+    load<T, VEC>(x + at, xv);
+    load<T, VEC>(dy + at, gv);
+    if (y) load<T, VEC>(y + at, yv);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+        if (y && !(yv[e] > 0.f)) gv[e] = 0.f;
+        out[e] = scale * (gv[e] - mg - (xv[e] - m) * is * mgx);
+    }
+    store<T, VEC>(dx + at, out);
+    if (dres) store<T, VEC>(dres + at, gv);
+}
+
+}  // namespace
+
+// One thread per channel: the batch mean and 1/sqrt(var + eps) (biased variance) from the
+// partial sums of `count` values, and, when `running_mean` is given, the running statistics
+// moved by momentum with the unbiased variance (PyTorch's rule).
+extern "C" __global__ void bn_stats_finish(const double* partial, int c_count, int shares,
+                                           double count, float eps, float momentum,
+                                           float* running_mean, float* running_var,
+                                           float* mean, float* inv_std) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= c_count) return;
+    double sum = 0.0, sq = 0.0;
+    for (int s = 0; s < shares; ++s) {
+        sum += partial[(c * shares + s) * 2];
+        sq += partial[(c * shares + s) * 2 + 1];
+    }
+    const double mu = sum / count;
+    double var = sq / count - mu * mu;
+    if (var < 0.0) var = 0.0;
+    mean[c] = (float)mu;
+    inv_std[c] = (float)(1.0 / sqrt(var + (double)eps));
+    if (running_mean) {
+        running_mean[c] = (float)((1.0 - momentum) * running_mean[c] + momentum * mu);
+        running_var[c] =
+            (float)((1.0 - momentum) * running_var[c] + momentum * var * count / (count - 1.0));
+    }
+}
+
+// One thread per channel: dw[c] (+)= Σ g·x̂, db[c] (+)= Σ g, and coef[c] = the two means.
+extern "C" __global__ void bn_grad_finish(const double* partial, int c_count, int shares,
+                                          double count, int accumulate, float* dw, float* db,
+                                          float* coef) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= c_count) return;
+    double sg = 0.0, sgx = 0.0;
+    for (int s = 0; s < shares; ++s) {
+        sg += partial[(c * shares + s) * 2];
+        sgx += partial[(c * shares + s) * 2 + 1];
+    }
+    dw[c] = (float)(accumulate ? dw[c] + sgx : sgx);
+    db[c] = (float)(accumulate ? db[c] + sg : sg);
+    coef[2 * c] = (float)(sg / count);
+    coef[2 * c + 1] = (float)(sgx / count);
+}
+
+#define BN_KERNELS(NAME, T, VEC)                                                              \
+    extern "C" __global__ void bn_stats_##NAME(const T* x, int n, int c, int hw,              \
+                                               double* partial) {                             \
+        stats<T, VEC>(x, n, c, hw, partial);                                                  \
+    }                                                                                         \
+    extern "C" __global__ void bn_grad_stats_##NAME(const T* x, const T* dy, const T* y,      \
+                                                    const float* mean, const float* inv_std,  \
+                                                    int n, int c, int hw, double* partial) {  \
+        grad_stats<T, VEC>(x, dy, y, mean, inv_std, n, c, hw, partial);                       \
+    }                                                                                         \
+    extern "C" __global__ void bn_apply_##NAME(const T* x, const T* residual, T* y,           \
+                                               const float* mean, const float* inv_std,       \
+                                               const float* w, const float* b,                \
+                                               long long total, int c, int hw, int relu) {    \
+        apply<T, VEC>(x, residual, y, mean, inv_std, w, b, total, c, hw, relu);               \
+    }                                                                                         \
+    extern "C" __global__ void bn_grad_apply_##NAME(                                          \
+        const T* x, const T* dy, const T* y, const float* mean, const float* inv_std,         \
+        const float* w, const float* coef, T* dx, T* dres, long long total, int c, int hw) {  \
+        grad_apply<T, VEC>(x, dy, y, mean, inv_std, w, coef, dx, dres, total, c, hw);         \
+    }
+
+BN_KERNELS(f32, float, 1)
+BN_KERNELS(f32x4, float, 4)
+BN_KERNELS(bf16, __nv_bfloat16, 1)
+BN_KERNELS(bf16x4, __nv_bfloat16, 4)
