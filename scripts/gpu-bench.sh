@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # Every GPU check of issue #9 in one run, for a machine with an NVIDIA GPU and no network:
-#   1. the GPU-against-CPU tests of crates/backbone/tests/gpu.rs (f32, TF32, bf16);
-#      (1c: again on cuDNN's BatchNorm, SIMTRANS_OWN_BN=0);
-#   2. the five workloads of BENCHMARKS.md's table (`xtask bench table`) at f32, tf32 and bf16,
-#      and at tf32 and bf16 with measured algorithm choice (SIMTRANS_CUDNN_FIND=1);
+#   1. the GPU-against-CPU tests of crates/backbone/tests/gpu.rs (f32, TF32, bf16), then the
+#      whole steps layer by layer (1b) and on cuDNN's BatchNorm (1c, SIMTRANS_OWN_BN=0);
+#   2. the five workloads of BENCHMARKS.md's table (`xtask bench table`) at f32, tf32 and bf16
+#      (sections `find` and `ab`: with measured algorithm choice, and one A/B switch at a time);
 #   3. candle's own CUDA convolution and BatchNorm (SIMTRANS_CUDNN=0): the "before" figures;
 #   4. the demo pipeline end to end on the GPU (`xtask reproduce --device cuda`) at each
 #      precision, for the accuracy cost of tf32 and bf16; each run time-limited (DEMO_LIMIT);
 #   5. (section `profile`) per-kernel times of ResNet-50 steps under Nsight Compute.
 #
 #   scripts/gpu-bench.sh [BIN_DIR] [OUT_DIR]
-#   SECTIONS="tests table" scripts/gpu-bench.sh     # a subset (tests table quick ab candle demo profile)
+#   SECTIONS="tests table" scripts/gpu-bench.sh     # a subset (tests table find quick ab candle demo profile)
 #
 # BIN_DIR holds `xtask` and `gpu-tests` (plain or .xz), as scripts/build-gpu-bins.sh leaves them;
 # OUT_DIR (default $OUT, else ./gpu-bench-out) receives gpu.txt, log.txt and results.json.
@@ -81,21 +81,26 @@ table() {
 }
 
 if want table; then
-say "2. the table at f32, tf32, bf16 (cuDNN heuristics), then tf32 and bf16 with measured algorithms"
+say "2. the table at f32, tf32, bf16"
 for p in f32 tf32 bf16; do table "$p" "table-$p"; done
+fi
+
+if want find; then
+say "2f. tf32 and bf16 with measured algorithms (SIMTRANS_CUDNN_FIND=1)"
 for p in tf32 bf16; do table "$p" "table-$p-find" SIMTRANS_CUDNN_FIND=1; done
 fi
 
 if want quick; then
-say "2q. the table at tf32 and bf16, and tf32 on cuDNN's BatchNorm (SIMTRANS_OWN_BN=0)"
+say "2q. the table at tf32 and bf16"
 for p in tf32 bf16; do table "$p" "table-$p"; done
-table tf32 table-tf32-cudnn-bn SIMTRANS_OWN_BN=0
 fi
 
 if want ab; then
-say "2b. tf32 A/B: the driver's default memory pool (SIMTRANS_POOL_RELEASE=1); layer-by-layer blocks (SIMTRANS_FUSED_BLOCKS=0)"
+say "2b. tf32 A/B, one switch each: cuDNN's BatchNorm (SIMTRANS_OWN_BN=0); one op per block (SIMTRANS_FUSED_CHAIN=0); layer-by-layer (SIMTRANS_FUSED_BLOCKS=0); the driver's default memory pool (SIMTRANS_POOL_RELEASE=1)"
+table tf32 table-tf32-cudnn-bn SIMTRANS_OWN_BN=0
+table tf32 table-tf32-per-block SIMTRANS_FUSED_CHAIN=0
+table tf32 table-tf32-unfused SIMTRANS_FUSED_BLOCKS=0
 table tf32 table-tf32-pool-release SIMTRANS_POOL_RELEASE=1
-for p in tf32 bf16; do table "$p" "table-$p-unfused" SIMTRANS_FUSED_BLOCKS=0; done
 fi
 
 if want candle; then

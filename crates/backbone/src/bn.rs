@@ -135,7 +135,7 @@ impl BatchNorm {
         if mode.is_training()
             && simtrans_core::cudnn::enabled()
             && x.device().is_cuda()
-            && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16)
+            && matches!(x.dtype(), DType::F32 | DType::BF16)
         {
             // One fused cuDNN op each way, the split halves included (statistics in f32
             // whatever the activations' dtype).
@@ -153,6 +153,23 @@ impl BatchNorm {
                 mode.split(),
                 EPS,
                 MOMENTUM,
+                relu,
+            );
+        }
+        #[cfg(feature = "cuda")]
+        if mode == BnMode::Eval
+            && simtrans_core::cudnn::enabled()
+            && simtrans_core::kernels::own_batch_norm()
+            && x.device().is_cuda()
+            && matches!(x.dtype(), DType::F32 | DType::BF16)
+        {
+            // One pass each way on our kernels instead of candle's broadcast ops.
+            return simtrans_core::cudnn::batch_norm_eval(
+                x,
+                &self.weight,
+                &self.bias,
+                (self.running_mean.as_tensor(), self.running_var.as_tensor()),
+                EPS,
                 relu,
             );
         }

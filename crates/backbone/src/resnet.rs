@@ -166,10 +166,6 @@ impl Block {
     }
 
     fn forward(&self, x: &Tensor, mode: BnMode) -> Result<Tensor> {
-        #[cfg(feature = "cuda")]
-        if let Some(y) = self.fused(x, mode)? {
-            return Ok(y);
-        }
         let mut y = x.clone();
         for (i, (conv, bn)) in self.main.iter().enumerate() {
             let z = conv.forward(&y)?;
@@ -183,56 +179,69 @@ impl Block {
     }
 }
 
+/// Residual blocks run as fused ops ([`simtrans_core::cudnn::residual_blocks`]) on a CUDA
+/// device: all of them as one op, or one op per block with `SIMTRANS_FUSED_CHAIN=0`. `None`
+/// where the layer-by-layer path applies (no CUDA, `SIMTRANS_CUDNN=0` or
+/// `SIMTRANS_FUSED_BLOCKS=0`, evaluation mode without our BatchNorm kernels, or a BatchNorm
+/// with fewer than two values per channel, which the layer-by-layer path reports).
 #[cfg(feature = "cuda")]
-impl Block {
-    /// The whole block as one cuDNN op ([`simtrans_core::cudnn::residual_block`]) when it
-    /// trains on a CUDA device; `None` where the layer-by-layer path applies.
-    fn fused(&self, x: &Tensor, mode: BnMode) -> Result<Option<Tensor>> {
-        use simtrans_core::cudnn::{self, BlockUnit};
-        if !(mode.is_training()
-            && cudnn::enabled()
-            && cudnn::fused_blocks()
-            && x.device().is_cuda()
-            && matches!(x.dtype(), DType::F32 | DType::BF16))
-        {
-            return Ok(None);
+fn fused_blocks(blocks: &[&Block], x: &Tensor, mode: BnMode) -> Result<Option<Tensor>> {
+    use simtrans_core::cudnn::{self, BlockUnit, BlockUnits, Norm};
+    let norm = match mode {
+        // Evaluation mode needs our BatchNorm kernels (cuDNN's has no backward there).
+        BnMode::Eval if !simtrans_core::kernels::own_batch_norm() => return Ok(None),
+        BnMode::Eval => Norm::Running,
+        _ => Norm::Batch(mode.split()),
+    };
+    if !(cudnn::enabled()
+        && cudnn::fused_blocks()
+        && x.device().is_cuda()
+        && matches!(x.dtype(), DType::F32 | DType::BF16))
+    {
+        return Ok(None);
+    }
+    fn unit<'a>(c: &'a Conv, bn: &'a BatchNorm, relu: bool) -> BlockUnit<'a> {
+        BlockUnit {
+            weight: &c.weight,
+            stride: c.stride,
+            padding: c.padding,
+            bn: bn.tensors(),
+            relu,
         }
-        fn unit<'a>(c: &'a Conv, bn: &'a BatchNorm, relu: bool) -> BlockUnit<'a> {
-            BlockUnit {
-                weight: &c.weight,
-                stride: c.stride,
-                padding: c.padding,
-                bn: bn.tensors(),
-                relu,
-            }
-        }
-        let main: Vec<BlockUnit> = self
+    }
+    let (b, _, mut h, mut w) = x.dims4()?;
+    let rows = match mode.split() {
+        Some(n) if n < b => n.min(b - n),
+        _ => b,
+    };
+    let mut units = Vec::with_capacity(blocks.len());
+    for block in blocks {
+        let main: Vec<BlockUnit> = block
             .main
             .iter()
             .enumerate()
-            .map(|(i, (conv, bn))| unit(conv, bn, self.relu_after(i)))
+            .map(|(i, (conv, bn))| unit(conv, bn, block.relu_after(i)))
             .collect();
-        // Every BatchNorm needs two values per channel in each half; the layer-by-layer path
-        // reports the ones that do not have them.
-        let (b, _, h, w) = x.dims4()?;
         let stride = main.iter().map(|u| u.stride).max().unwrap_or(1);
-        let rows = match mode.split() {
-            Some(n) if n < b => n.min(b - n),
-            _ => b,
-        };
-        if rows * ((h - 1) / stride + 1) * ((w - 1) / stride + 1) < 2 {
+        (h, w) = ((h - 1) / stride + 1, (w - 1) / stride + 1);
+        // Every BatchNorm needs two values per channel in each half.
+        if mode.is_training() && rows * h * w < 2 {
             return Ok(None);
         }
-        let short = self.down.as_ref().map(|d| unit(&d.conv, &d.bn, false));
-        Ok(Some(cudnn::residual_block(
-            x,
-            &main,
-            short.as_ref(),
-            mode.split(),
-            crate::bn::EPS,
-            crate::bn::MOMENTUM,
-        )?))
+        let shortcut = block.down.as_ref().map(|d| unit(&d.conv, &d.bn, false));
+        units.push(BlockUnits { main, shortcut });
     }
+    let run = |x: &Tensor, units: &[BlockUnits]| {
+        cudnn::residual_blocks(x, units, norm, crate::bn::EPS, crate::bn::MOMENTUM)
+    };
+    if cudnn::fused_chain() {
+        return Ok(Some(run(x, &units)?));
+    }
+    let mut y = x.clone();
+    for u in units.chunks(1) {
+        y = run(&y, u)?;
+    }
+    Ok(Some(y))
 }
 
 /// Max-pooling with a 3×3 window, stride 2 and padding 1 (the ResNet stem), written as the
@@ -407,11 +416,20 @@ impl ResNet {
         if self.max_pool {
             y = max_pool_3x3_s2_p1(&y)?;
         }
-        for layer in &self.layers {
-            for block in layer {
-                y = block.forward(&y, mode)?;
+        let blocks: Vec<&Block> = self.layers.iter().flatten().collect();
+        #[cfg(feature = "cuda")]
+        let fused = fused_blocks(&blocks, &y, mode)?;
+        #[cfg(not(feature = "cuda"))]
+        let fused = None;
+        y = match fused {
+            Some(y) => y,
+            None => {
+                for block in blocks {
+                    y = block.forward(&y, mode)?;
+                }
+                y
             }
-        }
+        };
         if low {
             y = y.to_dtype(DType::F32)?;
         }

@@ -351,14 +351,11 @@ fn fused_sgd_update_matches_the_cpu() {
     assert!(failed.is_empty(), "over tolerance: {failed:#?}");
 }
 
+/// A whole-network case: architecture, width (for `Small`), image side, BatchNorm mode.
+type Case = (Arch, usize, usize, BnMode);
+
 /// Loss and gradients of one training step of a ResNet on `dev`, its variables in `dtype`.
-fn resnet_step(
-    dev: &Device,
-    dtype: DType,
-    arch: Arch,
-    width: usize,
-    side: usize,
-) -> (f64, Vec<Tensor>) {
+fn resnet_step(dev: &Device, dtype: DType, (arch, width, side, mode): Case) -> (f64, Vec<Tensor>) {
     let vm = VarMap::new();
     let vb = simtrans_core::seed::var_builder(&vm, 3, "gpu-test", dtype, dev);
     let net = ResNet::new(arch, width, Some(5), vb).unwrap();
@@ -368,7 +365,7 @@ fn resnet_step(
         .to_device(dev)
         .unwrap();
     let y = Tensor::new(&[0u32, 1, 2, 3], dev).unwrap();
-    let (logits, _) = net.forward(&x, BnMode::Train).unwrap();
+    let (logits, _) = net.forward(&x, mode).unwrap();
     let loss = candle_nn::loss::cross_entropy(&logits, &y).unwrap();
     let grads = loss.backward().unwrap();
     let g = simtrans_backbone::trainable_vars(&vm)
@@ -433,34 +430,35 @@ fn resnet_training_step_matches_the_cpu_at_each_precision() {
     };
     let _lock = PRECISION.lock().unwrap();
     let mut failed = vec![];
-    for (arch, width, side) in [
-        (Arch::Small, 8, 28),
-        (Arch::Resnet18, 0, 64),
-        (Arch::Resnet50, 0, 64),
+    // Evaluation mode (running statistics, as the similarity matrix uses them) runs the same
+    // fused blocks; it is checked in f32.
+    for case in [
+        (Arch::Small, 8, 28, BnMode::Train),
+        (Arch::Resnet18, 0, 64, BnMode::Train),
+        (Arch::Resnet50, 0, 64, BnMode::Train),
+        (Arch::Small, 8, 28, BnMode::Eval),
+        (Arch::Resnet18, 0, 64, BnMode::Eval),
     ] {
+        let (arch, mode) = (case.0, case.3);
         set_precision(Precision::F32);
-        let reference = resnet_step(&Device::Cpu, DType::F64, arch, width, side);
-        let cpu = distance(
-            &resnet_step(&Device::Cpu, DType::F32, arch, width, side),
-            &reference,
-        );
+        let reference = resnet_step(&Device::Cpu, DType::F64, case);
+        let cpu = distance(&resnet_step(&Device::Cpu, DType::F32, case), &reference);
         eprintln!(
-            "{arch:?} CPU f32 vs f64: loss {:.2e}, worst tensor {:.2e}, 1 - cosine {:.2e}",
+            "{arch:?} {mode:?} CPU f32 vs f64: loss {:.2e}, worst tensor {:.2e}, 1 - cosine {:.2e}",
             cpu[0], cpu[1], cpu[2]
         );
         let conditioned = cpu[2] < 1e-9;
-        for (p, loss_tol, cos_min) in [
+        let precisions = [
             (Precision::F32, 0.0, 0.0),
             (Precision::Tf32, 1e-3, 0.99),
             (Precision::Bf16, 1e-2, 0.9),
-        ] {
+        ];
+        let checked = if mode == BnMode::Eval { 1 } else { 3 };
+        for &(p, loss_tol, cos_min) in &precisions[..checked] {
             set_precision(p);
-            let d = distance(
-                &resnet_step(&dev, DType::F32, arch, width, side),
-                &reference,
-            );
+            let d = distance(&resnet_step(&dev, DType::F32, case), &reference);
             eprintln!(
-                "{arch:?} GPU {p:?} vs f64: loss {:.2e}, worst tensor {:.2e}, 1 - cosine {:.2e}",
+                "{arch:?} {mode:?} GPU {p:?} vs f64: loss {:.2e}, worst tensor {:.2e}, 1 - cosine {:.2e}",
                 d[0], d[1], d[2]
             );
             let ok = match p {
@@ -472,7 +470,7 @@ fn resnet_training_step_matches_the_cpu_at_each_precision() {
                 _ => !conditioned || (d[0] <= loss_tol && 1.0 - d[2] >= cos_min),
             };
             if !ok {
-                failed.push(format!("{arch:?} {p:?}: {d:?} (CPU f32: {cpu:?})"));
+                failed.push(format!("{arch:?} {mode:?} {p:?}: {d:?} (CPU f32: {cpu:?})"));
             }
         }
     }

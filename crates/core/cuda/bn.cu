@@ -214,10 +214,23 @@ extern "C" __global__ void bn_stats_finish(const double* partial, int c_count, i
     }
 }
 
-// One thread per channel: dw[c] (+)= Σ g·x̂, db[c] (+)= Σ g, and coef[c] = the two means.
+// Evaluation mode, one thread per channel: the running statistics as the `mean` and
+// `inv_std` that `apply` and `grad_apply` read.
+extern "C" __global__ void bn_eval_stats(int c_count, float eps, const float* running_mean,
+                                         const float* running_var, float* mean,
+                                         float* inv_std) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= c_count) return;
+    mean[c] = running_mean[c];
+    inv_std[c] = (float)(1.0 / sqrt((double)running_var[c] + (double)eps));
+}
+
+// One thread per channel: dw[c] (+)= Σ g·x̂, db[c] (+)= Σ g, and coef[c] = the two means that
+// the batch statistics' own gradient subtracts (zero in evaluation mode, `fixed`, where the
+// statistics are constants and dx = w·inv_std·g).
 extern "C" __global__ void bn_grad_finish(const double* partial, int c_count, int shares,
-                                          double count, int accumulate, float* dw, float* db,
-                                          float* coef) {
+                                          double count, int accumulate, int fixed, float* dw,
+                                          float* db, float* coef) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= c_count) return;
     double sg = 0.0, sgx = 0.0;
@@ -227,8 +240,8 @@ extern "C" __global__ void bn_grad_finish(const double* partial, int c_count, in
     }
     dw[c] = (float)(accumulate ? dw[c] + sgx : sgx);
     db[c] = (float)(accumulate ? db[c] + sg : sg);
-    coef[2 * c] = (float)(sg / count);
-    coef[2 * c + 1] = (float)(sgx / count);
+    coef[2 * c] = fixed ? 0.f : (float)(sg / count);
+    coef[2 * c + 1] = fixed ? 0.f : (float)(sgx / count);
 }
 
 #define BN_KERNELS(NAME, T, VEC)                                                              \

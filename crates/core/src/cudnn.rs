@@ -10,13 +10,16 @@
 //!   data with f32 accumulation). Algorithms come from cuDNN's heuristics (as PyTorch without
 //!   `benchmark=True`) and are cached per geometry. [`Precision::F32`] asks for FMA math, so
 //!   the result matches the CPU to rounding; `tf32` and `bf16` allow tensor-core math.
-//! - [`batch_norm_train`]: one fused forward that also moves the running statistics (momentum,
-//!   unbiased variance: PyTorch's rule) and one fused backward giving all three gradients,
-//!   optionally with the ReLU that follows it folded in (one autograd node instead of two).
+//! - [`batch_norm_train`] and [`batch_norm_eval`]: one fused forward (training mode also moves
+//!   the running statistics: momentum, unbiased variance, PyTorch's rule) and one fused
+//!   backward giving all three gradients, optionally with the ReLU that follows folded in (one
+//!   autograd node instead of two). They run on our own kernels ([`crate::kernels`]), which
+//!   make fewer passes than cuDNN's BatchNorm; `SIMTRANS_OWN_BN=0` gives training mode back to
+//!   cuDNN.
+//! - [`residual_blocks`]: a run of whole ResNet blocks as one op, so candle's autograd sees
+//!   one node instead of about ten per block.
 //! - [`add_relu`] (a residual block's tail) and [`max_pool_3x3_s2_p1`] (the stem), so the
 //!   ReLUs and the pooling do not go through candle's multi-pass elementwise backward.
-//! - [`sgd_update`]: the momentum SGD update of one variable in place, three cuDNN calls and no
-//!   allocation instead of seven tensor ops.
 //!
 //! Each is a candle custom op, so autograd, the optimiser and every other op see ordinary
 //! tensors that stay on the device. The ops refuse the CPU; callers dispatch on the device.
@@ -506,7 +509,7 @@ fn algorithm(pass: u8, h: &Handle, d: &Descs, g: &Geom, dtype: DType) -> Result<
 
 /// The device address of a contiguous tensor's first element (its storage plus the layout's
 /// offset), with the guard that orders the access on `stream`.
-fn ptr<'a>(
+pub(crate) fn ptr<'a>(
     s: &'a CudaStorage,
     l: &Layout,
     stream: &'a CudaStream,
@@ -801,16 +804,18 @@ pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<T
 /// Per row range, the batch mean and inverse standard deviation cuDNN saved for the backward.
 type Stats = Vec<(CudaSlice<f32>, CudaSlice<f32>)>;
 
-/// A training-mode BatchNorm of a contiguous `[B, C, H, W]` tensor (`[B, C]` is `H = W = 1`)
-/// over one or two row ranges of the batch (the split mode normalises each with its own
-/// statistics; both are contiguous in memory, so each is one cuDNN call on an offset address).
+/// A BatchNorm of a contiguous `[B, C, H, W]` tensor (`[B, C]` is `H = W = 1`). In training
+/// mode it normalises one or two row ranges of the batch (the split mode normalises each with
+/// its own statistics; both are contiguous in memory, so each is one call on an offset
+/// address); in evaluation mode (our kernels only) the whole batch with the running statistics.
 #[derive(Debug, Clone)]
 struct BnSpec {
     dims: [usize; 4],
-    /// `(first row, rows, moves the running statistics)` of each range.
+    /// `(first row, rows, moves or reads the running statistics)` of each range.
     parts: Vec<(usize, usize, bool)>,
     eps: f64,
     momentum: f64,
+    stats: kernels::Stats,
 }
 
 impl BnSpec {
@@ -827,7 +832,19 @@ impl BnSpec {
             parts,
             eps,
             momentum,
+            stats: kernels::Stats::Batch,
         })
+    }
+
+    /// Evaluation mode: the running statistics normalise and stay as they are.
+    fn eval(dims: [usize; 4], eps: f64) -> Self {
+        BnSpec {
+            dims,
+            parts: vec![(0, dims[0], true)],
+            eps,
+            momentum: 0.0,
+            stats: kernels::Stats::Running,
+        }
     }
 
     /// The descriptor of one range and its offset in bytes from the start of the tensor.
@@ -858,7 +875,7 @@ impl BnSpec {
     ) -> Result<Stats> {
         let stream = dev.cuda_stream();
         let c = self.dims[1];
-        let own = kernels::own_batch_norm();
+        let own = self.own()?;
         let pd = TensorDesc::nchw(sys::cudnnDataType_t::CUDNN_DATA_FLOAT, [1, c, 1, 1])?;
         let mut saved = Vec::with_capacity(self.parts.len());
         for &(start, rows, update) in &self.parts {
@@ -879,6 +896,7 @@ impl BnSpec {
                         (pm, pv),
                         (self.eps, self.momentum),
                         relu,
+                        self.stats,
                         (pmean, pinv),
                     )?;
                 } else {
@@ -921,6 +939,17 @@ impl BnSpec {
         Ok(saved)
     }
 
+    /// Whether our kernels run (else cuDNN's BatchNorm, training mode only).
+    fn own(&self) -> Result<bool> {
+        let own = kernels::own_batch_norm();
+        if !own && self.stats == kernels::Stats::Running {
+            bail!(
+                "BatchNorm in evaluation mode runs on our kernels only (SIMTRANS_OWN_BN=0 is set)"
+            )
+        }
+        Ok(own)
+    }
+
     /// One range of `rows` rows as our kernels see it.
     fn range(&self, rows: usize) -> kernels::BnRange {
         let [_, c, h, w] = self.dims;
@@ -952,7 +981,7 @@ impl BnSpec {
         }
         let stream = dev.cuda_stream();
         let c = self.dims[1];
-        let own = kernels::own_batch_norm();
+        let own = self.own()?;
         // cuDNN's path: the ReLU's backward and the residual's copy as passes of their own.
         let mut through_relu = None;
         let mut dy = dy;
@@ -988,6 +1017,7 @@ impl BnSpec {
                     (pm, pi),
                     (w, dw, db),
                     add_params,
+                    self.stats,
                     (dx + off, at(dres, off)),
                 )?;
                 continue;
@@ -1077,8 +1107,8 @@ fn running_ptrs<'a>(
     })
 }
 
-/// Training-mode BatchNorm (optionally followed by a ReLU) as one autograd op.
-struct BnTrain {
+/// A BatchNorm (optionally followed by a ReLU) as one autograd op.
+struct BnOp {
     spec: BnSpec,
     /// Apply a ReLU to the output (and its derivative in the backward pass).
     relu: bool,
@@ -1087,7 +1117,7 @@ struct BnTrain {
     saved: Mutex<Stats>,
 }
 
-fn cuda_of(s: &Storage) -> Result<&CudaStorage> {
+pub(crate) fn cuda_of(s: &Storage) -> Result<&CudaStorage> {
     match s {
         Storage::Cuda(s) => Ok(s),
         _ => bail!("the cuDNN path needs every tensor on the CUDA device"),
@@ -1112,9 +1142,9 @@ fn wrap(s: CudaStorage, shape: &Shape) -> Tensor {
     Tensor::from_storage(Storage::Cuda(s), shape.clone(), BackpropOp::none(), false)
 }
 
-impl CustomOp3 for BnTrain {
+impl CustomOp3 for BnOp {
     fn name(&self) -> &'static str {
-        "cudnn-batchnorm-train"
+        "simtrans-batchnorm"
     }
     fn cpu_fwd(
         &self,
@@ -1234,8 +1264,35 @@ pub fn batch_norm_train(
     momentum: f64,
     relu: bool,
 ) -> Result<Tensor> {
-    let op = BnTrain {
-        spec: BnSpec::new(nchw(x.dims())?, split, eps, momentum)?,
+    let spec = BnSpec::new(nchw(x.dims())?, split, eps, momentum)?;
+    batch_norm(x, weight, bias, running, spec, relu)
+}
+
+/// Evaluation-mode BatchNorm on our kernels: `x·s + (b − μ·s)` with `s = w / √(σ² + ε)` from
+/// the running statistics `(μ, σ²)`, then ReLU when `relu`; one op each way, differentiable
+/// in `x`, `weight` and `bias` (the statistics are constants).
+pub fn batch_norm_eval(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    running: (&Tensor, &Tensor),
+    eps: f64,
+    relu: bool,
+) -> Result<Tensor> {
+    let spec = BnSpec::eval(nchw(x.dims())?, eps);
+    batch_norm(x, weight, bias, Some(running), spec, relu)
+}
+
+fn batch_norm(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    running: Option<(&Tensor, &Tensor)>,
+    spec: BnSpec,
+    relu: bool,
+) -> Result<Tensor> {
+    let op = BnOp {
+        spec,
         relu,
         running: running.map(|(m, v)| (m.clone(), v.clone())),
         saved: Mutex::new(Vec::new()),
@@ -1551,74 +1608,18 @@ pub fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(MaxPool)
 }
 
-/// PyTorch's SGD step for one f32 CUDA variable `p` with gradient `g`, in place on the device:
-/// with momentum μ, `buf ← μ·buf + g + λ·p` (`buf ← g + λ·p` on the first step, when `buf` is
-/// `None`), then `p ← p − lr·buf`; without momentum `p ← (1 − lr·λ)·p − lr·g`. Returns the
-/// momentum buffer (the one passed in, updated in place, or a new one; `None` without momentum).
-pub fn sgd_update(
-    param: &Tensor,
-    grad: &Tensor,
-    buf: Option<&Tensor>,
-    lr: f64,
-    momentum: f64,
-    weight_decay: f64,
-) -> Result<Option<Tensor>> {
-    let grad = grad.contiguous()?;
-    if param.dtype() != DType::F32 || grad.dtype() != DType::F32 || !param.is_contiguous() {
-        bail!("sgd_update needs contiguous f32 tensors")
-    }
-    if param.shape() != grad.shape() {
-        bail!(
-            "sgd_update: parameter {:?}, gradient {:?}",
-            param.shape(),
-            grad.shape()
-        )
-    }
-    let buf = match (momentum != 0.0, buf) {
-        (false, _) => None,
-        (true, Some(b)) => Some((b.clone(), false)),
-        (true, None) => Some((grad.copy()?, true)),
-    };
-    let (ps, pl) = param.storage_and_layout();
-    let (gs, gl) = grad.storage_and_layout();
-    let (ps, gs) = (cuda_of(&ps)?, cuda_of(&gs)?);
-    let dev = ps.device().clone();
-    let stream = dev.cuda_stream();
-    let h = handle(&dev)?;
-    let desc = TensorDesc::nchw(
-        sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
-        flat4(pl.shape().elem_count()),
-    )?;
-    let (pp, _g1) = ptr(ps, pl, &stream)?;
-    let (pg, _g2) = ptr(gs, gl, &stream)?;
-    // C ← alpha·A + beta·C on the device.
-    let add = |alpha: f64, a: u64, beta: f64, c: u64| {
-        add_tensor(&h, &desc, (alpha as f32, a), (beta as f32, c))
-    };
-    let Some((buf, fresh)) = buf else {
-        add(-lr, pg, 1.0 - lr * weight_decay, pp)?;
-        return Ok(None);
-    };
-    {
-        let (bs, bl) = buf.storage_and_layout();
-        let bs = cuda_of(&bs)?;
-        let (pb, _g3) = ptr(bs, bl, &stream)?;
-        if !fresh {
-            add(1.0, pg, momentum, pb)?;
-        }
-        if weight_decay != 0.0 {
-            add(weight_decay, pp, 1.0, pb)?;
-        }
-        add(-lr, pb, 1.0, pp)?;
-    }
-    Ok(Some(buf))
-}
-
-/// Whether training-mode residual blocks run as one fused op ([`residual_block`]); yes unless
+/// Whether residual blocks run fused ([`residual_blocks`]); yes unless
 /// `SIMTRANS_FUSED_BLOCKS=0` (then each layer is its own op, for the A/B measurement).
 pub fn fused_blocks() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| env_switch("SIMTRANS_FUSED_BLOCKS", true))
+}
+
+/// Whether all the residual blocks of a network run as one op; yes unless
+/// `SIMTRANS_FUSED_CHAIN=0` (then one op per block, for the A/B measurement).
+pub fn fused_chain() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| env_switch("SIMTRANS_FUSED_CHAIN", true))
 }
 
 /// One convolution + training-mode BatchNorm (+ ReLU) of a residual block, by reference to the
@@ -1647,7 +1648,7 @@ struct UnitPlan {
     bn: BnSpec,
 }
 
-/// What the forward pass keeps for the backward pass.
+/// What the forward pass keeps of one block for the backward pass.
 struct BlockSaved {
     /// Convolution outputs of the main units.
     conv_out: Vec<CudaStorage>,
@@ -1655,31 +1656,274 @@ struct BlockSaved {
     unit_out: Vec<CudaStorage>,
     stats: Vec<Stats>,
     shortcut: Option<(CudaStorage, Stats)>,
+    /// The block's output, unless it is the chain's last (whose output is the op's result).
+    output: Option<CudaStorage>,
 }
 
-/// `relu(main(x) + shortcut(x))` where `main` is a chain of convolution + BatchNorm (+ ReLU)
-/// units and `shortcut` is one such unit or the identity: a whole ResNet block as one autograd
-/// op. Inside, cuDNN runs every layer and the backward chains the gradients through buffers it
-/// owns, so candle materialises (and zero-fills, then adds) only the block input's gradient
-/// instead of one per layer, and the shortcut's gradient is accumulated by the convolution
-/// itself.
-struct ResBlock {
+/// One residual block of a [`ResChain`]: `relu(main(x) + shortcut(x))` where `main` is a
+/// chain of convolution + BatchNorm (+ ReLU) units and `shortcut` is one such unit or the
+/// identity. Offsets are into the chain's packed parameters.
+struct BlockPlan {
     main: Vec<UnitPlan>,
     shortcut: Option<UnitPlan>,
-    /// Running statistics per unit (main units, then the shortcut).
-    running: Vec<(Tensor, Tensor)>,
-    saved: Mutex<Option<BlockSaved>>,
+    /// Index in the chain's running statistics of this block's first unit (main units, then
+    /// the shortcut, follow in order).
+    running: usize,
 }
 
-impl ResBlock {
+/// A unit's BatchNorm weight and bias addresses (or their gradients') in packed parameters
+/// starting at `base`.
+fn bn_ptrs(u: &UnitPlan, base: u64) -> (u64, u64) {
+    (
+        base + 4 * u.bn_off as u64,
+        base + 4 * (u.bn_off + u.g.o) as u64,
+    )
+}
+
+impl BlockPlan {
+    fn in_dims(&self) -> [usize; 4] {
+        self.main[0].g.x_dims()
+    }
     fn out_dims(&self) -> [usize; 4] {
         self.main.last().expect("a block has units").g.y_dims()
     }
+
+    /// The forward pass from `x` into `y`, with the packed weights at `w`, the packed
+    /// BatchNorm parameters at `p` and every unit's running statistics in `running`.
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        dev: &CudaDevice,
+        h: &Handle,
+        dtype: DType,
+        (px, pw, pp, py): (u64, u64, u64, u64),
+        running: &[(u64, u64)],
+    ) -> Result<BlockSaved> {
+        let stream = dev.cuda_stream();
+        let es = dtype.size_in_bytes() as u64;
+        let mut conv_out = Vec::new();
+        let mut unit_out = Vec::new();
+        let mut stats = Vec::new();
+        // The shortcut first: the last main unit adds it before the block's ReLU.
+        let mut shortcut_out = None;
+        let shortcut = match &self.shortcut {
+            None => None,
+            Some(u) => {
+                let n: usize = u.g.y_dims().iter().product();
+                let mut t = alloc(dev, dtype, n)?;
+                let mut b = alloc(dev, dtype, n)?;
+                let s = {
+                    let (pt, _gt) = ptr_mut(&mut t, &stream)?;
+                    let (pb, _gb) = ptr_mut(&mut b, &stream)?;
+                    conv_raw(
+                        dev,
+                        h,
+                        0,
+                        &u.g,
+                        dtype,
+                        (px, pw + es * u.w_off as u64, pt),
+                        false,
+                    )?;
+                    u.bn.forward(
+                        dev,
+                        h,
+                        dtype,
+                        (pt, pb),
+                        bn_ptrs(u, pp),
+                        running[self.main.len()],
+                        false,
+                        0,
+                    )?
+                };
+                shortcut_out = Some(b);
+                Some((t, s))
+            }
+        };
+        let residual = match shortcut_out.as_mut() {
+            Some(b) => ptr_mut(b, &stream)?.0,
+            None => px,
+        };
+        let mut cur = px;
+        let last = self.main.len() - 1;
+        for (i, u) in self.main.iter().enumerate() {
+            let n: usize = u.g.y_dims().iter().product();
+            let mut t = alloc(dev, dtype, n)?;
+            let (pt, _gt) = ptr_mut(&mut t, &stream)?;
+            conv_raw(
+                dev,
+                h,
+                0,
+                &u.g,
+                dtype,
+                (cur, pw + es * u.w_off as u64, pt),
+                false,
+            )?;
+            let (pa, relu, res) = if i == last {
+                (py, true, residual)
+            } else {
+                unit_out.push(alloc(dev, dtype, n)?);
+                let a = unit_out.last_mut().expect("just pushed");
+                (ptr_mut(a, &stream)?.0, u.relu, 0)
+            };
+            stats.push(u.bn.forward(
+                dev,
+                h,
+                dtype,
+                (pt, pa),
+                bn_ptrs(u, pp),
+                running[i],
+                relu,
+                res,
+            )?);
+            cur = pa;
+            drop(_gt);
+            conv_out.push(t);
+        }
+        drop(shortcut_out);
+        Ok(BlockSaved {
+            conv_out,
+            unit_out,
+            stats,
+            shortcut,
+            output: None,
+        })
+    }
+
+    /// The backward pass: from the block's input `x`, its output `y` and that output's
+    /// gradient `dy`, writes the input gradient to `dx` and the parameter gradients into the
+    /// packed buffers at `dw` and `dp`.
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        &self,
+        dev: &CudaDevice,
+        h: &Handle,
+        dtype: DType,
+        saved: &BlockSaved,
+        (px, pw, pp): (u64, u64, u64),
+        (pr, pz): (u64, u64),
+        (pdx, pdw, pdp): (u64, u64, u64),
+    ) -> Result<()> {
+        let stream = dev.cuda_stream();
+        let es = dtype.size_in_bytes() as u64;
+        // A projection shortcut writes its input gradient to dx first; with the identity, the
+        // last main unit writes the gradient at the sum there. The main path's first
+        // convolution then adds to dx.
+        let identity = match (&self.shortcut, &saved.shortcut) {
+            (Some(u), Some((t, s))) => {
+                let n: usize = u.g.y_dims().iter().product();
+                let mut dt = alloc(dev, dtype, n)?;
+                let (pt, _gt) = ptr(t, &Layout::contiguous(n), &stream)?;
+                let (pdt, _gdt) = ptr_mut(&mut dt, &stream)?;
+                let (pg, _) = bn_ptrs(u, pp);
+                let (pdg, pdb) = bn_ptrs(u, pdp);
+                u.bn.backward(
+                    dev,
+                    h,
+                    dtype,
+                    (pt, pz, pdt),
+                    (pg, pdg, pdb),
+                    s,
+                    false,
+                    (pr, 0),
+                )?;
+                let pwu = pw + es * u.w_off as u64;
+                conv_raw(dev, h, 1, &u.g, dtype, (pdt, pwu, pdx), false)?;
+                conv_raw(
+                    dev,
+                    h,
+                    2,
+                    &u.g,
+                    dtype,
+                    (px, pdt, pdw + es * u.w_off as u64),
+                    false,
+                )?;
+                false
+            }
+            (None, None) => true,
+            _ => bail!("residual block: shortcut state does not match its plan"),
+        };
+        // The main path, last unit first. `pg_cur` is the gradient at the current unit's
+        // output; `g_buf` owns the buffer it points into (the incoming gradient for the last
+        // unit), which a reassignment frees only after the kernels that read it were queued.
+        let mut g_buf: Option<CudaStorage> = None;
+        let mut pg_cur = pz;
+        let last = self.main.len() - 1;
+        for (i, u) in self.main.iter().enumerate().rev() {
+            let n: usize = u.g.y_dims().iter().product();
+            // The ReLU after the unit, by its output: the block's own for the last unit.
+            let (relu_out, dres) = if i == last {
+                (pr, if identity { pdx } else { 0 })
+            } else if u.relu {
+                let a = &saved.unit_out[i];
+                (ptr(a, &Layout::contiguous(n), &stream)?.0, 0)
+            } else {
+                (0, 0)
+            };
+            let t = &saved.conv_out[i];
+            let (pt, _gt) = ptr(t, &Layout::contiguous(n), &stream)?;
+            let mut dt = alloc(dev, dtype, n)?;
+            let (pdt, _gdt) = ptr_mut(&mut dt, &stream)?;
+            let (pgm, _) = bn_ptrs(u, pp);
+            let (pdg, pdb) = bn_ptrs(u, pdp);
+            u.bn.backward(
+                dev,
+                h,
+                dtype,
+                (pt, pg_cur, pdt),
+                (pgm, pdg, pdb),
+                &saved.stats[i],
+                false,
+                (relu_out, dres),
+            )?;
+            let pwu = pw + es * u.w_off as u64;
+            let pin = if i == 0 {
+                px
+            } else {
+                let a = &saved.unit_out[i - 1];
+                ptr(a, &Layout::contiguous(a_len(&self.main[i - 1])), &stream)?.0
+            };
+            conv_raw(
+                dev,
+                h,
+                2,
+                &u.g,
+                dtype,
+                (pin, pdt, pdw + es * u.w_off as u64),
+                false,
+            )?;
+            if i == 0 {
+                conv_raw(dev, h, 1, &u.g, dtype, (pdt, pwu, pdx), true)?;
+            } else {
+                let m = a_len(&self.main[i - 1]);
+                let mut gin = alloc(dev, dtype, m)?;
+                let (pgin, _gg) = ptr_mut(&mut gin, &stream)?;
+                conv_raw(dev, h, 1, &u.g, dtype, (pdt, pwu, pgin), false)?;
+                drop(_gg);
+                pg_cur = pgin;
+                g_buf = Some(gin);
+            }
+            drop(_gdt);
+            drop(dt);
+        }
+        drop(g_buf);
+        Ok(())
+    }
 }
 
-impl CustomOp3 for ResBlock {
+/// A run of residual blocks as one autograd op. Inside, cuDNN and our BatchNorm kernels run
+/// every layer and the backward chains the gradients through buffers the op owns, so candle
+/// materialises (and zero-fills, then adds) only the chain input's gradient instead of one per
+/// layer or block, and a shortcut's gradient is accumulated by the convolution itself.
+struct ResChain {
+    blocks: Vec<BlockPlan>,
+    /// Running statistics per unit, block after block.
+    running: Vec<(Tensor, Tensor)>,
+    saved: Mutex<Vec<BlockSaved>>,
+}
+
+impl CustomOp3 for ResChain {
     fn name(&self) -> &'static str {
-        "cudnn-residual-block"
+        "simtrans-residual-chain"
     }
     fn cpu_fwd(
         &self,
@@ -1707,17 +1951,13 @@ impl CustomOp3 for ResBlock {
         let dtype = x.dtype();
         if w.dtype() != dtype {
             bail!(
-                "residual block: weights in {:?}, activations in {dtype:?}",
+                "residual blocks: weights in {:?}, activations in {dtype:?}",
                 w.dtype()
             )
         }
-        let es = dtype.size_in_bytes() as u64;
-        let out_dims = self.out_dims();
+        let out_dims = self.blocks.last().expect("a chain has blocks").out_dims();
         let mut y = alloc(&dev, dtype, out_dims.iter().product())?;
-        let mut conv_out = Vec::new();
-        let mut unit_out = Vec::new();
-        let mut stats = Vec::new();
-        let shortcut;
+        let mut saved = Vec::with_capacity(self.blocks.len());
         {
             let locks: Vec<_> = self
                 .running
@@ -1733,91 +1973,25 @@ impl CustomOp3 for ResBlock {
             let (pw, _gw) = ptr(w, wl, &stream)?;
             let (pp, _gp) = f32_param_ptr(p, pl, &stream)?;
             let (py, _gy) = ptr_mut(&mut y, &stream)?;
-            let bn_ptrs =
-                |u: &UnitPlan| (pp + 4 * u.bn_off as u64, pp + 4 * (u.bn_off + u.g.o) as u64);
-            // The shortcut first: the last main unit adds it before the block's ReLU.
-            let mut shortcut_out = None;
-            shortcut = match &self.shortcut {
-                None => None,
-                Some(u) => {
-                    let n: usize = u.g.y_dims().iter().product();
-                    let mut t = alloc(&dev, dtype, n)?;
-                    let mut b = alloc(&dev, dtype, n)?;
-                    let s = {
-                        let (pt, _gt) = ptr_mut(&mut t, &stream)?;
-                        let (pb, _gb) = ptr_mut(&mut b, &stream)?;
-                        conv_raw(
-                            &dev,
-                            &h,
-                            0,
-                            &u.g,
-                            dtype,
-                            (px, pw + es * u.w_off as u64, pt),
-                            false,
-                        )?;
-                        u.bn.forward(
-                            &dev,
-                            &h,
-                            dtype,
-                            (pt, pb),
-                            bn_ptrs(u),
-                            running[self.main.len()],
-                            false,
-                            0,
-                        )?
-                    };
-                    shortcut_out = Some(b);
-                    Some((t, s))
-                }
-            };
-            let residual = match shortcut_out.as_mut() {
-                Some(b) => ptr_mut(b, &stream)?.0,
-                None => px,
-            };
             let mut cur = px;
-            let last = self.main.len() - 1;
-            for (i, u) in self.main.iter().enumerate() {
-                let n: usize = u.g.y_dims().iter().product();
-                let mut t = alloc(&dev, dtype, n)?;
-                let (pt, _gt) = ptr_mut(&mut t, &stream)?;
-                conv_raw(
-                    &dev,
-                    &h,
-                    0,
-                    &u.g,
-                    dtype,
-                    (cur, pw + es * u.w_off as u64, pt),
-                    false,
-                )?;
-                let (pa, relu, res) = if i == last {
-                    (py, true, residual)
+            for (k, b) in self.blocks.iter().enumerate() {
+                let mut out = if k + 1 < self.blocks.len() {
+                    Some(alloc(&dev, dtype, b.out_dims().iter().product())?)
                 } else {
-                    unit_out.push(alloc(&dev, dtype, n)?);
-                    let a = unit_out.last_mut().expect("just pushed");
-                    (ptr_mut(a, &stream)?.0, u.relu, 0)
+                    None
                 };
-                stats.push(u.bn.forward(
-                    &dev,
-                    &h,
-                    dtype,
-                    (pt, pa),
-                    bn_ptrs(u),
-                    running[i],
-                    relu,
-                    res,
-                )?);
-                cur = pa;
-                drop(_gt);
-                conv_out.push(t);
+                let pout = match out.as_mut() {
+                    Some(o) => ptr_mut(o, &stream)?.0,
+                    None => py,
+                };
+                let mut s =
+                    b.forward(&dev, &h, dtype, (cur, pw, pp, pout), &running[b.running..])?;
+                s.output = out;
+                saved.push(s);
+                cur = pout;
             }
-            drop(shortcut_out);
         }
-        *self.saved.lock().expect("block saved state") = Some(BlockSaved {
-            conv_out,
-            unit_out,
-            stats,
-            shortcut,
-        });
+        *self.saved.lock().expect("chain saved state") = saved;
         Ok((y, Shape::from(out_dims.to_vec())))
     }
     fn bwd(
@@ -1829,10 +2003,10 @@ impl CustomOp3 for ResBlock {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let saved = self.saved.lock().expect("block saved state");
-        let Some(saved) = saved.as_ref() else {
-            bail!("residual block backward before its forward pass")
-        };
+        let saved = self.saved.lock().expect("chain saved state");
+        if saved.len() != self.blocks.len() {
+            bail!("residual blocks' backward before their forward pass")
+        }
         let (xs, xl) = x.storage_and_layout();
         let (ws, wl) = w.storage_and_layout();
         let (ps, pl) = p.storage_and_layout();
@@ -1844,7 +2018,6 @@ impl CustomOp3 for ResBlock {
         let stream = dev.cuda_stream();
         let h = handle(&dev)?;
         let dtype = xs.dtype();
-        let es = dtype.size_in_bytes() as u64;
         let mut dx = alloc(&dev, dtype, xl.shape().elem_count())?;
         let mut dw = alloc(&dev, dtype, wl.shape().elem_count())?;
         let mut dp = alloc(&dev, DType::F32, pl.shape().elem_count())?;
@@ -1852,118 +2025,50 @@ impl CustomOp3 for ResBlock {
             let (px, _g1) = ptr(xs, xl, &stream)?;
             let (pw, _g2) = ptr(ws, wl, &stream)?;
             let (pp, _g3) = f32_param_ptr(ps, pl, &stream)?;
-            // The gradient of the block's output, and that output (the final ReLU's mask).
+            // The gradient of the chain's output, and that output (the last ReLU's mask).
             let (pz, _g4) = ptr(gs, gl, &stream)?;
             let (pr, _g8) = ptr(rs, rl, &stream)?;
             let (pdx, _g5) = ptr_mut(&mut dx, &stream)?;
             let (pdw, _g6) = ptr_mut(&mut dw, &stream)?;
             let (pdp, _g7) = ptr_mut(&mut dp, &stream)?;
-            let bn_ptrs = |u: &UnitPlan, base: u64| {
-                (
-                    base + 4 * u.bn_off as u64,
-                    base + 4 * (u.bn_off + u.g.o) as u64,
-                )
-            };
-            // A projection shortcut writes its input gradient to dx first; with the identity,
-            // the last main unit writes the gradient at the sum there. The main path's first
-            // convolution then adds to dx.
-            let identity = match (&self.shortcut, &saved.shortcut) {
-                (Some(u), Some((t, s))) => {
-                    let n: usize = u.g.y_dims().iter().product();
-                    let mut dt = alloc(&dev, dtype, n)?;
-                    let (pt, _gt) = ptr(t, &Layout::contiguous(n), &stream)?;
-                    let (pdt, _gdt) = ptr_mut(&mut dt, &stream)?;
-                    let (pg, _) = bn_ptrs(u, pp);
-                    let (pdg, pdb) = bn_ptrs(u, pdp);
-                    u.bn.backward(
-                        &dev,
-                        &h,
-                        dtype,
-                        (pt, pz, pdt),
-                        (pg, pdg, pdb),
-                        s,
-                        false,
-                        (pr, 0),
-                    )?;
-                    let pwu = pw + es * u.w_off as u64;
-                    conv_raw(&dev, &h, 1, &u.g, dtype, (pdt, pwu, pdx), false)?;
-                    conv_raw(
-                        &dev,
-                        &h,
-                        2,
-                        &u.g,
-                        dtype,
-                        (px, pdt, pdw + es * u.w_off as u64),
-                        false,
-                    )?;
-                    false
-                }
-                (None, None) => true,
-                _ => bail!("residual block: shortcut state does not match its plan"),
-            };
-            // The main path, last unit first. `pg_cur` is the gradient at the current unit's
-            // output; `g_buf` owns the buffer it points into (the incoming gradient for the
-            // last unit), which a reassignment frees only after the kernels that read it were
-            // queued.
+            // Block after block from the last: each one's input gradient is the output
+            // gradient of the one before, in a buffer that `g_buf` owns until the kernels
+            // reading it are queued.
             let mut g_buf: Option<CudaStorage> = None;
-            let mut pg_cur = pz;
-            let last = self.main.len() - 1;
-            for (i, u) in self.main.iter().enumerate().rev() {
-                let n: usize = u.g.y_dims().iter().product();
-                // The ReLU after the unit, by its output: the block's own for the last unit.
-                let (relu_out, dres) = if i == last {
-                    (pr, if identity { pdx } else { 0 })
-                } else if u.relu {
-                    let a = &saved.unit_out[i];
-                    (ptr(a, &Layout::contiguous(n), &stream)?.0, 0)
-                } else {
-                    (0, 0)
+            let (mut pg, mut pout) = (pz, pr);
+            for (k, b) in self.blocks.iter().enumerate().rev() {
+                let pin = match k {
+                    0 => px,
+                    _ => {
+                        let prev = saved[k - 1].output.as_ref();
+                        let prev = prev.expect("every block but the last keeps its output");
+                        ptr(
+                            prev,
+                            &Layout::contiguous(b.in_dims().iter().product::<usize>()),
+                            &stream,
+                        )?
+                        .0
+                    }
                 };
-                let t = &saved.conv_out[i];
-                let (pt, _gt) = ptr(t, &Layout::contiguous(n), &stream)?;
-                let mut dt = alloc(&dev, dtype, n)?;
-                let (pdt, _gdt) = ptr_mut(&mut dt, &stream)?;
-                let (pgm, _) = bn_ptrs(u, pp);
-                let (pdg, pdb) = bn_ptrs(u, pdp);
-                u.bn.backward(
+                let mut din = match k {
+                    0 => None,
+                    _ => Some(alloc(&dev, dtype, b.in_dims().iter().product())?),
+                };
+                let pdin = match din.as_mut() {
+                    Some(d) => ptr_mut(d, &stream)?.0,
+                    None => pdx,
+                };
+                b.backward(
                     &dev,
                     &h,
                     dtype,
-                    (pt, pg_cur, pdt),
-                    (pgm, pdg, pdb),
-                    &saved.stats[i],
-                    false,
-                    (relu_out, dres),
+                    &saved[k],
+                    (pin, pw, pp),
+                    (pout, pg),
+                    (pdin, pdw, pdp),
                 )?;
-                let pwu = pw + es * u.w_off as u64;
-                let pin = if i == 0 {
-                    px
-                } else {
-                    let a = &saved.unit_out[i - 1];
-                    ptr(a, &Layout::contiguous(a_len(&self.main[i - 1])), &stream)?.0
-                };
-                conv_raw(
-                    &dev,
-                    &h,
-                    2,
-                    &u.g,
-                    dtype,
-                    (pin, pdt, pdw + es * u.w_off as u64),
-                    false,
-                )?;
-                if i == 0 {
-                    conv_raw(&dev, &h, 1, &u.g, dtype, (pdt, pwu, pdx), true)?;
-                } else {
-                    let m = a_len(&self.main[i - 1]);
-                    let mut gin = alloc(&dev, dtype, m)?;
-                    let (pgin, _gg) = ptr_mut(&mut gin, &stream)?;
-                    conv_raw(&dev, &h, 1, &u.g, dtype, (pdt, pwu, pgin), false)?;
-                    drop(_gg);
-                    pg_cur = pgin;
-                    g_buf = Some(gin);
-                }
-                drop(_gdt);
-                drop(dt);
+                (pg, pout) = (pdin, pin);
+                g_buf = din;
             }
             drop(g_buf);
         }
@@ -1980,22 +2085,35 @@ fn a_len(u: &UnitPlan) -> usize {
     u.g.y_dims().iter().product()
 }
 
-/// A training-mode residual block `relu(main(x) + shortcut(x))` as one cuDNN op (see
-/// [`ResBlock`]); `split` is the BatchNorm split of [`batch_norm_train`]. The last main unit
-/// must not have a ReLU (the block's ReLU follows the sum).
-pub fn residual_block(
+/// Which statistics the BatchNorms of a fused block use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Norm {
+    /// The batch's (training mode), with the split of [`batch_norm_train`].
+    Batch(Option<usize>),
+    /// The running statistics (evaluation mode; our kernels only).
+    Running,
+}
+
+/// One residual block for [`residual_blocks`]: its main path (every unit but the last may
+/// have a ReLU) and its shortcut (a unit without ReLU, or `None` for the identity).
+pub struct BlockUnits<'a> {
+    pub main: Vec<BlockUnit<'a>>,
+    pub shortcut: Option<BlockUnit<'a>>,
+}
+
+/// Residual blocks `relu(main(x) + shortcut(x))`, each feeding the next, as one op (see
+/// [`ResChain`]), their BatchNorms normalising as `norm` says.
+pub fn residual_blocks(
     x: &Tensor,
-    main: &[BlockUnit],
-    shortcut: Option<&BlockUnit>,
-    split: Option<usize>,
+    blocks: &[BlockUnits],
+    norm: Norm,
     eps: f64,
     momentum: f64,
 ) -> Result<Tensor> {
-    if main.is_empty() || main.last().is_some_and(|u| u.relu) || shortcut.is_some_and(|u| u.relu) {
-        bail!("residual_block: a non-empty main path whose last unit and shortcut have no ReLU")
+    if blocks.is_empty() {
+        bail!("residual_blocks: no blocks")
     }
     let x = x.contiguous()?;
-    let x_dims = nchw(x.dims())?;
     let mut weights = Vec::new();
     let mut bn_params = Vec::new();
     let mut running = Vec::new();
@@ -2004,7 +2122,7 @@ pub fn residual_block(
         let (o, c, kh, kw) = u.weight.dims4()?;
         if c != input[1] {
             bail!(
-                "residual_block: weight {:?} on input {input:?}",
+                "residual_blocks: weight {:?} on input {input:?}",
                 u.weight.dims()
             )
         }
@@ -2024,7 +2142,10 @@ pub fn residual_block(
             relu: u.relu,
             w_off,
             bn_off,
-            bn: BnSpec::new(g.y_dims(), split, eps, momentum)?,
+            bn: match norm {
+                Norm::Batch(split) => BnSpec::new(g.y_dims(), split, eps, momentum)?,
+                Norm::Running => BnSpec::eval(g.y_dims(), eps),
+            },
         };
         w_off += u.weight.elem_count();
         bn_off += 2 * o;
@@ -2034,34 +2155,56 @@ pub fn residual_block(
         running.push((u.bn[2].clone(), u.bn[3].clone()));
         Ok(p)
     };
-    let mut plans = Vec::new();
-    let mut input = x_dims;
-    for u in main {
-        let p = plan(u, input)?;
-        input = p.g.y_dims();
-        plans.push(p);
-    }
-    let shortcut = match shortcut {
-        Some(u) => {
-            let p = plan(u, x_dims)?;
-            if p.g.y_dims() != input {
-                bail!(
-                    "residual_block: shortcut gives {:?}, main path {input:?}",
-                    p.g.y_dims()
-                )
+    let mut plans = Vec::with_capacity(blocks.len());
+    let mut units_before = 0;
+    let mut x_dims = nchw(x.dims())?;
+    for block in blocks {
+        let (main, shortcut) = (&block.main, block.shortcut.as_ref());
+        if main.is_empty()
+            || main.last().is_some_and(|u| u.relu)
+            || shortcut.is_some_and(|u| u.relu)
+        {
+            bail!(
+                "residual_blocks: a non-empty main path whose last unit and shortcut have no ReLU"
+            )
+        }
+        // Units are planned (and their running statistics listed) in this order.
+        let first_running = units_before;
+        units_before += main.len() + shortcut.is_some() as usize;
+        let mut main_plans = Vec::new();
+        let mut input = x_dims;
+        for u in main {
+            let p = plan(u, input)?;
+            input = p.g.y_dims();
+            main_plans.push(p);
+        }
+        let shortcut = match shortcut {
+            Some(u) => {
+                let p = plan(u, x_dims)?;
+                if p.g.y_dims() != input {
+                    bail!(
+                        "residual_blocks: shortcut gives {:?}, main path {input:?}",
+                        p.g.y_dims()
+                    )
+                }
+                Some(p)
             }
-            Some(p)
-        }
-        None if x_dims != input => {
-            bail!("residual_block: identity shortcut of {x_dims:?} onto {input:?}")
-        }
-        None => None,
-    };
-    let op = ResBlock {
-        main: plans,
-        shortcut,
+            None if x_dims != input => {
+                bail!("residual_blocks: identity shortcut of {x_dims:?} onto {input:?}")
+            }
+            None => None,
+        };
+        plans.push(BlockPlan {
+            main: main_plans,
+            shortcut,
+            running: first_running,
+        });
+        x_dims = input;
+    }
+    let op = ResChain {
+        blocks: plans,
         running,
-        saved: Mutex::new(None),
+        saved: Mutex::new(Vec::new()),
     };
     x.apply_op3(&Tensor::cat(&weights, 0)?, &Tensor::cat(&bn_params, 0)?, op)
 }

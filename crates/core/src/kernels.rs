@@ -1,19 +1,31 @@
 //! This crate's own CUDA kernels (built with `--features cuda`), for the steps where cuDNN's
-//! API costs extra passes over the activations: a training-mode BatchNorm with the ReLU and the
-//! residual addition folded in (`cuda/bn.cu`, whose header says what was measured).
+//! API costs extra passes or calls: BatchNorm with the ReLU and the residual addition folded
+//! in (`cuda/bn.cu`), and the SGD update in one pass (`cuda/sgd.cu`); each file's header says
+//! what was measured.
 //!
 //! `build.rs` compiles `cuda/*.cu` to PTX, embedded here; the driver compiles it for the GPU at
-//! the first launch. Every function takes raw device addresses of contiguous tensors (as the
-//! cuDNN calls of [`crate::cudnn`] do) and queues its kernels on the device's stream.
-//! `SIMTRANS_OWN_BN=0` sends BatchNorm back to cuDNN, to measure the difference.
+//! the first launch. The BatchNorm functions take raw device addresses of contiguous tensors
+//! (as the cuDNN calls of [`crate::cudnn`] do) and queue their kernels on the device's stream.
+//! `SIMTRANS_OWN_BN=0` sends training-mode BatchNorm back to cuDNN, to measure the difference.
 
-use candle_core::cuda::{CudaDevice, DeviceId};
-use candle_core::{bail, DType, Result};
+use crate::cudnn::{cuda_of, ptr};
+use candle_core::backend::BackendStorage;
+use candle_core::cuda::{CudaDevice, CudaStorage, DeviceId};
+use candle_core::op::BackpropOp;
+use candle_core::{bail, DType, Result, Storage, Tensor};
 use cudarc::driver::{CudaFunction, CudaSlice, DevicePtrMut, LaunchConfig, PushKernelArg};
 use std::cell::RefCell;
 use std::collections::HashMap;
 
-const BN_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/bn.ptx"));
+/// (module name, PTX) of each compiled file.
+const BN: (&str, &str) = (
+    "simtrans_bn",
+    include_str!(concat!(env!("OUT_DIR"), "/bn.ptx")),
+);
+const SGD: (&str, &str) = (
+    "simtrans_sgd",
+    include_str!(concat!(env!("OUT_DIR"), "/sgd.ptx")),
+);
 
 /// Whether training-mode BatchNorm runs on these kernels (yes unless `SIMTRANS_OWN_BN=0`).
 pub fn own_batch_norm() -> bool {
@@ -32,13 +44,18 @@ thread_local! {
 
 /// The kernel `name` of the BatchNorm module on `dev`, loaded once per thread.
 fn func(dev: &CudaDevice, name: &'static str) -> Result<CudaFunction> {
+    func_of(dev, BN, name)
+}
+
+/// The kernel `name` of `module` on `dev`, loaded once per thread.
+fn func_of(dev: &CudaDevice, module: (&str, &str), name: &'static str) -> Result<CudaFunction> {
     FUNCS.with(|f| {
         let mut f = f.borrow_mut();
         if let Some(found) = f.get(&(dev.id(), name)) {
             return Ok(found.clone());
         }
         let loaded = dev
-            .get_or_load_custom_func(name, "simtrans_bn", BN_PTX)?
+            .get_or_load_custom_func(name, module.0, module.1)?
             .into_cuda_function();
         f.insert((dev.id(), name), loaded.clone());
         Ok(loaded)
@@ -127,9 +144,18 @@ fn partial_sums(dev: &CudaDevice, r: &BnRange) -> Result<CudaSlice<f64>> {
     unsafe { dev.alloc::<f64>(r.c * r.shares() * 2) }
 }
 
-/// `y = [relu](BN(x) + residual)` of one range, with the batch statistics written to
-/// `mean`/`inv_std` (f32 `[c]`, kept for the backward) and, when `running` is not `(0, 0)`,
-/// the running statistics moved in place. `residual` 0 means none.
+/// Which statistics normalise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stats {
+    /// The batch's own (training mode); the running statistics, when given, move.
+    Batch,
+    /// The running statistics (evaluation mode); constants for the backward pass.
+    Running,
+}
+
+/// `y = [relu](BN(x) + residual)` of one range, with the statistics used written to
+/// `mean`/`inv_std` (f32 `[c]`, kept for the backward) and, in [`Stats::Batch`] mode when
+/// `running` is not `(0, 0)`, the running statistics moved in place. `residual` 0 means none.
 #[allow(clippy::too_many_arguments)]
 pub fn bn_forward(
     dev: &CudaDevice,
@@ -140,13 +166,42 @@ pub fn bn_forward(
     running: (u64, u64),
     (eps, momentum): (f64, f64),
     relu: bool,
+    stats: Stats,
     (mean, inv_std): (u64, u64),
 ) -> Result<()> {
-    r.check()?;
     let stream = dev.cuda_stream();
+    let (n, c, hw, shares) = (r.n as i32, r.c as i32, r.hw as i32, r.shares() as u32);
+    if stats == Stats::Running {
+        if running.0 == 0 || running.1 == 0 {
+            bail!("BatchNorm in evaluation mode needs running statistics")
+        }
+        let f = func(dev, "bn_eval_stats")?;
+        let eps = eps as f32;
+        unsafe {
+            stream
+                .launch_builder(&f)
+                .arg(&c)
+                .arg(&eps)
+                .arg(&running.0)
+                .arg(&running.1)
+                .arg(&mean)
+                .arg(&inv_std)
+                .launch(cfg(((r.c as u32).div_ceil(THREADS), 1), THREADS))
+        }
+        .map_err(err)?;
+        return apply(
+            dev,
+            dtype,
+            &r,
+            (x, residual, y),
+            (w, b),
+            relu,
+            (mean, inv_std),
+        );
+    }
+    r.check()?;
     let mut partial = partial_sums(dev, &r)?;
     let (pp, _gp) = partial.device_ptr_mut(&stream);
-    let (n, c, hw, shares) = (r.n as i32, r.c as i32, r.hw as i32, r.shares() as u32);
     let f = func(dev, r.variant("stats", dtype)?)?;
     unsafe {
         stream
@@ -178,6 +233,29 @@ pub fn bn_forward(
             .launch(cfg(((r.c as u32).div_ceil(THREADS), 1), THREADS))
     }
     .map_err(err)?;
+    apply(
+        dev,
+        dtype,
+        &r,
+        (x, residual, y),
+        (w, b),
+        relu,
+        (mean, inv_std),
+    )
+}
+
+/// The elementwise pass of [`bn_forward`].
+fn apply(
+    dev: &CudaDevice,
+    dtype: DType,
+    r: &BnRange,
+    (x, residual, y): (u64, u64, u64),
+    (w, b): (u64, u64),
+    relu: bool,
+    (mean, inv_std): (u64, u64),
+) -> Result<()> {
+    let stream = dev.cuda_stream();
+    let (c, hw) = (r.c as i32, r.hw as i32);
     let f = func(dev, r.variant("apply", dtype)?)?;
     let total = r.total() as i64;
     let relu = relu as i32;
@@ -202,7 +280,7 @@ pub fn bn_forward(
     Ok(())
 }
 
-/// The backward of [`bn_forward`] for one range: `dx` from `x`, the output gradient `dy` (taken
+/// The backward of [`bn_forward`] for one range (`stats` as there): `dx` from `x`, the output gradient `dy` (taken
 /// through the ReLU whose output is `y`, unless `y` is 0) and the saved statistics; the
 /// parameter gradients are written to `dw`/`db` (added when `accumulate`), and the gradient
 /// at the sum (the residual's) to `dres` unless it is 0.
@@ -215,9 +293,9 @@ pub fn bn_backward(
     (mean, inv_std): (u64, u64),
     (w, dw, db): (u64, u64, u64),
     accumulate: bool,
+    stats: Stats,
     (dx, dres): (u64, u64),
 ) -> Result<()> {
-    r.check()?;
     let stream = dev.cuda_stream();
     let mut partial = partial_sums(dev, &r)?;
     let mut coef = unsafe { dev.alloc::<f32>(2 * r.c) }?;
@@ -242,6 +320,7 @@ pub fn bn_backward(
     .map_err(err)?;
     let f = func(dev, "bn_grad_finish")?;
     let (count, shares, accumulate) = (r.count() as f64, shares as i32, accumulate as i32);
+    let fixed = (stats == Stats::Running) as i32;
     unsafe {
         stream
             .launch_builder(&f)
@@ -250,6 +329,7 @@ pub fn bn_backward(
             .arg(&shares)
             .arg(&count)
             .arg(&accumulate)
+            .arg(&fixed)
             .arg(&dw)
             .arg(&db)
             .arg(&pc)
@@ -278,4 +358,98 @@ pub fn bn_backward(
     }
     .map_err(err)?;
     Ok(())
+}
+
+/// PyTorch's SGD step for one f32 CUDA variable `p` with gradient `g`, in place on the device
+/// and in one pass (`cuda/sgd.cu`): `d = g + λ·p`; with momentum μ, `buf ← μ·buf + d`
+/// (`buf ← d` on the first step, when `buf` is `None`) and `d = buf`; then `p ← p − lr·d`.
+/// Returns the momentum buffer (the one passed in, updated in place, or a new one; `None`
+/// without momentum).
+pub fn sgd_update(
+    param: &Tensor,
+    grad: &Tensor,
+    buf: Option<&Tensor>,
+    lr: f64,
+    momentum: f64,
+    weight_decay: f64,
+) -> Result<Option<Tensor>> {
+    let grad = grad.contiguous()?;
+    if param.dtype() != DType::F32 || grad.dtype() != DType::F32 || !param.is_contiguous() {
+        bail!("sgd_update needs contiguous f32 tensors")
+    }
+    if param.shape() != grad.shape() || buf.is_some_and(|b| b.shape() != param.shape()) {
+        bail!(
+            "sgd_update: parameter {:?}, gradient {:?}, momentum buffer {:?}",
+            param.shape(),
+            grad.shape(),
+            buf.map(|b| b.shape())
+        )
+    }
+    let n = param.elem_count();
+    let (ps, pl) = param.storage_and_layout();
+    let (gs, gl) = grad.storage_and_layout();
+    let (ps, gs) = (cuda_of(&ps)?, cuda_of(&gs)?);
+    let dev = ps.device().clone();
+    let stream = dev.cuda_stream();
+    let (pp, _g1) = ptr(ps, pl, &stream)?;
+    let (pg, _g2) = ptr(gs, gl, &stream)?;
+    // The momentum buffer: the one given, a fresh one (written by the kernel), or none.
+    let mut fresh_buf = None;
+    let fresh = momentum != 0.0 && buf.is_none();
+    if fresh {
+        fresh_buf = Some(unsafe { dev.alloc::<f32>(n) }?);
+    }
+    let locked = match buf {
+        Some(b) if momentum != 0.0 => Some(b.storage_and_layout()),
+        _ => None,
+    };
+    let mut keep = Vec::new();
+    let pb = match (&locked, fresh_buf.as_mut()) {
+        (Some((bs, bl)), _) => {
+            let bs = cuda_of(bs)?;
+            if !bl.is_contiguous() {
+                bail!("sgd_update: the momentum buffer must be contiguous")
+            }
+            let (p, g) = ptr(bs, bl, &stream)?;
+            keep.push(g);
+            p
+        }
+        (None, Some(f)) => {
+            let (p, g) = f.device_ptr_mut(&stream);
+            keep.push(g);
+            p
+        }
+        (None, None) => 0,
+    };
+    let f = func_of(&dev, SGD, "sgd_step")?;
+    let (count, lr, mu, wd) = (n as i64, lr as f32, momentum as f32, weight_decay as f32);
+    let fresh_flag = fresh as i32;
+    let blocks = n.div_ceil(THREADS as usize).clamp(1, 4096) as u32;
+    unsafe {
+        stream
+            .launch_builder(&f)
+            .arg(&pp)
+            .arg(&pg)
+            .arg(&pb)
+            .arg(&count)
+            .arg(&lr)
+            .arg(&mu)
+            .arg(&wd)
+            .arg(&fresh_flag)
+            .launch(cfg((blocks, 1), THREADS))
+    }
+    .map_err(err)?;
+    drop(keep);
+    if momentum == 0.0 {
+        return Ok(None);
+    }
+    Ok(Some(match fresh_buf {
+        Some(b) => Tensor::from_storage(
+            Storage::Cuda(CudaStorage::wrap_cuda_slice(b, dev.clone())),
+            param.shape().clone(),
+            BackpropOp::none(),
+            false,
+        ),
+        None => buf.expect("a buffer was given").clone(),
+    }))
 }

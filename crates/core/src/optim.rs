@@ -48,8 +48,8 @@ impl Sgd {
                 && var.dtype() == candle_core::DType::F32
                 && var.as_tensor().is_contiguous()
             {
-                // The same update, in place with three fused device calls.
-                let buf = crate::cudnn::sgd_update(
+                // The same update, in place in one kernel.
+                let buf = crate::kernels::sgd_update(
                     var.as_tensor(),
                     g,
                     self.buffers.get(name),
