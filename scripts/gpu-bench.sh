@@ -95,12 +95,15 @@ say "2q. the table at tf32 and bf16"
 for p in tf32 bf16; do table "$p" "table-$p"; done
 fi
 
+# The A/B switches, one per table: cuDNN's BatchNorm; the stem and one op per block instead
+# of the whole trunk; layer by layer; the driver's default memory pool.
+AB=${AB:-SIMTRANS_OWN_BN=0 SIMTRANS_FUSED_CHAIN=0 SIMTRANS_FUSED_BLOCKS=0 SIMTRANS_POOL_RELEASE=1}
 if want ab; then
-say "2b. tf32 A/B, one switch each: cuDNN's BatchNorm (SIMTRANS_OWN_BN=0); one op per block (SIMTRANS_FUSED_CHAIN=0); layer-by-layer (SIMTRANS_FUSED_BLOCKS=0); the driver's default memory pool (SIMTRANS_POOL_RELEASE=1)"
-table tf32 table-tf32-cudnn-bn SIMTRANS_OWN_BN=0
-table tf32 table-tf32-per-block SIMTRANS_FUSED_CHAIN=0
-table tf32 table-tf32-unfused SIMTRANS_FUSED_BLOCKS=0
-table tf32 table-tf32-pool-release SIMTRANS_POOL_RELEASE=1
+say "2b. tf32 A/B, one switch each: $AB"
+for switch in $AB; do
+  name=$(echo "${switch#SIMTRANS_}" | tr 'A-Z_=' 'a-z--')
+  table tf32 "table-tf32-$name" "$switch"
+done
 fi
 
 if want candle; then

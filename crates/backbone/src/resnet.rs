@@ -179,14 +179,15 @@ impl Block {
     }
 }
 
-/// Residual blocks run as fused ops ([`simtrans_core::cudnn::residual_blocks`]) on a CUDA
-/// device: all of them as one op, or one op per block with `SIMTRANS_FUSED_CHAIN=0`. `None`
-/// where the layer-by-layer path applies (no CUDA, `SIMTRANS_CUDNN=0` or
-/// `SIMTRANS_FUSED_BLOCKS=0`, evaluation mode without our BatchNorm kernels, or a BatchNorm
-/// with fewer than two values per channel, which the layer-by-layer path reports).
+/// The trunk's fused ops on a CUDA device ([`simtrans_core::cudnn::resnet_trunk`]): the stem
+/// and all residual blocks as one op, or (with `SIMTRANS_FUSED_CHAIN=0`) the stem as its own
+/// ops and one op per block. `None` where the layer-by-layer path applies (no CUDA,
+/// `SIMTRANS_CUDNN=0` or `SIMTRANS_FUSED_BLOCKS=0`, evaluation mode without our BatchNorm
+/// kernels, or a BatchNorm with fewer than two values per channel, which the layer-by-layer
+/// path reports).
 #[cfg(feature = "cuda")]
-fn fused_blocks(blocks: &[&Block], x: &Tensor, mode: BnMode) -> Result<Option<Tensor>> {
-    use simtrans_core::cudnn::{self, BlockUnit, BlockUnits, Norm};
+fn fused_trunk(net: &ResNet, x: &Tensor, mode: BnMode) -> Result<Option<Tensor>> {
+    use simtrans_core::cudnn::{self, BlockUnit, BlockUnits, Norm, Stem};
     let norm = match mode {
         // Evaluation mode needs our BatchNorm kernels (cuDNN's has no backward there).
         BnMode::Eval if !simtrans_core::kernels::own_batch_norm() => return Ok(None),
@@ -209,13 +210,24 @@ fn fused_blocks(blocks: &[&Block], x: &Tensor, mode: BnMode) -> Result<Option<Te
             relu,
         }
     }
-    let (b, _, mut h, mut w) = x.dims4()?;
+    let (b, _, h, w) = x.dims4()?;
     let rows = match mode.split() {
         Some(n) if n < b => n.min(b - n),
         _ => b,
     };
-    let mut units = Vec::with_capacity(blocks.len());
-    for block in blocks {
+    // Every BatchNorm needs two values per channel in each half.
+    let enough = |h: usize, w: usize| !mode.is_training() || rows * h * w >= 2;
+    let side =
+        |s: usize, c: &Conv| (s + 2 * c.padding - c.weight.dim(2).unwrap_or(1)) / c.stride + 1;
+    let (mut h, mut w) = (side(h, &net.conv1), side(w, &net.conv1));
+    if !enough(h, w) {
+        return Ok(None);
+    }
+    if net.max_pool {
+        (h, w) = ((h - 1) / 2 + 1, (w - 1) / 2 + 1);
+    }
+    let mut units = Vec::new();
+    for block in net.layers.iter().flatten() {
         let main: Vec<BlockUnit> = block
             .main
             .iter()
@@ -224,22 +236,36 @@ fn fused_blocks(blocks: &[&Block], x: &Tensor, mode: BnMode) -> Result<Option<Te
             .collect();
         let stride = main.iter().map(|u| u.stride).max().unwrap_or(1);
         (h, w) = ((h - 1) / stride + 1, (w - 1) / stride + 1);
-        // Every BatchNorm needs two values per channel in each half.
-        if mode.is_training() && rows * h * w < 2 {
+        if !enough(h, w) {
             return Ok(None);
         }
         let shortcut = block.down.as_ref().map(|d| unit(&d.conv, &d.bn, false));
         units.push(BlockUnits { main, shortcut });
     }
-    let run = |x: &Tensor, units: &[BlockUnits]| {
-        cudnn::residual_blocks(x, units, norm, crate::bn::EPS, crate::bn::MOMENTUM)
-    };
-    if cudnn::fused_chain() {
-        return Ok(Some(run(x, &units)?));
+    let (eps, momentum) = (crate::bn::EPS, crate::bn::MOMENTUM);
+    if cudnn::fused_chain() && cudnn::stem_in_trunk() {
+        let stem = Stem {
+            unit: unit(&net.conv1, &net.bn1, true),
+            max_pool: net.max_pool,
+        };
+        return Ok(Some(cudnn::resnet_trunk(
+            x,
+            Some(&stem),
+            &units,
+            norm,
+            eps,
+            momentum,
+        )?));
     }
-    let mut y = x.clone();
+    let y = net.stem(x, mode)?;
+    if cudnn::fused_chain() {
+        return Ok(Some(cudnn::resnet_trunk(
+            &y, None, &units, norm, eps, momentum,
+        )?));
+    }
+    let mut y = y;
     for u in units.chunks(1) {
-        y = run(&y, u)?;
+        y = cudnn::resnet_trunk(&y, None, u, norm, eps, momentum)?;
     }
     Ok(Some(y))
 }
@@ -249,11 +275,15 @@ fn fused_blocks(blocks: &[&Block], x: &Tensor, mode: BnMode) -> Result<Option<Te
 /// `max_pool2d` has no backward pass for a kernel that differs from its stride. The forward
 /// pass is exact. Where several inputs of a window tie for the maximum, candle's `maximum`
 /// shares the gradient between them, whereas PyTorch gives it to one; after a ReLU the only
-/// common ties are zeros, whose gradient the ReLU discards anyway. On CUDA devices cuDNN's
-/// pooling runs instead and, like PyTorch, gives the gradient to one of the tied inputs.
+/// common ties are zeros, whose gradient the ReLU discards anyway. On CUDA devices our kernel
+/// ([`simtrans_core::cudnn::max_pool_3x3_s2_p1`]) runs instead and, like PyTorch, gives the
+/// gradient to the first of the tied inputs.
 pub fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if simtrans_core::cudnn::enabled() && x.device().is_cuda() {
+    if simtrans_core::cudnn::enabled()
+        && x.device().is_cuda()
+        && matches!(x.dtype(), DType::F32 | DType::BF16)
+    {
         return simtrans_core::cudnn::max_pool_3x3_s2_p1(x);
     }
     let (b, c, h, w) = x.dims4()?;
@@ -400,6 +430,15 @@ impl ResNet {
         self.num_classes
     }
 
+    /// The stem: convolution, BatchNorm + ReLU, then max-pooling (unless `Small`).
+    fn stem(&self, x: &Tensor, mode: BnMode) -> Result<Tensor> {
+        let y = self.bn1.forward_relu(&self.conv1.forward(x)?, mode)?;
+        match self.max_pool {
+            true => max_pool_3x3_s2_p1(&y),
+            false => Ok(y),
+        }
+    }
+
     /// Pooled features `[B, D]` of images `[B, 3, H, W]`.
     ///
     /// With `run.precision = "bf16"` on a CUDA device the trunk computes in bf16 (weights are
@@ -412,19 +451,15 @@ impl ResNet {
         } else {
             x.clone()
         };
-        let mut y = self.bn1.forward_relu(&self.conv1.forward(&x)?, mode)?;
-        if self.max_pool {
-            y = max_pool_3x3_s2_p1(&y)?;
-        }
-        let blocks: Vec<&Block> = self.layers.iter().flatten().collect();
         #[cfg(feature = "cuda")]
-        let fused = fused_blocks(&blocks, &y, mode)?;
+        let fused = fused_trunk(self, &x, mode)?;
         #[cfg(not(feature = "cuda"))]
         let fused = None;
-        y = match fused {
+        let mut y = match fused {
             Some(y) => y,
             None => {
-                for block in blocks {
+                let mut y = self.stem(&x, mode)?;
+                for block in self.layers.iter().flatten() {
                     y = block.forward(&y, mode)?;
                 }
                 y

@@ -16,7 +16,7 @@
 //!   autograd node instead of two). They run on our own kernels ([`crate::kernels`]), which
 //!   make fewer passes than cuDNN's BatchNorm; `SIMTRANS_OWN_BN=0` gives training mode back to
 //!   cuDNN.
-//! - [`residual_blocks`]: a run of whole ResNet blocks as one op, so candle's autograd sees
+//! - [`resnet_trunk`]: a run of whole ResNet blocks as one op, so candle's autograd sees
 //!   one node instead of about ten per block.
 //! - [`add_relu`] (a residual block's tail) and [`max_pool_3x3_s2_p1`] (the stem), so the
 //!   ReLUs and the pooling do not go through candle's multi-pass elementwise backward.
@@ -39,7 +39,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::rc::Rc;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// Whether CUDA tensors take this path: yes unless the environment sets `SIMTRANS_CUDNN=0`,
 /// which falls back to candle's own convolution and the tensor-op BatchNorm (to measure the
@@ -102,6 +102,8 @@ thread_local! {
     /// (pass, geometry, dtype, math) → (algorithm, workspace bytes).
     static ALGOS: RefCell<HashMap<AlgoKey, (Algo, usize)>> =
         RefCell::new(HashMap::new());
+    /// (0, geometry, dtype, math) → the convolution's descriptors.
+    static DESCS: RefCell<HashMap<AlgoKey, Rc<Descs>>> = RefCell::new(HashMap::new());
 }
 
 fn handle(dev: &CudaDevice) -> Result<Rc<Handle>> {
@@ -325,7 +327,19 @@ pub fn find_mode() -> bool {
     *ON.get_or_init(|| env_switch("SIMTRANS_CUDNN_FIND", false))
 }
 
-fn descs(g: &Geom, dtype: DType, p: Precision) -> Result<Descs> {
+/// The descriptors of a geometry, made once per thread (a ResNet step makes about 160
+/// convolution calls over a few dozen geometries).
+fn descs(g: &Geom, dtype: DType, p: Precision) -> Result<Rc<Descs>> {
+    let key = (0, *g, dtype, p);
+    if let Some(found) = DESCS.with(|d| d.borrow().get(&key).cloned()) {
+        return Ok(found);
+    }
+    let made = Rc::new(make_descs(g, dtype, p)?);
+    DESCS.with(|d| d.borrow_mut().insert(key, made.clone()));
+    Ok(made)
+}
+
+fn make_descs(g: &Geom, dtype: DType, p: Precision) -> Result<Descs> {
     let dt = data_type(dtype)?;
     let w = FilterDesc(dnn::create_filter_descriptor().map_err(err)?);
     unsafe {
@@ -1452,49 +1466,21 @@ pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     a.contiguous()?.apply_op2(&b.contiguous()?, AddRelu)
 }
 
-owned!(
-    /// 3×3 max-pooling with stride 2 and padding 1 (padding never wins the maximum).
-    PoolDesc(sys::cudnnPoolingDescriptor_t),
-    sys::cudnnDestroyPoolingDescriptor
-);
-
-impl PoolDesc {
-    fn max_3x3_s2_p1() -> Result<Self> {
-        let mut raw = std::ptr::null_mut();
-        unsafe { sys::cudnnCreatePoolingDescriptor(&mut raw) }
-            .result()
-            .map_err(err)?;
-        let d = PoolDesc(raw);
-        unsafe {
-            sys::cudnnSetPooling2dDescriptor(
-                d.0,
-                sys::cudnnPoolingMode_t::CUDNN_POOLING_MAX_DETERMINISTIC,
-                sys::cudnnNanPropagation_t::CUDNN_PROPAGATE_NAN,
-                3,
-                3,
-                1,
-                1,
-                2,
-                2,
-            )
-        }
-        .result()
-        .map_err(err)?;
-        Ok(d)
-    }
+/// The stem's max-pooling as one op on our kernels ([`kernels::max_pool_forward`]); the
+/// forward keeps each output's winning window position for the backward.
+struct MaxPool {
+    arg: Mutex<Option<Arc<CudaSlice<u8>>>>,
 }
 
-fn pool_dims(x: [usize; 4]) -> [usize; 4] {
-    [x[0], x[1], (x[2] - 1) / 2 + 1, (x[3] - 1) / 2 + 1]
+/// `dx` from `dy` and the winners recorded by the forward.
+struct MaxPoolBackward {
+    arg: Arc<CudaSlice<u8>>,
+    x_dims: [usize; 4],
 }
-
-struct MaxPool;
-/// `dx` from `(x, y, dy)`.
-struct MaxPoolBackward;
 
 impl CustomOp1 for MaxPool {
     fn name(&self) -> &'static str {
-        "cudnn-max-pool"
+        "simtrans-max-pool"
     }
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
         cpu_refused(self.name())
@@ -1502,117 +1488,75 @@ impl CustomOp1 for MaxPool {
     fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
         let dev = x.device().clone();
         let stream = dev.cuda_stream();
-        let h = handle(&dev)?;
-        let dt = data_type(x.dtype())?;
-        let xd4 = nchw(xl.dims())?;
-        let yd4 = pool_dims(xd4);
-        let (xd, yd) = (TensorDesc::nchw(dt, xd4)?, TensorDesc::nchw(dt, yd4)?);
-        let pool = PoolDesc::max_3x3_s2_p1()?;
-        let mut y = alloc(&dev, x.dtype(), yd4.iter().product())?;
+        let [b, c, h, w] = nchw(xl.dims())?;
+        let y_dims = [b, c, kernels::pool_out(h), kernels::pool_out(w)];
+        let n: usize = y_dims.iter().product();
+        let mut y = alloc(&dev, x.dtype(), n)?;
+        let mut arg = unsafe { dev.alloc::<u8>(n) }?;
         {
             let (px, _g1) = ptr(x, xl, &stream)?;
             let (py, _g2) = ptr_mut(&mut y, &stream)?;
-            unsafe {
-                sys::cudnnPoolingForward(
-                    h.0,
-                    pool.0,
-                    one(),
-                    xd.0,
-                    px as *const c_void,
-                    zero(),
-                    yd.0,
-                    py as *mut c_void,
-                )
-            }
-            .result()
-            .map_err(err)?;
+            let (pa, _g3) = arg.device_ptr_mut(&stream);
+            kernels::max_pool_forward(&dev, x.dtype(), (px, py, pa), b * c, (h, w))?;
         }
-        Ok((y, Shape::from(yd4.to_vec())))
+        *self.arg.lock().expect("max-pool winners") = Some(Arc::new(arg));
+        Ok((y, Shape::from(y_dims.to_vec())))
     }
-    fn bwd(&self, x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(x.apply_op3_no_bwd(
-            res,
-            &grad.contiguous()?,
-            &MaxPoolBackward,
-        )?))
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let Some(arg) = self.arg.lock().expect("max-pool winners").clone() else {
+            bail!("max-pool backward before its forward pass")
+        };
+        let op = MaxPoolBackward {
+            arg,
+            x_dims: nchw(x.dims())?,
+        };
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&op)?))
     }
 }
 
-impl CustomOp3 for MaxPoolBackward {
+impl CustomOp1 for MaxPoolBackward {
     fn name(&self) -> &'static str {
-        "cudnn-max-pool-backward"
+        "simtrans-max-pool-backward"
     }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
         cpu_refused(self.name())
     }
-    fn cuda_fwd(
-        &self,
-        x: &CudaStorage,
-        xl: &Layout,
-        y: &CudaStorage,
-        yl: &Layout,
-        dy: &CudaStorage,
-        dyl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let dev = x.device().clone();
+    fn cuda_fwd(&self, dy: &CudaStorage, dyl: &Layout) -> Result<(CudaStorage, Shape)> {
+        let dev = dy.device().clone();
         let stream = dev.cuda_stream();
-        let h = handle(&dev)?;
-        let dt = data_type(x.dtype())?;
-        let xd4 = nchw(xl.dims())?;
-        let (xd, yd) = (
-            TensorDesc::nchw(dt, xd4)?,
-            TensorDesc::nchw(dt, pool_dims(xd4))?,
-        );
-        let pool = PoolDesc::max_3x3_s2_p1()?;
-        let mut dx = alloc(&dev, x.dtype(), xd4.iter().product())?;
+        let [b, c, h, w] = self.x_dims;
+        let mut dx = alloc(&dev, dy.dtype(), self.x_dims.iter().product())?;
         {
-            let (px, _g1) = ptr(x, xl, &stream)?;
-            let (py, _g2) = ptr(y, yl, &stream)?;
-            let (pdy, _g3) = ptr(dy, dyl, &stream)?;
-            let (pdx, _g4) = ptr_mut(&mut dx, &stream)?;
-            unsafe {
-                sys::cudnnPoolingBackward(
-                    h.0,
-                    pool.0,
-                    one(),
-                    yd.0,
-                    py as *const c_void,
-                    yd.0,
-                    pdy as *const c_void,
-                    xd.0,
-                    px as *const c_void,
-                    zero(),
-                    xd.0,
-                    pdx as *mut c_void,
-                )
-            }
-            .result()
-            .map_err(err)?;
+            let (pdy, _g1) = ptr(dy, dyl, &stream)?;
+            let (pa, _g2) = self.arg.device_ptr(&stream);
+            let (pdx, _g3) = ptr_mut(&mut dx, &stream)?;
+            kernels::max_pool_backward(&dev, dy.dtype(), (pdy, pa, pdx), b * c, (h, w))?;
         }
-        Ok((dx, xl.shape().clone()))
+        Ok((dx, Shape::from(self.x_dims.to_vec())))
     }
 }
 
 /// The ResNet stem's max-pooling (3×3, stride 2, padding 1) of a contiguous `[B, C, H, W]`
-/// CUDA tensor. Where several inputs of a window tie for the maximum, the gradient goes to
-/// one of them, as in PyTorch.
+/// CUDA tensor in f32 or bf16. Where several inputs of a window tie for the maximum, the
+/// gradient goes to the first of them, as in PyTorch.
 pub fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(MaxPool)
+    x.contiguous()?.apply_op1(MaxPool {
+        arg: Mutex::new(None),
+    })
 }
 
-/// Whether residual blocks run fused ([`residual_blocks`]); yes unless
+/// Whether residual blocks run fused ([`resnet_trunk`]); yes unless
 /// `SIMTRANS_FUSED_BLOCKS=0` (then each layer is its own op, for the A/B measurement).
 pub fn fused_blocks() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| env_switch("SIMTRANS_FUSED_BLOCKS", true))
+}
+
+/// Whether the fused trunk includes the stem (convolution, BatchNorm + ReLU, max-pooling);
+/// yes unless `SIMTRANS_TRUNK_STEM=0` (then the stem runs as its own ops before it).
+pub fn stem_in_trunk() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| env_switch("SIMTRANS_TRUNK_STEM", true))
 }
 
 /// Whether all the residual blocks of a network run as one op; yes unless
@@ -1910,20 +1854,159 @@ impl BlockPlan {
     }
 }
 
-/// A run of residual blocks as one autograd op. Inside, cuDNN and our BatchNorm kernels run
-/// every layer and the backward chains the gradients through buffers the op owns, so candle
-/// materialises (and zero-fills, then adds) only the chain input's gradient instead of one per
-/// layer or block, and a shortcut's gradient is accumulated by the convolution itself.
+/// The stem of a ResNet trunk: convolution + BatchNorm + ReLU, then (optionally) the 3×3 /
+/// stride 2 max-pooling.
+struct StemPlan {
+    unit: UnitPlan,
+    pool: bool,
+}
+
+/// What the forward pass keeps of the stem.
+struct StemSaved {
+    conv_out: CudaStorage,
+    /// The BatchNorm + ReLU output.
+    act: CudaStorage,
+    stats: Stats,
+    /// The pooled output and each output's winning window position.
+    pooled: Option<(CudaStorage, CudaSlice<u8>)>,
+}
+
+impl StemPlan {
+    fn out_dims(&self) -> [usize; 4] {
+        let [b, c, h, w] = self.unit.g.y_dims();
+        match self.pool {
+            true => [b, c, kernels::pool_out(h), kernels::pool_out(w)],
+            false => [b, c, h, w],
+        }
+    }
+
+    fn forward(
+        &self,
+        dev: &CudaDevice,
+        h: &Handle,
+        dtype: DType,
+        (px, pw, pp): (u64, u64, u64),
+        running: (u64, u64),
+    ) -> Result<StemSaved> {
+        let stream = dev.cuda_stream();
+        let u = &self.unit;
+        let [b, c, oh, ow] = u.g.y_dims();
+        let n = b * c * oh * ow;
+        let mut conv_out = alloc(dev, dtype, n)?;
+        let mut act = alloc(dev, dtype, n)?;
+        let (pt, _gt) = ptr_mut(&mut conv_out, &stream)?;
+        let (pa, _ga) = ptr_mut(&mut act, &stream)?;
+        let wu = pw + (dtype.size_in_bytes() * u.w_off) as u64;
+        conv_raw(dev, h, 0, &u.g, dtype, (px, wu, pt), false)?;
+        let (bw, bb) = bn_ptrs(u, pp);
+        let stats =
+            u.bn.forward(dev, h, dtype, (pt, pa), (bw, bb), running, true, 0)?;
+        let pooled = if self.pool {
+            let m: usize = self.out_dims().iter().product();
+            let mut y = alloc(dev, dtype, m)?;
+            let mut arg = unsafe { dev.alloc::<u8>(m) }?;
+            {
+                let (py, _gy) = ptr_mut(&mut y, &stream)?;
+                let (parg, _garg) = arg.device_ptr_mut(&stream);
+                kernels::max_pool_forward(dev, dtype, (pa, py, parg), b * c, (oh, ow))?;
+            }
+            Some((y, arg))
+        } else {
+            None
+        };
+        drop((_gt, _ga));
+        Ok(StemSaved {
+            conv_out,
+            act,
+            stats,
+            pooled,
+        })
+    }
+
+    /// The address of the stem's output (the first block's input).
+    fn output(&self, saved: &StemSaved, stream: &CudaStream) -> Result<u64> {
+        let n: usize = self.out_dims().iter().product();
+        let out = match &saved.pooled {
+            Some((y, _)) => y,
+            None => &saved.act,
+        };
+        Ok(ptr(out, &Layout::contiguous(n), stream)?.0)
+    }
+
+    /// From the gradient `pg` of the stem's output: the parameter gradients into the packed
+    /// buffers at `pdw` and `pdp`, and the input gradient into `pdx` unless it is 0.
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        &self,
+        dev: &CudaDevice,
+        h: &Handle,
+        dtype: DType,
+        saved: &StemSaved,
+        (px, pw, pp): (u64, u64, u64),
+        pg: u64,
+        (pdx, pdw, pdp): (u64, u64, u64),
+    ) -> Result<()> {
+        let stream = dev.cuda_stream();
+        let u = &self.unit;
+        let [b, c, oh, ow] = u.g.y_dims();
+        let n = b * c * oh * ow;
+        let whole = Layout::contiguous(n);
+        let (pa, _ga) = ptr(&saved.act, &whole, &stream)?;
+        let (pt, _gt) = ptr(&saved.conv_out, &whole, &stream)?;
+        // The gradient at the BatchNorm + ReLU output.
+        let mut unpooled = None;
+        let g_act = match &saved.pooled {
+            Some((_, arg)) => {
+                let mut g = alloc(dev, dtype, n)?;
+                let (pgu, _gu) = ptr_mut(&mut g, &stream)?;
+                let (parg, _garg) = arg.device_ptr(&stream);
+                kernels::max_pool_backward(dev, dtype, (pg, parg, pgu), b * c, (oh, ow))?;
+                drop(_gu);
+                unpooled = Some(g);
+                pgu
+            }
+            None => pg,
+        };
+        let mut dt = alloc(dev, dtype, n)?;
+        let (pdt, _gdt) = ptr_mut(&mut dt, &stream)?;
+        let (bw, _) = bn_ptrs(u, pp);
+        let (dbw, dbb) = bn_ptrs(u, pdp);
+        u.bn.backward(
+            dev,
+            h,
+            dtype,
+            (pt, g_act, pdt),
+            (bw, dbw, dbb),
+            &saved.stats,
+            false,
+            (pa, 0),
+        )?;
+        let off = (dtype.size_in_bytes() * u.w_off) as u64;
+        conv_raw(dev, h, 2, &u.g, dtype, (px, pdt, pdw + off), false)?;
+        if pdx != 0 {
+            conv_raw(dev, h, 1, &u.g, dtype, (pdt, pw + off, pdx), false)?;
+        }
+        drop(unpooled);
+        Ok(())
+    }
+}
+
+/// A ResNet trunk — the optional stem and a run of residual blocks — as one autograd op.
+/// Inside, cuDNN and our kernels run every layer and the backward chains the gradients through
+/// buffers the op owns, so candle materialises (and zero-fills, then adds) only the trunk
+/// input's gradient instead of one per layer or block, and a shortcut's gradient is
+/// accumulated by the convolution itself. Without a stem it is a chain of blocks.
 struct ResChain {
+    stem: Option<StemPlan>,
     blocks: Vec<BlockPlan>,
-    /// Running statistics per unit, block after block.
+    /// Running statistics per unit: the stem's, then block after block.
     running: Vec<(Tensor, Tensor)>,
-    saved: Mutex<Vec<BlockSaved>>,
+    saved: Mutex<(Option<StemSaved>, Vec<BlockSaved>)>,
 }
 
 impl CustomOp3 for ResChain {
     fn name(&self) -> &'static str {
-        "simtrans-residual-chain"
+        "simtrans-resnet-trunk"
     }
     fn cpu_fwd(
         &self,
@@ -1958,6 +2041,7 @@ impl CustomOp3 for ResChain {
         let out_dims = self.blocks.last().expect("a chain has blocks").out_dims();
         let mut y = alloc(&dev, dtype, out_dims.iter().product())?;
         let mut saved = Vec::with_capacity(self.blocks.len());
+        let stem_saved;
         {
             let locks: Vec<_> = self
                 .running
@@ -1974,6 +2058,14 @@ impl CustomOp3 for ResChain {
             let (pp, _gp) = f32_param_ptr(p, pl, &stream)?;
             let (py, _gy) = ptr_mut(&mut y, &stream)?;
             let mut cur = px;
+            stem_saved = match &self.stem {
+                Some(stem) => {
+                    let s = stem.forward(&dev, &h, dtype, (px, pw, pp), running[0])?;
+                    cur = stem.output(&s, &stream)?;
+                    Some(s)
+                }
+                None => None,
+            };
             for (k, b) in self.blocks.iter().enumerate() {
                 let mut out = if k + 1 < self.blocks.len() {
                     Some(alloc(&dev, dtype, b.out_dims().iter().product())?)
@@ -1991,7 +2083,7 @@ impl CustomOp3 for ResChain {
                 cur = pout;
             }
         }
-        *self.saved.lock().expect("chain saved state") = saved;
+        *self.saved.lock().expect("trunk saved state") = (stem_saved, saved);
         Ok((y, Shape::from(out_dims.to_vec())))
     }
     fn bwd(
@@ -2003,10 +2095,13 @@ impl CustomOp3 for ResChain {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let saved = self.saved.lock().expect("chain saved state");
-        if saved.len() != self.blocks.len() {
+        let saved = self.saved.lock().expect("trunk saved state");
+        let (stem_saved, saved) = (&saved.0, &saved.1);
+        if saved.len() != self.blocks.len() || stem_saved.is_some() != self.stem.is_some() {
             bail!("residual blocks' backward before their forward pass")
         }
+        // A stem's input is usually the images, which need no gradient.
+        let want_dx = x.track_op() || self.stem.is_none();
         let (xs, xl) = x.storage_and_layout();
         let (ws, wl) = w.storage_and_layout();
         let (ps, pl) = p.storage_and_layout();
@@ -2018,7 +2113,10 @@ impl CustomOp3 for ResChain {
         let stream = dev.cuda_stream();
         let h = handle(&dev)?;
         let dtype = xs.dtype();
-        let mut dx = alloc(&dev, dtype, xl.shape().elem_count())?;
+        let mut dx = match want_dx {
+            true => Some(alloc(&dev, dtype, xl.shape().elem_count())?),
+            false => None,
+        };
         let mut dw = alloc(&dev, dtype, wl.shape().elem_count())?;
         let mut dp = alloc(&dev, DType::F32, pl.shape().elem_count())?;
         {
@@ -2028,17 +2126,25 @@ impl CustomOp3 for ResChain {
             // The gradient of the chain's output, and that output (the last ReLU's mask).
             let (pz, _g4) = ptr(gs, gl, &stream)?;
             let (pr, _g8) = ptr(rs, rl, &stream)?;
-            let (pdx, _g5) = ptr_mut(&mut dx, &stream)?;
+            let pdx = match dx.as_mut() {
+                Some(d) => ptr_mut(d, &stream)?.0,
+                None => 0,
+            };
             let (pdw, _g6) = ptr_mut(&mut dw, &stream)?;
             let (pdp, _g7) = ptr_mut(&mut dp, &stream)?;
+            let stem_out = match (&self.stem, stem_saved) {
+                (Some(stem), Some(s)) => Some(stem.output(s, &stream)?),
+                _ => None,
+            };
             // Block after block from the last: each one's input gradient is the output
-            // gradient of the one before, in a buffer that `g_buf` owns until the kernels
-            // reading it are queued.
+            // gradient of the one before (or of the stem), in a buffer that `g_buf` owns until
+            // the kernels reading it are queued.
             let mut g_buf: Option<CudaStorage> = None;
             let (mut pg, mut pout) = (pz, pr);
             for (k, b) in self.blocks.iter().enumerate().rev() {
-                let pin = match k {
-                    0 => px,
+                let pin = match (k, stem_out) {
+                    (0, Some(s)) => s,
+                    (0, None) => px,
                     _ => {
                         let prev = saved[k - 1].output.as_ref();
                         let prev = prev.expect("every block but the last keeps its output");
@@ -2050,8 +2156,8 @@ impl CustomOp3 for ResChain {
                         .0
                     }
                 };
-                let mut din = match k {
-                    0 => None,
+                let mut din = match (k, stem_out) {
+                    (0, None) => None,
                     _ => Some(alloc(&dev, dtype, b.in_dims().iter().product())?),
                 };
                 let pdin = match din.as_mut() {
@@ -2070,10 +2176,13 @@ impl CustomOp3 for ResChain {
                 (pg, pout) = (pdin, pin);
                 g_buf = din;
             }
+            if let (Some(stem), Some(s)) = (&self.stem, stem_saved) {
+                stem.backward(&dev, &h, dtype, s, (px, pw, pp), pg, (pdx, pdw, pdp))?;
+            }
             drop(g_buf);
         }
         Ok((
-            Some(wrap(dx, x.shape())),
+            dx.map(|d| wrap(d, x.shape())),
             Some(wrap(dw, w.shape())),
             Some(wrap(dp, p.shape())),
         ))
@@ -2094,24 +2203,33 @@ pub enum Norm {
     Running,
 }
 
-/// One residual block for [`residual_blocks`]: its main path (every unit but the last may
+/// One residual block for [`resnet_trunk`]: its main path (every unit but the last may
 /// have a ReLU) and its shortcut (a unit without ReLU, or `None` for the identity).
 pub struct BlockUnits<'a> {
     pub main: Vec<BlockUnit<'a>>,
     pub shortcut: Option<BlockUnit<'a>>,
 }
 
-/// Residual blocks `relu(main(x) + shortcut(x))`, each feeding the next, as one op (see
-/// [`ResChain`]), their BatchNorms normalising as `norm` says.
-pub fn residual_blocks(
+/// The stem of a ResNet trunk for [`resnet_trunk`]: a convolution + BatchNorm unit (its
+/// ReLU is implied) and whether the 3×3 / stride 2 max-pooling follows.
+pub struct Stem<'a> {
+    pub unit: BlockUnit<'a>,
+    pub max_pool: bool,
+}
+
+/// A ResNet trunk as one op (see [`ResChain`]): the optional `stem`, then residual blocks
+/// `relu(main(x) + shortcut(x))`, each feeding the next, their BatchNorms normalising as
+/// `norm` says.
+pub fn resnet_trunk(
     x: &Tensor,
+    stem: Option<&Stem>,
     blocks: &[BlockUnits],
     norm: Norm,
     eps: f64,
     momentum: f64,
 ) -> Result<Tensor> {
     if blocks.is_empty() {
-        bail!("residual_blocks: no blocks")
+        bail!("resnet_trunk: no blocks")
     }
     let x = x.contiguous()?;
     let mut weights = Vec::new();
@@ -2122,7 +2240,7 @@ pub fn residual_blocks(
         let (o, c, kh, kw) = u.weight.dims4()?;
         if c != input[1] {
             bail!(
-                "residual_blocks: weight {:?} on input {input:?}",
+                "resnet_trunk: weight {:?} on input {input:?}",
                 u.weight.dims()
             )
         }
@@ -2155,18 +2273,29 @@ pub fn residual_blocks(
         running.push((u.bn[2].clone(), u.bn[3].clone()));
         Ok(p)
     };
-    let mut plans = Vec::with_capacity(blocks.len());
-    let mut units_before = 0;
     let mut x_dims = nchw(x.dims())?;
+    let mut units_before = 0;
+    let stem = match stem {
+        Some(s) => {
+            let unit = plan(&s.unit, x_dims)?;
+            units_before = 1;
+            let stem = StemPlan {
+                unit,
+                pool: s.max_pool,
+            };
+            x_dims = stem.out_dims();
+            Some(stem)
+        }
+        None => None,
+    };
+    let mut plans = Vec::with_capacity(blocks.len());
     for block in blocks {
         let (main, shortcut) = (&block.main, block.shortcut.as_ref());
         if main.is_empty()
             || main.last().is_some_and(|u| u.relu)
             || shortcut.is_some_and(|u| u.relu)
         {
-            bail!(
-                "residual_blocks: a non-empty main path whose last unit and shortcut have no ReLU"
-            )
+            bail!("resnet_trunk: a non-empty main path whose last unit and shortcut have no ReLU")
         }
         // Units are planned (and their running statistics listed) in this order.
         let first_running = units_before;
@@ -2183,14 +2312,14 @@ pub fn residual_blocks(
                 let p = plan(u, x_dims)?;
                 if p.g.y_dims() != input {
                     bail!(
-                        "residual_blocks: shortcut gives {:?}, main path {input:?}",
+                        "resnet_trunk: shortcut gives {:?}, main path {input:?}",
                         p.g.y_dims()
                     )
                 }
                 Some(p)
             }
             None if x_dims != input => {
-                bail!("residual_blocks: identity shortcut of {x_dims:?} onto {input:?}")
+                bail!("resnet_trunk: identity shortcut of {x_dims:?} onto {input:?}")
             }
             None => None,
         };
@@ -2202,9 +2331,10 @@ pub fn residual_blocks(
         x_dims = input;
     }
     let op = ResChain {
+        stem,
         blocks: plans,
         running,
-        saved: Mutex::new(Vec::new()),
+        saved: Mutex::new((None, Vec::new())),
     };
     x.apply_op3(&Tensor::cat(&weights, 0)?, &Tensor::cat(&bn_params, 0)?, op)
 }

@@ -1,7 +1,7 @@
 //! This crate's own CUDA kernels (built with `--features cuda`), for the steps where cuDNN's
 //! API costs extra passes or calls: BatchNorm with the ReLU and the residual addition folded
-//! in (`cuda/bn.cu`), and the SGD update in one pass (`cuda/sgd.cu`); each file's header says
-//! what was measured.
+//! in (`cuda/bn.cu`), the SGD update in one pass (`cuda/sgd.cu`) and the stem's max-pooling
+//! with a gather backward (`cuda/pool.cu`); each file's header says what was measured.
 //!
 //! `build.rs` compiles `cuda/*.cu` to PTX, embedded here; the driver compiles it for the GPU at
 //! the first launch. The BatchNorm functions take raw device addresses of contiguous tensors
@@ -25,6 +25,10 @@ const BN: (&str, &str) = (
 const SGD: (&str, &str) = (
     "simtrans_sgd",
     include_str!(concat!(env!("OUT_DIR"), "/sgd.ptx")),
+);
+const POOL: (&str, &str) = (
+    "simtrans_pool",
+    include_str!(concat!(env!("OUT_DIR"), "/pool.ptx")),
 );
 
 /// Whether training-mode BatchNorm runs on these kernels (yes unless `SIMTRANS_OWN_BN=0`).
@@ -452,4 +456,77 @@ pub fn sgd_update(
         ),
         None => buf.expect("a buffer was given").clone(),
     }))
+}
+
+/// The output side of the stem's 3×3 / stride 2 / padding 1 max-pooling.
+pub fn pool_out(side: usize) -> usize {
+    (side - 1) / 2 + 1
+}
+
+fn pool_kernel(dtype: DType, pass: &str) -> Result<&'static str> {
+    Ok(match (pass, dtype) {
+        ("fwd", DType::F32) => "max_pool_fwd_f32",
+        ("fwd", DType::BF16) => "max_pool_fwd_bf16",
+        ("bwd", DType::F32) => "max_pool_bwd_f32",
+        ("bwd", DType::BF16) => "max_pool_bwd_bf16",
+        (_, other) => bail!("our max-pooling kernels take f32 or bf16, not {other:?}"),
+    })
+}
+
+/// One launch over `count` threads of a max-pooling kernel on `planes` planes of `h × w`.
+fn pool_launch(
+    dev: &CudaDevice,
+    name: &'static str,
+    (a, b, c): (u64, u64, u64),
+    planes: usize,
+    (h, w): (usize, usize),
+    count: usize,
+) -> Result<()> {
+    let stream = dev.cuda_stream();
+    let f = func_of(dev, POOL, name)?;
+    let (planes, hh, ww) = (planes as i64, h as i32, w as i32);
+    let (oh, ow) = (pool_out(h) as i32, pool_out(w) as i32);
+    let blocks = count.div_ceil(THREADS as usize) as u32;
+    unsafe {
+        stream
+            .launch_builder(&f)
+            .arg(&a)
+            .arg(&b)
+            .arg(&c)
+            .arg(&planes)
+            .arg(&hh)
+            .arg(&ww)
+            .arg(&oh)
+            .arg(&ow)
+            .launch(cfg((blocks, 1), THREADS))
+    }
+    .map_err(err)?;
+    Ok(())
+}
+
+/// Max-pooling (3×3, stride 2, padding 1) of `planes` contiguous `h × w` planes at `x` into
+/// `y`, with the winning window position of each output (one byte) at `arg`.
+pub fn max_pool_forward(
+    dev: &CudaDevice,
+    dtype: DType,
+    (x, y, arg): (u64, u64, u64),
+    planes: usize,
+    (h, w): (usize, usize),
+) -> Result<()> {
+    let name = pool_kernel(dtype, "fwd")?;
+    let count = planes * pool_out(h) * pool_out(w);
+    pool_launch(dev, name, (x, y, arg), planes, (h, w), count)
+}
+
+/// The backward of [`max_pool_forward`]: `dx` (the input's shape) from the output gradient
+/// `dy` and the recorded winners `arg`.
+pub fn max_pool_backward(
+    dev: &CudaDevice,
+    dtype: DType,
+    (dy, arg, dx): (u64, u64, u64),
+    planes: usize,
+    (h, w): (usize, usize),
+) -> Result<()> {
+    let name = pool_kernel(dtype, "bwd")?;
+    pool_launch(dev, name, (dy, arg, dx), planes, (h, w), planes * h * w)
 }
