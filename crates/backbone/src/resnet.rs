@@ -179,15 +179,15 @@ impl Block {
     }
 }
 
-/// The trunk's fused ops on a CUDA device ([`simtrans_core::cudnn::resnet_trunk`]): the stem
-/// and all residual blocks as one op, or (with `SIMTRANS_FUSED_CHAIN=0`) the stem as its own
-/// ops and one op per block. `None` where the layer-by-layer path applies (no CUDA,
+/// The trunk on a CUDA device with fused ops: the stem as its own ops, then all residual
+/// blocks as one op ([`simtrans_core::cudnn::residual_blocks`]), or one op per block with
+/// `SIMTRANS_FUSED_CHAIN=0`. `None` where the layer-by-layer path applies (no CUDA,
 /// `SIMTRANS_CUDNN=0` or `SIMTRANS_FUSED_BLOCKS=0`, evaluation mode without our BatchNorm
 /// kernels, or a BatchNorm with fewer than two values per channel, which the layer-by-layer
 /// path reports).
 #[cfg(feature = "cuda")]
 fn fused_trunk(net: &ResNet, x: &Tensor, mode: BnMode) -> Result<Option<Tensor>> {
-    use simtrans_core::cudnn::{self, BlockUnit, BlockUnits, Norm, Stem};
+    use simtrans_core::cudnn::{self, BlockUnit, BlockUnits, Norm};
     let norm = match mode {
         // Evaluation mode needs our BatchNorm kernels (cuDNN's has no backward there).
         BnMode::Eval if !simtrans_core::kernels::own_batch_norm() => return Ok(None),
@@ -243,29 +243,10 @@ fn fused_trunk(net: &ResNet, x: &Tensor, mode: BnMode) -> Result<Option<Tensor>>
         units.push(BlockUnits { main, shortcut });
     }
     let (eps, momentum) = (crate::bn::EPS, crate::bn::MOMENTUM);
-    if cudnn::fused_chain() && cudnn::stem_in_trunk() {
-        let stem = Stem {
-            unit: unit(&net.conv1, &net.bn1, true),
-            max_pool: net.max_pool,
-        };
-        return Ok(Some(cudnn::resnet_trunk(
-            x,
-            Some(&stem),
-            &units,
-            norm,
-            eps,
-            momentum,
-        )?));
-    }
-    let y = net.stem(x, mode)?;
-    if cudnn::fused_chain() {
-        return Ok(Some(cudnn::resnet_trunk(
-            &y, None, &units, norm, eps, momentum,
-        )?));
-    }
-    let mut y = y;
-    for u in units.chunks(1) {
-        y = cudnn::resnet_trunk(&y, None, u, norm, eps, momentum)?;
+    let per_op = if cudnn::fused_chain() { units.len() } else { 1 };
+    let mut y = net.stem(x, mode)?;
+    for u in units.chunks(per_op.max(1)) {
+        y = cudnn::residual_blocks(&y, u, norm, eps, momentum)?;
     }
     Ok(Some(y))
 }

@@ -16,7 +16,7 @@
 //!   autograd node instead of two). They run on our own kernels ([`crate::kernels`]), which
 //!   make fewer passes than cuDNN's BatchNorm; `SIMTRANS_OWN_BN=0` gives training mode back to
 //!   cuDNN.
-//! - [`resnet_trunk`]: a run of whole ResNet blocks as one op, so candle's autograd sees
+//! - [`residual_blocks`]: a run of whole ResNet blocks as one op, so candle's autograd sees
 //!   one node instead of about ten per block.
 //! - [`add_relu`] (a residual block's tail) and [`max_pool_3x3_s2_p1`] (the stem), so the
 //!   ReLUs and the pooling do not go through candle's multi-pass elementwise backward.
@@ -1545,18 +1545,11 @@ pub fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
     })
 }
 
-/// Whether residual blocks run fused ([`resnet_trunk`]); yes unless
+/// Whether residual blocks run fused ([`residual_blocks`]); yes unless
 /// `SIMTRANS_FUSED_BLOCKS=0` (then each layer is its own op, for the A/B measurement).
 pub fn fused_blocks() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| env_switch("SIMTRANS_FUSED_BLOCKS", true))
-}
-
-/// Whether the fused trunk includes the stem (convolution, BatchNorm + ReLU, max-pooling);
-/// yes unless `SIMTRANS_TRUNK_STEM=0` (then the stem runs as its own ops before it).
-pub fn stem_in_trunk() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| env_switch("SIMTRANS_TRUNK_STEM", true))
 }
 
 /// Whether all the residual blocks of a network run as one op; yes unless
@@ -1854,159 +1847,24 @@ impl BlockPlan {
     }
 }
 
-/// The stem of a ResNet trunk: convolution + BatchNorm + ReLU, then (optionally) the 3×3 /
-/// stride 2 max-pooling.
-struct StemPlan {
-    unit: UnitPlan,
-    pool: bool,
-}
-
-/// What the forward pass keeps of the stem.
-struct StemSaved {
-    conv_out: CudaStorage,
-    /// The BatchNorm + ReLU output.
-    act: CudaStorage,
-    stats: Stats,
-    /// The pooled output and each output's winning window position.
-    pooled: Option<(CudaStorage, CudaSlice<u8>)>,
-}
-
-impl StemPlan {
-    fn out_dims(&self) -> [usize; 4] {
-        let [b, c, h, w] = self.unit.g.y_dims();
-        match self.pool {
-            true => [b, c, kernels::pool_out(h), kernels::pool_out(w)],
-            false => [b, c, h, w],
-        }
-    }
-
-    fn forward(
-        &self,
-        dev: &CudaDevice,
-        h: &Handle,
-        dtype: DType,
-        (px, pw, pp): (u64, u64, u64),
-        running: (u64, u64),
-    ) -> Result<StemSaved> {
-        let stream = dev.cuda_stream();
-        let u = &self.unit;
-        let [b, c, oh, ow] = u.g.y_dims();
-        let n = b * c * oh * ow;
-        let mut conv_out = alloc(dev, dtype, n)?;
-        let mut act = alloc(dev, dtype, n)?;
-        let (pt, _gt) = ptr_mut(&mut conv_out, &stream)?;
-        let (pa, _ga) = ptr_mut(&mut act, &stream)?;
-        let wu = pw + (dtype.size_in_bytes() * u.w_off) as u64;
-        conv_raw(dev, h, 0, &u.g, dtype, (px, wu, pt), false)?;
-        let (bw, bb) = bn_ptrs(u, pp);
-        let stats =
-            u.bn.forward(dev, h, dtype, (pt, pa), (bw, bb), running, true, 0)?;
-        let pooled = if self.pool {
-            let m: usize = self.out_dims().iter().product();
-            let mut y = alloc(dev, dtype, m)?;
-            let mut arg = unsafe { dev.alloc::<u8>(m) }?;
-            {
-                let (py, _gy) = ptr_mut(&mut y, &stream)?;
-                let (parg, _garg) = arg.device_ptr_mut(&stream);
-                kernels::max_pool_forward(dev, dtype, (pa, py, parg), b * c, (oh, ow))?;
-            }
-            Some((y, arg))
-        } else {
-            None
-        };
-        drop((_gt, _ga));
-        Ok(StemSaved {
-            conv_out,
-            act,
-            stats,
-            pooled,
-        })
-    }
-
-    /// The address of the stem's output (the first block's input).
-    fn output(&self, saved: &StemSaved, stream: &CudaStream) -> Result<u64> {
-        let n: usize = self.out_dims().iter().product();
-        let out = match &saved.pooled {
-            Some((y, _)) => y,
-            None => &saved.act,
-        };
-        Ok(ptr(out, &Layout::contiguous(n), stream)?.0)
-    }
-
-    /// From the gradient `pg` of the stem's output: the parameter gradients into the packed
-    /// buffers at `pdw` and `pdp`, and the input gradient into `pdx` unless it is 0.
-    #[allow(clippy::too_many_arguments)]
-    fn backward(
-        &self,
-        dev: &CudaDevice,
-        h: &Handle,
-        dtype: DType,
-        saved: &StemSaved,
-        (px, pw, pp): (u64, u64, u64),
-        pg: u64,
-        (pdx, pdw, pdp): (u64, u64, u64),
-    ) -> Result<()> {
-        let stream = dev.cuda_stream();
-        let u = &self.unit;
-        let [b, c, oh, ow] = u.g.y_dims();
-        let n = b * c * oh * ow;
-        let whole = Layout::contiguous(n);
-        let (pa, _ga) = ptr(&saved.act, &whole, &stream)?;
-        let (pt, _gt) = ptr(&saved.conv_out, &whole, &stream)?;
-        // The gradient at the BatchNorm + ReLU output.
-        let mut unpooled = None;
-        let g_act = match &saved.pooled {
-            Some((_, arg)) => {
-                let mut g = alloc(dev, dtype, n)?;
-                let (pgu, _gu) = ptr_mut(&mut g, &stream)?;
-                let (parg, _garg) = arg.device_ptr(&stream);
-                kernels::max_pool_backward(dev, dtype, (pg, parg, pgu), b * c, (oh, ow))?;
-                drop(_gu);
-                unpooled = Some(g);
-                pgu
-            }
-            None => pg,
-        };
-        let mut dt = alloc(dev, dtype, n)?;
-        let (pdt, _gdt) = ptr_mut(&mut dt, &stream)?;
-        let (bw, _) = bn_ptrs(u, pp);
-        let (dbw, dbb) = bn_ptrs(u, pdp);
-        u.bn.backward(
-            dev,
-            h,
-            dtype,
-            (pt, g_act, pdt),
-            (bw, dbw, dbb),
-            &saved.stats,
-            false,
-            (pa, 0),
-        )?;
-        let off = (dtype.size_in_bytes() * u.w_off) as u64;
-        conv_raw(dev, h, 2, &u.g, dtype, (px, pdt, pdw + off), false)?;
-        if pdx != 0 {
-            conv_raw(dev, h, 1, &u.g, dtype, (pdt, pw + off, pdx), false)?;
-        }
-        drop(unpooled);
-        Ok(())
-    }
-}
-
-/// A ResNet trunk — the optional stem and a run of residual blocks — as one autograd op.
-/// Inside, cuDNN and our kernels run every layer and the backward chains the gradients through
-/// buffers the op owns, so candle materialises (and zero-fills, then adds) only the trunk
-/// input's gradient instead of one per layer or block, and a shortcut's gradient is
-/// accumulated by the convolution itself. Without a stem it is a chain of blocks.
+/// A run of residual blocks as one autograd op. Inside, cuDNN and our kernels run every
+/// layer and the backward chains the gradients through buffers the op owns, so candle
+/// materialises (and zero-fills, then adds) only the chain input's gradient instead of one per
+/// layer or block, and a shortcut's gradient is accumulated by the convolution itself.
+///
+/// (Runs 8 and 9 of `docs/results/gpu-h100-2026-11-26` also put the stem — convolution, BatchNorm +
+/// ReLU, max-pooling — inside: batch 8 and the similarity matrix were slower, batch 64 the
+/// same, so the stem stays outside; commit 13b02ac has that version.)
 struct ResChain {
-    stem: Option<StemPlan>,
     blocks: Vec<BlockPlan>,
-    /// Running statistics per unit: the stem's, then block after block.
+    /// Running statistics per unit, block after block.
     running: Vec<(Tensor, Tensor)>,
-    saved: Mutex<(Option<StemSaved>, Vec<BlockSaved>)>,
+    saved: Mutex<Vec<BlockSaved>>,
 }
 
 impl CustomOp3 for ResChain {
     fn name(&self) -> &'static str {
-        "simtrans-resnet-trunk"
+        "simtrans-residual-chain"
     }
     fn cpu_fwd(
         &self,
@@ -2041,7 +1899,6 @@ impl CustomOp3 for ResChain {
         let out_dims = self.blocks.last().expect("a chain has blocks").out_dims();
         let mut y = alloc(&dev, dtype, out_dims.iter().product())?;
         let mut saved = Vec::with_capacity(self.blocks.len());
-        let stem_saved;
         {
             let locks: Vec<_> = self
                 .running
@@ -2058,14 +1915,6 @@ impl CustomOp3 for ResChain {
             let (pp, _gp) = f32_param_ptr(p, pl, &stream)?;
             let (py, _gy) = ptr_mut(&mut y, &stream)?;
             let mut cur = px;
-            stem_saved = match &self.stem {
-                Some(stem) => {
-                    let s = stem.forward(&dev, &h, dtype, (px, pw, pp), running[0])?;
-                    cur = stem.output(&s, &stream)?;
-                    Some(s)
-                }
-                None => None,
-            };
             for (k, b) in self.blocks.iter().enumerate() {
                 let mut out = if k + 1 < self.blocks.len() {
                     Some(alloc(&dev, dtype, b.out_dims().iter().product())?)
@@ -2083,7 +1932,7 @@ impl CustomOp3 for ResChain {
                 cur = pout;
             }
         }
-        *self.saved.lock().expect("trunk saved state") = (stem_saved, saved);
+        *self.saved.lock().expect("chain saved state") = saved;
         Ok((y, Shape::from(out_dims.to_vec())))
     }
     fn bwd(
@@ -2095,13 +1944,10 @@ impl CustomOp3 for ResChain {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let saved = self.saved.lock().expect("trunk saved state");
-        let (stem_saved, saved) = (&saved.0, &saved.1);
-        if saved.len() != self.blocks.len() || stem_saved.is_some() != self.stem.is_some() {
+        let saved = self.saved.lock().expect("chain saved state");
+        if saved.len() != self.blocks.len() {
             bail!("residual blocks' backward before their forward pass")
         }
-        // A stem's input is usually the images, which need no gradient.
-        let want_dx = x.track_op() || self.stem.is_none();
         let (xs, xl) = x.storage_and_layout();
         let (ws, wl) = w.storage_and_layout();
         let (ps, pl) = p.storage_and_layout();
@@ -2113,10 +1959,7 @@ impl CustomOp3 for ResChain {
         let stream = dev.cuda_stream();
         let h = handle(&dev)?;
         let dtype = xs.dtype();
-        let mut dx = match want_dx {
-            true => Some(alloc(&dev, dtype, xl.shape().elem_count())?),
-            false => None,
-        };
+        let mut dx = alloc(&dev, dtype, xl.shape().elem_count())?;
         let mut dw = alloc(&dev, dtype, wl.shape().elem_count())?;
         let mut dp = alloc(&dev, DType::F32, pl.shape().elem_count())?;
         {
@@ -2126,25 +1969,17 @@ impl CustomOp3 for ResChain {
             // The gradient of the chain's output, and that output (the last ReLU's mask).
             let (pz, _g4) = ptr(gs, gl, &stream)?;
             let (pr, _g8) = ptr(rs, rl, &stream)?;
-            let pdx = match dx.as_mut() {
-                Some(d) => ptr_mut(d, &stream)?.0,
-                None => 0,
-            };
+            let (pdx, _g5) = ptr_mut(&mut dx, &stream)?;
             let (pdw, _g6) = ptr_mut(&mut dw, &stream)?;
             let (pdp, _g7) = ptr_mut(&mut dp, &stream)?;
-            let stem_out = match (&self.stem, stem_saved) {
-                (Some(stem), Some(s)) => Some(stem.output(s, &stream)?),
-                _ => None,
-            };
             // Block after block from the last: each one's input gradient is the output
-            // gradient of the one before (or of the stem), in a buffer that `g_buf` owns until
-            // the kernels reading it are queued.
+            // gradient of the one before, in a buffer that `g_buf` owns until the kernels
+            // reading it are queued.
             let mut g_buf: Option<CudaStorage> = None;
             let (mut pg, mut pout) = (pz, pr);
             for (k, b) in self.blocks.iter().enumerate().rev() {
-                let pin = match (k, stem_out) {
-                    (0, Some(s)) => s,
-                    (0, None) => px,
+                let pin = match k {
+                    0 => px,
                     _ => {
                         let prev = saved[k - 1].output.as_ref();
                         let prev = prev.expect("every block but the last keeps its output");
@@ -2156,8 +1991,8 @@ impl CustomOp3 for ResChain {
                         .0
                     }
                 };
-                let mut din = match (k, stem_out) {
-                    (0, None) => None,
+                let mut din = match k {
+                    0 => None,
                     _ => Some(alloc(&dev, dtype, b.in_dims().iter().product())?),
                 };
                 let pdin = match din.as_mut() {
@@ -2176,13 +2011,10 @@ impl CustomOp3 for ResChain {
                 (pg, pout) = (pdin, pin);
                 g_buf = din;
             }
-            if let (Some(stem), Some(s)) = (&self.stem, stem_saved) {
-                stem.backward(&dev, &h, dtype, s, (px, pw, pp), pg, (pdx, pdw, pdp))?;
-            }
             drop(g_buf);
         }
         Ok((
-            dx.map(|d| wrap(d, x.shape())),
+            Some(wrap(dx, x.shape())),
             Some(wrap(dw, w.shape())),
             Some(wrap(dp, p.shape())),
         ))
@@ -2203,33 +2035,24 @@ pub enum Norm {
     Running,
 }
 
-/// One residual block for [`resnet_trunk`]: its main path (every unit but the last may
+/// One residual block for [`residual_blocks`]: its main path (every unit but the last may
 /// have a ReLU) and its shortcut (a unit without ReLU, or `None` for the identity).
 pub struct BlockUnits<'a> {
     pub main: Vec<BlockUnit<'a>>,
     pub shortcut: Option<BlockUnit<'a>>,
 }
 
-/// The stem of a ResNet trunk for [`resnet_trunk`]: a convolution + BatchNorm unit (its
-/// ReLU is implied) and whether the 3×3 / stride 2 max-pooling follows.
-pub struct Stem<'a> {
-    pub unit: BlockUnit<'a>,
-    pub max_pool: bool,
-}
-
-/// A ResNet trunk as one op (see [`ResChain`]): the optional `stem`, then residual blocks
-/// `relu(main(x) + shortcut(x))`, each feeding the next, their BatchNorms normalising as
-/// `norm` says.
-pub fn resnet_trunk(
+/// Residual blocks `relu(main(x) + shortcut(x))`, each feeding the next, as one op (see
+/// [`ResChain`]), their BatchNorms normalising as `norm` says.
+pub fn residual_blocks(
     x: &Tensor,
-    stem: Option<&Stem>,
     blocks: &[BlockUnits],
     norm: Norm,
     eps: f64,
     momentum: f64,
 ) -> Result<Tensor> {
     if blocks.is_empty() {
-        bail!("resnet_trunk: no blocks")
+        bail!("residual_blocks: no blocks")
     }
     let x = x.contiguous()?;
     let mut weights = Vec::new();
@@ -2240,7 +2063,7 @@ pub fn resnet_trunk(
         let (o, c, kh, kw) = u.weight.dims4()?;
         if c != input[1] {
             bail!(
-                "resnet_trunk: weight {:?} on input {input:?}",
+                "residual_blocks: weight {:?} on input {input:?}",
                 u.weight.dims()
             )
         }
@@ -2275,19 +2098,6 @@ pub fn resnet_trunk(
     };
     let mut x_dims = nchw(x.dims())?;
     let mut units_before = 0;
-    let stem = match stem {
-        Some(s) => {
-            let unit = plan(&s.unit, x_dims)?;
-            units_before = 1;
-            let stem = StemPlan {
-                unit,
-                pool: s.max_pool,
-            };
-            x_dims = stem.out_dims();
-            Some(stem)
-        }
-        None => None,
-    };
     let mut plans = Vec::with_capacity(blocks.len());
     for block in blocks {
         let (main, shortcut) = (&block.main, block.shortcut.as_ref());
@@ -2295,7 +2105,9 @@ pub fn resnet_trunk(
             || main.last().is_some_and(|u| u.relu)
             || shortcut.is_some_and(|u| u.relu)
         {
-            bail!("resnet_trunk: a non-empty main path whose last unit and shortcut have no ReLU")
+            bail!(
+                "residual_blocks: a non-empty main path whose last unit and shortcut have no ReLU"
+            )
         }
         // Units are planned (and their running statistics listed) in this order.
         let first_running = units_before;
@@ -2312,14 +2124,14 @@ pub fn resnet_trunk(
                 let p = plan(u, x_dims)?;
                 if p.g.y_dims() != input {
                     bail!(
-                        "resnet_trunk: shortcut gives {:?}, main path {input:?}",
+                        "residual_blocks: shortcut gives {:?}, main path {input:?}",
                         p.g.y_dims()
                     )
                 }
                 Some(p)
             }
             None if x_dims != input => {
-                bail!("resnet_trunk: identity shortcut of {x_dims:?} onto {input:?}")
+                bail!("residual_blocks: identity shortcut of {x_dims:?} onto {input:?}")
             }
             None => None,
         };
@@ -2331,10 +2143,9 @@ pub fn resnet_trunk(
         x_dims = input;
     }
     let op = ResChain {
-        stem,
         blocks: plans,
         running,
-        saved: Mutex::new((None, Vec::new())),
+        saved: Mutex::new(Vec::new()),
     };
     x.apply_op3(&Tensor::cat(&weights, 0)?, &Tensor::cat(&bn_params, 0)?, op)
 }
