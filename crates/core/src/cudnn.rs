@@ -1126,7 +1126,8 @@ struct BnOp {
     spec: BnSpec,
     /// Apply a ReLU to the output (and its derivative in the backward pass).
     relu: bool,
-    /// Running mean and variance (f32 `[C]`), moved in place by the forward pass.
+    /// Running mean and variance (f32 `[C]`): moved in place by a training-mode forward pass,
+    /// read by an evaluation-mode one.
     running: Option<(Tensor, Tensor)>,
     saved: Mutex<Stats>,
 }

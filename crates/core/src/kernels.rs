@@ -31,7 +31,8 @@ const POOL: (&str, &str) = (
     include_str!(concat!(env!("OUT_DIR"), "/pool.ptx")),
 );
 
-/// Whether training-mode BatchNorm runs on these kernels (yes unless `SIMTRANS_OWN_BN=0`).
+/// Whether BatchNorm runs on these kernels: yes unless `SIMTRANS_OWN_BN=0`, which gives
+/// training mode back to cuDNN and evaluation mode back to candle's tensor ops.
 pub fn own_batch_norm() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| crate::cudnn::env_switch("SIMTRANS_OWN_BN", true))
