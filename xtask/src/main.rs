@@ -194,9 +194,13 @@ fn gpu_table(
     let precision = simtrans_core::device::precision().name();
     let mut rows = vec![];
     let mut row = |workload: String, ips: f64, detail: serde_json::Value| {
-        let phases = match detail.get("phase_seconds") {
-            Some(p) => format!(" [forward, backward, optimiser s/step: {p}]"),
-            None => String::new(),
+        let phases = match (detail.get("phase_seconds"), detail.get("issue_seconds")) {
+            (Some(p), Some(i)) => {
+                format!(
+                    " [forward, backward, optimiser s/step: {p}; issued by the host after: {i}]"
+                )
+            }
+            _ => String::new(),
         };
         println!("table: {workload}: {ips:.1} images/s ({precision}){phases}");
         rows.push(serde_json::json!({

@@ -34,6 +34,10 @@ pub struct BenchReport {
     /// Seconds per step of each phase (forward, backward, optimiser), from extra steps with a
     /// device synchronisation between phases: where the time goes.
     pub phase_seconds: [f64; 3],
+    /// Of each phase, the seconds until the host had issued all its work (before the
+    /// synchronisation). On a GPU, a figure close to the phase's whole time means the host
+    /// bounds it; on the CPU the two are equal.
+    pub issue_seconds: [f64; 3],
 }
 
 /// Times `steps` training steps of `arch` at `image_size` px in batches of `batch_size`.
@@ -68,22 +72,27 @@ pub fn bench(
     }
     let seconds = start.elapsed().as_secs_f64();
     let mut phase_seconds = [0.0; 3];
+    let mut issue_seconds = [0.0; 3];
     let phase_steps = steps.clamp(1, 3);
     for _ in 0..phase_steps {
         let t = Instant::now();
         let (logits, _) = net.forward(&x, BnMode::Train)?;
         let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
+        let i0 = t.elapsed();
         device.synchronize()?;
         let t1 = Instant::now();
         let grads = loss.backward()?;
+        let i1 = t1.elapsed();
         device.synchronize()?;
         let t2 = Instant::now();
         sgd.step(&grads)?;
+        let i2 = t2.elapsed();
         device.synchronize()?;
-        for (acc, d) in phase_seconds
-            .iter_mut()
-            .zip([t1 - t, t2 - t1, t2.elapsed()])
-        {
+        let whole = [t1 - t, t2 - t1, t2.elapsed()];
+        for (acc, d) in phase_seconds.iter_mut().zip(whole) {
+            *acc += d.as_secs_f64() / phase_steps as f64;
+        }
+        for (acc, d) in issue_seconds.iter_mut().zip([i0, i1, i2]) {
             *acc += d.as_secs_f64() / phase_steps as f64;
         }
     }
@@ -97,6 +106,7 @@ pub fn bench(
         images_per_second: (steps * batch_size) as f64 / seconds.max(1e-9),
         device: format!("{device:?}"),
         phase_seconds,
+        issue_seconds,
     })
 }
 
@@ -116,5 +126,9 @@ mod tests {
         let r = super::bench(&candle_core::Device::Cpu, super::Arch::Small, 2, 12, 4, 1).unwrap();
         assert_eq!((r.steps, r.batch_size, r.image_size), (1, 4, 12));
         assert!(r.images_per_second > 0.0);
+        // Issuing a phase's work cannot take longer than the phase.
+        for (issued, whole) in r.issue_seconds.iter().zip(r.phase_seconds) {
+            assert!(*issued > 0.0 && *issued <= whole, "{r:?}");
+        }
     }
 }
