@@ -2043,8 +2043,9 @@ pub struct BlockUnits<'a> {
     pub shortcut: Option<BlockUnit<'a>>,
 }
 
-/// Residual blocks `relu(main(x) + shortcut(x))`, each feeding the next, as one op (see
-/// [`ResChain`]), their BatchNorms normalising as `norm` says.
+/// Residual blocks `relu(main(x) + shortcut(x))`, each feeding the next, as one autograd op,
+/// their BatchNorms normalising as `norm` says. Inside, cuDNN and our kernels run every layer,
+/// and the backward chains the gradients through buffers the op owns.
 pub fn residual_blocks(
     x: &Tensor,
     blocks: &[BlockUnits],
