@@ -1,5 +1,6 @@
 //! A fast trainable 2-D convolution for the CPU (im2col, one GEMM, col2im), and the one
-//! entry point every network uses, which sends CUDA tensors to `simtrans_core::cudnn` (with `--features cuda`).
+//! entry point every network uses, which sends CUDA tensors to `simtrans_core::cudnn` (built
+//! with `--features cuda`).
 //!
 //! candle's CPU `conv2d` is fine forward, but its backward goes through `conv_transpose2d` and
 //! a kernel-sized `conv2d`, which dominate a training step of the demo network (measured: the

@@ -257,7 +257,7 @@ fn fused_trunk(net: &ResNet, x: &Tensor, mode: BnMode) -> Result<Option<Tensor>>
 /// pass is exact. Where several inputs of a window tie for the maximum, candle's `maximum`
 /// shares the gradient between them, whereas PyTorch gives it to one; after a ReLU the only
 /// common ties are zeros, whose gradient the ReLU discards anyway. On CUDA devices our kernel
-/// ([`simtrans_core::cudnn::max_pool_3x3_s2_p1`]) runs instead and, like PyTorch, gives the
+/// (`simtrans_core::cudnn::max_pool_3x3_s2_p1`) runs instead and, like PyTorch, gives the
 /// gradient to the first of the tied inputs.
 pub fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
