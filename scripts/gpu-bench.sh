@@ -95,8 +95,8 @@ say "2q. the table at tf32 and bf16"
 for p in tf32 bf16; do table "$p" "table-$p"; done
 fi
 
-# The A/B switches, one per table: cuDNN's BatchNorm; the stem and one op per block instead
-# of the whole trunk; layer by layer; the driver's default memory pool.
+# The A/B switches, one per table (AB="VAR=VALUE ..." picks others): cuDNN's BatchNorm; one op
+# per residual block instead of one for all; layer by layer; the driver's default memory pool.
 AB=${AB:-SIMTRANS_OWN_BN=0 SIMTRANS_FUSED_CHAIN=0 SIMTRANS_FUSED_BLOCKS=0 SIMTRANS_POOL_RELEASE=1}
 if want ab; then
 say "2b. tf32 A/B, one switch each: $AB"
