@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check of issue #9 in one run, for a machine with an NVIDIA GPU and no network:
 #   1. the GPU-against-CPU tests of crates/backbone/tests/gpu.rs (f32, TF32, bf16), then the
-#      whole steps layer by layer (1b) and on cuDNN's BatchNorm (1c, SIMTRANS_OWN_BN=0);
+#      whole steps layer by layer (1b), on cuDNN's BatchNorm (1c, SIMTRANS_OWN_BN=0) and with
+#      the chain's gradients handed over directly (1d, SIMTRANS_SIDE_GRADS=1);
 #   2. the five workloads of BENCHMARKS.md's table (`xtask bench table`) at f32, tf32 and bf16
 #      (sections `find` and `ab`: with measured algorithm choice, and one A/B switch at a time);
 #   3. candle's own CUDA convolution and BatchNorm (SIMTRANS_CUDNN=0): the "before" figures;
@@ -58,6 +59,8 @@ say "1b. whole-network steps with the layer-by-layer path (SIMTRANS_FUSED_BLOCKS
 SIMTRANS_FUSED_BLOCKS=0 SIMTRANS_REQUIRE_GPU=1 timeout 300 ./gpu-tests resnet_training_step --nocapture 2>&1 | tee -a "$LOG"
 say "1c. BatchNorm and whole steps on cuDNN's BatchNorm instead of ours (SIMTRANS_OWN_BN=0)"
 SIMTRANS_OWN_BN=0 SIMTRANS_REQUIRE_GPU=1 timeout 300 ./gpu-tests --test-threads 1 --nocapture batchnorm resnet_training_step 2>&1 | tee -a "$LOG"
+say "1d. whole steps with the chain's gradients handed over directly (SIMTRANS_SIDE_GRADS=1)"
+SIMTRANS_SIDE_GRADS=1 SIMTRANS_REQUIRE_GPU=1 timeout 300 ./gpu-tests resnet_training_step --nocapture 2>&1 | tee -a "$LOG"
 fi
 
 # Every JSON result goes into one file (the device tool returns at most 8 files), rebuilt after
@@ -95,9 +98,10 @@ say "2q. the table at tf32 and bf16"
 for p in tf32 bf16; do table "$p" "table-$p"; done
 fi
 
-# The A/B switches, one per table (AB="VAR=VALUE ..." picks others): cuDNN's BatchNorm; one op
-# per residual block instead of one for all; layer by layer; the driver's default memory pool.
-AB=${AB:-SIMTRANS_OWN_BN=0 SIMTRANS_FUSED_CHAIN=0 SIMTRANS_FUSED_BLOCKS=0 SIMTRANS_POOL_RELEASE=1}
+# The A/B switches, one per table (AB="VAR=VALUE ..." picks others): the chain's parameter
+# gradients handed over directly (not yet the default); cuDNN's BatchNorm; one op per residual
+# block instead of one for all; layer by layer; the driver's default memory pool.
+AB=${AB:-SIMTRANS_SIDE_GRADS=1 SIMTRANS_OWN_BN=0 SIMTRANS_FUSED_CHAIN=0 SIMTRANS_FUSED_BLOCKS=0 SIMTRANS_POOL_RELEASE=1}
 if want ab; then
 say "2b. tf32 A/B, one switch each: $AB"
 for switch in $AB; do

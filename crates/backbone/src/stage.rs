@@ -297,7 +297,7 @@ pub fn run(ctx: &StageContext) -> Result<StageOutput> {
                 }
                 .into());
             }
-            sgd.step(&loss.backward()?)?;
+            sgd.step(&simtrans_core::grad::backward(&loss)?)?;
             let pred = logits
                 .argmax(D::Minus1)?
                 .eq(&y)?

@@ -367,7 +367,9 @@ fn resnet_step(dev: &Device, dtype: DType, (arch, width, side, mode): Case) -> (
     let y = Tensor::new(&[0u32, 1, 2, 3], dev).unwrap();
     let (logits, _) = net.forward(&x, mode).unwrap();
     let loss = candle_nn::loss::cross_entropy(&logits, &y).unwrap();
-    let grads = loss.backward().unwrap();
+    // As the training stages take them (SIMTRANS_SIDE_GRADS=1 hands the fused chain's
+    // parameter gradients over there).
+    let grads = simtrans_core::grad::backward(&loss).unwrap();
     let g = simtrans_backbone::trainable_vars(&vm)
         .iter()
         .map(|(n, v)| {

@@ -258,7 +258,7 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
                 .into());
             }
             loss_sum += l;
-            sgd.step(&loss.backward()?)?;
+            sgd.step(&simtrans_core::grad::backward(&loss)?)?;
         }
         let preds = predict(
             &net,

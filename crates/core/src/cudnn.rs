@@ -1553,6 +1553,13 @@ pub fn fused_blocks() -> bool {
     *ON.get_or_init(|| env_switch("SIMTRANS_FUSED_BLOCKS", true))
 }
 
+/// Whether the fused chain hands its parameter gradients to [`crate::grad::backward`]
+/// directly (`SIMTRANS_SIDE_GRADS=1`; off by default until measured on a GPU).
+pub fn side_grads() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| env_switch("SIMTRANS_SIDE_GRADS", false))
+}
+
 /// Whether all the residual blocks of a network run as one op; yes unless
 /// `SIMTRANS_FUSED_CHAIN=0` (then one op per block, for the A/B measurement).
 pub fn fused_chain() -> bool {
@@ -1861,6 +1868,10 @@ struct ResChain {
     /// Running statistics per unit, block after block.
     running: Vec<(Tensor, Tensor)>,
     saved: Mutex<Vec<BlockSaved>>,
+    /// With [`side_grads`]: each parameter, its element offset and whether it lives in the
+    /// packed BatchNorm parameters (else in the packed weights). The packed inputs are then
+    /// detached and the gradients go to [`crate::grad::hand_over`].
+    side: Option<Vec<(Tensor, usize, bool)>>,
 }
 
 impl CustomOp3 for ResChain {
@@ -2014,11 +2025,20 @@ impl CustomOp3 for ResChain {
             }
             drop(g_buf);
         }
-        Ok((
-            Some(wrap(dx, x.shape())),
-            Some(wrap(dw, w.shape())),
-            Some(wrap(dp, p.shape())),
-        ))
+        let (dw, dp) = (wrap(dw, w.shape()), wrap(dp, p.shape()));
+        let Some(params) = &self.side else {
+            return Ok((Some(wrap(dx, x.shape())), Some(dw), Some(dp)));
+        };
+        // Each parameter's gradient as a view of the packed buffers (f32, as the variables).
+        let dw = dw.to_dtype(DType::F32)?;
+        for (param, off, bn) in params {
+            let packed = if *bn { &dp } else { &dw };
+            let g = packed
+                .narrow(0, *off, param.elem_count())?
+                .reshape(param.shape())?;
+            crate::grad::hand_over(param, g)?;
+        }
+        Ok((Some(wrap(dx, x.shape())), None, None))
     }
 }
 
@@ -2045,7 +2065,9 @@ pub struct BlockUnits<'a> {
 
 /// Residual blocks `relu(main(x) + shortcut(x))`, each feeding the next, as one autograd op,
 /// their BatchNorms normalising as `norm` says. Inside, cuDNN and our kernels run every layer,
-/// and the backward chains the gradients through buffers the op owns.
+/// and the backward chains the gradients through buffers the op owns. With
+/// `SIMTRANS_SIDE_GRADS=1` the parameters' gradients go to [`crate::grad::backward`] directly
+/// (see there) instead of through candle's graph.
 pub fn residual_blocks(
     x: &Tensor,
     blocks: &[BlockUnits],
@@ -2060,6 +2082,7 @@ pub fn residual_blocks(
     let mut weights = Vec::new();
     let mut bn_params = Vec::new();
     let mut running = Vec::new();
+    let mut params = Vec::new();
     let (mut w_off, mut bn_off) = (0, 0);
     let mut plan = |u: &BlockUnit, input: [usize; 4]| -> Result<UnitPlan> {
         let (o, c, kh, kw) = u.weight.dims4()?;
@@ -2090,6 +2113,9 @@ pub fn residual_blocks(
                 Norm::Running => BnSpec::eval(g.y_dims(), eps),
             },
         };
+        params.push((u.weight.clone(), w_off, false));
+        params.push((u.bn[0].clone(), bn_off, true));
+        params.push((u.bn[1].clone(), bn_off + o, true));
         w_off += u.weight.elem_count();
         bn_off += 2 * o;
         weights.push(u.weight.to_dtype(x.dtype())?.flatten_all()?);
@@ -2144,10 +2170,17 @@ pub fn residual_blocks(
         });
         x_dims = input;
     }
+    let (mut w, mut p) = (Tensor::cat(&weights, 0)?, Tensor::cat(&bn_params, 0)?);
+    // Handing the gradients over needs the op in candle's graph through its input.
+    let side = side_grads() && x.track_op();
+    if side {
+        (w, p) = (w.detach(), p.detach());
+    }
     let op = ResChain {
         blocks: plans,
         running,
         saved: Mutex::new(Vec::new()),
+        side: side.then_some(params),
     };
-    x.apply_op3(&Tensor::cat(&weights, 0)?, &Tensor::cat(&bn_params, 0)?, op)
+    x.apply_op3(&w, &p, op)
 }

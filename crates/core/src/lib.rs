@@ -16,6 +16,7 @@ pub mod config;
 pub mod cudnn;
 pub mod device;
 pub mod error;
+pub mod grad;
 pub mod hash;
 #[cfg(feature = "cuda")]
 pub mod kernels;

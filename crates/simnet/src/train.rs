@@ -169,7 +169,7 @@ impl Trainer {
         } else {
             (&l_sim - (fwd.dom_loss(disc)? * self.beta)?)?
         };
-        self.sim_opt.step(&total.backward()?)?;
+        self.sim_opt.step(&simtrans_core::grad::backward(&total)?)?;
         Ok((l_sim, total))
     }
 
@@ -182,7 +182,8 @@ impl Trainer {
     ) -> crate::Result<(Tensor, Tensor)> {
         let d_logits = disc.forward(&fwd.diff_feat.detach())?;
         let l_dom = cross_entropy(&d_logits, &fwd.domains)?;
-        self.disc_opt.step(&l_dom.backward()?)?;
+        self.disc_opt
+            .step(&simtrans_core::grad::backward(&l_dom)?)?;
         Ok((l_dom, d_logits))
     }
 
