@@ -861,11 +861,19 @@ impl BnSpec {
         }
     }
 
-    /// The descriptor of one range and its offset in bytes from the start of the tensor.
-    fn part(&self, dtype: DType, start: usize, rows: usize) -> Result<(TensorDesc, u64)> {
+    /// The offset in bytes of the range starting at row `start`.
+    fn offset(&self, dtype: DType, start: usize) -> u64 {
         let [_, c, h, w] = self.dims;
-        let desc = TensorDesc::nchw(data_type(dtype)?, [rows, c, h, w])?;
-        Ok((desc, (start * c * h * w * dtype.size_in_bytes()) as u64))
+        (start * c * h * w * dtype.size_in_bytes()) as u64
+    }
+
+    /// cuDNN's descriptors of a range of `rows` rows and of the per-channel parameters.
+    fn cudnn_descs(&self, dtype: DType, rows: usize) -> Result<(TensorDesc, TensorDesc)> {
+        let [_, c, h, w] = self.dims;
+        Ok((
+            TensorDesc::nchw(data_type(dtype)?, [rows, c, h, w])?,
+            TensorDesc::nchw(sys::cudnnDataType_t::CUDNN_DATA_FLOAT, [1, c, 1, 1])?,
+        ))
     }
 
     fn len(&self) -> usize {
@@ -890,10 +898,9 @@ impl BnSpec {
         let stream = dev.cuda_stream();
         let c = self.dims[1];
         let own = self.own()?;
-        let pd = TensorDesc::nchw(sys::cudnnDataType_t::CUDNN_DATA_FLOAT, [1, c, 1, 1])?;
         let mut saved = Vec::with_capacity(self.parts.len());
         for &(start, rows, update) in &self.parts {
-            let (xd, off) = self.part(dtype, start, rows)?;
+            let off = self.offset(dtype, start);
             let mut mean = unsafe { dev.alloc::<f32>(c) }?;
             let mut inv_std = unsafe { dev.alloc::<f32>(c) }?;
             {
@@ -914,6 +921,7 @@ impl BnSpec {
                         (pmean, pinv),
                     )?;
                 } else {
+                    let (xd, pd) = self.cudnn_descs(dtype, rows)?;
                     unsafe {
                         sys::cudnnBatchNormalizationForwardTraining(
                             h.0,
@@ -994,7 +1002,6 @@ impl BnSpec {
             bail!("BatchNorm backward before its forward pass")
         }
         let stream = dev.cuda_stream();
-        let c = self.dims[1];
         let own = self.own()?;
         // cuDNN's path: the ReLU's backward and the residual's copy as passes of their own.
         let mut through_relu = None;
@@ -1013,11 +1020,10 @@ impl BnSpec {
                 add_tensor(h, &all, (1.0, dy), (0.0, dres))?;
             }
         }
-        let pd = TensorDesc::nchw(sys::cudnnDataType_t::CUDNN_DATA_FLOAT, [1, c, 1, 1])?;
         for (i, (&(start, rows, _), (mean, inv_std))) in
             self.parts.iter().zip(saved.iter()).enumerate()
         {
-            let (xd, off) = self.part(dtype, start, rows)?;
+            let off = self.offset(dtype, start);
             let (pm, _g4) = mean.device_ptr(&stream);
             let (pi, _g5) = inv_std.device_ptr(&stream);
             // The parameter gradients of the later ranges add to the first's.
@@ -1037,6 +1043,7 @@ impl BnSpec {
                 continue;
             }
             let param_beta = if add_params { one() } else { zero() };
+            let (xd, pd) = self.cudnn_descs(dtype, rows)?;
             unsafe {
                 sys::cudnnBatchNormalizationBackward(
                     h.0,
@@ -2082,6 +2089,8 @@ pub fn residual_blocks(
     let mut weights = Vec::new();
     let mut bn_params = Vec::new();
     let mut running = Vec::new();
+    // Handing the gradients over needs the op in candle's graph through its input.
+    let side = side_grads() && x.track_op();
     let mut params = Vec::new();
     let (mut w_off, mut bn_off) = (0, 0);
     let mut plan = |u: &BlockUnit, input: [usize; 4]| -> Result<UnitPlan> {
@@ -2113,9 +2122,11 @@ pub fn residual_blocks(
                 Norm::Running => BnSpec::eval(g.y_dims(), eps),
             },
         };
-        params.push((u.weight.clone(), w_off, false));
-        params.push((u.bn[0].clone(), bn_off, true));
-        params.push((u.bn[1].clone(), bn_off + o, true));
+        if side {
+            params.push((u.weight.clone(), w_off, false));
+            params.push((u.bn[0].clone(), bn_off, true));
+            params.push((u.bn[1].clone(), bn_off + o, true));
+        }
         w_off += u.weight.elem_count();
         bn_off += 2 * o;
         weights.push(u.weight.to_dtype(x.dtype())?.flatten_all()?);
@@ -2171,8 +2182,6 @@ pub fn residual_blocks(
         x_dims = input;
     }
     let (mut w, mut p) = (Tensor::cat(&weights, 0)?, Tensor::cat(&bn_params, 0)?);
-    // Handing the gradients over needs the op in candle's graph through its input.
-    let side = side_grads() && x.track_op();
     if side {
         (w, p) = (w.detach(), p.detach());
     }
