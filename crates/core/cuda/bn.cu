@@ -17,18 +17,11 @@
 // Compiled to PTX by crates/core/build.rs with `--features cuda`; launched from
 // crates/core/src/kernels.rs, which documents each kernel's contract.
 
-#include <cuda_bf16.h>
 #include <stdint.h>
 
-namespace {
+#include "common.cuh"
 
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
-    return __float2bfloat16_rn(v);
-}
+namespace {
 
 // VEC values of T as one aligned memory access.
 template <typename T, int VEC> struct alignas(sizeof(T) * VEC) Pack {
@@ -80,46 +73,72 @@ __device__ __forceinline__ void block_sum2(double& a, double& b) {
     }
 }
 
-// Grid (C, S): block (c, s) sums x and x² of channel c over rows [n0, n1) of its share.
-// partial[(c * S + s) * 2 + {0, 1}].
+// The reductions run on a grid (C, S): block (c, s) covers channel c over its share s of the
+// rows, and leaves its two sums in partial[(c * S + s) * 2 + {0, 1}].
+struct Share {
+    long long n0, groups;  // first row, and groups of VEC values in the share
+    int hwv, c, c_count, hw;
+    // The index of the k-th group's first value in the [N, C, HW] tensor.
+    __device__ long long at(long long k, int vec) const {
+        return ((n0 + k / hwv) * c_count + c) * hw + (k % hwv) * vec;
+    }
+};
+
+__device__ __forceinline__ Share block_share(int n, int c_count, int hw, int vec) {
+    const int s = blockIdx.y, shares = gridDim.y;
+    const long long n0 = (long long)n * s / shares, n1 = (long long)n * (s + 1) / shares;
+    const int hwv = hw / vec;
+    return Share{n0, (n1 - n0) * hwv, hwv, (int)blockIdx.x, c_count, hw};
+}
+
+// Sums (a, b) over the block and stores them as this block's partial sums.
+__device__ __forceinline__ void store_share(double* partial, double a, double b) {
+    block_sum2(a, b);
+    if (threadIdx.x == 0) {
+        const long long at = ((long long)blockIdx.x * gridDim.y + blockIdx.y) * 2;
+        partial[at] = a;
+        partial[at + 1] = b;
+    }
+}
+
+// The two sums of channel c over all its shares.
+__device__ __forceinline__ void sum_shares(const double* partial, int c, int shares, double& a,
+                                           double& b) {
+    a = 0.0;
+    b = 0.0;
+    for (int s = 0; s < shares; ++s) {
+        a += partial[(c * shares + s) * 2];
+        b += partial[(c * shares + s) * 2 + 1];
+    }
+}
+
+// The sums of x and x² of a channel's share.
 template <typename T, int VEC>
 __device__ void stats(const T* x, int n, int c_count, int hw, double* partial) {
-    const int c = blockIdx.x, s = blockIdx.y, shares = gridDim.y;
-    const int n0 = (int)((long long)n * s / shares), n1 = (int)((long long)n * (s + 1) / shares);
-    const int hwv = hw / VEC;
-    const long long total = (long long)(n1 - n0) * hwv;
+    const Share sh = block_share(n, c_count, hw, VEC);
     double sum = 0.0, sq = 0.0;
-    for (long long k = threadIdx.x; k < total; k += blockDim.x) {
-        const long long row = n0 + k / hwv, j = k % hwv;
+    for (long long k = threadIdx.x; k < sh.groups; k += blockDim.x) {
         float v[VEC];
-        load<T, VEC>(x + (row * c_count + c) * hw + j * VEC, v);
+        load<T, VEC>(x + sh.at(k, VEC), v);
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
             sum += v[e];
             sq += (double)v[e] * v[e];
         }
     }
-    block_sum2(sum, sq);
-    if (threadIdx.x == 0) {
-        partial[(c * shares + s) * 2] = sum;
-        partial[(c * shares + s) * 2 + 1] = sq;
-    }
+    store_share(partial, sum, sq);
 }
 
-// Grid (C, S), as `stats`: block (c, s) sums g and g·x̂ of channel c, where g is dy masked
-// by y > 0 when `y` is given (the gradient through a ReLU whose output is y) and
-// x̂ = (x − mean)·inv_std.
+// The sums of g and g·x̂ of a channel's share, where g is dy masked by y > 0 when `y` is
+// given (the gradient through a ReLU whose output is y) and x̂ = (x − mean)·inv_std.
 template <typename T, int VEC>
 __device__ void grad_stats(const T* x, const T* dy, const T* y, const float* mean,
                            const float* inv_std, int n, int c_count, int hw, double* partial) {
-    const int c = blockIdx.x, s = blockIdx.y, shares = gridDim.y;
-    const int n0 = (int)((long long)n * s / shares), n1 = (int)((long long)n * (s + 1) / shares);
-    const int hwv = hw / VEC;
-    const long long total = (long long)(n1 - n0) * hwv;
-    const float m = mean[c], is = inv_std[c];
+    const Share sh = block_share(n, c_count, hw, VEC);
+    const float m = mean[sh.c], is = inv_std[sh.c];
     double sg = 0.0, sgx = 0.0;
-    for (long long k = threadIdx.x; k < total; k += blockDim.x) {
-        const long long at = ((n0 + k / hwv) * c_count + c) * hw + (k % hwv) * VEC;
+    for (long long k = threadIdx.x; k < sh.groups; k += blockDim.x) {
+        const long long at = sh.at(k, VEC);
         float xv[VEC], gv[VEC], yv[VEC];
         load<T, VEC>(x + at, xv);
         load<T, VEC>(dy + at, gv);
@@ -131,11 +150,7 @@ __device__ void grad_stats(const T* x, const T* dy, const T* y, const float* mea
             sgx += (double)g * ((xv[e] - m) * is);
         }
     }
-    block_sum2(sg, sgx);
-    if (threadIdx.x == 0) {
-        partial[(c * shares + s) * 2] = sg;
-        partial[(c * shares + s) * 2 + 1] = sgx;
-    }
+    store_share(partial, sg, sgx);
 }
 
 // y = BN(x) (+ residual) (then ReLU), elementwise; one thread per VEC values.
@@ -197,11 +212,8 @@ extern "C" __global__ void bn_stats_finish(const double* partial, int c_count, i
                                            float* mean, float* inv_std) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= c_count) return;
-    double sum = 0.0, sq = 0.0;
-    for (int s = 0; s < shares; ++s) {
-        sum += partial[(c * shares + s) * 2];
-        sq += partial[(c * shares + s) * 2 + 1];
-    }
+    double sum, sq;
+    sum_shares(partial, c, shares, sum, sq);
     const double mu = sum / count;
     double var = sq / count - mu * mu;
     if (var < 0.0) var = 0.0;
@@ -233,11 +245,8 @@ extern "C" __global__ void bn_grad_finish(const double* partial, int c_count, in
                                           float* db, float* coef) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= c_count) return;
-    double sg = 0.0, sgx = 0.0;
-    for (int s = 0; s < shares; ++s) {
-        sg += partial[(c * shares + s) * 2];
-        sgx += partial[(c * shares + s) * 2 + 1];
-    }
+    double sg, sgx;
+    sum_shares(partial, c, shares, sg, sgx);
     dw[c] = (float)(accumulate ? dw[c] + sgx : sgx);
     db[c] = (float)(accumulate ? db[c] + sg : sg);
     coef[2 * c] = fixed ? 0.f : (float)(sg / count);

@@ -9,18 +9,11 @@
 // Ties go to the first maximum in row-major window order and a NaN wins (PyTorch's rules);
 // padding never wins. T is float or __nv_bfloat16; comparisons are in float.
 
-#include <cuda_bf16.h>
 #include <stdint.h>
 
-namespace {
+#include "common.cuh"
 
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
-    return __float2bfloat16_rn(v);
-}
+namespace {
 
 // One thread per output value of planes [planes, h, w] -> [planes, oh, ow].
 template <typename T>

@@ -95,7 +95,7 @@ impl BnRange {
     }
     /// The kernel variant for `dtype`: 4 values per access when a channel's plane allows it.
     fn variant(&self, base: &'static str, dtype: DType) -> Result<&'static str> {
-        let vec4 = self.hw % 4 == 0;
+        let vec4 = self.vec() == 4;
         Ok(match (base, dtype, vec4) {
             ("stats", DType::F32, false) => "bn_stats_f32",
             ("stats", DType::F32, true) => "bn_stats_f32x4",
@@ -127,6 +127,19 @@ impl BnRange {
         } else {
             1
         }
+    }
+    /// One thread per channel (the `*_finish` and `bn_eval_stats` kernels).
+    fn per_channel(&self) -> LaunchConfig {
+        cfg(((self.c as u32).div_ceil(THREADS), 1), THREADS)
+    }
+    /// One block per channel and share of the rows (the reductions).
+    fn reduction(&self) -> LaunchConfig {
+        cfg((self.c as u32, self.shares() as u32), THREADS)
+    }
+    /// One thread per group of `vec()` values (the elementwise passes).
+    fn elementwise(&self) -> LaunchConfig {
+        let blocks = (self.total() / self.vec()).div_ceil(THREADS as usize);
+        cfg((blocks as u32, 1), THREADS)
     }
     fn check(&self) -> Result<()> {
         if self.count() < 2 {
@@ -175,7 +188,7 @@ pub fn bn_forward(
     (mean, inv_std): (u64, u64),
 ) -> Result<()> {
     let stream = dev.cuda_stream();
-    let (n, c, hw, shares) = (r.n as i32, r.c as i32, r.hw as i32, r.shares() as u32);
+    let (n, c, hw, shares) = (r.n as i32, r.c as i32, r.hw as i32, r.shares() as i32);
     if stats == Stats::Running {
         if running.0 == 0 || running.1 == 0 {
             bail!("BatchNorm in evaluation mode needs running statistics")
@@ -191,7 +204,7 @@ pub fn bn_forward(
                 .arg(&running.1)
                 .arg(&mean)
                 .arg(&inv_std)
-                .launch(cfg(((r.c as u32).div_ceil(THREADS), 1), THREADS))
+                .launch(r.per_channel())
         }
         .map_err(err)?;
         return apply(
@@ -216,12 +229,11 @@ pub fn bn_forward(
             .arg(&c)
             .arg(&hw)
             .arg(&pp)
-            .launch(cfg((r.c as u32, shares), THREADS))
+            .launch(r.reduction())
     }
     .map_err(err)?;
     let f = func(dev, "bn_stats_finish")?;
     let (count, eps, momentum) = (r.count() as f64, eps as f32, momentum as f32);
-    let shares = shares as i32;
     unsafe {
         stream
             .launch_builder(&f)
@@ -235,7 +247,7 @@ pub fn bn_forward(
             .arg(&running.1)
             .arg(&mean)
             .arg(&inv_std)
-            .launch(cfg(((r.c as u32).div_ceil(THREADS), 1), THREADS))
+            .launch(r.per_channel())
     }
     .map_err(err)?;
     apply(
@@ -264,7 +276,6 @@ fn apply(
     let f = func(dev, r.variant("apply", dtype)?)?;
     let total = r.total() as i64;
     let relu = relu as i32;
-    let blocks = (r.total() / r.vec()).div_ceil(THREADS as usize) as u32;
     unsafe {
         stream
             .launch_builder(&f)
@@ -279,7 +290,7 @@ fn apply(
             .arg(&c)
             .arg(&hw)
             .arg(&relu)
-            .launch(cfg((blocks, 1), THREADS))
+            .launch(r.elementwise())
     }
     .map_err(err)?;
     Ok(())
@@ -306,7 +317,7 @@ pub fn bn_backward(
     let mut coef = unsafe { dev.alloc::<f32>(2 * r.c) }?;
     let (pp, _gp) = partial.device_ptr_mut(&stream);
     let (pc, _gc) = coef.device_ptr_mut(&stream);
-    let (n, c, hw, shares) = (r.n as i32, r.c as i32, r.hw as i32, r.shares() as u32);
+    let (n, c, hw, shares) = (r.n as i32, r.c as i32, r.hw as i32, r.shares() as i32);
     let f = func(dev, r.variant("grad_stats", dtype)?)?;
     unsafe {
         stream
@@ -320,11 +331,11 @@ pub fn bn_backward(
             .arg(&c)
             .arg(&hw)
             .arg(&pp)
-            .launch(cfg((r.c as u32, shares), THREADS))
+            .launch(r.reduction())
     }
     .map_err(err)?;
     let f = func(dev, "bn_grad_finish")?;
-    let (count, shares, accumulate) = (r.count() as f64, shares as i32, accumulate as i32);
+    let (count, accumulate) = (r.count() as f64, accumulate as i32);
     let fixed = (stats == Stats::Running) as i32;
     unsafe {
         stream
@@ -338,12 +349,11 @@ pub fn bn_backward(
             .arg(&dw)
             .arg(&db)
             .arg(&pc)
-            .launch(cfg(((r.c as u32).div_ceil(THREADS), 1), THREADS))
+            .launch(r.per_channel())
     }
     .map_err(err)?;
     let f = func(dev, r.variant("grad_apply", dtype)?)?;
     let total = r.total() as i64;
-    let blocks = (r.total() / r.vec()).div_ceil(THREADS as usize) as u32;
     unsafe {
         stream
             .launch_builder(&f)
@@ -359,7 +369,7 @@ pub fn bn_backward(
             .arg(&total)
             .arg(&c)
             .arg(&hw)
-            .launch(cfg((blocks, 1), THREADS))
+            .launch(r.elementwise())
     }
     .map_err(err)?;
     Ok(())
