@@ -224,7 +224,8 @@ fn fused_trunk(net: &ResNet, x: &Tensor, mode: BnMode) -> Result<Option<Tensor>>
         return Ok(None);
     }
     if net.max_pool {
-        (h, w) = ((h - 1) / 2 + 1, (w - 1) / 2 + 1);
+        use simtrans_core::kernels::pool_out;
+        (h, w) = (pool_out(h), pool_out(w));
     }
     let mut units = Vec::new();
     for block in net.layers.iter().flatten() {

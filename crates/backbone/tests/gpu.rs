@@ -70,22 +70,26 @@ fn rel_err(gpu: &Tensor, cpu: &Tensor) -> f64 {
         .unwrap();
     let c = cpu.to_dtype(DType::F64).unwrap();
     assert_eq!(g.dims(), c.dims());
-    let diff = (&g - &c)
+    let max_abs = |t: &Tensor| {
+        t.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    max_abs(&(&g - &c).unwrap()) / max_abs(&c).max(1e-30)
+}
+
+/// `Σ y·u` in f32 whatever the dtype of `y` and `u`: a loss whose gradient with respect to `y`
+/// is `u`.
+fn weighted_sum(y: &Tensor, u: &Tensor) -> Tensor {
+    (y * u)
         .unwrap()
-        .abs()
+        .to_dtype(DType::F32)
         .unwrap()
-        .max_all()
+        .sum_all()
         .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    let scale = c
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    diff / scale.max(1e-30)
 }
 
 /// `(batch, in channels, out channels, height, width, kernel, stride, padding)`.
@@ -107,13 +111,7 @@ fn conv_case(dev: &Device, dtype: DType, geom: Geom) -> [f64; 3] {
         let wv = Var::from_tensor(&wt.to_device(dev).unwrap()).unwrap();
         let y = conv2d(xv.as_tensor(), wv.as_tensor(), p, s).unwrap();
         let ud = u.to_device(dev).unwrap().to_dtype(dtype).unwrap();
-        let loss = (&y * &ud)
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap()
-            .sum_all()
-            .unwrap();
-        let g = loss.backward().unwrap();
+        let g = weighted_sum(&y, &ud).backward().unwrap();
         (
             y,
             g.get(xv.as_tensor()).unwrap().clone(),
@@ -196,13 +194,7 @@ fn bn_case(dev: &Device, dtype: DType, dims: &[usize], mode: BnMode, relu: bool)
         .unwrap()
         .to_dtype(dtype)
         .unwrap();
-    let loss = (&y * &u)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap()
-        .sum_all()
-        .unwrap();
-    let g = loss.backward().unwrap();
+    let g = weighted_sum(&y, &u).backward().unwrap();
     let data = vm.data().lock().unwrap();
     vec![
         y,
@@ -276,19 +268,7 @@ fn fused_add_relu_and_max_pool_match_the_cpu() {
                 .to_dtype(dtype)
                 .unwrap();
             let u1 = u1.to_device(dev).unwrap().to_dtype(dtype).unwrap();
-            let loss = ((&y1 * &u1)
-                .unwrap()
-                .to_dtype(DType::F32)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                + (&y2 * &u2)
-                    .unwrap()
-                    .to_dtype(DType::F32)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap())
-            .unwrap();
+            let loss = (weighted_sum(&y1, &u1) + weighted_sum(&y2, &u2)).unwrap();
             let g = loss.backward().unwrap();
             let get = |v: &Var| g.get(v.as_tensor()).unwrap().clone();
             vec![y1.clone(), get(&av), get(&bv), y2.clone(), get(&xv)]
