@@ -33,12 +33,16 @@ fn init_logging(common: Option<&Common>) {
         .init();
 }
 
+/// The configured device, with the configured GPU precision set for the process.
+fn device_of(config: &simtrans_core::Config) -> Result<candle_core::Device> {
+    use simtrans_core::device::{self, Precision};
+    device::set_precision(Precision::parse(&config.run.precision)?);
+    Ok(device::parse(&config.run.device)?)
+}
+
 fn pipeline<'a>(common: &Common, runner: &'a RealStages) -> Result<Pipeline<'a>> {
     let config = common.resolve()?;
-    let device = simtrans_core::device::parse(&config.run.device)?;
-    simtrans_core::device::set_precision(simtrans_core::device::Precision::parse(
-        &config.run.precision,
-    )?);
+    let device = device_of(&config)?;
     let store = common.store()?;
     let cleaned = store.clean_temporaries()?;
     if cleaned > 0 {
@@ -103,10 +107,7 @@ fn run(cli: Cli) -> Result<()> {
 /// Throughput benchmarks: prints each figure and writes them to `runs/<name>/bench-<what>.json`.
 fn bench(what: &str, common: &Common) -> Result<()> {
     let config = common.resolve()?;
-    let device = simtrans_core::device::parse(&config.run.device)?;
-    simtrans_core::device::set_precision(simtrans_core::device::Precision::parse(
-        &config.run.precision,
-    )?);
+    let device = device_of(&config)?;
     let all = what == "all";
     let mut out = serde_json::Map::new();
     if all || what == "data" {
