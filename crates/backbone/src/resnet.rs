@@ -224,7 +224,7 @@ fn fused_trunk(net: &ResNet, x: &Tensor, mode: BnMode) -> Result<Option<Tensor>>
         return Ok(None);
     }
     if net.max_pool {
-        use simtrans_core::kernels::pool_out;
+        use simtrans_core::launch::pool_out;
         (h, w) = (pool_out(h), pool_out(w));
     }
     let mut units = Vec::new();

@@ -25,7 +25,7 @@
 //! tensors that stay on the device. The ops refuse the CPU; callers dispatch on the device.
 
 use crate::device::{precision, Precision};
-use crate::kernels;
+use crate::{kernels, launch};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda::{CudaDevice, CudaStorage, CudaStorageSlice};
 use candle_core::op::BackpropOp;
@@ -829,7 +829,7 @@ struct BnSpec {
     parts: Vec<(usize, usize, bool)>,
     eps: f64,
     momentum: f64,
-    stats: kernels::Stats,
+    stats: launch::Stats,
 }
 
 impl BnSpec {
@@ -846,7 +846,7 @@ impl BnSpec {
             parts,
             eps,
             momentum,
-            stats: kernels::Stats::Batch,
+            stats: launch::Stats::Batch,
         })
     }
 
@@ -857,7 +857,7 @@ impl BnSpec {
             parts: vec![(0, dims[0], true)],
             eps,
             momentum: 0.0,
-            stats: kernels::Stats::Running,
+            stats: launch::Stats::Running,
         }
     }
 
@@ -908,8 +908,8 @@ impl BnSpec {
                 let (pinv, _g2) = inv_std.device_ptr_mut(&stream);
                 let (pm, pv) = if update { running } else { (0, 0) };
                 if own {
-                    kernels::bn_forward(
-                        dev,
+                    launch::bn_forward(
+                        &kernels::Cuda(dev),
                         dtype,
                         self.range(rows),
                         (x + off, at(residual, off), y + off),
@@ -964,7 +964,7 @@ impl BnSpec {
     /// Whether our kernels run (else cuDNN's BatchNorm, training mode only).
     fn own(&self) -> Result<bool> {
         let own = kernels::own_batch_norm();
-        if !own && self.stats == kernels::Stats::Running {
+        if !own && self.stats == launch::Stats::Running {
             bail!(
                 "BatchNorm in evaluation mode runs on our kernels only (SIMTRANS_OWN_BN=0 is set)"
             )
@@ -973,9 +973,9 @@ impl BnSpec {
     }
 
     /// One range of `rows` rows as our kernels see it.
-    fn range(&self, rows: usize) -> kernels::BnRange {
+    fn range(&self, rows: usize) -> launch::BnRange {
         let [_, c, h, w] = self.dims;
-        kernels::BnRange {
+        launch::BnRange {
             n: rows,
             c,
             hw: h * w,
@@ -1029,8 +1029,8 @@ impl BnSpec {
             // The parameter gradients of the later ranges add to the first's.
             let add_params = i > 0 || accumulate_params;
             if own {
-                kernels::bn_backward(
-                    dev,
+                launch::bn_backward(
+                    &kernels::Cuda(dev),
                     dtype,
                     self.range(rows),
                     (x + off, dy + off, at(relu_out, off)),
@@ -1474,7 +1474,7 @@ pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     a.contiguous()?.apply_op2(&b.contiguous()?, AddRelu)
 }
 
-/// The stem's max-pooling as one op on our kernels ([`kernels::max_pool_forward`]); the
+/// The stem's max-pooling as one op on our kernels ([`launch::max_pool_forward`]); the
 /// forward keeps each output's winning window position for the backward.
 struct MaxPool {
     arg: Mutex<Option<Arc<CudaSlice<u8>>>>,
@@ -1497,7 +1497,7 @@ impl CustomOp1 for MaxPool {
         let dev = x.device().clone();
         let stream = dev.cuda_stream();
         let [b, c, h, w] = nchw(xl.dims())?;
-        let y_dims = [b, c, kernels::pool_out(h), kernels::pool_out(w)];
+        let y_dims = [b, c, launch::pool_out(h), launch::pool_out(w)];
         let n: usize = y_dims.iter().product();
         let mut y = alloc(&dev, x.dtype(), n)?;
         let mut arg = unsafe { dev.alloc::<u8>(n) }?;
@@ -1505,7 +1505,7 @@ impl CustomOp1 for MaxPool {
             let (px, _g1) = ptr(x, xl, &stream)?;
             let (py, _g2) = ptr_mut(&mut y, &stream)?;
             let (pa, _g3) = arg.device_ptr_mut(&stream);
-            kernels::max_pool_forward(&dev, x.dtype(), (px, py, pa), b * c, (h, w))?;
+            launch::max_pool_forward(&kernels::Cuda(&dev), x.dtype(), (px, py, pa), b * c, (h, w))?;
         }
         *self.arg.lock().expect("max-pool winners") = Some(Arc::new(arg));
         Ok((y, Shape::from(y_dims.to_vec())))
@@ -1538,7 +1538,13 @@ impl CustomOp1 for MaxPoolBackward {
             let (pdy, _g1) = ptr(dy, dyl, &stream)?;
             let (pa, _g2) = self.arg.device_ptr(&stream);
             let (pdx, _g3) = ptr_mut(&mut dx, &stream)?;
-            kernels::max_pool_backward(&dev, dy.dtype(), (pdy, pa, pdx), b * c, (h, w))?;
+            launch::max_pool_backward(
+                &kernels::Cuda(&dev),
+                dy.dtype(),
+                (pdy, pa, pdx),
+                b * c,
+                (h, w),
+            )?;
         }
         Ok((dx, Shape::from(self.x_dims.to_vec())))
     }

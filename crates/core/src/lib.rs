@@ -20,6 +20,7 @@ pub mod grad;
 pub mod hash;
 #[cfg(feature = "cuda")]
 pub mod kernels;
+pub mod launch;
 pub mod optim;
 pub mod progress;
 pub mod seed;

@@ -1,0 +1,425 @@
+//! The host side of this project's own CUDA kernels (`cuda/*.cu`): which kernel runs on which
+//! grid with which arguments, in which order.
+//!
+//! Why it is apart from [`crate::kernels`]: the sequences here are written against the
+//! [`Runner`] trait, not against a GPU, so that the CPU build can run them too. With
+//! `--features cuda`, `kernels::Cuda` runs them on the device; in tests, the emulator of
+//! `crates/cuda-emu` runs the same sequences and the same `.cu` sources on the CPU, so the
+//! kernels, their launch shapes and their argument lists are checked on every CI run, not only
+//! when a GPU is at hand.
+//!
+//! Addresses are `u64` (device addresses on a GPU, host addresses in the emulator) of
+//! contiguous tensors; 0 means "no tensor" where an argument is optional.
+
+use candle_core::{bail, DType, Result};
+
+/// One kernel argument, by the C type of the kernel's parameter.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Arg {
+    /// Any pointer (an address, 0 for null).
+    Ptr(u64),
+    /// `int`.
+    I32(i32),
+    /// `long long`.
+    I64(i64),
+    /// `float`.
+    F32(f32),
+    /// `double`.
+    F64(f64),
+}
+
+/// A launch's grid (x, y) and block size (x only; our kernels use one-dimensional blocks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Launch {
+    pub grid: (u32, u32),
+    pub block: u32,
+}
+
+/// The source file, and so the compiled module, a kernel lives in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Module {
+    /// `cuda/bn.cu`.
+    Bn,
+    /// `cuda/pool.cu`.
+    Pool,
+    /// `cuda/sgd.cu`.
+    Sgd,
+}
+
+/// Something that runs our kernels: the GPU (`kernels::Cuda`) or the CPU emulator.
+pub trait Runner {
+    /// A scratch buffer, freed when dropped (after the work queued on it, on a GPU).
+    type Buf;
+    /// `bytes` of uninitialised scratch memory, aligned for f64.
+    fn alloc(&self, bytes: usize) -> Result<Self::Buf>;
+    /// The address of a scratch buffer.
+    fn addr(&self, buf: &mut Self::Buf) -> u64;
+    /// Queues (or, in the emulator, runs) kernel `name` of `module`.
+    fn launch(&self, module: Module, name: &'static str, at: Launch, args: &[Arg]) -> Result<()>;
+}
+
+/// Threads per block of every launch here (a multiple of 32, as the block reductions need).
+pub const THREADS: u32 = 256;
+
+fn launch_of(grid: (u32, u32), block: u32) -> Launch {
+    Launch { grid, block }
+}
+
+/// One BatchNorm launch's view of a contiguous NCHW tensor: `n` rows of `c` channels of `hw`
+/// values (a split batch is one range per part, on offset addresses).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BnRange {
+    pub n: usize,
+    pub c: usize,
+    pub hw: usize,
+}
+
+impl BnRange {
+    /// Values per channel.
+    pub fn count(&self) -> usize {
+        self.n * self.hw
+    }
+    /// Values in the range.
+    pub fn total(&self) -> usize {
+        self.n * self.c * self.hw
+    }
+    /// The kernel variant of `base` for `dtype`: 4 values per access when a channel's plane
+    /// allows it.
+    pub fn variant(&self, base: &'static str, dtype: DType) -> Result<&'static str> {
+        let vec4 = self.vec() == 4;
+        Ok(match (base, dtype, vec4) {
+            ("stats", DType::F32, false) => "bn_stats_f32",
+            ("stats", DType::F32, true) => "bn_stats_f32x4",
+            ("stats", DType::BF16, false) => "bn_stats_bf16",
+            ("stats", DType::BF16, true) => "bn_stats_bf16x4",
+            ("apply", DType::F32, false) => "bn_apply_f32",
+            ("apply", DType::F32, true) => "bn_apply_f32x4",
+            ("apply", DType::BF16, false) => "bn_apply_bf16",
+            ("apply", DType::BF16, true) => "bn_apply_bf16x4",
+            ("grad_stats", DType::F32, false) => "bn_grad_stats_f32",
+            ("grad_stats", DType::F32, true) => "bn_grad_stats_f32x4",
+            ("grad_stats", DType::BF16, false) => "bn_grad_stats_bf16",
+            ("grad_stats", DType::BF16, true) => "bn_grad_stats_bf16x4",
+            ("grad_apply", DType::F32, false) => "bn_grad_apply_f32",
+            ("grad_apply", DType::F32, true) => "bn_grad_apply_f32x4",
+            ("grad_apply", DType::BF16, false) => "bn_grad_apply_bf16",
+            ("grad_apply", DType::BF16, true) => "bn_grad_apply_bf16x4",
+            (_, other, _) => bail!("our BatchNorm kernels take f32 or bf16, not {other:?}"),
+        })
+    }
+    /// Shares of the rows per channel in the reductions: enough blocks to fill a large GPU
+    /// (about 2048) without splitting below one row.
+    pub fn shares(&self) -> usize {
+        2048usize.div_ceil(self.c).clamp(1, self.n.max(1))
+    }
+    /// Values per memory access.
+    pub fn vec(&self) -> usize {
+        if self.hw % 4 == 0 {
+            4
+        } else {
+            1
+        }
+    }
+    /// One thread per channel (the `*_finish` and `bn_eval_stats` kernels).
+    pub fn per_channel(&self) -> Launch {
+        launch_of(((self.c as u32).div_ceil(THREADS), 1), THREADS)
+    }
+    /// One block per channel and share of the rows (the reductions).
+    pub fn reduction(&self) -> Launch {
+        launch_of((self.c as u32, self.shares() as u32), THREADS)
+    }
+    /// One thread per group of `vec()` values (the elementwise passes).
+    pub fn elementwise(&self) -> Launch {
+        let blocks = (self.total() / self.vec()).div_ceil(THREADS as usize);
+        launch_of((blocks as u32, 1), THREADS)
+    }
+    fn check(&self) -> Result<()> {
+        if self.count() < 2 {
+            bail!(
+                "BatchNorm in training mode needs more than one value per channel, got {} rows \
+                 of {} values",
+                self.n,
+                self.hw
+            )
+        }
+        if self.c > i32::MAX as usize || self.hw > i32::MAX as usize || self.n > i32::MAX as usize {
+            bail!("BatchNorm range {self:?} is too large for the kernels' indices")
+        }
+        Ok(())
+    }
+}
+
+/// Which statistics normalise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stats {
+    /// The batch's own (training mode); the running statistics, when given, move.
+    Batch,
+    /// The running statistics (evaluation mode); constants for the backward pass.
+    Running,
+}
+
+/// A scratch buffer for the grid `(c, shares)` partial sums of one reduction (two f64 each).
+fn partial_sums<R: Runner>(run: &R, r: &BnRange) -> Result<R::Buf> {
+    run.alloc(r.c * r.shares() * 2 * std::mem::size_of::<f64>())
+}
+
+/// `y = [relu](BN(x) + residual)` of one range, with the statistics used written to
+/// `mean`/`inv_std` (f32 `[c]`, kept for the backward) and, in [`Stats::Batch`] mode when
+/// `running` is not `(0, 0)`, the running statistics moved in place (PyTorch's rule: the
+/// unbiased variance, weight `momentum`). `residual` 0 means none. `w`, `b` are f32 `[c]`.
+#[allow(clippy::too_many_arguments)]
+pub fn bn_forward<R: Runner>(
+    run: &R,
+    dtype: DType,
+    r: BnRange,
+    (x, residual, y): (u64, u64, u64),
+    (w, b): (u64, u64),
+    running: (u64, u64),
+    (eps, momentum): (f64, f64),
+    relu: bool,
+    stats: Stats,
+    (mean, inv_std): (u64, u64),
+) -> Result<()> {
+    let (n, c, hw) = (r.n as i32, r.c as i32, r.hw as i32);
+    let eps32 = eps as f32;
+    if stats == Stats::Running {
+        if running.0 == 0 || running.1 == 0 {
+            bail!("BatchNorm in evaluation mode needs running statistics")
+        }
+        run.launch(
+            Module::Bn,
+            "bn_eval_stats",
+            r.per_channel(),
+            &[
+                Arg::I32(c),
+                Arg::F32(eps32),
+                Arg::Ptr(running.0),
+                Arg::Ptr(running.1),
+                Arg::Ptr(mean),
+                Arg::Ptr(inv_std),
+            ],
+        )?;
+    } else {
+        r.check()?;
+        let mut partial = partial_sums(run, &r)?;
+        let pp = run.addr(&mut partial);
+        run.launch(
+            Module::Bn,
+            r.variant("stats", dtype)?,
+            r.reduction(),
+            &[
+                Arg::Ptr(x),
+                Arg::I32(n),
+                Arg::I32(c),
+                Arg::I32(hw),
+                Arg::Ptr(pp),
+            ],
+        )?;
+        run.launch(
+            Module::Bn,
+            "bn_stats_finish",
+            r.per_channel(),
+            &[
+                Arg::Ptr(pp),
+                Arg::I32(c),
+                Arg::I32(r.shares() as i32),
+                Arg::F64(r.count() as f64),
+                Arg::F32(eps32),
+                Arg::F32(momentum as f32),
+                Arg::Ptr(running.0),
+                Arg::Ptr(running.1),
+                Arg::Ptr(mean),
+                Arg::Ptr(inv_std),
+            ],
+        )?;
+    }
+    run.launch(
+        Module::Bn,
+        r.variant("apply", dtype)?,
+        r.elementwise(),
+        &[
+            Arg::Ptr(x),
+            Arg::Ptr(residual),
+            Arg::Ptr(y),
+            Arg::Ptr(mean),
+            Arg::Ptr(inv_std),
+            Arg::Ptr(w),
+            Arg::Ptr(b),
+            Arg::I64(r.total() as i64),
+            Arg::I32(c),
+            Arg::I32(hw),
+            Arg::I32(relu as i32),
+        ],
+    )
+}
+
+/// The backward of [`bn_forward`] for one range (`stats` as there): `dx` from `x`, the output
+/// gradient `dy` (taken through the ReLU whose output is `y`, unless `y` is 0) and the saved
+/// statistics; the parameter gradients are written to `dw`/`db` (added when `accumulate`),
+/// and the gradient at the sum (the residual's) to `dres` unless it is 0.
+#[allow(clippy::too_many_arguments)]
+pub fn bn_backward<R: Runner>(
+    run: &R,
+    dtype: DType,
+    r: BnRange,
+    (x, dy, y): (u64, u64, u64),
+    (mean, inv_std): (u64, u64),
+    (w, dw, db): (u64, u64, u64),
+    accumulate: bool,
+    stats: Stats,
+    (dx, dres): (u64, u64),
+) -> Result<()> {
+    let mut partial = partial_sums(run, &r)?;
+    let mut coef = run.alloc(2 * r.c * std::mem::size_of::<f32>())?;
+    let (pp, pc) = (run.addr(&mut partial), run.addr(&mut coef));
+    let (n, c, hw) = (r.n as i32, r.c as i32, r.hw as i32);
+    run.launch(
+        Module::Bn,
+        r.variant("grad_stats", dtype)?,
+        r.reduction(),
+        &[
+            Arg::Ptr(x),
+            Arg::Ptr(dy),
+            Arg::Ptr(y),
+            Arg::Ptr(mean),
+            Arg::Ptr(inv_std),
+            Arg::I32(n),
+            Arg::I32(c),
+            Arg::I32(hw),
+            Arg::Ptr(pp),
+        ],
+    )?;
+    run.launch(
+        Module::Bn,
+        "bn_grad_finish",
+        r.per_channel(),
+        &[
+            Arg::Ptr(pp),
+            Arg::I32(c),
+            Arg::I32(r.shares() as i32),
+            Arg::F64(r.count() as f64),
+            Arg::I32(accumulate as i32),
+            Arg::I32((stats == Stats::Running) as i32),
+            Arg::Ptr(dw),
+            Arg::Ptr(db),
+            Arg::Ptr(pc),
+        ],
+    )?;
+    run.launch(
+        Module::Bn,
+        r.variant("grad_apply", dtype)?,
+        r.elementwise(),
+        &[
+            Arg::Ptr(x),
+            Arg::Ptr(dy),
+            Arg::Ptr(y),
+            Arg::Ptr(mean),
+            Arg::Ptr(inv_std),
+            Arg::Ptr(w),
+            Arg::Ptr(pc),
+            Arg::Ptr(dx),
+            Arg::Ptr(dres),
+            Arg::I64(r.total() as i64),
+            Arg::I32(c),
+            Arg::I32(hw),
+        ],
+    )
+}
+
+/// PyTorch's SGD step on `n` f32 values in place, in one pass (`cuda/sgd.cu`): `d = g + λ·p`;
+/// with momentum μ, `buf ← μ·buf + d` (`buf ← d` when `fresh`) and `d = buf`; then
+/// `p ← p − lr·d`. `buf` is 0 without momentum.
+pub fn sgd_step<R: Runner>(
+    run: &R,
+    (p, g, buf): (u64, u64, u64),
+    n: usize,
+    (lr, momentum, weight_decay): (f64, f64, f64),
+    fresh: bool,
+) -> Result<()> {
+    let blocks = n.div_ceil(THREADS as usize).clamp(1, 4096) as u32;
+    run.launch(
+        Module::Sgd,
+        "sgd_step",
+        launch_of((blocks, 1), THREADS),
+        &[
+            Arg::Ptr(p),
+            Arg::Ptr(g),
+            Arg::Ptr(buf),
+            Arg::I64(n as i64),
+            Arg::F32(lr as f32),
+            Arg::F32(momentum as f32),
+            Arg::F32(weight_decay as f32),
+            Arg::I32(fresh as i32),
+        ],
+    )
+}
+
+/// The output side of the stem's 3×3 / stride 2 / padding 1 max-pooling.
+pub fn pool_out(side: usize) -> usize {
+    (side - 1) / 2 + 1
+}
+
+fn pool_kernel(dtype: DType, pass: &str) -> Result<&'static str> {
+    Ok(match (pass, dtype) {
+        ("fwd", DType::F32) => "max_pool_fwd_f32",
+        ("fwd", DType::BF16) => "max_pool_fwd_bf16",
+        ("bwd", DType::F32) => "max_pool_bwd_f32",
+        ("bwd", DType::BF16) => "max_pool_bwd_bf16",
+        (_, other) => bail!("our max-pooling kernels take f32 or bf16, not {other:?}"),
+    })
+}
+
+/// One launch over `count` threads of a max-pooling kernel on `planes` planes of `h × w`.
+fn pool_launch<R: Runner>(
+    run: &R,
+    name: &'static str,
+    (a, b, c): (u64, u64, u64),
+    planes: usize,
+    (h, w): (usize, usize),
+    count: usize,
+) -> Result<()> {
+    let blocks = count.div_ceil(THREADS as usize) as u32;
+    run.launch(
+        Module::Pool,
+        name,
+        launch_of((blocks, 1), THREADS),
+        &[
+            Arg::Ptr(a),
+            Arg::Ptr(b),
+            Arg::Ptr(c),
+            Arg::I64(planes as i64),
+            Arg::I32(h as i32),
+            Arg::I32(w as i32),
+            Arg::I32(pool_out(h) as i32),
+            Arg::I32(pool_out(w) as i32),
+        ],
+    )
+}
+
+/// Max-pooling (3×3, stride 2, padding 1) of `planes` contiguous `h × w` planes at `x` into
+/// `y`, with the winning window position of each output (one byte, 0–8 in row-major window
+/// order) at `arg`.
+pub fn max_pool_forward<R: Runner>(
+    run: &R,
+    dtype: DType,
+    (x, y, arg): (u64, u64, u64),
+    planes: usize,
+    (h, w): (usize, usize),
+) -> Result<()> {
+    let name = pool_kernel(dtype, "fwd")?;
+    let count = planes * pool_out(h) * pool_out(w);
+    pool_launch(run, name, (x, y, arg), planes, (h, w), count)
+}
+
+/// The backward of [`max_pool_forward`]: `dx` (the input's shape) from the output gradient
+/// `dy` and the recorded winners `arg`.
+pub fn max_pool_backward<R: Runner>(
+    run: &R,
+    dtype: DType,
+    (dy, arg, dx): (u64, u64, u64),
+    planes: usize,
+    (h, w): (usize, usize),
+) -> Result<()> {
+    let name = pool_kernel(dtype, "bwd")?;
+    pool_launch(run, name, (dy, arg, dx), planes, (h, w), planes * h * w)
+}

@@ -1,0 +1,58 @@
+// CPU stand-ins for the CUDA built-ins that cuda/*.cu use, so that emu.cpp can compile those
+// files unchanged as C++.
+//
+// A block's threads are fibers on one OS thread (emu.cpp schedules them); `__syncthreads` and
+// each half of a warp shuffle are points where a fiber yields. The scheduler checks that the
+// whole block (or the whole warp) reaches each such point together, so a kernel that would
+// deadlock or race on a GPU fails here with a message instead. Blocks run one after another,
+// which makes `__shared__` variables plain statics.
+
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+using std::sqrt;
+
+struct dim3 {
+    unsigned x = 1, y = 1, z = 1;
+};
+
+extern dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __shared__ static
+#define __restrict__
+
+namespace emu {
+enum class Sync { None, Block, Warp };
+// Suspends the calling fiber at a synchronisation point of kind `s`.
+void yield(Sync s);
+// The 32 exchange slots of the calling thread's warp.
+uint64_t* warp_slots();
+// Ends the launch with `why` as its error; the calling fiber never resumes.
+[[noreturn]] void fail(const char* why);
+}  // namespace emu
+
+inline void __syncthreads() { emu::yield(emu::Sync::Block); }
+
+template <typename T> T __shfl_down_sync(unsigned mask, T v, int delta) {
+    static_assert(sizeof(T) <= sizeof(uint64_t), "shuffles move at most 8 bytes");
+    if (mask != 0xffffffffu) emu::fail("the emulator only knows full-warp shuffles");
+    const unsigned lane = threadIdx.x & 31u;
+    uint64_t* slots = emu::warp_slots();
+    std::memcpy(&slots[lane], &v, sizeof(T));
+    emu::yield(emu::Sync::Warp);
+    T r = v;
+    if (lane + delta < 32u) std::memcpy(&r, &slots[lane + delta], sizeof(T));
+    emu::yield(emu::Sync::Warp);
+    return r;
+}
+
+// Single-rounding arithmetic: the emulator is compiled without contraction, so these are the
+// plain operations.
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fmul_rn(float a, float b) { return a * b; }

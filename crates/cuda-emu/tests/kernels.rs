@@ -1,0 +1,618 @@
+//! Our CUDA kernels, launched by the host code the GPU runs (`simtrans_core::launch`), on the
+//! CPU emulator, against references computed here in f64: BatchNorm forward and backward
+//! (batch and running statistics, with and without ReLU and residual, both vector widths,
+//! f32 and bf16), the stem's max-pooling with its ties and NaN, and the SGD update bit for bit
+//! against the CPU optimiser.
+
+use candle_core::{DType, Device, Tensor, Var};
+use half::bf16;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use simtrans_core::launch::{self, BnRange, Stats};
+use simtrans_cuda_emu::Emu;
+
+type R = anyhow::Result<()>;
+
+fn randn(rng: &mut ChaCha8Rng, n: usize, scale: f64, shift: f64) -> Vec<f64> {
+    (0..n)
+        .map(|_| shift + scale * (rng.random::<f64>() * 2.0 - 1.0))
+        .collect()
+}
+
+/// Data in one of the kernels' dtypes: the values as the kernel sees them (rounded) and a way
+/// to upload and read back.
+#[derive(Clone, Copy, Debug)]
+enum Ty {
+    F32,
+    Bf16,
+}
+
+impl Ty {
+    fn dtype(self) -> DType {
+        match self {
+            Ty::F32 => DType::F32,
+            Ty::Bf16 => DType::BF16,
+        }
+    }
+    fn round(self, v: &[f64]) -> Vec<f64> {
+        match self {
+            Ty::F32 => v.iter().map(|&x| x as f32 as f64).collect(),
+            Ty::Bf16 => v.iter().map(|&x| bf16::from_f64(x).to_f64()).collect(),
+        }
+    }
+    fn upload(self, emu: &Emu, v: &[f64]) -> u64 {
+        match self {
+            Ty::F32 => emu.upload(&v.iter().map(|&x| x as f32).collect::<Vec<_>>()),
+            Ty::Bf16 => emu.upload(&v.iter().map(|&x| bf16::from_f64(x)).collect::<Vec<_>>()),
+        }
+    }
+    fn alloc(self, emu: &Emu, n: usize) -> u64 {
+        match self {
+            Ty::F32 => emu.alloc_of::<f32>(n),
+            Ty::Bf16 => emu.alloc_of::<bf16>(n),
+        }
+    }
+    fn download(self, emu: &Emu, at: u64, n: usize) -> anyhow::Result<Vec<f64>> {
+        Ok(match self {
+            Ty::F32 => emu
+                .download::<f32>(at, n)?
+                .iter()
+                .map(|&x| x as f64)
+                .collect(),
+            Ty::Bf16 => emu
+                .download::<bf16>(at, n)?
+                .iter()
+                .map(|x| x.to_f64())
+                .collect(),
+        })
+    }
+    /// The relative error the issue allows (of the largest magnitude): 1e-5 in f32, 1e-2 in
+    /// bf16 (whose outputs round to 8 bits).
+    fn tol(self) -> f64 {
+        match self {
+            Ty::F32 => 1e-5,
+            Ty::Bf16 => 1e-2,
+        }
+    }
+}
+
+fn f32s(emu: &Emu, v: &[f64]) -> u64 {
+    emu.upload(&v.iter().map(|&x| x as f32).collect::<Vec<_>>())
+}
+
+fn read_f32(emu: &Emu, at: u64, n: usize) -> anyhow::Result<Vec<f64>> {
+    Ok(emu
+        .download::<f32>(at, n)?
+        .iter()
+        .map(|&x| x as f64)
+        .collect())
+}
+
+/// Max |got − want| over max |want| (at least 1e-3 in the denominator).
+fn rel_err(got: &[f64], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(1e-3f64, |m, v| m.max(v.abs()));
+    let diff = got
+        .iter()
+        .zip(want)
+        .fold(0f64, |m, (g, w)| m.max((g - w).abs()));
+    if got.iter().any(|v| v.is_nan()) {
+        f64::INFINITY
+    } else {
+        diff / scale
+    }
+}
+
+fn check(what: &str, got: &[f64], want: &[f64], tol: f64) {
+    let e = rel_err(got, want);
+    assert!(e <= tol, "{what}: relative error {e:.3e} > {tol:.0e}");
+}
+
+/// One BatchNorm case: a range of n rows × c channels × hw values.
+#[derive(Clone, Copy, Debug)]
+struct Case {
+    r: BnRange,
+    ty: Ty,
+    relu: bool,
+    residual: bool,
+    stats: Stats,
+}
+
+/// The per-channel mean and biased variance of x (as [n, c, hw]).
+fn moments(x: &[f64], r: BnRange) -> (Vec<f64>, Vec<f64>) {
+    let cnt = r.count() as f64;
+    let mut mean = vec![0.0; r.c];
+    let mut var = vec![0.0; r.c];
+    for (i, v) in x.iter().enumerate() {
+        mean[(i / r.hw) % r.c] += v / cnt;
+    }
+    for (i, v) in x.iter().enumerate() {
+        let c = (i / r.hw) % r.c;
+        var[c] += (v - mean[c]).powi(2) / cnt;
+    }
+    (mean, var)
+}
+
+/// Runs forward and backward of a case on the emulator and checks every output.
+fn bn_case(seed: u64, case: Case) -> R {
+    let Case {
+        r,
+        ty,
+        relu,
+        residual,
+        stats,
+    } = case;
+    let what = format!("{case:?}");
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let (n, c) = (r.total(), r.c);
+    let (eps, momentum) = (1e-5, 0.1);
+    // Inputs well off zero mean, as activations are: the variance must not cancel.
+    let x = ty.round(&randn(&mut rng, n, 2.0, 3.0));
+    let res = ty.round(&randn(&mut rng, n, 1.0, 0.0));
+    let dy = ty.round(&randn(&mut rng, n, 1.0, 0.0));
+    let w = randn(&mut rng, c, 0.5, 1.0);
+    let b = randn(&mut rng, c, 0.5, 0.0);
+    let rm = randn(&mut rng, c, 1.0, 2.0);
+    let rv = randn(&mut rng, c, 0.5, 3.0);
+    let round32 = |v: &[f64]| v.iter().map(|&x| x as f32 as f64).collect::<Vec<_>>();
+    let (w, b, rm, rv) = (round32(&w), round32(&b), round32(&rm), round32(&rv));
+
+    let emu = Emu::new();
+    let (px, pdy) = (ty.upload(&emu, &x), ty.upload(&emu, &dy));
+    let pres = if residual { ty.upload(&emu, &res) } else { 0 };
+    let (py, pdx) = (ty.alloc(&emu, n), ty.alloc(&emu, n));
+    let pdres = if residual { ty.alloc(&emu, n) } else { 0 };
+    let (pw, pb) = (f32s(&emu, &w), f32s(&emu, &b));
+    let (prm, prv) = (f32s(&emu, &rm), f32s(&emu, &rv));
+    let (pmean, pinv) = (emu.alloc_of::<f32>(c), emu.alloc_of::<f32>(c));
+    // Parameter gradients accumulate onto what is there.
+    let (dw0, db0) = (randn(&mut rng, c, 1.0, 0.0), randn(&mut rng, c, 1.0, 0.0));
+    let (dw0, db0) = (round32(&dw0), round32(&db0));
+    let (pdw, pdb) = (f32s(&emu, &dw0), f32s(&emu, &db0));
+    launch::bn_forward(
+        &emu,
+        ty.dtype(),
+        r,
+        (px, pres, py),
+        (pw, pb),
+        (prm, prv),
+        (eps, momentum),
+        relu,
+        stats,
+        (pmean, pinv),
+    )?;
+    // The statistics the kernels should have used, and the running statistics after.
+    let (mean, inv, rm_after, rv_after) = match stats {
+        Stats::Batch => {
+            let (m, v) = moments(&x, r);
+            let cnt = r.count() as f64;
+            let inv: Vec<f64> = v.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+            let rm2 = (0..c)
+                .map(|k| (1.0 - momentum) * rm[k] + momentum * m[k])
+                .collect::<Vec<_>>();
+            let rv2 = (0..c)
+                .map(|k| (1.0 - momentum) * rv[k] + momentum * v[k] * cnt / (cnt - 1.0))
+                .collect::<Vec<_>>();
+            (m, inv, rm2, rv2)
+        }
+        Stats::Running => {
+            let inv = rv.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+            (rm.clone(), inv, rm.clone(), rv.clone())
+        }
+    };
+    check(
+        &format!("{what} mean"),
+        &read_f32(&emu, pmean, c)?,
+        &mean,
+        1e-6,
+    );
+    check(
+        &format!("{what} inv_std"),
+        &read_f32(&emu, pinv, c)?,
+        &inv,
+        1e-6,
+    );
+    check(
+        &format!("{what} running mean"),
+        &read_f32(&emu, prm, c)?,
+        &rm_after,
+        1e-6,
+    );
+    check(
+        &format!("{what} running var"),
+        &read_f32(&emu, prv, c)?,
+        &rv_after,
+        1e-6,
+    );
+    let ch = |i: usize| (i / r.hw) % r.c;
+    let xhat: Vec<f64> = (0..n).map(|i| (x[i] - mean[ch(i)]) * inv[ch(i)]).collect();
+    let y_want: Vec<f64> = (0..n)
+        .map(|i| {
+            let o = xhat[i] * w[ch(i)] + b[ch(i)] + if residual { res[i] } else { 0.0 };
+            if relu {
+                o.max(0.0)
+            } else {
+                o
+            }
+        })
+        .collect();
+    let y = ty.download(&emu, py, n)?;
+    check(&format!("{what} y"), &y, &y_want, ty.tol());
+
+    // Backward, through the ReLU by the output the forward wrote (as the GPU path does).
+    let py_mask = if relu { py } else { 0 };
+    launch::bn_backward(
+        &emu,
+        ty.dtype(),
+        r,
+        (px, pdy, py_mask),
+        (pmean, pinv),
+        (pw, pdw, pdb),
+        true,
+        stats,
+        (pdx, pdres),
+    )?;
+    let g: Vec<f64> = (0..n)
+        .map(|i| {
+            if relu && (y[i] <= 0.0 || y[i].is_nan()) {
+                0.0
+            } else {
+                dy[i]
+            }
+        })
+        .collect();
+    let cnt = r.count() as f64;
+    let (mut sg, mut sgx) = (vec![0.0; c], vec![0.0; c]);
+    for i in 0..n {
+        sg[ch(i)] += g[i];
+        sgx[ch(i)] += g[i] * xhat[i];
+    }
+    let dx_want: Vec<f64> = (0..n)
+        .map(|i| {
+            let k = ch(i);
+            let centred = match stats {
+                Stats::Batch => g[i] - sg[k] / cnt - xhat[i] * sgx[k] / cnt,
+                Stats::Running => g[i],
+            };
+            w[k] * inv[k] * centred
+        })
+        .collect();
+    check(
+        &format!("{what} dx"),
+        &ty.download(&emu, pdx, n)?,
+        &dx_want,
+        ty.tol(),
+    );
+    let dw_want: Vec<f64> = (0..c).map(|k| dw0[k] + sgx[k]).collect();
+    let db_want: Vec<f64> = (0..c).map(|k| db0[k] + sg[k]).collect();
+    // Sums of up to a few thousand products: f32 storage of the result bounds the accuracy.
+    check(
+        &format!("{what} dw"),
+        &read_f32(&emu, pdw, c)?,
+        &dw_want,
+        1e-5,
+    );
+    check(
+        &format!("{what} db"),
+        &read_f32(&emu, pdb, c)?,
+        &db_want,
+        1e-5,
+    );
+    if residual {
+        check(
+            &format!("{what} dres"),
+            &ty.download(&emu, pdres, n)?,
+            &g,
+            ty.tol(),
+        );
+    }
+    Ok(())
+}
+
+fn range(n: usize, c: usize, hw: usize) -> BnRange {
+    BnRange { n, c, hw }
+}
+
+#[test]
+fn batch_norm_matches_f64_in_every_variant() -> R {
+    let ranges = [
+        // 4 values per access, several shares per channel.
+        range(6, 3, 36),
+        // One value per access (hw % 4 != 0).
+        range(3, 5, 7),
+        // [B, C] (hw = 1), the SimNet head's shape.
+        range(10, 6, 1),
+        // More groups per row than a block has threads.
+        range(2, 2, 1600),
+    ];
+    let mut seed = 0;
+    for r in ranges {
+        for ty in [Ty::F32, Ty::Bf16] {
+            for stats in [Stats::Batch, Stats::Running] {
+                for (relu, residual) in [(false, false), (true, false), (true, true)] {
+                    seed += 1;
+                    bn_case(
+                        seed,
+                        Case {
+                            r,
+                            ty,
+                            relu,
+                            residual,
+                            stats,
+                        },
+                    )?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn batch_norm_launches_have_the_planned_shapes() -> R {
+    // The reductions take one block per (channel, share of the rows); the elementwise passes
+    // one thread per 4 values when a plane allows it.
+    let r = range(6, 3, 36);
+    assert_eq!(r.shares(), 6);
+    assert_eq!(r.vec(), 4);
+    let emu = Emu::new();
+    let n = r.total();
+    let x = emu.upload(&vec![1.5f32; n]);
+    let y = emu.alloc_of::<f32>(n);
+    let (w, b) = (emu.upload(&[1f32; 3]), emu.upload(&[0f32; 3]));
+    let (m, i) = (emu.alloc_of::<f32>(3), emu.alloc_of::<f32>(3));
+    launch::bn_forward(
+        &emu,
+        DType::F32,
+        r,
+        (x, 0, y),
+        (w, b),
+        (0, 0),
+        (1e-5, 0.1),
+        false,
+        Stats::Batch,
+        (m, i),
+    )?;
+    let names: Vec<_> = emu.launches().iter().map(|(n, l)| (*n, l.grid)).collect();
+    assert_eq!(
+        names,
+        [
+            ("bn_stats_f32x4", (3, 6)),
+            ("bn_stats_finish", (1, 1)),
+            ("bn_apply_f32x4", ((n / 4).div_ceil(256) as u32, 1)),
+        ]
+    );
+    // A constant channel normalises to zero (the variance is exactly 0, not negative).
+    assert!(emu.download::<f32>(y, n)?.iter().all(|&v| v == 0.0));
+    Ok(())
+}
+
+#[test]
+fn batch_norm_refuses_a_single_value_per_channel() {
+    let emu = Emu::new();
+    let x = emu.upload(&[1f32, 2.0]);
+    let err = launch::bn_forward(
+        &emu,
+        DType::F32,
+        range(1, 2, 1),
+        (x, 0, x),
+        (x, x),
+        (0, 0),
+        (1e-5, 0.1),
+        false,
+        Stats::Batch,
+        (x, x),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("more than one value"), "{err}");
+    assert!(emu.launches().is_empty());
+}
+
+/// PyTorch's 3×3 / stride 2 / padding 1 max-pooling of one plane, with the winning window
+/// position: the first maximum in row-major order, and a NaN wins.
+fn pool_ref(x: &[f64], h: usize, w: usize) -> (Vec<f64>, Vec<usize>) {
+    let (oh, ow) = (launch::pool_out(h), launch::pool_out(w));
+    let mut y = Vec::new();
+    let mut arg = Vec::new();
+    for oy in 0..oh {
+        for ox in 0..ow {
+            let mut best: Option<(f64, usize)> = None;
+            for ky in 0..3 {
+                for kx in 0..3 {
+                    let (iy, ix) = ((2 * oy + ky) as isize - 1, (2 * ox + kx) as isize - 1);
+                    if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                        continue;
+                    }
+                    let v = x[iy as usize * w + ix as usize];
+                    let better = match best {
+                        None => true,
+                        Some((b, _)) => v > b || (v.is_nan() && !b.is_nan()),
+                    };
+                    if better {
+                        best = Some((v, ky * 3 + kx));
+                    }
+                }
+            }
+            let (v, k) = best.expect("every window holds an input");
+            y.push(v);
+            arg.push(k);
+        }
+    }
+    (y, arg)
+}
+
+#[test]
+fn max_pool_matches_the_reference_with_ties_and_nan() -> R {
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    for ty in [Ty::F32, Ty::Bf16] {
+        for (h, w) in [(7, 9), (8, 8), (1, 3)] {
+            let planes = 3;
+            let per = h * w;
+            // Few distinct values, so ties are common; one NaN in the first plane.
+            let mut x: Vec<f64> = (0..planes * per)
+                .map(|_| rng.random_range(-2i32..3) as f64)
+                .collect();
+            x[per / 2] = f64::NAN;
+            let x = ty.round(&x);
+            let (oh, ow) = (launch::pool_out(h), launch::pool_out(w));
+            let outs = planes * oh * ow;
+            let emu = Emu::new();
+            let px = ty.upload(&emu, &x);
+            let py = ty.alloc(&emu, outs);
+            let parg = emu.alloc_of::<u8>(outs);
+            launch::max_pool_forward(&emu, ty.dtype(), (px, py, parg), planes, (h, w))?;
+            let y = ty.download(&emu, py, outs)?;
+            let arg = emu.download::<u8>(parg, outs)?;
+            let dy = ty.round(&randn(&mut rng, outs, 1.0, 0.0));
+            let mut dx_want = vec![0.0; planes * per];
+            for p in 0..planes {
+                let (yr, ar) = pool_ref(&x[p * per..(p + 1) * per], h, w);
+                for k in 0..oh * ow {
+                    let o = p * oh * ow + k;
+                    let same = y[o] == yr[k] || (y[o].is_nan() && yr[k].is_nan());
+                    assert!(
+                        same,
+                        "{ty:?} {h}x{w}: output {o} is {}, want {}",
+                        y[o], yr[k]
+                    );
+                    assert_eq!(
+                        arg[o] as usize, ar[k],
+                        "{ty:?} {h}x{w}: winner of output {o}"
+                    );
+                    let (oy, ox) = (k / ow, k % ow);
+                    let (iy, ix) = (2 * oy + ar[k] / 3 - 1, 2 * ox + ar[k] % 3 - 1);
+                    dx_want[p * per + iy * w + ix] += dy[o];
+                }
+            }
+            let (pdy, pdx) = (ty.upload(&emu, &dy), ty.alloc(&emu, planes * per));
+            launch::max_pool_backward(&emu, ty.dtype(), (pdy, parg, pdx), planes, (h, w))?;
+            let dx = ty.download(&emu, pdx, planes * per)?;
+            check(
+                &format!("{ty:?} {h}x{w} dx"),
+                &dx,
+                &ty.round(&dx_want),
+                ty.tol(),
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn sgd_step_is_bit_identical_to_the_cpu_optimiser() -> R {
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let n = 1000;
+    let p0: Vec<f32> = randn(&mut rng, n, 1.0, 0.0)
+        .iter()
+        .map(|&v| v as f32)
+        .collect();
+    let c: Vec<f32> = randn(&mut rng, n, 1.0, 0.0)
+        .iter()
+        .map(|&v| v as f32)
+        .collect();
+    let (lr, mu, wd) = (0.05, 0.9, 5e-4);
+    // The CPU optimiser, three steps of loss = Σ p·c (gradient c).
+    let var = Var::new(p0.as_slice(), &Device::Cpu)?;
+    let ct = Tensor::new(c.as_slice(), &Device::Cpu)?;
+    let mut opt = simtrans_core::optim::Sgd::new(vec![("p".into(), var.clone())], lr, mu, wd);
+    // The same on the emulator: the first step makes the momentum buffer.
+    let emu = Emu::new();
+    let (pp, pg, pbuf) = (emu.upload(&p0), emu.upload(&c), emu.alloc_of::<f32>(n));
+    for step in 0..3 {
+        let loss = (var.as_tensor() * &ct)?.sum_all()?;
+        opt.step(&loss.backward()?)?;
+        launch::sgd_step(&emu, (pp, pg, pbuf), n, (lr, mu, wd), step == 0)?;
+        let want = var.as_tensor().to_vec1::<f32>()?;
+        let got = emu.download::<f32>(pp, n)?;
+        let differ = (0..n)
+            .filter(|&i| got[i].to_bits() != want[i].to_bits())
+            .count();
+        assert_eq!(differ, 0, "step {step}: {differ} of {n} values differ");
+    }
+    // Without momentum there is no buffer.
+    let (pp, pg) = (emu.upload(&p0), emu.upload(&c));
+    launch::sgd_step(&emu, (pp, pg, 0), n, (lr, 0.0, wd), false)?;
+    let got = emu.download::<f32>(pp, n)?;
+    let want: Vec<f32> = (0..n)
+        .map(|i| p0[i] - (c[i] + p0[i] * wd as f32) * lr as f32)
+        .collect();
+    assert_eq!(got, want);
+    Ok(())
+}
+
+#[test]
+fn launches_with_wrong_arguments_fail_with_a_message() {
+    use simtrans_core::launch::{Arg, Launch, Module, Runner};
+    let emu = Emu::new();
+    let at = Launch {
+        grid: (1, 1),
+        block: 32,
+    };
+    let e = emu
+        .launch(Module::Sgd, "sgd_step", at, &[Arg::Ptr(0)])
+        .unwrap_err();
+    assert!(e.to_string().contains("takes 8 arguments, given 1"), "{e}");
+    let e = emu.launch(Module::Bn, "sgd_step", at, &[]).unwrap_err();
+    assert!(e.to_string().contains("lives in sgd.cu"), "{e}");
+    let e = emu.launch(Module::Bn, "no_such", at, &[]).unwrap_err();
+    assert!(e.to_string().contains("no such kernel"), "{e}");
+    // bn_eval_stats's first parameter is an int, not a pointer.
+    let e = emu
+        .launch(
+            Module::Bn,
+            "bn_eval_stats",
+            at,
+            &[
+                Arg::Ptr(0),
+                Arg::F32(0.0),
+                Arg::Ptr(0),
+                Arg::Ptr(0),
+                Arg::Ptr(0),
+                Arg::Ptr(0),
+            ],
+        )
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("argument 0 has 4 bytes, given 8"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_kernel_writing_past_its_buffer_is_caught() {
+    // sgd_step over 40 values on buffers of 32: the guards after them change.
+    let emu = Emu::new();
+    let p = emu.upload(&[1f32; 32]);
+    let g = emu.upload(&[1f32; 32]);
+    let e = launch::sgd_step(&emu, (p, g, 0), 40, (0.1, 0.0, 0.0), false).unwrap_err();
+    assert!(e.to_string().contains("wrote outside"), "{e}");
+}
+
+#[test]
+fn the_emulator_reports_broken_synchronisation() -> R {
+    use simtrans_core::launch::{Arg, Launch};
+    let emu = Emu::new();
+    let at = Launch {
+        grid: (2, 1),
+        block: 64,
+    };
+    let out = emu.alloc_of::<f64>(64);
+    let e = emu
+        .launch_in("selftest", "selftest_divergent_sync", at, &[Arg::Ptr(out)])
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("__syncthreads reached by 32 of 64"),
+        "{e}"
+    );
+    let e = emu
+        .launch_in("selftest", "selftest_partial_shuffle", at, &[Arg::Ptr(out)])
+        .unwrap_err();
+    assert!(e.to_string().contains("16 of the 32 lanes"), "{e}");
+    // The same shuffle by whole warps, of the lane numbers: lane 0 of each warp ends with the
+    // warp's sum; lane 31 always reads past the warp, which keeps its own value, so it doubles.
+    emu.launch_in("selftest", "selftest_warp_sum", at, &[Arg::Ptr(out)])?;
+    let got = emu.download::<f64>(out, 64)?;
+    assert_eq!((got[0], got[32]), (496.0, 496.0));
+    assert_eq!((got[31], got[63]), (992.0, 992.0));
+    Ok(())
+}
