@@ -8,11 +8,12 @@
 // y = relu(BN(x) + residual); the backward is one reduction pass and one pass writing dx
 // (and the residual's gradient), each reading the ReLU's mask from y.
 //
-// Layout: contiguous NCHW, viewed per launch as N rows of C channels of HW values, so a split
-// batch is two launches on offset pointers. Data are f32 or bf16 (`T`); statistics,
+// Layouts: contiguous NCHW, viewed per launch as N rows of C channels of HW values, or
+// channels-last (NHWC, the `_cl` kernels), viewed as M = N·HW rows of C channels; either way a
+// split batch is two launches on offset pointers. Data are f32 or bf16 (`T`); statistics,
 // parameters and their gradients are f32, and every reduction accumulates in f64, so the
-// variance is exact to f32 rounding whatever the mean. VEC consecutive values (one channel,
-// HW % VEC == 0) move as one load.
+// variance is exact to f32 rounding whatever the mean. VEC consecutive values (one channel
+// with HW % VEC == 0 in NCHW; VEC channels with C % VEC == 0 in NHWC) move as one load.
 //
 // Compiled to PTX by crates/core/build.rs with `--features cuda`; launched from
 // crates/core/src/kernels.rs, which documents each kernel's contract.
@@ -153,22 +154,125 @@ __device__ void grad_stats(const T* x, const T* dy, const T* y, const float* mea
     store_share(partial, sg, sgx);
 }
 
-// y = BN(x) (+ residual) (then ReLU), elementwise; one thread per VEC values.
+// Channels-last reductions run on a grid (tiles, S): block (t, s) covers VEC·ct consecutive
+// channels from t·VEC·ct over its share s of the M rows. Its threads form ct columns (each
+// VEC channels wide) by rows = blockDim.x / ct; blockDim.x is at most CL_THREADS and a
+// multiple of ct. Partial sums go to the same places as the NCHW reductions', so the
+// `*_finish` kernels serve both.
+constexpr int CL_THREADS = 256;
+
+struct Cols {
+    long long r0, r1;  // the share's rows
+    int ct, rows, tx, ty;
+    int c0;  // this thread's first channel
+};
+
+__device__ __forceinline__ Cols block_cols(long long m, int ct, int vec) {
+    const int s = blockIdx.y, shares = gridDim.y;
+    const int tx = (int)threadIdx.x % ct, ty = (int)threadIdx.x / ct;
+    return Cols{m * s / shares,  m * (s + 1) / shares, ct, (int)blockDim.x / ct, tx, ty,
+                ((int)blockIdx.x * ct + tx) * vec};
+}
+
+// Sums each column's (a, b) over the block's rows of threads and stores them as the block's
+// partial sums of channels c0 .. c0 + VEC.
+template <int VEC>
+__device__ void store_cols(double* partial, const Cols& k, int c_count, const double (&a)[VEC],
+                           const double (&b)[VEC]) {
+    __shared__ double sa[VEC][CL_THREADS], sb[VEC][CL_THREADS];
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+        sa[e][threadIdx.x] = a[e];
+        sb[e][threadIdx.x] = b[e];
+    }
+    __syncthreads();
+    if (k.ty != 0 || k.c0 >= c_count) return;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+        double ta = 0.0, tb = 0.0;
+        for (int j = 0; j < k.rows; ++j) {
+            ta += sa[e][j * k.ct + k.tx];
+            tb += sb[e][j * k.ct + k.tx];
+        }
+        const long long at = ((long long)(k.c0 + e) * gridDim.y + blockIdx.y) * 2;
+        partial[at] = ta;
+        partial[at + 1] = tb;
+    }
+}
+
+// The sums of x and x² of each channel over a share of the rows, channels-last.
 template <typename T, int VEC>
+__device__ void stats_cl(const T* x, long long m, int c_count, int ct, double* partial) {
+    const Cols k = block_cols(m, ct, VEC);
+    double sum[VEC] = {}, sq[VEC] = {};
+    if (k.c0 < c_count) {
+        for (long long r = k.r0 + k.ty; r < k.r1; r += k.rows) {
+            float v[VEC];
+            load<T, VEC>(x + r * c_count + k.c0, v);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) {
+                sum[e] += v[e];
+                sq[e] += (double)v[e] * v[e];
+            }
+        }
+    }
+    store_cols<VEC>(partial, k, c_count, sum, sq);
+}
+
+// `grad_stats`, channels-last.
+template <typename T, int VEC>
+__device__ void grad_stats_cl(const T* x, const T* dy, const T* y, const float* mean,
+                              const float* inv_std, long long m, int c_count, int ct,
+                              double* partial) {
+    const Cols k = block_cols(m, ct, VEC);
+    double sg[VEC] = {}, sgx[VEC] = {};
+    if (k.c0 < c_count) {
+        float mu[VEC], is[VEC];
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+            mu[e] = mean[k.c0 + e];
+            is[e] = inv_std[k.c0 + e];
+        }
+        for (long long r = k.r0 + k.ty; r < k.r1; r += k.rows) {
+            const long long at = r * c_count + k.c0;
+            float xv[VEC], gv[VEC], yv[VEC];
+            load<T, VEC>(x + at, xv);
+            load<T, VEC>(dy + at, gv);
+            if (y) load<T, VEC>(y + at, yv);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) {
+                const float g = (y && !(yv[e] > 0.f)) ? 0.f : gv[e];
+                sg[e] += g;
+                sgx[e] += (double)g * ((xv[e] - mu[e]) * is[e]);
+            }
+        }
+    }
+    store_cols<VEC>(partial, k, c_count, sg, sgx);
+}
+
+// The channel of the first of the VEC values at `at`: in NCHW (CL false) all VEC share it;
+// channels-last (CL), value e is in channel first + e.
+template <bool CL>
+__device__ __forceinline__ int first_channel(long long at, int c_count, int hw) {
+    return CL ? (int)(at % c_count) : (int)((at / hw) % c_count);
+}
+
+// y = BN(x) (+ residual) (then ReLU), elementwise; one thread per VEC values.
+template <typename T, int VEC, bool CL>
 __device__ void apply(const T* x, const T* residual, T* y, const float* mean,
                       const float* inv_std, const float* w, const float* b, long long total,
                       int c_count, int hw, int do_relu) {
     const long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (k * VEC >= total) return;
     const long long at = k * VEC;
-    const int c = (int)((at / hw) % c_count);
-    const float m = mean[c], scale = inv_std[c] * w[c], shift = b[c];
+    const int c0 = first_channel<CL>(at, c_count, hw);
     float v[VEC], r[VEC];
     load<T, VEC>(x + at, v);
     if (residual) load<T, VEC>(residual + at, r);
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
-        float o = (v[e] - m) * scale + shift;
+        const int c = CL ? c0 + e : c0;
+        float o = (v[e] - mean[c]) * (inv_std[c] * w[c]) + b[c];
         if (residual) o += r[e];
         v[e] = do_relu ? relu(o) : o;
     }
@@ -178,24 +282,24 @@ __device__ void apply(const T* x, const T* residual, T* y, const float* mean,
 // dx = w·inv_std·(g − mean(g) − x̂·mean(g·x̂)) with g = dy (masked by y > 0 when `y` is
 // given); `coef[c] = (mean(g), mean(g·x̂))`. Also writes g itself to `dres` when given (the
 // residual branch's gradient).
-template <typename T, int VEC>
+template <typename T, int VEC, bool CL>
 __device__ void grad_apply(const T* x, const T* dy, const T* y, const float* mean,
                            const float* inv_std, const float* w, const float* coef, T* dx,
                            T* dres, long long total, int c_count, int hw) {
     const long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (k * VEC >= total) return;
     const long long at = k * VEC;
-    const int c = (int)((at / hw) % c_count);
-    const float m = mean[c], is = inv_std[c], scale = w[c] * is;
-    const float mg = coef[2 * c], mgx = coef[2 * c + 1];
+    const int c0 = first_channel<CL>(at, c_count, hw);
     float xv[VEC], gv[VEC], yv[VEC], out[VEC];
     load<T, VEC>(x + at, xv);
     load<T, VEC>(dy + at, gv);
     if (y) load<T, VEC>(y + at, yv);
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
+        const int c = CL ? c0 + e : c0;
+        const float is = inv_std[c];
         if (y && !(yv[e] > 0.f)) gv[e] = 0.f;
-        out[e] = scale * (gv[e] - mg - (xv[e] - m) * is * mgx);
+        out[e] = (w[c] * is) * (gv[e] - coef[2 * c] - (xv[e] - mean[c]) * is * coef[2 * c + 1]);
     }
     store<T, VEC>(dx + at, out);
     if (dres) store<T, VEC>(dres + at, gv);
@@ -263,16 +367,29 @@ extern "C" __global__ void bn_grad_finish(const double* partial, int c_count, in
                                                     int n, int c, int hw, double* partial) {  \
         grad_stats<T, VEC>(x, dy, y, mean, inv_std, n, c, hw, partial);                       \
     }                                                                                         \
+    extern "C" __global__ void bn_stats_cl_##NAME(const T* x, long long m, int c, int ct,     \
+                                                  double* partial) {                          \
+        stats_cl<T, VEC>(x, m, c, ct, partial);                                               \
+    }                                                                                         \
+    extern "C" __global__ void bn_grad_stats_cl_##NAME(                                       \
+        const T* x, const T* dy, const T* y, const float* mean, const float* inv_std,         \
+        long long m, int c, int ct, double* partial) {                                        \
+        grad_stats_cl<T, VEC>(x, dy, y, mean, inv_std, m, c, ct, partial);                    \
+    }                                                                                         \
+    BN_ELEMENTWISE(NAME, T, VEC, false)                                                       \
+    BN_ELEMENTWISE(cl_##NAME, T, VEC, true)
+
+#define BN_ELEMENTWISE(NAME, T, VEC, CL)                                                      \
     extern "C" __global__ void bn_apply_##NAME(const T* x, const T* residual, T* y,           \
                                                const float* mean, const float* inv_std,       \
                                                const float* w, const float* b,                \
                                                long long total, int c, int hw, int relu) {    \
-        apply<T, VEC>(x, residual, y, mean, inv_std, w, b, total, c, hw, relu);               \
+        apply<T, VEC, CL>(x, residual, y, mean, inv_std, w, b, total, c, hw, relu);           \
     }                                                                                         \
     extern "C" __global__ void bn_grad_apply_##NAME(                                          \
         const T* x, const T* dy, const T* y, const float* mean, const float* inv_std,         \
         const float* w, const float* coef, T* dx, T* dres, long long total, int c, int hw) {  \
-        grad_apply<T, VEC>(x, dy, y, mean, inv_std, w, coef, dx, dres, total, c, hw);         \
+        grad_apply<T, VEC, CL>(x, dy, y, mean, inv_std, w, coef, dx, dres, total, c, hw);     \
     }
 
 BN_KERNELS(f32, float, 1)

@@ -975,11 +975,7 @@ impl BnSpec {
     /// One range of `rows` rows as our kernels see it.
     fn range(&self, rows: usize) -> launch::BnRange {
         let [_, c, h, w] = self.dims;
-        launch::BnRange {
-            n: rows,
-            c,
-            hw: h * w,
-        }
+        launch::BnRange::nchw(rows, c, h * w)
     }
 
     /// `dx` and (written, or added when `accumulate_params`) `dw`, `db` from `x` and the

@@ -65,16 +65,59 @@ fn launch_of(grid: (u32, u32), block: u32) -> Launch {
     Launch { grid, block }
 }
 
-/// One BatchNorm launch's view of a contiguous NCHW tensor: `n` rows of `c` channels of `hw`
-/// values (a split batch is one range per part, on offset addresses).
+/// One BatchNorm launch's view of a contiguous tensor: `n` rows (images) of `c` channels of
+/// `hw` values, stored NCHW, or NHWC when `channels_last` (then the kernels see `n·hw` rows
+/// of `c` channels). A split batch is one range per part, on offset addresses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BnRange {
     pub n: usize,
     pub c: usize,
     pub hw: usize,
+    pub channels_last: bool,
+}
+
+/// The names of one BatchNorm kernel's variants, in [`BnRange::variant`]'s order.
+macro_rules! bn_variants {
+    ($base:literal) => {
+        [
+            concat!("bn_", $base, "_f32"),
+            concat!("bn_", $base, "_f32x4"),
+            concat!("bn_", $base, "_bf16"),
+            concat!("bn_", $base, "_bf16x4"),
+            concat!("bn_", $base, "_cl_f32"),
+            concat!("bn_", $base, "_cl_f32x4"),
+            concat!("bn_", $base, "_cl_bf16"),
+            concat!("bn_", $base, "_cl_bf16x4"),
+        ]
+    };
+}
+
+/// The BatchNorm kernels that come in variants (layout, dtype, vector width).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BnKernel {
+    Stats,
+    Apply,
+    GradStats,
+    GradApply,
 }
 
 impl BnRange {
+    /// An NCHW range.
+    pub fn nchw(n: usize, c: usize, hw: usize) -> Self {
+        BnRange {
+            n,
+            c,
+            hw,
+            channels_last: false,
+        }
+    }
+    /// A channels-last (NHWC) range.
+    pub fn nhwc(n: usize, c: usize, hw: usize) -> Self {
+        BnRange {
+            channels_last: true,
+            ..Self::nchw(n, c, hw)
+        }
+    }
     /// Values per channel.
     pub fn count(&self) -> usize {
         self.n * self.hw
@@ -83,50 +126,85 @@ impl BnRange {
     pub fn total(&self) -> usize {
         self.n * self.c * self.hw
     }
-    /// The kernel variant of `base` for `dtype`: 4 values per access when a channel's plane
-    /// allows it.
-    pub fn variant(&self, base: &'static str, dtype: DType) -> Result<&'static str> {
-        let vec4 = self.vec() == 4;
-        Ok(match (base, dtype, vec4) {
-            ("stats", DType::F32, false) => "bn_stats_f32",
-            ("stats", DType::F32, true) => "bn_stats_f32x4",
-            ("stats", DType::BF16, false) => "bn_stats_bf16",
-            ("stats", DType::BF16, true) => "bn_stats_bf16x4",
-            ("apply", DType::F32, false) => "bn_apply_f32",
-            ("apply", DType::F32, true) => "bn_apply_f32x4",
-            ("apply", DType::BF16, false) => "bn_apply_bf16",
-            ("apply", DType::BF16, true) => "bn_apply_bf16x4",
-            ("grad_stats", DType::F32, false) => "bn_grad_stats_f32",
-            ("grad_stats", DType::F32, true) => "bn_grad_stats_f32x4",
-            ("grad_stats", DType::BF16, false) => "bn_grad_stats_bf16",
-            ("grad_stats", DType::BF16, true) => "bn_grad_stats_bf16x4",
-            ("grad_apply", DType::F32, false) => "bn_grad_apply_f32",
-            ("grad_apply", DType::F32, true) => "bn_grad_apply_f32x4",
-            ("grad_apply", DType::BF16, false) => "bn_grad_apply_bf16",
-            ("grad_apply", DType::BF16, true) => "bn_grad_apply_bf16x4",
-            (_, other, _) => bail!("our BatchNorm kernels take f32 or bf16, not {other:?}"),
-        })
+    /// The variant of `kernel` for `dtype`, this layout and [`BnRange::vec`].
+    pub fn variant(&self, kernel: BnKernel, dtype: DType) -> Result<&'static str> {
+        const STATS: [&str; 8] = bn_variants!("stats");
+        const APPLY: [&str; 8] = bn_variants!("apply");
+        const GRAD_STATS: [&str; 8] = bn_variants!("grad_stats");
+        const GRAD_APPLY: [&str; 8] = bn_variants!("grad_apply");
+        let names = match kernel {
+            BnKernel::Stats => &STATS,
+            BnKernel::Apply => &APPLY,
+            BnKernel::GradStats => &GRAD_STATS,
+            BnKernel::GradApply => &GRAD_APPLY,
+        };
+        let d = match dtype {
+            DType::F32 => 0,
+            DType::BF16 => 1,
+            other => bail!("our BatchNorm kernels take f32 or bf16, not {other:?}"),
+        };
+        Ok(names[4 * self.channels_last as usize + 2 * d + (self.vec() == 4) as usize])
     }
-    /// Shares of the rows per channel in the reductions: enough blocks to fill a large GPU
-    /// (about 2048) without splitting below one row.
-    pub fn shares(&self) -> usize {
-        2048usize.div_ceil(self.c).clamp(1, self.n.max(1))
-    }
-    /// Values per memory access.
+    /// Values per memory access: 4 when a channel's plane (NCHW) or a row of channels (NHWC)
+    /// divides by 4, else 1.
     pub fn vec(&self) -> usize {
-        if self.hw % 4 == 0 {
+        let run = if self.channels_last { self.c } else { self.hw };
+        if run % 4 == 0 {
             4
         } else {
             1
         }
     }
+    /// Channels-last reductions: columns of threads per block (each [`BnRange::vec`] channels
+    /// wide), a power of two up to 32 that `THREADS` divides.
+    fn columns(&self) -> usize {
+        (self.c / self.vec()).max(1).next_power_of_two().min(32)
+    }
+    /// Blocks across the channels in a reduction (NCHW: one per channel).
+    fn tiles(&self) -> usize {
+        if self.channels_last {
+            self.c.div_ceil(self.columns() * self.vec())
+        } else {
+            self.c
+        }
+    }
+    /// Shares of the rows per block of channels in the reductions: enough blocks to fill a
+    /// large GPU (about 2048), without splitting below one image (NCHW) or below four rows
+    /// per thread row (NHWC).
+    pub fn shares(&self) -> usize {
+        let most = if self.channels_last {
+            let rows_per_block = THREADS as usize / self.columns();
+            self.count().div_ceil(4 * rows_per_block)
+        } else {
+            self.n
+        };
+        2048usize.div_ceil(self.tiles()).clamp(1, most.max(1))
+    }
     /// One thread per channel (the `*_finish` and `bn_eval_stats` kernels).
     pub fn per_channel(&self) -> Launch {
         launch_of(((self.c as u32).div_ceil(THREADS), 1), THREADS)
     }
-    /// One block per channel and share of the rows (the reductions).
+    /// One block per channel (NCHW) or block of channels (NHWC) and share of the rows (the
+    /// reductions).
     pub fn reduction(&self) -> Launch {
-        launch_of((self.c as u32, self.shares() as u32), THREADS)
+        launch_of((self.tiles() as u32, self.shares() as u32), THREADS)
+    }
+    /// The reductions' arguments after the data pointers: `n, c, hw` (NCHW) or `m = n·hw, c,
+    /// columns` (NHWC).
+    fn extent(&self) -> [Arg; 3] {
+        if self.channels_last {
+            [
+                Arg::I64(self.count() as i64),
+                Arg::I32(self.c as i32),
+                Arg::I32(self.columns() as i32),
+            ]
+        } else {
+            [
+                Arg::I32(self.n as i32),
+                Arg::I32(self.c as i32),
+                Arg::I32(self.hw as i32),
+            ]
+        }
     }
     /// One thread per group of `vec()` values (the elementwise passes).
     pub fn elementwise(&self) -> Launch {
@@ -180,7 +258,7 @@ pub fn bn_forward<R: Runner>(
     stats: Stats,
     (mean, inv_std): (u64, u64),
 ) -> Result<()> {
-    let (n, c, hw) = (r.n as i32, r.c as i32, r.hw as i32);
+    let (c, hw) = (r.c as i32, r.hw as i32);
     let eps32 = eps as f32;
     if stats == Stats::Running {
         if running.0 == 0 || running.1 == 0 {
@@ -203,17 +281,12 @@ pub fn bn_forward<R: Runner>(
         r.check()?;
         let mut partial = partial_sums(run, &r)?;
         let pp = run.addr(&mut partial);
+        let [e0, e1, e2] = r.extent();
         run.launch(
             Module::Bn,
-            r.variant("stats", dtype)?,
+            r.variant(BnKernel::Stats, dtype)?,
             r.reduction(),
-            &[
-                Arg::Ptr(x),
-                Arg::I32(n),
-                Arg::I32(c),
-                Arg::I32(hw),
-                Arg::Ptr(pp),
-            ],
+            &[Arg::Ptr(x), e0, e1, e2, Arg::Ptr(pp)],
         )?;
         run.launch(
             Module::Bn,
@@ -235,7 +308,7 @@ pub fn bn_forward<R: Runner>(
     }
     run.launch(
         Module::Bn,
-        r.variant("apply", dtype)?,
+        r.variant(BnKernel::Apply, dtype)?,
         r.elementwise(),
         &[
             Arg::Ptr(x),
@@ -272,10 +345,11 @@ pub fn bn_backward<R: Runner>(
     let mut partial = partial_sums(run, &r)?;
     let mut coef = run.alloc(2 * r.c * std::mem::size_of::<f32>())?;
     let (pp, pc) = (run.addr(&mut partial), run.addr(&mut coef));
-    let (n, c, hw) = (r.n as i32, r.c as i32, r.hw as i32);
+    let (c, hw) = (r.c as i32, r.hw as i32);
+    let [e0, e1, e2] = r.extent();
     run.launch(
         Module::Bn,
-        r.variant("grad_stats", dtype)?,
+        r.variant(BnKernel::GradStats, dtype)?,
         r.reduction(),
         &[
             Arg::Ptr(x),
@@ -283,9 +357,9 @@ pub fn bn_backward<R: Runner>(
             Arg::Ptr(y),
             Arg::Ptr(mean),
             Arg::Ptr(inv_std),
-            Arg::I32(n),
-            Arg::I32(c),
-            Arg::I32(hw),
+            e0,
+            e1,
+            e2,
             Arg::Ptr(pp),
         ],
     )?;
@@ -307,7 +381,7 @@ pub fn bn_backward<R: Runner>(
     )?;
     run.launch(
         Module::Bn,
-        r.variant("grad_apply", dtype)?,
+        r.variant(BnKernel::GradApply, dtype)?,
         r.elementwise(),
         &[
             Arg::Ptr(x),

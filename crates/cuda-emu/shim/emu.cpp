@@ -128,7 +128,9 @@ struct Kernel {
 
 #define BN_SET(NAME)                                                                      \
     KERNEL("bn", bn_stats_##NAME), KERNEL("bn", bn_grad_stats_##NAME),                    \
-        KERNEL("bn", bn_apply_##NAME), KERNEL("bn", bn_grad_apply_##NAME)
+        KERNEL("bn", bn_apply_##NAME), KERNEL("bn", bn_grad_apply_##NAME),                \
+        KERNEL("bn", bn_stats_cl_##NAME), KERNEL("bn", bn_grad_stats_cl_##NAME),          \
+        KERNEL("bn", bn_apply_cl_##NAME), KERNEL("bn", bn_grad_apply_cl_##NAME)
 
 // Every kernel of the .cu files, with its file's name.
 const Kernel KERNELS[] = {

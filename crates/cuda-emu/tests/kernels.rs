@@ -118,16 +118,25 @@ struct Case {
     stats: Stats,
 }
 
-/// The per-channel mean and biased variance of x (as [n, c, hw]).
+/// The channel of value `i` of a range.
+fn channel(r: BnRange, i: usize) -> usize {
+    if r.channels_last {
+        i % r.c
+    } else {
+        (i / r.hw) % r.c
+    }
+}
+
+/// The per-channel mean and biased variance of x.
 fn moments(x: &[f64], r: BnRange) -> (Vec<f64>, Vec<f64>) {
     let cnt = r.count() as f64;
     let mut mean = vec![0.0; r.c];
     let mut var = vec![0.0; r.c];
     for (i, v) in x.iter().enumerate() {
-        mean[(i / r.hw) % r.c] += v / cnt;
+        mean[channel(r, i)] += v / cnt;
     }
     for (i, v) in x.iter().enumerate() {
-        let c = (i / r.hw) % r.c;
+        let c = channel(r, i);
         var[c] += (v - mean[c]).powi(2) / cnt;
     }
     (mean, var)
@@ -224,7 +233,7 @@ fn bn_case(seed: u64, case: Case) -> R {
         &rv_after,
         1e-6,
     );
-    let ch = |i: usize| (i / r.hw) % r.c;
+    let ch = |i: usize| channel(r, i);
     let xhat: Vec<f64> = (0..n).map(|i| (x[i] - mean[ch(i)]) * inv[ch(i)]).collect();
     let y_want: Vec<f64> = (0..n)
         .map(|i| {
@@ -310,7 +319,7 @@ fn bn_case(seed: u64, case: Case) -> R {
 }
 
 fn range(n: usize, c: usize, hw: usize) -> BnRange {
-    BnRange { n, c, hw }
+    BnRange::nchw(n, c, hw)
 }
 
 #[test]
@@ -324,6 +333,14 @@ fn batch_norm_matches_f64_in_every_variant() -> R {
         range(10, 6, 1),
         // More groups per row than a block has threads.
         range(2, 2, 1600),
+        // Channels-last: 4 channels per access, 2 columns of threads per block.
+        BnRange::nhwc(6, 8, 9),
+        // One channel per access (c % 4 != 0).
+        BnRange::nhwc(3, 5, 7),
+        // 32 columns, two blocks across the channels (the second one partly idle).
+        BnRange::nhwc(2, 132, 5),
+        // Many rows: several shares.
+        BnRange::nhwc(4, 64, 100),
     ];
     let mut seed = 0;
     for r in ranges {
@@ -384,6 +401,16 @@ fn batch_norm_launches_have_the_planned_shapes() -> R {
     );
     // A constant channel normalises to zero (the variance is exactly 0, not negative).
     assert!(emu.download::<f32>(y, n)?.iter().all(|&v| v == 0.0));
+    // Channels-last reductions on ResNet-50's first and last layers at batch 64: blocks of
+    // 16 or 32 columns of 4 channels, about 2048 blocks, at least 4 rows per thread row.
+    let first = BnRange::nhwc(64, 64, 56 * 56);
+    assert_eq!((first.vec(), first.reduction().grid), (4, (1, 2048)));
+    let last = BnRange::nhwc(64, 2048, 7 * 7);
+    assert_eq!((last.vec(), last.reduction().grid), (4, (16, 98)));
+    assert_eq!(
+        last.variant(launch::BnKernel::GradStats, DType::BF16)?,
+        "bn_grad_stats_cl_bf16x4"
+    );
     Ok(())
 }
 
