@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # Every GPU check of issue #9 in one run, for a machine with an NVIDIA GPU and no network:
 #   1. the GPU-against-CPU tests of crates/backbone/tests/gpu.rs (f32, TF32, bf16), then the
-#      whole steps layer by layer (1b), on cuDNN's BatchNorm (1c, SIMTRANS_OWN_BN=0) and with
-#      the chain's gradients handed over directly (1d, SIMTRANS_SIDE_GRADS=1);
+#      whole steps layer by layer (1b), on cuDNN's BatchNorm (1c, SIMTRANS_OWN_BN=0), with
+#      the chain's gradients handed over directly (1d, SIMTRANS_SIDE_GRADS=1) and with the
+#      chain channels-last (1e, SIMTRANS_CHANNELS_LAST=1);
 #   2. the five workloads of BENCHMARKS.md's table (`xtask bench table`) at f32, tf32 and bf16
-#      (sections `find` and `ab`: with measured algorithm choice, and one A/B switch at a time);
+#      (sections `find`, `ab` and `cl`: with measured algorithm choice, one A/B switch at a
+#      time, and tf32 and bf16 channels-last);
 #   3. candle's own CUDA convolution and BatchNorm (SIMTRANS_CUDNN=0): the "before" figures;
 #   4. the demo pipeline end to end on the GPU (`xtask reproduce --device cuda`) at each
 #      precision, for the accuracy cost of tf32 and bf16; each run time-limited (DEMO_LIMIT);
 #   5. (section `profile`) per-kernel times of ResNet-50 steps under Nsight Compute.
 #
 #   scripts/gpu-bench.sh [BIN_DIR] [OUT_DIR]
-#   SECTIONS="tests table" scripts/gpu-bench.sh     # a subset (tests table find quick ab candle demo profile)
+#   SECTIONS="tests table" scripts/gpu-bench.sh     # a subset (tests table find quick cl ab candle demo profile)
 #
 # BIN_DIR holds `xtask` and `gpu-tests` (plain or .xz), as scripts/build-gpu-bins.sh leaves them;
 # OUT_DIR (default $OUT, else ./gpu-bench-out) receives gpu.txt, log.txt and results.json.
@@ -61,6 +63,8 @@ say "1c. BatchNorm and whole steps on cuDNN's BatchNorm instead of ours (SIMTRAN
 SIMTRANS_OWN_BN=0 SIMTRANS_REQUIRE_GPU=1 timeout 300 ./gpu-tests --test-threads 1 --nocapture batchnorm resnet_training_step 2>&1 | tee -a "$LOG"
 say "1d. whole steps with the chain's gradients handed over directly (SIMTRANS_SIDE_GRADS=1)"
 SIMTRANS_SIDE_GRADS=1 SIMTRANS_REQUIRE_GPU=1 timeout 300 ./gpu-tests resnet_training_step --nocapture 2>&1 | tee -a "$LOG"
+say "1e. whole steps with the chain channels-last (SIMTRANS_CHANNELS_LAST=1)"
+SIMTRANS_CHANNELS_LAST=1 SIMTRANS_REQUIRE_GPU=1 timeout 300 ./gpu-tests resnet_training_step --nocapture 2>&1 | tee -a "$LOG"
 fi
 
 # Every JSON result goes into one file (the device tool returns at most 8 files), rebuilt after
@@ -98,10 +102,16 @@ say "2q. the table at tf32 and bf16"
 for p in tf32 bf16; do table "$p" "table-$p"; done
 fi
 
-# The A/B switches, one per table (AB="VAR=VALUE ..." picks others): the chain's parameter
-# gradients handed over directly (not yet the default); cuDNN's BatchNorm; one op per residual
-# block instead of one for all; layer by layer; the driver's default memory pool.
-AB=${AB:-SIMTRANS_SIDE_GRADS=1 SIMTRANS_OWN_BN=0 SIMTRANS_FUSED_CHAIN=0 SIMTRANS_FUSED_BLOCKS=0 SIMTRANS_POOL_RELEASE=1}
+if want cl; then
+say "2c. tf32 and bf16 with the chain channels-last (SIMTRANS_CHANNELS_LAST=1)"
+for p in tf32 bf16; do table "$p" "table-$p-cl" SIMTRANS_CHANNELS_LAST=1; done
+fi
+
+# The A/B switches, one per table (AB="VAR=VALUE ..." picks others): the chain channels-last
+# and the chain's parameter gradients handed over directly (neither the default yet); cuDNN's
+# BatchNorm; one op per residual block instead of one for all; layer by layer; the driver's
+# default memory pool.
+AB=${AB:-SIMTRANS_CHANNELS_LAST=1 SIMTRANS_SIDE_GRADS=1 SIMTRANS_OWN_BN=0 SIMTRANS_FUSED_CHAIN=0 SIMTRANS_FUSED_BLOCKS=0 SIMTRANS_POOL_RELEASE=1}
 if want ab; then
 say "2b. tf32 A/B, one switch each: $AB"
 for switch in $AB; do

@@ -165,16 +165,17 @@ owned!(
 
 impl TensorDesc {
     fn nchw(dtype: sys::cudnnDataType_t, dims: [usize; 4]) -> Result<Self> {
+        Self::new(sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW, dtype, dims)
+    }
+    /// A tensor of logical dims `[n, c, h, w]` stored in `format`.
+    fn new(
+        format: sys::cudnnTensorFormat_t,
+        dtype: sys::cudnnDataType_t,
+        dims: [usize; 4],
+    ) -> Result<Self> {
         let d = TensorDesc(dnn::create_tensor_descriptor().map_err(err)?);
-        unsafe {
-            dnn::set_tensor4d_descriptor(
-                d.0,
-                sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
-                dtype,
-                dims.map(|x| x as i32),
-            )
-        }
-        .map_err(err)?;
+        unsafe { dnn::set_tensor4d_descriptor(d.0, format, dtype, dims.map(|x| x as i32)) }
+            .map_err(err)?;
         Ok(d)
     }
 }
@@ -270,7 +271,8 @@ fn relu_backward(h: &Handle, desc: &TensorDesc, y: u64, dy: u64, dx: u64) -> Res
 }
 
 /// The geometry of one convolution: input `[b, c, h, w]`, weight `[o, c, k, k]`, output
-/// `[b, o, ho, wo]`.
+/// `[b, o, ho, wo]` (logical dims); stored NCHW (weights OIHW), or channels-last when `nhwc`
+/// (NHWC, weights OHWI).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct Geom {
     b: usize,
@@ -282,9 +284,17 @@ struct Geom {
     kw: usize,
     pad: usize,
     stride: usize,
+    nhwc: bool,
 }
 
 impl Geom {
+    fn format(&self) -> sys::cudnnTensorFormat_t {
+        if self.nhwc {
+            sys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC
+        } else {
+            sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW
+        }
+    }
     fn out(&self) -> (usize, usize) {
         (
             (self.h + 2 * self.pad - self.kh) / self.stride + 1,
@@ -342,15 +352,8 @@ fn descs(g: &Geom, dtype: DType, p: Precision) -> Result<Rc<Descs>> {
 fn make_descs(g: &Geom, dtype: DType, p: Precision) -> Result<Descs> {
     let dt = data_type(dtype)?;
     let w = FilterDesc(dnn::create_filter_descriptor().map_err(err)?);
-    unsafe {
-        dnn::set_filter4d_descriptor(
-            w.0,
-            dt,
-            sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
-            g.w_dims().map(|x| x as i32),
-        )
-    }
-    .map_err(err)?;
+    unsafe { dnn::set_filter4d_descriptor(w.0, dt, g.format(), g.w_dims().map(|x| x as i32)) }
+        .map_err(err)?;
     let conv = ConvDesc(dnn::create_convolution_descriptor().map_err(err)?);
     let (pad, stride) = (g.pad as i32, g.stride as i32);
     unsafe {
@@ -369,9 +372,9 @@ fn make_descs(g: &Geom, dtype: DType, p: Precision) -> Result<Descs> {
     .map_err(err)?;
     unsafe { dnn::set_convolution_math_type(conv.0, math_type(p, dtype)) }.map_err(err)?;
     Ok(Descs {
-        x: TensorDesc::nchw(dt, g.x_dims())?,
+        x: TensorDesc::new(g.format(), dt, g.x_dims())?,
         w,
-        y: TensorDesc::nchw(dt, g.y_dims())?,
+        y: TensorDesc::new(g.format(), dt, g.y_dims())?,
         conv,
     })
 }
@@ -811,6 +814,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<T
         kw,
         pad: padding,
         stride,
+        nhwc: false,
     };
     x.contiguous()?.apply_op2(&w.contiguous()?, ConvFwd(g))
 }
@@ -830,6 +834,8 @@ struct BnSpec {
     eps: f64,
     momentum: f64,
     stats: launch::Stats,
+    /// Stored NHWC (our kernels only).
+    channels_last: bool,
 }
 
 impl BnSpec {
@@ -847,6 +853,7 @@ impl BnSpec {
             eps,
             momentum,
             stats: launch::Stats::Batch,
+            channels_last: false,
         })
     }
 
@@ -858,6 +865,15 @@ impl BnSpec {
             eps,
             momentum: 0.0,
             stats: launch::Stats::Running,
+            channels_last: false,
+        }
+    }
+
+    /// The same BatchNorm on a channels-last (NHWC) tensor of the same logical dims.
+    fn with_channels_last(self, channels_last: bool) -> Self {
+        BnSpec {
+            channels_last,
+            ..self
         }
     }
 
@@ -964,9 +980,10 @@ impl BnSpec {
     /// Whether our kernels run (else cuDNN's BatchNorm, training mode only).
     fn own(&self) -> Result<bool> {
         let own = kernels::own_batch_norm();
-        if !own && self.stats == launch::Stats::Running {
+        if !own && (self.stats == launch::Stats::Running || self.channels_last) {
             bail!(
-                "BatchNorm in evaluation mode runs on our kernels only (SIMTRANS_OWN_BN=0 is set)"
+                "BatchNorm in evaluation mode or channels-last runs on our kernels only \
+                 (SIMTRANS_OWN_BN=0 is set)"
             )
         }
         Ok(own)
@@ -975,7 +992,10 @@ impl BnSpec {
     /// One range of `rows` rows as our kernels see it.
     fn range(&self, rows: usize) -> launch::BnRange {
         let [_, c, h, w] = self.dims;
-        launch::BnRange::nchw(rows, c, h * w)
+        launch::BnRange {
+            channels_last: self.channels_last,
+            ..launch::BnRange::nchw(rows, c, h * w)
+        }
     }
 
     /// `dx` and (written, or added when `accumulate_params`) `dw`, `db` from `x` and the
@@ -1569,6 +1589,17 @@ pub fn side_grads() -> bool {
     *ON.get_or_init(|| env_switch("SIMTRANS_SIDE_GRADS", false))
 }
 
+/// Whether the fused residual blocks run channels-last (NHWC) inside
+/// (`SIMTRANS_CHANNELS_LAST=1`; off by default until measured on a GPU, and only with our
+/// BatchNorm kernels). cuDNN's tensor-core convolutions work on NHWC data; given NCHW, they
+/// transpose their inputs and outputs at every call (13 % of a ResNet-50 step's GPU time at
+/// batch 64 with TF32, run 7 in BENCHMARKS.md). Channels-last, the chain's input and output
+/// are transposed once, and the weights once per step.
+pub fn channels_last() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| env_switch("SIMTRANS_CHANNELS_LAST", false))
+}
+
 /// Whether all the residual blocks of a network run as one op; yes unless
 /// `SIMTRANS_FUSED_CHAIN=0` (then one op per block, for the A/B measurement).
 pub fn fused_chain() -> bool {
@@ -1881,6 +1912,9 @@ struct ResChain {
     /// packed BatchNorm parameters (else in the packed weights). The packed inputs are then
     /// detached and the gradients go to [`crate::grad::hand_over`].
     side: Option<Vec<(Tensor, usize, bool)>>,
+    /// Activations NHWC and packed weights OHWI ([`channels_last`]): the op's input and output
+    /// are `[b, h, w, c]`.
+    nhwc: bool,
 }
 
 impl CustomOp3 for ResChain {
@@ -1954,7 +1988,9 @@ impl CustomOp3 for ResChain {
             }
         }
         *self.saved.lock().expect("chain saved state") = saved;
-        Ok((y, Shape::from(out_dims.to_vec())))
+        let [b, c, h, w] = out_dims;
+        let shape = if self.nhwc { [b, h, w, c] } else { out_dims };
+        Ok((y, Shape::from(shape.to_vec())))
     }
     fn bwd(
         &self,
@@ -2038,13 +2074,16 @@ impl CustomOp3 for ResChain {
         let Some(params) = &self.side else {
             return Ok((Some(wrap(dx, x.shape())), Some(dw), Some(dp)));
         };
-        // Each parameter's gradient as a view of the packed buffers (f32, as the variables).
+        // Each parameter's gradient as a view of the packed buffers (f32, as the variables;
+        // channels-last weights are OHWI there, permuted back to OIHW).
         let dw = dw.to_dtype(DType::F32)?;
         for (param, off, bn) in params {
             let packed = if *bn { &dp } else { &dw };
-            let g = packed
-                .narrow(0, *off, param.elem_count())?
-                .reshape(param.shape())?;
+            let flat = packed.narrow(0, *off, param.elem_count())?;
+            let g = match (self.nhwc && !*bn, param.dims()) {
+                (true, &[o, i, kh, kw]) => flat.reshape((o, kh, kw, i))?.permute((0, 3, 1, 2))?,
+                _ => flat.reshape(param.shape())?,
+            };
             crate::grad::hand_over(param, g)?;
         }
         Ok((Some(wrap(dx, x.shape())), None, None))
@@ -2076,7 +2115,10 @@ pub struct BlockUnits<'a> {
 /// their BatchNorms normalising as `norm` says. Inside, cuDNN and our kernels run every layer,
 /// and the backward chains the gradients through buffers the op owns. With
 /// `SIMTRANS_SIDE_GRADS=1` the parameters' gradients go to [`crate::grad::backward`] directly
-/// (see there) instead of through candle's graph.
+/// (see there) instead of through candle's graph. With [`channels_last`] the op works on NHWC
+/// data: `x` and the weights are transposed on the way in and the result on the way out
+/// (candle's copies, so their gradients follow through its graph); input and output are NCHW
+/// either way.
 pub fn residual_blocks(
     x: &Tensor,
     blocks: &[BlockUnits],
@@ -2087,7 +2129,13 @@ pub fn residual_blocks(
     if blocks.is_empty() {
         bail!("residual_blocks: no blocks")
     }
-    let x = x.contiguous()?;
+    let mut x_dims = nchw(x.dims())?;
+    let nhwc = channels_last() && kernels::own_batch_norm();
+    let x = if nhwc {
+        x.permute((0, 2, 3, 1))?.contiguous()?
+    } else {
+        x.contiguous()?
+    };
     let mut weights = Vec::new();
     let mut bn_params = Vec::new();
     let mut running = Vec::new();
@@ -2113,6 +2161,7 @@ pub fn residual_blocks(
             kw,
             pad: u.padding,
             stride: u.stride,
+            nhwc,
         };
         let p = UnitPlan {
             g,
@@ -2122,7 +2171,8 @@ pub fn residual_blocks(
             bn: match norm {
                 Norm::Batch(split) => BnSpec::new(g.y_dims(), split, eps, momentum)?,
                 Norm::Running => BnSpec::eval(g.y_dims(), eps),
-            },
+            }
+            .with_channels_last(nhwc),
         };
         if side {
             params.push((u.weight.clone(), w_off, false));
@@ -2131,13 +2181,14 @@ pub fn residual_blocks(
         }
         w_off += u.weight.elem_count();
         bn_off += 2 * o;
-        weights.push(u.weight.to_dtype(x.dtype())?.flatten_all()?);
+        let w = u.weight.to_dtype(x.dtype())?;
+        let w = if nhwc { w.permute((0, 2, 3, 1))? } else { w };
+        weights.push(w.flatten_all()?);
         bn_params.push(u.bn[0].flatten_all()?);
         bn_params.push(u.bn[1].flatten_all()?);
         running.push((u.bn[2].clone(), u.bn[3].clone()));
         Ok(p)
     };
-    let mut x_dims = nchw(x.dims())?;
     let mut units_before = 0;
     let mut plans = Vec::with_capacity(blocks.len());
     for block in blocks {
@@ -2192,6 +2243,12 @@ pub fn residual_blocks(
         running,
         saved: Mutex::new(Vec::new()),
         side: side.then_some(params),
+        nhwc,
     };
-    x.apply_op3(&w, &p, op)
+    let y = x.apply_op3(&w, &p, op)?;
+    if nhwc {
+        y.permute((0, 3, 1, 2))?.contiguous()
+    } else {
+        Ok(y)
+    }
 }
