@@ -47,6 +47,22 @@ __device__ __forceinline__ void store(T* p, const float (&in)[VEC]) {
 // ReLU that keeps NaN (PyTorch's and cuDNN's PROPAGATE_NAN rule).
 __device__ __forceinline__ float relu(float v) { return v < 0.f ? 0.f : v; }
 
+// BN(x) of one value, with `scale` = inv_std·w: the forward's expression, which the backward
+// repeats to recompute a ReLU's mask (so both round alike).
+__device__ __forceinline__ float bn_out(float v, float mean, float scale, float shift) {
+    return (v - mean) * scale + shift;
+}
+
+// Whether the gradient passes the ReLU after the BatchNorm at one value: by its output y
+// (`y` given: y > 0), else, when `from_x`, by recomputing BN(x) > 0 (units without a
+// residual), else always (no ReLU).
+__device__ __forceinline__ bool passes(bool have_y, float y, int from_x, float x, float mean,
+                                       float scale, float shift) {
+    if (have_y) return y > 0.f;
+    if (from_x) return bn_out(x, mean, scale, shift) > 0.f;
+    return true;
+}
+
 // The sums (a, b) of every thread of the block, in thread 0. blockDim.x is a multiple of 32,
 // at most 1024.
 __device__ __forceinline__ void block_sum2(double& a, double& b) {
@@ -130,23 +146,26 @@ __device__ void stats(const T* x, int n, int c_count, int hw, double* partial) {
     store_share(partial, sum, sq);
 }
 
-// The sums of g and g·x̂ of a channel's share, where g is dy masked by y > 0 when `y` is
-// given (the gradient through a ReLU whose output is y) and x̂ = (x − mean)·inv_std.
+// The sums of g and g·x̂ of a channel's share, where g is dy through the ReLU (`passes`) and
+// x̂ = (x − mean)·inv_std.
 template <typename T, int VEC>
 __device__ void grad_stats(const T* x, const T* dy, const T* y, const float* mean,
-                           const float* inv_std, int n, int c_count, int hw, double* partial) {
+                           const float* inv_std, const float* w, const float* b, int from_x,
+                           int n, int c_count, int hw, double* partial) {
     const Share sh = block_share(n, c_count, hw, VEC);
     const float m = mean[sh.c], is = inv_std[sh.c];
+    const float scale = from_x ? is * w[sh.c] : 0.f, shift = from_x ? b[sh.c] : 0.f;
     double sg = 0.0, sgx = 0.0;
     for (long long k = threadIdx.x; k < sh.groups; k += blockDim.x) {
         const long long at = sh.at(k, VEC);
-        float xv[VEC], gv[VEC], yv[VEC];
+        float xv[VEC], gv[VEC], yv[VEC] = {};
         load<T, VEC>(x + at, xv);
         load<T, VEC>(dy + at, gv);
         if (y) load<T, VEC>(y + at, yv);
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
-            const float g = (y && !(yv[e] > 0.f)) ? 0.f : gv[e];
+            const bool pass = passes(y != nullptr, yv[e], from_x, xv[e], m, scale, shift);
+            const float g = pass ? gv[e] : 0.f;
             sg += g;
             sgx += (double)g * ((xv[e] - m) * is);
         }
@@ -222,26 +241,30 @@ __device__ void stats_cl(const T* x, long long m, int c_count, int ct, double* p
 // `grad_stats`, channels-last.
 template <typename T, int VEC>
 __device__ void grad_stats_cl(const T* x, const T* dy, const T* y, const float* mean,
-                              const float* inv_std, long long m, int c_count, int ct,
-                              double* partial) {
+                              const float* inv_std, const float* w, const float* b, int from_x,
+                              long long m, int c_count, int ct, double* partial) {
     const Cols k = block_cols(m, ct, VEC);
     double sg[VEC] = {}, sgx[VEC] = {};
     if (k.c0 < c_count) {
-        float mu[VEC], is[VEC];
+        float mu[VEC], is[VEC], scale[VEC], shift[VEC];
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
             mu[e] = mean[k.c0 + e];
             is[e] = inv_std[k.c0 + e];
+            scale[e] = from_x ? is[e] * w[k.c0 + e] : 0.f;
+            shift[e] = from_x ? b[k.c0 + e] : 0.f;
         }
         for (long long r = k.r0 + k.ty; r < k.r1; r += k.rows) {
             const long long at = r * c_count + k.c0;
-            float xv[VEC], gv[VEC], yv[VEC];
+            float xv[VEC], gv[VEC], yv[VEC] = {};
             load<T, VEC>(x + at, xv);
             load<T, VEC>(dy + at, gv);
             if (y) load<T, VEC>(y + at, yv);
 #pragma unroll
             for (int e = 0; e < VEC; ++e) {
-                const float g = (y && !(yv[e] > 0.f)) ? 0.f : gv[e];
+                const bool pass =
+                    passes(y != nullptr, yv[e], from_x, xv[e], mu[e], scale[e], shift[e]);
+                const float g = pass ? gv[e] : 0.f;
                 sg[e] += g;
                 sgx[e] += (double)g * ((xv[e] - mu[e]) * is[e]);
             }
@@ -272,25 +295,26 @@ __device__ void apply(const T* x, const T* residual, T* y, const float* mean,
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
         const int c = CL ? c0 + e : c0;
-        float o = (v[e] - mean[c]) * (inv_std[c] * w[c]) + b[c];
+        float o = bn_out(v[e], mean[c], inv_std[c] * w[c], b[c]);
         if (residual) o += r[e];
         v[e] = do_relu ? relu(o) : o;
     }
     store<T, VEC>(y + at, v);
 }
 
-// dx = w·inv_std·(g − mean(g) − x̂·mean(g·x̂)) with g = dy (masked by y > 0 when `y` is
-// given); `coef[c] = (mean(g), mean(g·x̂))`. Also writes g itself to `dres` when given (the
-// residual branch's gradient).
+// dx = w·inv_std·(g − mean(g) − x̂·mean(g·x̂)) with g = dy through the ReLU (`passes`);
+// `coef[c] = (mean(g), mean(g·x̂))`. Also writes g itself to `dres` when given (the residual
+// branch's gradient).
 template <typename T, int VEC, bool CL>
 __device__ void grad_apply(const T* x, const T* dy, const T* y, const float* mean,
-                           const float* inv_std, const float* w, const float* coef, T* dx,
-                           T* dres, long long total, int c_count, int hw) {
+                           const float* inv_std, const float* w, const float* b, int from_x,
+                           const float* coef, T* dx, T* dres, long long total, int c_count,
+                           int hw) {
     const long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (k * VEC >= total) return;
     const long long at = k * VEC;
     const int c0 = first_channel<CL>(at, c_count, hw);
-    float xv[VEC], gv[VEC], yv[VEC], out[VEC];
+    float xv[VEC], gv[VEC], yv[VEC] = {}, out[VEC];
     load<T, VEC>(x + at, xv);
     load<T, VEC>(dy + at, gv);
     if (y) load<T, VEC>(y + at, yv);
@@ -298,7 +322,8 @@ __device__ void grad_apply(const T* x, const T* dy, const T* y, const float* mea
     for (int e = 0; e < VEC; ++e) {
         const int c = CL ? c0 + e : c0;
         const float is = inv_std[c];
-        if (y && !(yv[e] > 0.f)) gv[e] = 0.f;
+        const float shift = from_x ? b[c] : 0.f;
+        if (!passes(y != nullptr, yv[e], from_x, xv[e], mean[c], is * w[c], shift)) gv[e] = 0.f;
         out[e] = (w[c] * is) * (gv[e] - coef[2 * c] - (xv[e] - mean[c]) * is * coef[2 * c + 1]);
     }
     store<T, VEC>(dx + at, out);
@@ -362,10 +387,10 @@ extern "C" __global__ void bn_grad_finish(const double* partial, int c_count, in
                                                double* partial) {                             \
         stats<T, VEC>(x, n, c, hw, partial);                                                  \
     }                                                                                         \
-    extern "C" __global__ void bn_grad_stats_##NAME(const T* x, const T* dy, const T* y,      \
-                                                    const float* mean, const float* inv_std,  \
-                                                    int n, int c, int hw, double* partial) {  \
-        grad_stats<T, VEC>(x, dy, y, mean, inv_std, n, c, hw, partial);                       \
+    extern "C" __global__ void bn_grad_stats_##NAME(                                          \
+        const T* x, const T* dy, const T* y, const float* mean, const float* inv_std,         \
+        const float* w, const float* b, int from_x, int n, int c, int hw, double* partial) {  \
+        grad_stats<T, VEC>(x, dy, y, mean, inv_std, w, b, from_x, n, c, hw, partial);         \
     }                                                                                         \
     extern "C" __global__ void bn_stats_cl_##NAME(const T* x, long long m, int c, int ct,     \
                                                   double* partial) {                          \
@@ -373,8 +398,9 @@ extern "C" __global__ void bn_grad_finish(const double* partial, int c_count, in
     }                                                                                         \
     extern "C" __global__ void bn_grad_stats_cl_##NAME(                                       \
         const T* x, const T* dy, const T* y, const float* mean, const float* inv_std,         \
-        long long m, int c, int ct, double* partial) {                                        \
-        grad_stats_cl<T, VEC>(x, dy, y, mean, inv_std, m, c, ct, partial);                    \
+        const float* w, const float* b, int from_x, long long m, int c, int ct,               \
+        double* partial) {                                                                    \
+        grad_stats_cl<T, VEC>(x, dy, y, mean, inv_std, w, b, from_x, m, c, ct, partial);      \
     }                                                                                         \
     BN_ELEMENTWISE(NAME, T, VEC, false)                                                       \
     BN_ELEMENTWISE(cl_##NAME, T, VEC, true)
@@ -388,8 +414,10 @@ extern "C" __global__ void bn_grad_finish(const double* partial, int c_count, in
     }                                                                                         \
     extern "C" __global__ void bn_grad_apply_##NAME(                                          \
         const T* x, const T* dy, const T* y, const float* mean, const float* inv_std,         \
-        const float* w, const float* coef, T* dx, T* dres, long long total, int c, int hw) {  \
-        grad_apply<T, VEC, CL>(x, dy, y, mean, inv_std, w, coef, dx, dres, total, c, hw);     \
+        const float* w, const float* b, int from_x, const float* coef, T* dx, T* dres,        \
+        long long total, int c, int hw) {                                                     \
+        grad_apply<T, VEC, CL>(x, dy, y, mean, inv_std, w, b, from_x, coef, dx, dres, total,  \
+                               c, hw);                                                        \
     }
 
 BN_KERNELS(f32, float, 1)

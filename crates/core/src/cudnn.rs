@@ -999,9 +999,10 @@ impl BnSpec {
     }
 
     /// `dx` and (written, or added when `accumulate_params`) `dw`, `db` from `x` and the
-    /// gradient `dy` of the output. With `relu_out` (the output of a fused ReLU; 0 for none)
-    /// `dy` is taken through that ReLU first, and `dres` (0 for none) receives the gradient
-    /// at the BatchNorm's output (+ residual), which is the residual's gradient.
+    /// gradient `dy` of the output (`w`, `b` are the forward's). With a fused ReLU (`relu`:
+    /// by its output, or recomputed on our kernels) `dy` is taken through that ReLU first,
+    /// and `dres` (0 for none) receives the gradient at the BatchNorm's output (+ residual),
+    /// which is the residual's gradient.
     #[allow(clippy::too_many_arguments)]
     fn backward(
         &self,
@@ -1009,16 +1010,22 @@ impl BnSpec {
         h: &Handle,
         dtype: DType,
         (x, dy, dx): (u64, u64, u64),
-        (w, dw, db): (u64, u64, u64),
+        (w, b, dw, db): (u64, u64, u64, u64),
         saved: &Stats,
         accumulate_params: bool,
-        (relu_out, dres): (u64, u64),
+        (relu, dres): (launch::Relu, u64),
     ) -> Result<()> {
         if saved.len() != self.parts.len() {
             bail!("BatchNorm backward before its forward pass")
         }
         let stream = dev.cuda_stream();
         let own = self.own()?;
+        let relu_out = match relu {
+            launch::Relu::Output(y) => y,
+            launch::Relu::None => 0,
+            launch::Relu::Recompute if own => 0,
+            launch::Relu::Recompute => bail!("a recomputed ReLU mask needs our BatchNorm kernels"),
+        };
         // cuDNN's path: the ReLU's backward and the residual's copy as passes of their own.
         let mut through_relu = None;
         let mut dy = dy;
@@ -1049,9 +1056,9 @@ impl BnSpec {
                     &kernels::Cuda(dev),
                     dtype,
                     self.range(rows),
-                    (x + off, dy + off, at(relu_out, off)),
+                    (x + off, dy + off, relu.offset(off)),
                     (pm, pi),
-                    (w, dw, db),
+                    (w, b, dw, db),
                     add_params,
                     self.stats,
                     (dx + off, at(dres, off)),
@@ -1088,6 +1095,16 @@ impl BnSpec {
         }
         drop(through_relu);
         Ok(())
+    }
+}
+
+/// The mask source of a ReLU after a BatchNorm without a residual, whose output is at `y`:
+/// recomputed from the input on our kernels (one tensor less to read), else `y`.
+fn relu_mask(y: u64) -> launch::Relu {
+    if kernels::own_batch_norm() {
+        launch::Relu::Recompute
+    } else {
+        launch::Relu::Output(y)
     }
 }
 
@@ -1237,12 +1254,13 @@ impl CustomOp3 for BnOp {
         &self,
         x: &Tensor,
         w: &Tensor,
-        _b: &Tensor,
+        b: &Tensor,
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         let saved = self.saved.lock().expect("batchnorm saved statistics");
+        let (bs, bl) = b.storage_and_layout();
         let c = self.spec.dims[1];
         let (xs, xl) = x.storage_and_layout();
         let (gs, gl) = grad.storage_and_layout();
@@ -1259,21 +1277,26 @@ impl CustomOp3 for BnOp {
             let (px, _gx) = ptr(xs, xl, &stream)?;
             let (pg, _gg) = ptr(gs, gl, &stream)?;
             let (pw, _gw) = f32_param_ptr(ws, wl, &stream)?;
+            let (pb, _gb) = f32_param_ptr(cuda_of(&bs)?, bl, &stream)?;
             let (pdx, _g1) = ptr_mut(&mut dx, &stream)?;
             let (pdw, _g2) = ptr_mut(&mut dw, &stream)?;
             let (pdb, _g3) = ptr_mut(&mut db, &stream)?;
             // With the ReLU, its output (our result) masks the gradient.
             let (pr, _gr) = ptr(rs, rl, &stream)?;
-            let relu_out = if self.relu { pr } else { 0 };
+            let relu = if self.relu {
+                relu_mask(pr)
+            } else {
+                launch::Relu::None
+            };
             self.spec.backward(
                 &dev,
                 &h,
                 xs.dtype(),
                 (px, pg, pdx),
-                (pw, pdw, pdb),
+                (pw, pb, pdw, pdb),
                 &saved,
                 false,
-                (relu_out, 0),
+                (relu, 0),
             )?;
         }
         let pshape = Shape::from(c);
@@ -1799,17 +1822,17 @@ impl BlockPlan {
                 let mut dt = alloc(dev, dtype, n)?;
                 let (pt, _gt) = ptr(t, &Layout::contiguous(n), &stream)?;
                 let (pdt, _gdt) = ptr_mut(&mut dt, &stream)?;
-                let (pg, _) = bn_ptrs(u, pp);
+                let (pg, pb) = bn_ptrs(u, pp);
                 let (pdg, pdb) = bn_ptrs(u, pdp);
                 u.bn.backward(
                     dev,
                     h,
                     dtype,
                     (pt, pz, pdt),
-                    (pg, pdg, pdb),
+                    (pg, pb, pdg, pdb),
                     s,
                     false,
-                    (pr, 0),
+                    (launch::Relu::Output(pr), 0),
                 )?;
                 let pwu = pw + es * u.w_off as u64;
                 conv_raw(dev, h, 1, &u.g, dtype, (pdt, pwu, pdx), false)?;
@@ -1835,30 +1858,31 @@ impl BlockPlan {
         let last = self.main.len() - 1;
         for (i, u) in self.main.iter().enumerate().rev() {
             let n: usize = u.g.y_dims().iter().product();
-            // The ReLU after the unit, by its output: the block's own for the last unit.
-            let (relu_out, dres) = if i == last {
-                (pr, if identity { pdx } else { 0 })
+            // The ReLU after the unit: the block's own, by its output, for the last unit (which
+            // adds the residual); recomputed from the input for the others.
+            let (relu, dres) = if i == last {
+                (launch::Relu::Output(pr), if identity { pdx } else { 0 })
             } else if u.relu {
                 let a = &saved.unit_out[i];
-                (ptr(a, &Layout::contiguous(n), &stream)?.0, 0)
+                (relu_mask(ptr(a, &Layout::contiguous(n), &stream)?.0), 0)
             } else {
-                (0, 0)
+                (launch::Relu::None, 0)
             };
             let t = &saved.conv_out[i];
             let (pt, _gt) = ptr(t, &Layout::contiguous(n), &stream)?;
             let mut dt = alloc(dev, dtype, n)?;
             let (pdt, _gdt) = ptr_mut(&mut dt, &stream)?;
-            let (pgm, _) = bn_ptrs(u, pp);
+            let (pgm, pbm) = bn_ptrs(u, pp);
             let (pdg, pdb) = bn_ptrs(u, pdp);
             u.bn.backward(
                 dev,
                 h,
                 dtype,
                 (pt, pg_cur, pdt),
-                (pgm, pdg, pdb),
+                (pgm, pbm, pdg, pdb),
                 &saved.stats[i],
                 false,
-                (relu_out, dres),
+                (relu, dres),
             )?;
             let pwu = pw + es * u.w_off as u64;
             let pin = if i == 0 {

@@ -236,6 +236,35 @@ pub enum Stats {
     Running,
 }
 
+/// Where the backward of a BatchNorm followed by a ReLU takes the ReLU's mask from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Relu {
+    /// No ReLU followed.
+    None,
+    /// The ReLU's output at this address (`y > 0`); needed when a residual was added.
+    Output(u64),
+    /// Recomputed from the input, `BN(x) > 0` by the forward's own expression, which saves
+    /// reading the output (a BatchNorm without a residual).
+    Recompute,
+}
+
+impl Relu {
+    /// The same mask for a range starting `bytes` further.
+    pub fn offset(self, bytes: u64) -> Self {
+        match self {
+            Relu::Output(y) => Relu::Output(y + bytes),
+            other => other,
+        }
+    }
+    fn args(self) -> (Arg, Arg) {
+        match self {
+            Relu::None => (Arg::Ptr(0), Arg::I32(0)),
+            Relu::Output(y) => (Arg::Ptr(y), Arg::I32(0)),
+            Relu::Recompute => (Arg::Ptr(0), Arg::I32(1)),
+        }
+    }
+}
+
 /// A scratch buffer for the grid `(c, shares)` partial sums of one reduction (two f64 each).
 fn partial_sums<R: Runner>(run: &R, r: &BnRange) -> Result<R::Buf> {
     run.alloc(r.c * r.shares() * 2 * std::mem::size_of::<f64>())
@@ -327,21 +356,22 @@ pub fn bn_forward<R: Runner>(
 }
 
 /// The backward of [`bn_forward`] for one range (`stats` as there): `dx` from `x`, the output
-/// gradient `dy` (taken through the ReLU whose output is `y`, unless `y` is 0) and the saved
-/// statistics; the parameter gradients are written to `dw`/`db` (added when `accumulate`),
-/// and the gradient at the sum (the residual's) to `dres` unless it is 0.
+/// gradient `dy` (taken through the ReLU as `relu` says) and the saved statistics; the
+/// parameter gradients are written to `dw`/`db` (added when `accumulate`), and the gradient
+/// at the sum (the residual's) to `dres` unless it is 0. `w`, `b` are the forward's.
 #[allow(clippy::too_many_arguments)]
 pub fn bn_backward<R: Runner>(
     run: &R,
     dtype: DType,
     r: BnRange,
-    (x, dy, y): (u64, u64, u64),
+    (x, dy, relu): (u64, u64, Relu),
     (mean, inv_std): (u64, u64),
-    (w, dw, db): (u64, u64, u64),
+    (w, b, dw, db): (u64, u64, u64, u64),
     accumulate: bool,
     stats: Stats,
     (dx, dres): (u64, u64),
 ) -> Result<()> {
+    let (y, from_x) = relu.args();
     let mut partial = partial_sums(run, &r)?;
     let mut coef = run.alloc(2 * r.c * std::mem::size_of::<f32>())?;
     let (pp, pc) = (run.addr(&mut partial), run.addr(&mut coef));
@@ -354,9 +384,12 @@ pub fn bn_backward<R: Runner>(
         &[
             Arg::Ptr(x),
             Arg::Ptr(dy),
-            Arg::Ptr(y),
+            y,
             Arg::Ptr(mean),
             Arg::Ptr(inv_std),
+            Arg::Ptr(w),
+            Arg::Ptr(b),
+            from_x,
             e0,
             e1,
             e2,
@@ -386,10 +419,12 @@ pub fn bn_backward<R: Runner>(
         &[
             Arg::Ptr(x),
             Arg::Ptr(dy),
-            Arg::Ptr(y),
+            y,
             Arg::Ptr(mean),
             Arg::Ptr(inv_std),
             Arg::Ptr(w),
+            Arg::Ptr(b),
+            from_x,
             Arg::Ptr(pc),
             Arg::Ptr(dx),
             Arg::Ptr(dres),

@@ -1,14 +1,14 @@
 //! Our CUDA kernels, launched by the host code the GPU runs (`simtrans_core::launch`), on the
 //! CPU emulator, against references computed here in f64: BatchNorm forward and backward
-//! (batch and running statistics, with and without ReLU and residual, both vector widths,
-//! f32 and bf16), the stem's max-pooling with its ties and NaN, and the SGD update bit for bit
+//! (batch and running statistics, with and without ReLU and residual, the ReLU's mask read or
+//! recomputed, both layouts and vector widths, f32 and bf16), the stem's max-pooling with its ties and NaN, and the SGD update bit for bit
 //! against the CPU optimiser.
 
 use candle_core::{DType, Device, Tensor, Var};
 use half::bf16;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use simtrans_core::launch::{self, BnRange, Stats};
+use simtrans_core::launch::{self, BnRange, Relu, Stats};
 use simtrans_cuda_emu::Emu;
 
 type R = anyhow::Result<()>;
@@ -115,6 +115,8 @@ struct Case {
     ty: Ty,
     relu: bool,
     residual: bool,
+    /// The backward recomputes the ReLU's mask from x instead of reading y.
+    recompute: bool,
     stats: Stats,
 }
 
@@ -149,6 +151,7 @@ fn bn_case(seed: u64, case: Case) -> R {
         ty,
         relu,
         residual,
+        recompute,
         stats,
     } = case;
     let what = format!("{case:?}");
@@ -248,15 +251,19 @@ fn bn_case(seed: u64, case: Case) -> R {
     let y = ty.download(&emu, py, n)?;
     check(&format!("{what} y"), &y, &y_want, ty.tol());
 
-    // Backward, through the ReLU by the output the forward wrote (as the GPU path does).
-    let py_mask = if relu { py } else { 0 };
+    // Backward, through the ReLU by the output the forward wrote, or recomputing it.
+    let mask = match (relu, recompute) {
+        (false, _) => Relu::None,
+        (true, false) => Relu::Output(py),
+        (true, true) => Relu::Recompute,
+    };
     launch::bn_backward(
         &emu,
         ty.dtype(),
         r,
-        (px, pdy, py_mask),
+        (px, pdy, mask),
         (pmean, pinv),
-        (pw, pdw, pdb),
+        (pw, pb, pdw, pdb),
         true,
         stats,
         (pdx, pdres),
@@ -346,7 +353,12 @@ fn batch_norm_matches_f64_in_every_variant() -> R {
     for r in ranges {
         for ty in [Ty::F32, Ty::Bf16] {
             for stats in [Stats::Batch, Stats::Running] {
-                for (relu, residual) in [(false, false), (true, false), (true, true)] {
+                for (relu, residual, recompute) in [
+                    (false, false, false),
+                    (true, false, false),
+                    (true, false, true),
+                    (true, true, false),
+                ] {
                     seed += 1;
                     bn_case(
                         seed,
@@ -355,6 +367,7 @@ fn batch_norm_matches_f64_in_every_variant() -> R {
                             ty,
                             relu,
                             residual,
+                            recompute,
                             stats,
                         },
                     )?;
