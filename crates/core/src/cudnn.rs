@@ -1099,9 +1099,12 @@ impl BnSpec {
 }
 
 /// The mask source of a ReLU after a BatchNorm without a residual, whose output is at `y`:
-/// recomputed from the input on our kernels (one tensor less to read), else `y`.
+/// recomputed from the input on our kernels (one tensor less to read), else `y`; also `y`
+/// with `SIMTRANS_RELU_RECOMPUTE=0`, to measure the difference.
 fn relu_mask(y: u64) -> launch::Relu {
-    if kernels::own_batch_norm() {
+    static RECOMPUTE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let recompute = *RECOMPUTE.get_or_init(|| env_switch("SIMTRANS_RELU_RECOMPUTE", true));
+    if recompute && kernels::own_batch_norm() {
         launch::Relu::Recompute
     } else {
         launch::Relu::Output(y)
