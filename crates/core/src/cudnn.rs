@@ -1608,8 +1608,9 @@ pub fn fused_blocks() -> bool {
     *ON.get_or_init(|| env_switch("SIMTRANS_FUSED_BLOCKS", true))
 }
 
-/// Whether the fused chain hands its parameter gradients to [`crate::grad::backward`]
-/// directly (`SIMTRANS_SIDE_GRADS=1`; off by default until measured on a GPU).
+/// Whether the fused chain reads its parameters in place (no packing) and hands their
+/// gradients to [`crate::grad::backward`] directly (`SIMTRANS_SIDE_GRADS=1`; off by default
+/// until measured on a GPU).
 pub fn side_grads() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| env_switch("SIMTRANS_SIDE_GRADS", false))
@@ -1649,6 +1650,8 @@ pub struct BlockUnit<'a> {
 /// Where one unit lives in the packed parameters, and its geometry.
 #[derive(Debug, Clone)]
 struct UnitPlan {
+    /// The unit's place in the chain (main units, then the shortcut, block after block).
+    index: usize,
     g: Geom,
     relu: bool,
     /// Element offset of the weight in the packed weights.
@@ -1682,6 +1685,13 @@ struct BlockPlan {
     running: usize,
 }
 
+/// The device addresses of every unit's parameters as the chain reads them, by unit index:
+/// its convolution weight, and its BatchNorm weight and bias.
+struct Addrs {
+    weight: Vec<u64>,
+    bn: Vec<(u64, u64)>,
+}
+
 /// A unit's BatchNorm weight and bias addresses (or their gradients') in packed parameters
 /// starting at `base`.
 fn bn_ptrs(u: &UnitPlan, base: u64) -> (u64, u64) {
@@ -1699,19 +1709,18 @@ impl BlockPlan {
         self.main.last().expect("a block has units").g.y_dims()
     }
 
-    /// The forward pass from `x` into `y`, with the packed weights at `w`, the packed
-    /// BatchNorm parameters at `p` and every unit's running statistics in `running`.
-    #[allow(clippy::too_many_arguments)]
+    /// The forward pass from `x` into `y`, with the parameters at `a` and every unit's
+    /// running statistics in `running`.
     fn forward(
         &self,
         dev: &CudaDevice,
         h: &Handle,
         dtype: DType,
-        (px, pw, pp, py): (u64, u64, u64, u64),
+        (px, py): (u64, u64),
+        a: &Addrs,
         running: &[(u64, u64)],
     ) -> Result<BlockSaved> {
         let stream = dev.cuda_stream();
-        let es = dtype.size_in_bytes() as u64;
         let mut conv_out = Vec::new();
         let mut unit_out = Vec::new();
         let mut stats = Vec::new();
@@ -1726,21 +1735,13 @@ impl BlockPlan {
                 let s = {
                     let (pt, _gt) = ptr_mut(&mut t, &stream)?;
                     let (pb, _gb) = ptr_mut(&mut b, &stream)?;
-                    conv_raw(
-                        dev,
-                        h,
-                        0,
-                        &u.g,
-                        dtype,
-                        (px, pw + es * u.w_off as u64, pt),
-                        false,
-                    )?;
+                    conv_raw(dev, h, 0, &u.g, dtype, (px, a.weight[u.index], pt), false)?;
                     u.bn.forward(
                         dev,
                         h,
                         dtype,
                         (pt, pb),
-                        bn_ptrs(u, pp),
+                        a.bn[u.index],
                         running[self.main.len()],
                         false,
                         0,
@@ -1760,15 +1761,7 @@ impl BlockPlan {
             let n: usize = u.g.y_dims().iter().product();
             let mut t = alloc(dev, dtype, n)?;
             let (pt, _gt) = ptr_mut(&mut t, &stream)?;
-            conv_raw(
-                dev,
-                h,
-                0,
-                &u.g,
-                dtype,
-                (cur, pw + es * u.w_off as u64, pt),
-                false,
-            )?;
+            conv_raw(dev, h, 0, &u.g, dtype, (cur, a.weight[u.index], pt), false)?;
             let (pa, relu, res) = if i == last {
                 (py, true, residual)
             } else {
@@ -1781,7 +1774,7 @@ impl BlockPlan {
                 h,
                 dtype,
                 (pt, pa),
-                bn_ptrs(u, pp),
+                a.bn[u.index],
                 running[i],
                 relu,
                 res,
@@ -1801,8 +1794,8 @@ impl BlockPlan {
     }
 
     /// The backward pass: from the block's input `x`, its output `y` and that output's
-    /// gradient `dy`, writes the input gradient to `dx` and the parameter gradients into the
-    /// packed buffers at `dw` and `dp`.
+    /// gradient `dy` (parameters at `a`), writes the input gradient to `dx` and the parameter
+    /// gradients into the packed buffers at `dw` and `dp`.
     #[allow(clippy::too_many_arguments)]
     fn backward(
         &self,
@@ -1810,7 +1803,7 @@ impl BlockPlan {
         h: &Handle,
         dtype: DType,
         saved: &BlockSaved,
-        (px, pw, pp): (u64, u64, u64),
+        (px, a): (u64, &Addrs),
         (pr, pz): (u64, u64),
         (pdx, pdw, pdp): (u64, u64, u64),
     ) -> Result<()> {
@@ -1825,7 +1818,7 @@ impl BlockPlan {
                 let mut dt = alloc(dev, dtype, n)?;
                 let (pt, _gt) = ptr(t, &Layout::contiguous(n), &stream)?;
                 let (pdt, _gdt) = ptr_mut(&mut dt, &stream)?;
-                let (pg, pb) = bn_ptrs(u, pp);
+                let (pg, pb) = a.bn[u.index];
                 let (pdg, pdb) = bn_ptrs(u, pdp);
                 u.bn.backward(
                     dev,
@@ -1837,8 +1830,7 @@ impl BlockPlan {
                     false,
                     (launch::Relu::Output(pr), 0),
                 )?;
-                let pwu = pw + es * u.w_off as u64;
-                conv_raw(dev, h, 1, &u.g, dtype, (pdt, pwu, pdx), false)?;
+                conv_raw(dev, h, 1, &u.g, dtype, (pdt, a.weight[u.index], pdx), false)?;
                 conv_raw(
                     dev,
                     h,
@@ -1875,7 +1867,7 @@ impl BlockPlan {
             let (pt, _gt) = ptr(t, &Layout::contiguous(n), &stream)?;
             let mut dt = alloc(dev, dtype, n)?;
             let (pdt, _gdt) = ptr_mut(&mut dt, &stream)?;
-            let (pgm, pbm) = bn_ptrs(u, pp);
+            let (pgm, pbm) = a.bn[u.index];
             let (pdg, pdb) = bn_ptrs(u, pdp);
             u.bn.backward(
                 dev,
@@ -1887,7 +1879,7 @@ impl BlockPlan {
                 false,
                 (relu, dres),
             )?;
-            let pwu = pw + es * u.w_off as u64;
+            let pwu = a.weight[u.index];
             let pin = if i == 0 {
                 px
             } else {
@@ -1927,6 +1919,11 @@ impl BlockPlan {
 /// materialises (and zero-fills, then adds) only the chain input's gradient instead of one per
 /// layer or block, and a shortcut's gradient is accumulated by the convolution itself.
 ///
+/// Two ways in: with the parameters packed into the op's second and third inputs (candle's
+/// graph carries their gradients back through its `cat`), or, with [`side_grads`], read in
+/// place from each unit's own tensors ([`SideChain`], the op's only input is `x`), their
+/// gradients handed to [`crate::grad::backward`] as views of the op's packed gradient buffers.
+///
 /// (Runs 8 and 9 of `docs/results/gpu-h100-2026-11-26` also put the stem — convolution, BatchNorm +
 /// ReLU, max-pooling — inside: batch 8 and the similarity matrix were slower, batch 64 the
 /// same, so the stem stays outside; commit 13b02ac has that version.)
@@ -1935,49 +1932,55 @@ struct ResChain {
     /// Running statistics per unit, block after block.
     running: Vec<(Tensor, Tensor)>,
     saved: Mutex<Vec<BlockSaved>>,
-    /// With [`side_grads`]: each parameter, its element offset and whether it lives in the
-    /// packed BatchNorm parameters (else in the packed weights). The packed inputs are then
-    /// detached and the gradients go to [`crate::grad::hand_over`].
-    side: Option<Vec<(Tensor, usize, bool)>>,
-    /// Activations NHWC and packed weights OHWI ([`channels_last`]): the op's input and output
-    /// are `[b, h, w, c]`.
+    /// Elements of the packed weights and of the packed BatchNorm parameters.
+    packed_len: (usize, usize),
+    /// Activations NHWC and weights OHWI ([`channels_last`]): the op's input and output are
+    /// `[b, h, w, c]`.
     nhwc: bool,
 }
 
-impl CustomOp3 for ResChain {
-    fn name(&self) -> &'static str {
-        "simtrans-residual-chain"
+/// Per unit (by index): the weight as the chain reads it (in the activations' dtype, OHWI
+/// when channels-last), the BatchNorm weight and bias, and the weight variable its gradient
+/// belongs to.
+struct UnitTensors {
+    weight: Tensor,
+    bn: [Tensor; 2],
+    variable: Tensor,
+}
+
+/// The chain with its parameters read in place and their gradients handed over
+/// ([`side_grads`]).
+struct SideChain {
+    chain: ResChain,
+    units: Vec<UnitTensors>,
+}
+
+impl ResChain {
+    /// The units' parameter addresses in packed buffers at `pw` (weights, `es` bytes per
+    /// element) and `pp` (BatchNorm parameters, f32).
+    fn packed_addrs(&self, pw: u64, pp: u64, es: u64) -> Addrs {
+        let units: Vec<&UnitPlan> = self
+            .blocks
+            .iter()
+            .flat_map(|b| b.main.iter().chain(b.shortcut.iter()))
+            .collect();
+        let mut a = Addrs {
+            weight: vec![0; units.len()],
+            bn: vec![(0, 0); units.len()],
+        };
+        for u in units {
+            a.weight[u.index] = pw + es * u.w_off as u64;
+            a.bn[u.index] = bn_ptrs(u, pp);
+        }
+        a
     }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_refused(self.name())
-    }
-    fn cuda_fwd(
-        &self,
-        x: &CudaStorage,
-        xl: &Layout,
-        w: &CudaStorage,
-        wl: &Layout,
-        p: &CudaStorage,
-        pl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
+
+    /// The forward pass of every block from `x`, the parameters at `a`.
+    fn run_forward(&self, x: &CudaStorage, xl: &Layout, a: &Addrs) -> Result<(CudaStorage, Shape)> {
         let dev = x.device().clone();
         let stream = dev.cuda_stream();
         let h = handle(&dev)?;
         let dtype = x.dtype();
-        if w.dtype() != dtype {
-            bail!(
-                "residual blocks: weights in {:?}, activations in {dtype:?}",
-                w.dtype()
-            )
-        }
         let out_dims = self.blocks.last().expect("a chain has blocks").out_dims();
         let mut y = alloc(&dev, dtype, out_dims.iter().product())?;
         let mut saved = Vec::with_capacity(self.blocks.len());
@@ -1993,8 +1996,6 @@ impl CustomOp3 for ResChain {
                 running.push(running_ptrs(l, &stream, &mut keep)?);
             }
             let (px, _gx) = ptr(x, xl, &stream)?;
-            let (pw, _gw) = ptr(w, wl, &stream)?;
-            let (pp, _gp) = f32_param_ptr(p, pl, &stream)?;
             let (py, _gy) = ptr_mut(&mut y, &stream)?;
             let mut cur = px;
             for (k, b) in self.blocks.iter().enumerate() {
@@ -2007,49 +2008,47 @@ impl CustomOp3 for ResChain {
                     Some(o) => ptr_mut(o, &stream)?.0,
                     None => py,
                 };
-                let mut s =
-                    b.forward(&dev, &h, dtype, (cur, pw, pp, pout), &running[b.running..])?;
+                let mut s = b.forward(&dev, &h, dtype, (cur, pout), a, &running[b.running..])?;
                 s.output = out;
                 saved.push(s);
                 cur = pout;
             }
         }
         *self.saved.lock().expect("chain saved state") = saved;
-        let [b, c, h, w] = out_dims;
-        let shape = if self.nhwc { [b, h, w, c] } else { out_dims };
+        let [b, c, hh, w] = out_dims;
+        let shape = if self.nhwc { [b, hh, w, c] } else { out_dims };
         Ok((y, Shape::from(shape.to_vec())))
     }
-    fn bwd(
+
+    /// The backward pass of every block, the parameters at `a`: the input's gradient and the
+    /// packed gradients of the weights (in the activations' dtype) and of the BatchNorm
+    /// parameters (f32).
+    fn run_backward(
         &self,
         x: &Tensor,
-        w: &Tensor,
-        p: &Tensor,
         res: &Tensor,
         grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        a: &Addrs,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let grad = grad.contiguous()?;
         let saved = self.saved.lock().expect("chain saved state");
         if saved.len() != self.blocks.len() {
             bail!("residual blocks' backward before their forward pass")
         }
         let (xs, xl) = x.storage_and_layout();
-        let (ws, wl) = w.storage_and_layout();
-        let (ps, pl) = p.storage_and_layout();
         let (gs, gl) = grad.storage_and_layout();
         let (rs, rl) = res.storage_and_layout();
-        let (xs, ws, ps) = (cuda_of(&xs)?, cuda_of(&ws)?, cuda_of(&ps)?);
-        let (gs, rs) = (cuda_of(&gs)?, cuda_of(&rs)?);
+        let (xs, gs, rs) = (cuda_of(&xs)?, cuda_of(&gs)?, cuda_of(&rs)?);
         let dev = xs.device().clone();
         let stream = dev.cuda_stream();
         let h = handle(&dev)?;
         let dtype = xs.dtype();
+        let (w_len, p_len) = self.packed_len;
         let mut dx = alloc(&dev, dtype, xl.shape().elem_count())?;
-        let mut dw = alloc(&dev, dtype, wl.shape().elem_count())?;
-        let mut dp = alloc(&dev, DType::F32, pl.shape().elem_count())?;
+        let mut dw = alloc(&dev, dtype, w_len)?;
+        let mut dp = alloc(&dev, DType::F32, p_len)?;
         {
             let (px, _g1) = ptr(xs, xl, &stream)?;
-            let (pw, _g2) = ptr(ws, wl, &stream)?;
-            let (pp, _g3) = f32_param_ptr(ps, pl, &stream)?;
             // The gradient of the chain's output, and that output (the last ReLU's mask).
             let (pz, _g4) = ptr(gs, gl, &stream)?;
             let (pr, _g8) = ptr(rs, rl, &stream)?;
@@ -2088,7 +2087,7 @@ impl CustomOp3 for ResChain {
                     &h,
                     dtype,
                     &saved[k],
-                    (pin, pw, pp),
+                    (pin, a),
                     (pout, pg),
                     (pdin, pdw, pdp),
                 )?;
@@ -2097,23 +2096,166 @@ impl CustomOp3 for ResChain {
             }
             drop(g_buf);
         }
-        let (dw, dp) = (wrap(dw, w.shape()), wrap(dp, p.shape()));
-        let Some(params) = &self.side else {
-            return Ok((Some(wrap(dx, x.shape())), Some(dw), Some(dp)));
-        };
-        // Each parameter's gradient as a view of the packed buffers (f32, as the variables;
-        // channels-last weights are OHWI there, permuted back to OIHW).
-        let dw = dw.to_dtype(DType::F32)?;
-        for (param, off, bn) in params {
-            let packed = if *bn { &dp } else { &dw };
-            let flat = packed.narrow(0, *off, param.elem_count())?;
-            let g = match (self.nhwc && !*bn, param.dims()) {
-                (true, &[o, i, kh, kw]) => flat.reshape((o, kh, kw, i))?.permute((0, 3, 1, 2))?,
-                _ => flat.reshape(param.shape())?,
-            };
-            crate::grad::hand_over(param, g)?;
+        Ok((
+            wrap(dx, x.shape()),
+            wrap(dw, &Shape::from(w_len)),
+            wrap(dp, &Shape::from(p_len)),
+        ))
+    }
+}
+
+impl CustomOp3 for ResChain {
+    fn name(&self) -> &'static str {
+        "simtrans-residual-chain"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_refused(self.name())
+    }
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+        p: &CudaStorage,
+        pl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        if w.dtype() != x.dtype() {
+            bail!(
+                "residual blocks: weights in {:?}, activations in {:?}",
+                w.dtype(),
+                x.dtype()
+            )
         }
-        Ok((Some(wrap(dx, x.shape())), None, None))
+        let stream = x.device().cuda_stream();
+        let (pw, _gw) = ptr(w, wl, &stream)?;
+        let (pp, _gp) = f32_param_ptr(p, pl, &stream)?;
+        let es = x.dtype().size_in_bytes() as u64;
+        self.run_forward(x, xl, &self.packed_addrs(pw, pp, es))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        p: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (ws, wl) = w.storage_and_layout();
+        let (ps, pl) = p.storage_and_layout();
+        let (ws, ps) = (cuda_of(&ws)?, cuda_of(&ps)?);
+        let stream = ws.device().cuda_stream();
+        let (pw, _gw) = ptr(ws, wl, &stream)?;
+        let (pp, _gp) = f32_param_ptr(ps, pl, &stream)?;
+        let es = w.dtype().size_in_bytes() as u64;
+        let a = self.packed_addrs(pw, pp, es);
+        let (dx, dw, dp) = self.run_backward(x, res, grad, &a)?;
+        Ok((Some(dx), Some(dw), Some(dp)))
+    }
+}
+
+impl SideChain {
+    /// The units' parameter addresses, read from their own tensors (the guards keep them
+    /// valid while the work is queued).
+    fn addrs<'a>(
+        locks: &'a [(Locked<'a>, Locked<'a>, Locked<'a>)],
+        stream: &'a CudaStream,
+        keep: &mut Vec<SyncOnDrop<'a>>,
+    ) -> Result<Addrs> {
+        let mut a = Addrs {
+            weight: Vec::with_capacity(locks.len()),
+            bn: Vec::with_capacity(locks.len()),
+        };
+        for ((ws, wl), (gs, gl), (bs, bl)) in locks {
+            let (pw, g1) = ptr(cuda_of(ws)?, wl, stream)?;
+            let (pg, g2) = f32_param_ptr(cuda_of(gs)?, gl, stream)?;
+            let (pb, g3) = f32_param_ptr(cuda_of(bs)?, bl, stream)?;
+            keep.extend([g1, g2, g3]);
+            a.weight.push(pw);
+            a.bn.push((pg, pb));
+        }
+        Ok(a)
+    }
+
+    fn locks(&self) -> Vec<(Locked<'_>, Locked<'_>, Locked<'_>)> {
+        self.units
+            .iter()
+            .map(|u| {
+                (
+                    u.weight.storage_and_layout(),
+                    u.bn[0].storage_and_layout(),
+                    u.bn[1].storage_and_layout(),
+                )
+            })
+            .collect()
+    }
+}
+
+impl CustomOp1 for SideChain {
+    fn name(&self) -> &'static str {
+        "simtrans-residual-chain-side-grads"
+    }
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        cpu_refused(CustomOp1::name(self))
+    }
+    fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
+        if let Some(u) = self.units.iter().find(|u| u.weight.dtype() != x.dtype()) {
+            bail!(
+                "residual blocks: a weight in {:?}, activations in {:?}",
+                u.weight.dtype(),
+                x.dtype()
+            )
+        }
+        let stream = x.device().cuda_stream();
+        let locks = self.locks();
+        let mut keep = Vec::new();
+        let a = Self::addrs(&locks, &stream, &mut keep)?;
+        self.chain.run_forward(x, xl, &a)
+    }
+    fn bwd(&self, x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (dx, dw, dp) = {
+            let stream = match &*x.storage_and_layout().0 {
+                Storage::Cuda(s) => s.device().cuda_stream(),
+                _ => bail!("residual blocks: the backward needs CUDA tensors"),
+            };
+            let locks = self.locks();
+            let mut keep = Vec::new();
+            let a = Self::addrs(&locks, &stream, &mut keep)?;
+            self.chain.run_backward(x, res, grad, &a)?
+        };
+        // Each weight's gradient as a view of the packed buffers (f32, as the variables;
+        // channels-last weights are OHWI there, permuted back to OIHW), then the BatchNorm
+        // parameters'.
+        let dw = dw.to_dtype(DType::F32)?;
+        let units = self
+            .chain
+            .blocks
+            .iter()
+            .flat_map(|b| b.main.iter().chain(b.shortcut.iter()));
+        for u in units {
+            let t = &self.units[u.index];
+            let flat = dw.narrow(0, u.w_off, t.variable.elem_count())?;
+            let g = match t.variable.dims() {
+                &[o, i, kh, kw] if self.chain.nhwc => {
+                    flat.reshape((o, kh, kw, i))?.permute((0, 3, 1, 2))?
+                }
+                _ => flat.reshape(t.variable.shape())?,
+            };
+            crate::grad::hand_over(&t.variable, g)?;
+            for (k, param) in t.bn.iter().enumerate() {
+                let g = dp.narrow(0, u.bn_off + k * u.g.o, u.g.o)?;
+                crate::grad::hand_over(param, g.reshape(param.shape())?)?;
+            }
+        }
+        Ok(Some(dx))
     }
 }
 
@@ -2168,8 +2310,8 @@ pub fn residual_blocks(
     let mut running = Vec::new();
     // Handing the gradients over needs the op in candle's graph through its input.
     let side = side_grads() && x.track_op();
-    let mut params = Vec::new();
-    let (mut w_off, mut bn_off) = (0, 0);
+    let mut side_units = Vec::new();
+    let (mut w_off, mut bn_off, mut index) = (0, 0, 0);
     let mut plan = |u: &BlockUnit, input: [usize; 4]| -> Result<UnitPlan> {
         let (o, c, kh, kw) = u.weight.dims4()?;
         if c != input[1] {
@@ -2191,6 +2333,7 @@ pub fn residual_blocks(
             nhwc,
         };
         let p = UnitPlan {
+            index,
             g,
             relu: u.relu,
             w_off,
@@ -2201,18 +2344,23 @@ pub fn residual_blocks(
             }
             .with_channels_last(nhwc),
         };
-        if side {
-            params.push((u.weight.clone(), w_off, false));
-            params.push((u.bn[0].clone(), bn_off, true));
-            params.push((u.bn[1].clone(), bn_off + o, true));
-        }
+        index += 1;
         w_off += u.weight.elem_count();
         bn_off += 2 * o;
+        // The weight as the chain reads it: a copy only where the dtype or layout differs.
         let w = u.weight.to_dtype(x.dtype())?;
         let w = if nhwc { w.permute((0, 2, 3, 1))? } else { w };
-        weights.push(w.flatten_all()?);
-        bn_params.push(u.bn[0].flatten_all()?);
-        bn_params.push(u.bn[1].flatten_all()?);
+        if side {
+            side_units.push(UnitTensors {
+                weight: w.detach().contiguous()?,
+                bn: [u.bn[0].clone(), u.bn[1].clone()],
+                variable: u.weight.clone(),
+            });
+        } else {
+            weights.push(w.flatten_all()?);
+            bn_params.push(u.bn[0].flatten_all()?);
+            bn_params.push(u.bn[1].flatten_all()?);
+        }
         running.push((u.bn[2].clone(), u.bn[3].clone()));
         Ok(p)
     };
@@ -2261,18 +2409,20 @@ pub fn residual_blocks(
         });
         x_dims = input;
     }
-    let (mut w, mut p) = (Tensor::cat(&weights, 0)?, Tensor::cat(&bn_params, 0)?);
-    if side {
-        (w, p) = (w.detach(), p.detach());
-    }
-    let op = ResChain {
+    let chain = ResChain {
         blocks: plans,
         running,
         saved: Mutex::new(Vec::new()),
-        side: side.then_some(params),
+        packed_len: (w_off, bn_off),
         nhwc,
     };
-    let y = x.apply_op3(&w, &p, op)?;
+    let y = if side {
+        let units = side_units;
+        x.apply_op1(SideChain { chain, units })?
+    } else {
+        let (w, p) = (Tensor::cat(&weights, 0)?, Tensor::cat(&bn_params, 0)?);
+        x.apply_op3(&w, &p, chain)?
+    };
     if nhwc {
         y.permute((0, 3, 1, 2))?.contiguous()
     } else {

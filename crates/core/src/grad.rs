@@ -1,10 +1,11 @@
 //! The one entry point for a training step's gradients: [`backward`].
 //!
 //! It is `loss.backward()`, plus one experiment of issue #9. With `SIMTRANS_SIDE_GRADS=1` on a
-//! CUDA build, the fused residual chain (`cudnn::residual_blocks`) takes its packed
-//! parameters detached from candle's graph and hands their gradients over here, as views of
-//! its own buffers, instead of through candle's `cat` backward, which zero-fills and adds a
-//! gradient per parameter (about 160 of them in a ResNet-50, twice each for the 4-D weights).
+//! CUDA build, the fused residual chain (`cudnn::residual_blocks`) reads its parameters in
+//! place, outside candle's graph, and hands their gradients over here as views of its own
+//! buffers. Without it, the chain packs its parameters with candle's `cat` every step (about
+//! 160 copies in a ResNet-50) and candle's `cat` backward zero-fills and adds a gradient per
+//! parameter, twice for the 4-D weights: several hundred launches per step.
 //! The switch is off by default until a GPU run has measured it
 //! (`AB=SIMTRANS_SIDE_GRADS=1 SECTIONS=ab scripts/gpu-bench.sh`). A fused chain built with the
 //! switch on refuses a backward pass that does not come through [`backward`], so a forgotten
