@@ -107,13 +107,14 @@ say "2c. tf32 and bf16 with the chain channels-last (SIMTRANS_CHANNELS_LAST=1)"
 for p in tf32 bf16; do table "$p" "table-$p-cl" SIMTRANS_CHANNELS_LAST=1; done
 fi
 
-# The A/B switches, one per table. By default the three not measured yet: the chain
-# channels-last and the chain's parameter gradients handed over directly (neither the default
-# yet), and the ReLU masks read instead of recomputed. Run 7 measured the others (AB="VAR=VALUE
+# The A/B switches, one per table. By default the four not measured yet: the chain
+# channels-last and the chain's parameters read in place with their gradients handed over
+# (neither the default yet), the ReLU masks read instead of recomputed, and cudarc's
+# per-buffer CUDA events kept. Run 7 measured the others (AB="VAR=VALUE
 # ..." picks any): SIMTRANS_OWN_BN=0 (cuDNN's BatchNorm), SIMTRANS_FUSED_CHAIN=0 (one op per
 # residual block), SIMTRANS_FUSED_BLOCKS=0 (layer by layer), SIMTRANS_POOL_RELEASE=1 (the
 # driver's default memory pool).
-AB=${AB:-SIMTRANS_CHANNELS_LAST=1 SIMTRANS_SIDE_GRADS=1 SIMTRANS_RELU_RECOMPUTE=0}
+AB=${AB:-SIMTRANS_CHANNELS_LAST=1 SIMTRANS_SIDE_GRADS=1 SIMTRANS_RELU_RECOMPUTE=0 SIMTRANS_EVENT_TRACKING=1}
 if want ab; then
 say "2b. tf32 A/B, one switch each: $AB"
 for switch in $AB; do

@@ -25,8 +25,9 @@ static PRECISION: Mutex<()> = Mutex::new(());
 /// descriptor 2 itself: the test harness swallows `eprintln!` of passing tests, and reopening
 /// `/dev/stderr` would write at its own offset into a redirected log and be overwritten.
 fn gpu(test: &str) -> Option<Device> {
+    // Opened as the stages open it.
     #[cfg(feature = "cuda")]
-    let why = match Device::new_cuda(0) {
+    let why = match simtrans_core::device::parse("cuda") {
         Ok(d) => return Some(d),
         Err(e) => format!("no usable CUDA device ({e})"),
     };

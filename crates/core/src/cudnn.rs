@@ -49,6 +49,22 @@ pub fn enabled() -> bool {
     *ON.get_or_init(|| env_switch("SIMTRANS_CUDNN", true))
 }
 
+/// Stops cudarc from making two CUDA events with every buffer of `dev` and destroying them
+/// with it (unless `SIMTRANS_EVENT_TRACKING=1`, to measure the difference). cudarc waits on
+/// those events only while a context runs several streams; candle's device runs one, its
+/// per-thread stream, and nothing in this project makes another, so they are never used, yet
+/// each buffer — every op's output and every scratch buffer, many hundreds per training step —
+/// pays four driver calls for them. Buffers made before this call keep theirs.
+pub fn untrack_events(dev: &candle_core::Device) {
+    if let candle_core::Device::Cuda(d) = dev {
+        if !env_switch("SIMTRANS_EVENT_TRACKING", false) {
+            // SAFETY: the events order work between streams of one context; every buffer of
+            // this device is used on its one stream, where work runs in order anyway.
+            unsafe { d.disable_event_tracking() }
+        }
+    }
+}
+
 /// An A/B switch from the environment: `1` on, `0` off, anything else (or unset) `default`.
 pub(crate) fn env_switch(var: &str, default: bool) -> bool {
     match std::env::var(var).as_deref() {

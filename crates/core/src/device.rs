@@ -63,7 +63,8 @@ pub fn precision() -> Precision {
     }
 }
 
-/// Parses a device name and opens the device.
+/// Parses a device name and opens the device (on CUDA, without cudarc's per-buffer events:
+/// `cudnn::untrack_events`).
 pub fn parse(name: &str) -> Result<Device> {
     match name {
         "cpu" => Ok(Device::Cpu),
@@ -82,7 +83,11 @@ pub fn parse(name: &str) -> Result<Device> {
                     "`{name}` needs a build with `--features cuda` (see README, GPU build)"
                 )));
             }
-            Device::new_cuda(ordinal).map_err(|e| CoreError::Device(format!("`{name}`: {e}")))
+            let dev = Device::new_cuda(ordinal)
+                .map_err(|e| CoreError::Device(format!("`{name}`: {e}")))?;
+            #[cfg(feature = "cuda")]
+            crate::cudnn::untrack_events(&dev);
+            Ok(dev)
         }
     }
 }
