@@ -24,7 +24,7 @@ BIN=$(realpath "${1:-.device-bin}")
 OUT=$(mkdir -p "${2:-${OUT:-gpu-bench-out}}" && realpath "${2:-${OUT:-gpu-bench-out}}")
 LOG="$OUT/log.txt"
 WORK=$(mktemp -d)
-say() { echo "== $*" | tee -a "$LOG"; }
+say() { echo "== [${SECONDS}s] $*" | tee -a "$LOG"; }
 
 for f in "$BIN"/*.xz; do
   [ -e "$f" ] || continue
