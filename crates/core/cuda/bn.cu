@@ -118,14 +118,29 @@ __device__ __forceinline__ void store_share(double* partial, double a, double b)
     }
 }
 
-// The two sums of channel c over all its shares.
+// The finish kernels give each channel one warp: the channel of the calling warp, or -1
+// past the last.
+__device__ __forceinline__ int warp_channel(int c_count) {
+    const int c = (int)(blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32);
+    return c < c_count ? c : -1;
+}
+
+// The two sums of channel c over all its shares, by the calling warp (the lanes take every
+// 32nd share, then add up in a fixed order); every lane ends with them. A channels-last
+// reduction has up to a few thousand shares per channel, which one thread alone would read
+// one after another.
 __device__ __forceinline__ void sum_shares(const double* partial, int c, int shares, double& a,
                                            double& b) {
     a = 0.0;
     b = 0.0;
-    for (int s = 0; s < shares; ++s) {
-        a += partial[(c * shares + s) * 2];
-        b += partial[(c * shares + s) * 2 + 1];
+    for (int s = (int)(threadIdx.x & 31); s < shares; s += 32) {
+        a += partial[((long long)c * shares + s) * 2];
+        b += partial[((long long)c * shares + s) * 2 + 1];
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        a += __shfl_xor_sync(0xffffffffu, a, o);
+        b += __shfl_xor_sync(0xffffffffu, b, o);
     }
 }
 
@@ -332,17 +347,18 @@ __device__ void grad_apply(const T* x, const T* dy, const T* y, const float* mea
 
 }  // namespace
 
-// One thread per channel: the batch mean and 1/sqrt(var + eps) (biased variance) from the
+// One warp per channel: the batch mean and 1/sqrt(var + eps) (biased variance) from the
 // partial sums of `count` values, and, when `running_mean` is given, the running statistics
 // moved by momentum with the unbiased variance (PyTorch's rule).
 extern "C" __global__ void bn_stats_finish(const double* partial, int c_count, int shares,
                                            double count, float eps, float momentum,
                                            float* running_mean, float* running_var,
                                            float* mean, float* inv_std) {
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= c_count) return;
+    const int c = warp_channel(c_count);
+    if (c < 0) return;
     double sum, sq;
     sum_shares(partial, c, shares, sum, sq);
+    if ((threadIdx.x & 31) != 0) return;
     const double mu = sum / count;
     double var = sq / count - mu * mu;
     if (var < 0.0) var = 0.0;
@@ -366,16 +382,17 @@ extern "C" __global__ void bn_eval_stats(int c_count, float eps, const float* ru
     inv_std[c] = (float)(1.0 / sqrt((double)running_var[c] + (double)eps));
 }
 
-// One thread per channel: dw[c] (+)= Σ g·x̂, db[c] (+)= Σ g, and coef[c] = the two means that
+// One warp per channel: dw[c] (+)= Σ g·x̂, db[c] (+)= Σ g, and coef[c] = the two means that
 // the batch statistics' own gradient subtracts (zero in evaluation mode, `fixed`, where the
 // statistics are constants and dx = w·inv_std·g).
 extern "C" __global__ void bn_grad_finish(const double* partial, int c_count, int shares,
                                           double count, int accumulate, int fixed, float* dw,
                                           float* db, float* coef) {
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= c_count) return;
+    const int c = warp_channel(c_count);
+    if (c < 0) return;
     double sg, sgx;
     sum_shares(partial, c, shares, sg, sgx);
+    if ((threadIdx.x & 31) != 0) return;
     dw[c] = (float)(accumulate ? dw[c] + sgx : sgx);
     db[c] = (float)(accumulate ? db[c] + sg : sg);
     coef[2 * c] = fixed ? 0.f : (float)(sg / count);

@@ -180,9 +180,13 @@ impl BnRange {
         };
         2048usize.div_ceil(self.tiles()).clamp(1, most.max(1))
     }
-    /// One thread per channel (the `*_finish` and `bn_eval_stats` kernels).
+    /// One thread per channel (`bn_eval_stats`).
     pub fn per_channel(&self) -> Launch {
         launch_of(((self.c as u32).div_ceil(THREADS), 1), THREADS)
+    }
+    /// One warp per channel (the `*_finish` kernels, which sum a channel's shares).
+    pub fn finish(&self) -> Launch {
+        launch_of(((self.c as u32).div_ceil(THREADS / 32), 1), THREADS)
     }
     /// One block per channel (NCHW) or block of channels (NHWC) and share of the rows (the
     /// reductions).
@@ -320,7 +324,7 @@ pub fn bn_forward<R: Runner>(
         run.launch(
             Module::Bn,
             "bn_stats_finish",
-            r.per_channel(),
+            r.finish(),
             &[
                 Arg::Ptr(pp),
                 Arg::I32(c),
@@ -399,7 +403,7 @@ pub fn bn_backward<R: Runner>(
     run.launch(
         Module::Bn,
         "bn_grad_finish",
-        r.per_channel(),
+        r.finish(),
         &[
             Arg::Ptr(pp),
             Arg::I32(c),

@@ -38,17 +38,29 @@ uint64_t* warp_slots();
 
 inline void __syncthreads() { emu::yield(emu::Sync::Block); }
 
-template <typename T> T __shfl_down_sync(unsigned mask, T v, int delta) {
+namespace emu {
+// The value of `v` in lane `src` of the calling warp (all 32 lanes call it together); a
+// lane outside the warp gives the caller's own value, as on the GPU.
+template <typename T> T shuffle(unsigned mask, T v, unsigned src) {
     static_assert(sizeof(T) <= sizeof(uint64_t), "shuffles move at most 8 bytes");
-    if (mask != 0xffffffffu) emu::fail("the emulator only knows full-warp shuffles");
+    if (mask != 0xffffffffu) fail("the emulator only knows full-warp shuffles");
     const unsigned lane = threadIdx.x & 31u;
-    uint64_t* slots = emu::warp_slots();
+    uint64_t* slots = warp_slots();
     std::memcpy(&slots[lane], &v, sizeof(T));
-    emu::yield(emu::Sync::Warp);
+    yield(Sync::Warp);
     T r = v;
-    if (lane + delta < 32u) std::memcpy(&r, &slots[lane + delta], sizeof(T));
-    emu::yield(emu::Sync::Warp);
+    if (src < 32u) std::memcpy(&r, &slots[src], sizeof(T));
+    yield(Sync::Warp);
     return r;
+}
+}  // namespace emu
+
+template <typename T> T __shfl_down_sync(unsigned mask, T v, int delta) {
+    return emu::shuffle(mask, v, (threadIdx.x & 31u) + (unsigned)delta);
+}
+
+template <typename T> T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
+    return emu::shuffle(mask, v, (threadIdx.x & 31u) ^ (unsigned)lane_mask);
 }
 
 // Single-rounding arithmetic: the emulator is compiled without contraction, so these are the

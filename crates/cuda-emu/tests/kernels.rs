@@ -379,6 +379,28 @@ fn batch_norm_matches_f64_in_every_variant() -> R {
 }
 
 #[test]
+fn batch_norm_sums_more_shares_than_a_warp_has_lanes() -> R {
+    // Channels-last with few channels and many rows: 35 shares per channel, more than the 32
+    // lanes of the warp that adds them up in the finish kernels.
+    let r = BnRange::nhwc(2, 32, 2200);
+    assert_eq!(r.shares(), 35);
+    for stats in [Stats::Batch, Stats::Running] {
+        bn_case(
+            99,
+            Case {
+                r,
+                ty: Ty::F32,
+                relu: true,
+                residual: true,
+                recompute: false,
+                stats,
+            },
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
 fn batch_norm_launches_have_the_planned_shapes() -> R {
     // The reductions take one block per (channel, share of the rows); the elementwise passes
     // one thread per 4 values when a plane allows it.
@@ -408,6 +430,7 @@ fn batch_norm_launches_have_the_planned_shapes() -> R {
         names,
         [
             ("bn_stats_f32x4", (3, 6)),
+            // One warp per channel.
             ("bn_stats_finish", (1, 1)),
             ("bn_apply_f32x4", ((n / 4).div_ceil(256) as u32, 1)),
         ]
@@ -420,6 +443,7 @@ fn batch_norm_launches_have_the_planned_shapes() -> R {
     assert_eq!((first.vec(), first.reduction().grid), (4, (1, 2048)));
     let last = BnRange::nhwc(64, 2048, 7 * 7);
     assert_eq!((last.vec(), last.reduction().grid), (4, (16, 98)));
+    assert_eq!(last.finish().grid, (256, 1));
     assert_eq!(
         last.variant(launch::BnKernel::GradStats, DType::BF16)?,
         "bn_grad_stats_cl_bf16x4"
