@@ -1008,9 +1008,10 @@ impl BnSpec {
     /// One range of `rows` rows as our kernels see it.
     fn range(&self, rows: usize) -> launch::BnRange {
         let [_, c, h, w] = self.dims;
+        let r = launch::BnRange::nchw(rows, c, h * w);
         launch::BnRange {
-            channels_last: self.channels_last,
-            ..launch::BnRange::nchw(rows, c, h * w)
+            channels_last: r.channels_last || self.channels_last,
+            ..r
         }
     }
 

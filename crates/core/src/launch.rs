@@ -102,13 +102,15 @@ pub enum BnKernel {
 }
 
 impl BnRange {
-    /// An NCHW range.
+    /// An NCHW range. With `hw == 1` (a `[B, C]` tensor, such as the SimNet head's) NCHW and
+    /// NHWC are the same memory, and the channels-last kernels read it: the NCHW reductions
+    /// would read one value per row, `c` values apart.
     pub fn nchw(n: usize, c: usize, hw: usize) -> Self {
         BnRange {
             n,
             c,
             hw,
-            channels_last: false,
+            channels_last: hw == 1,
         }
     }
     /// A channels-last (NHWC) range.

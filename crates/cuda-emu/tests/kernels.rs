@@ -336,8 +336,9 @@ fn batch_norm_matches_f64_in_every_variant() -> R {
         range(6, 3, 36),
         // One value per access (hw % 4 != 0).
         range(3, 5, 7),
-        // [B, C] (hw = 1), the SimNet head's shape.
+        // [B, C] (hw = 1), the SimNet head's shape: read by the channels-last kernels.
         range(10, 6, 1),
+        range(9, 8, 1),
         // More groups per row than a block has threads.
         range(2, 2, 1600),
         // Channels-last: 4 channels per access, 2 columns of threads per block.
@@ -447,6 +448,13 @@ fn batch_norm_launches_have_the_planned_shapes() -> R {
     assert_eq!(
         last.variant(launch::BnKernel::GradStats, DType::BF16)?,
         "bn_grad_stats_cl_bf16x4"
+    );
+    // [B, C] tensors are the same memory either way, and go to the channels-last kernels.
+    let head = range(5000, 4096, 1);
+    assert!(head.channels_last);
+    assert_eq!(
+        head.variant(launch::BnKernel::Stats, DType::F32)?,
+        "bn_stats_cl_f32x4"
     );
     Ok(())
 }
