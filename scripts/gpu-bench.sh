@@ -5,15 +5,15 @@
 #      the chain's gradients handed over directly (1d, SIMTRANS_SIDE_GRADS=1) and with the
 #      chain channels-last (1e, SIMTRANS_CHANNELS_LAST=1);
 #   2. the five workloads of BENCHMARKS.md's table (`xtask bench table`) at f32, tf32 and bf16
-#      (sections `find`, `ab` and `cl`: with measured algorithm choice, one A/B switch at a
-#      time, and tf32 and bf16 channels-last);
+#      (sections `find`, `ab`, `cl` and `host`: with measured algorithm choice, one A/B switch
+#      at a time, tf32 and bf16 channels-last, and tf32 with the host's calls timed by kind);
 #   3. candle's own CUDA convolution and BatchNorm (SIMTRANS_CUDNN=0): the "before" figures;
 #   4. the demo pipeline end to end on the GPU (`xtask reproduce --device cuda`) at each
 #      precision, for the accuracy cost of tf32 and bf16; each run time-limited (DEMO_LIMIT);
 #   5. (section `profile`) per-kernel times of ResNet-50 steps under Nsight Compute.
 #
 #   scripts/gpu-bench.sh [BIN_DIR] [OUT_DIR]
-#   SECTIONS="tests table" scripts/gpu-bench.sh     # a subset (tests table find quick cl ab candle demo profile)
+#   SECTIONS="tests table" scripts/gpu-bench.sh     # a subset (tests table find quick cl host ab candle demo profile)
 #
 # BIN_DIR holds `xtask` and `gpu-tests` (plain or .xz), as scripts/build-gpu-bins.sh leaves them;
 # OUT_DIR (default $OUT, else ./gpu-bench-out) receives gpu.txt, log.txt and results.json.
@@ -100,6 +100,12 @@ fi
 if want quick; then
 say "2q. the table at tf32 and bf16"
 for p in tf32 bf16; do table "$p" "table-$p"; done
+fi
+
+if want host; then
+say "2h. tf32 with the host's calls timed by kind (SIMTRANS_HOST_PROFILE=1), packed and in place"
+table tf32 table-tf32-host SIMTRANS_HOST_PROFILE=1
+table tf32 table-tf32-host-side SIMTRANS_HOST_PROFILE=1 SIMTRANS_SIDE_GRADS=1
 fi
 
 if want cl; then

@@ -204,6 +204,23 @@ fn gpu_table(
             _ => String::new(),
         };
         println!("table: {workload}: {ips:.1} images/s ({precision}){phases}");
+        // With SIMTRANS_HOST_PROFILE=1: the host's calls of each phase, per step.
+        if let Some(serde_json::Value::Array(phases)) = detail.get("host_calls") {
+            for (name, calls) in ["forward", "backward", "optimiser"].iter().zip(phases) {
+                let Some(calls) = calls.as_object().filter(|c| !c.is_empty()) else {
+                    continue;
+                };
+                let parts: Vec<String> = calls
+                    .iter()
+                    .map(|(label, v)| {
+                        let n = v[0].as_f64().unwrap_or(0.0);
+                        let ms = 1e3 * v[1].as_f64().unwrap_or(0.0);
+                        format!("{label} {n:.0}x {ms:.2} ms")
+                    })
+                    .collect();
+                println!("table:   host, {name}: {}", parts.join(", "));
+            }
+        }
         rows.push(serde_json::json!({
             "workload": workload, "images_per_second": ips, "precision": precision, "detail": detail,
         }));

@@ -10,6 +10,7 @@ use crate::{trainable_vars, BnMode};
 use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 use simtrans_core::optim::Sgd;
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 /// What one bench run measured.
@@ -38,6 +39,9 @@ pub struct BenchReport {
     /// synchronisation). On a GPU, a figure close to the phase's whole time means the host
     /// bounds it; on the CPU the two are equal.
     pub issue_seconds: [f64; 3],
+    /// With `SIMTRANS_HOST_PROFILE=1` ([`simtrans_core::hostprof`]), of each phase per step,
+    /// the host's calls by kind: `label → (calls, seconds)`; empty otherwise.
+    pub host_calls: [BTreeMap<String, (f64, f64)>; 3],
 }
 
 /// Times `steps` training steps of `arch` at `image_size` px in batches of `batch_size`.
@@ -73,20 +77,33 @@ pub fn bench(
     let seconds = start.elapsed().as_secs_f64();
     let mut phase_seconds = [0.0; 3];
     let mut issue_seconds = [0.0; 3];
+    let mut host_calls: [BTreeMap<String, (f64, f64)>; 3] = Default::default();
     let phase_steps = steps.clamp(1, 3);
+    // Each phase's host calls, averaged over the phase steps.
+    let mut calls = |phase: usize| {
+        for (label, (n, secs)) in simtrans_core::hostprof::take() {
+            let e = host_calls[phase].entry(label).or_insert((0.0, 0.0));
+            e.0 += n as f64 / phase_steps as f64;
+            e.1 += secs / phase_steps as f64;
+        }
+    };
+    simtrans_core::hostprof::take();
     for _ in 0..phase_steps {
         let t = Instant::now();
         let (logits, _) = net.forward(&x, BnMode::Train)?;
         let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
         let i0 = t.elapsed();
+        calls(0);
         device.synchronize()?;
         let t1 = Instant::now();
         let grads = simtrans_core::grad::backward(&loss)?;
         let i1 = t1.elapsed();
+        calls(1);
         device.synchronize()?;
         let t2 = Instant::now();
         sgd.step(&grads)?;
         let i2 = t2.elapsed();
+        calls(2);
         device.synchronize()?;
         let whole = [t1 - t, t2 - t1, t2.elapsed()];
         for (acc, d) in phase_seconds.iter_mut().zip(whole) {
@@ -107,6 +124,7 @@ pub fn bench(
         device: format!("{device:?}"),
         phase_seconds,
         issue_seconds,
+        host_calls,
     })
 }
 

@@ -25,7 +25,7 @@
 //! tensors that stay on the device. The ops refuse the CPU; callers dispatch on the device.
 
 use crate::device::{precision, Precision};
-use crate::{kernels, launch};
+use crate::{hostprof, kernels, launch};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda::{CudaDevice, CudaStorage, CudaStorageSlice};
 use candle_core::op::BackpropOp;
@@ -571,6 +571,7 @@ pub(crate) fn ptr<'a>(
 
 /// A fresh buffer of `n` elements of `dtype` and its address.
 fn alloc(dev: &CudaDevice, dtype: DType, n: usize) -> Result<CudaStorage> {
+    let _timer = hostprof::Timer::start("alloc");
     let d = dev.clone();
     Ok(match dtype {
         DType::F32 => CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<f32>(n) }?, d),
@@ -609,7 +610,9 @@ fn conv_raw(
     let d = descs(g, dtype, precision())?;
     let (algo, ws_bytes) = algorithm(pass, h, &d, g, dtype)?;
     let mut work = if ws_bytes > 0 {
-        Some(unsafe { dev.alloc::<u8>(ws_bytes) }?)
+        Some(hostprof::timed("alloc", || unsafe {
+            dev.alloc::<u8>(ws_bytes)
+        })?)
     } else {
         None
     };
@@ -627,6 +630,7 @@ fn conv_raw(
         out as *mut c_void,
         pw as *mut c_void,
     );
+    let _timer = hostprof::Timer::start("cudnn convolution");
     unsafe {
         match algo {
             Algo::Fwd(algo) => dnn::convolution_forward(
@@ -933,8 +937,8 @@ impl BnSpec {
         let mut saved = Vec::with_capacity(self.parts.len());
         for &(start, rows, update) in &self.parts {
             let off = self.offset(dtype, start);
-            let mut mean = unsafe { dev.alloc::<f32>(c) }?;
-            let mut inv_std = unsafe { dev.alloc::<f32>(c) }?;
+            let mut mean = hostprof::timed("alloc", || unsafe { dev.alloc::<f32>(c) })?;
+            let mut inv_std = hostprof::timed("alloc", || unsafe { dev.alloc::<f32>(c) })?;
             {
                 let (pmean, _g1) = mean.device_ptr_mut(&stream);
                 let (pinv, _g2) = inv_std.device_ptr_mut(&stream);
@@ -1994,6 +1998,7 @@ impl ResChain {
 
     /// The forward pass of every block from `x`, the parameters at `a`.
     fn run_forward(&self, x: &CudaStorage, xl: &Layout, a: &Addrs) -> Result<(CudaStorage, Shape)> {
+        let _timer = hostprof::Timer::start("fused chain, forward");
         let dev = x.device().clone();
         let stream = dev.cuda_stream();
         let h = handle(&dev)?;
@@ -2047,6 +2052,7 @@ impl ResChain {
         grad: &Tensor,
         a: &Addrs,
     ) -> Result<(Tensor, Tensor, Tensor)> {
+        let _timer = hostprof::Timer::start("fused chain, backward");
         let grad = grad.contiguous()?;
         let saved = self.saved.lock().expect("chain saved state");
         if saved.len() != self.blocks.len() {
@@ -2437,7 +2443,9 @@ pub fn residual_blocks(
         let units = side_units;
         x.apply_op1(SideChain { chain, units })?
     } else {
-        let (w, p) = (Tensor::cat(&weights, 0)?, Tensor::cat(&bn_params, 0)?);
+        let (w, p) = hostprof::timed("fused chain, packing", || -> Result<_> {
+            Ok((Tensor::cat(&weights, 0)?, Tensor::cat(&bn_params, 0)?))
+        })?;
         x.apply_op3(&w, &p, chain)?
     };
     if nhwc {

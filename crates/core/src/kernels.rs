@@ -76,13 +76,14 @@ impl Runner for Cuda<'_> {
     type Buf = CudaSlice<u8>;
     fn alloc(&self, bytes: usize) -> Result<CudaSlice<u8>> {
         // cudaMalloc's (and the stream pool's) allocations are 256-byte aligned.
-        unsafe { self.0.alloc::<u8>(bytes.max(1)) }
+        crate::hostprof::timed("alloc", || unsafe { self.0.alloc::<u8>(bytes.max(1)) })
     }
     fn addr(&self, buf: &mut CudaSlice<u8>) -> u64 {
         // One stream orders every access, so the guard's event is not needed.
         buf.device_ptr_mut(&self.0.cuda_stream()).0
     }
     fn launch(&self, module: Module, name: &'static str, at: Launch, args: &[Arg]) -> Result<()> {
+        let _timer = crate::hostprof::Timer::start("kernel launch");
         let f = func_of(self.0, module, name)?;
         let stream = self.0.cuda_stream();
         let mut b = stream.launch_builder(&f);
@@ -118,6 +119,7 @@ pub fn sgd_update(
     momentum: f64,
     weight_decay: f64,
 ) -> Result<Option<Tensor>> {
+    let _timer = crate::hostprof::Timer::start("sgd update");
     let grad = grad.contiguous()?;
     if param.dtype() != DType::F32 || grad.dtype() != DType::F32 || !param.is_contiguous() {
         bail!("sgd_update needs contiguous f32 tensors")

@@ -18,6 +18,7 @@ pub mod device;
 pub mod error;
 pub mod grad;
 pub mod hash;
+pub mod hostprof;
 #[cfg(feature = "cuda")]
 pub mod kernels;
 pub mod launch;
