@@ -9,7 +9,9 @@
 
 #include "emu.h"
 
+#include <signal.h>
 #include <ucontext.h>
+#include <unistd.h>
 
 #include <cstddef>
 #include <cstdio>
@@ -45,6 +47,27 @@ unsigned current = 0;
 void (*body)(void**) = nullptr;
 void** params = nullptr;
 std::string failure;
+// The kernel running (null between launches), for the crash report.
+const char* volatile running = nullptr;
+struct sigaction before_segv, before_bus;
+
+// A kernel that touches memory it may not (out of bounds, or a misaligned vector access, which
+// the GPU also refuses) crashes the process; this says which kernel and block did it first.
+// The previous handler (Rust's stack-overflow report, say) is put back and the faulting access
+// runs again: outside a launch it is that handler's fault; inside, the process then ends.
+void on_crash(int sig) {
+    if (running) {
+        char line[256];
+        const int n = std::snprintf(line, sizeof line,
+                                    "emulator: kernel %s crashed (signal %d) in block (%u, %u), "
+                                    "thread %u: an access out of bounds or misaligned\n",
+                                    running, sig, blockIdx.x, blockIdx.y, threadIdx.x);
+        if (n > 0) (void)!write(2, line, (size_t)n);
+        signal(sig, SIG_DFL);
+        return;
+    }
+    sigaction(sig, sig == SIGSEGV ? &before_segv : &before_bus, nullptr);
+}
 
 void entry() {
     body(params);
@@ -199,6 +222,15 @@ extern "C" int emu_launch(const char* module, const char* name, unsigned gx, uns
                              std::to_string(k->sizes[i]) + " bytes, given " +
                              std::to_string(sizes[i]));
     if (bx == 0 || bx > 1024 || gx == 0 || gy == 0) return fail_with("empty or oversized launch");
+    static const bool handlers = [] {
+        struct sigaction a = {};
+        a.sa_handler = on_crash;
+        sigemptyset(&a.sa_mask);
+        sigaction(SIGSEGV, &a, &before_segv);
+        sigaction(SIGBUS, &a, &before_bus);
+        return true;
+    }();
+    (void)handlers;
     fibers.resize(bx);
     for (Fiber& f : fibers)
         if (!f.stack) f.stack.reset(new char[STACK]);
@@ -208,10 +240,15 @@ extern "C" int emu_launch(const char* module, const char* name, unsigned gx, uns
     failure.clear();
     blockDim = dim3{bx, 1, 1};
     gridDim = dim3{gx, gy, 1};
+    running = k->name;
     for (unsigned y = 0; y < gy; ++y)
         for (unsigned x = 0; x < gx; ++x) {
             blockIdx = dim3{x, y, 0};
-            if (!run_block(bx)) return fail_with(failure);
+            if (!run_block(bx)) {
+                running = nullptr;
+                return fail_with(failure);
+            }
         }
+    running = nullptr;
     return 0;
 }

@@ -11,7 +11,9 @@
 //! signature (count and sizes), that the kernel lives in the file it was launched from, that
 //! a block meets at `__syncthreads` and a warp at a shuffle as a whole, and that no kernel
 //! writes outside the buffers it was given (guard bytes around every buffer, checked after
-//! every launch). What it cannot check: speed, memory ordering between blocks (blocks run one
+//! every launch); a kernel that crashes the process (an access far out of bounds, or a
+//! misaligned vector access, which the GPU refuses too) first names itself on stderr. What it
+//! cannot check: speed, memory ordering between blocks (blocks run one
 //! after another), and the GPU's floating-point contraction (nvcc fuses multiply-adds; here
 //! each operation rounds alone), so results agree with the GPU's to rounding, not bit for bit.
 
