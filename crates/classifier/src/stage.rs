@@ -112,7 +112,8 @@ pub fn batch_loss(
     let (logits, g) = net.forward(x, BnMode::Train)?;
     Ok(match graph {
         Some((sim, reg)) => {
-            let f = sim.backbone.features(&x.detach(), BnMode::Eval)?;
+            // A constant of the loss, as in the reference (the SimNet is frozen).
+            let f = sim.features(x)?;
             let a = sim.similarity_matrix(&f, &f)?.t()?.detach();
             reg.total_loss(&logits, y, w, &g, &a)?
         }

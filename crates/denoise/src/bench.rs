@@ -4,7 +4,6 @@
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
-use simtrans_backbone::BnMode;
 use simtrans_core::Config;
 use simtrans_simnet::{head::HeadKind, SimNet, SimNetShape};
 use std::time::Instant;
@@ -45,13 +44,13 @@ pub fn bench(config: &Config, device: &Device, images: usize) -> anyhow::Result<
         (batch, 3, s, s),
         device,
     )?;
-    net.backbone.features(&x, BnMode::Eval)?; // warm-up
+    net.features(&x)?; // warm-up
     let start = Instant::now();
     let mut feats = vec![];
     let mut done = 0;
     while done < images {
         let k = batch.min(images - done);
-        feats.push(net.backbone.features(&x.narrow(0, 0, k)?, BnMode::Eval)?);
+        feats.push(net.features(&x.narrow(0, 0, k)?)?);
         done += k;
     }
     let feats = Tensor::cat(&feats, 0)?;

@@ -11,7 +11,6 @@ use crate::auc::weight_auc;
 use crate::similarity::similarity_matrix;
 use crate::weights::{weights, WeightScheme};
 use candle_core::{DType, Device, Tensor};
-use simtrans_backbone::BnMode;
 use simtrans_core::{
     Artifact, ArtifactSchema, CoreError, Stage, StageContext, StageOutput, TensorSpec,
 };
@@ -77,7 +76,7 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
         let mut feats = vec![];
         for chunk in ids.chunks(cfg.feature_batch.max(1)) {
             let x = loader.batch(chunk, Augment::Test, ctx.seed, &ctx.device)?;
-            feats.push(simnet.backbone.features(&x, BnMode::Eval)?);
+            feats.push(simnet.features(&x)?);
         }
         let feats = Tensor::cat(&feats, 0)?;
         let s = similarity_matrix(&feats, cfg.row_block, |rows, all| {

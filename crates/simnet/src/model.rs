@@ -168,9 +168,11 @@ impl SimNet {
         self.backbone.feature_dim()
     }
 
-    /// Pooled backbone features in eval mode.
+    /// Pooled backbone features in eval mode, for inference: detached from autograd, so that a
+    /// caller collecting the features of many batches does not keep every batch's activations
+    /// alive through their graphs (candle's ops hold their inputs for a backward pass).
     pub fn features(&self, images: &Tensor) -> Result<Tensor> {
-        Ok(self.backbone.features(images, BnMode::Eval)?)
+        Ok(self.backbone.features(images, BnMode::Eval)?.detach())
     }
 
     /// `S[i, j] = softmax(head([f_i ; f_j]))[1]` for features `[Bi, D]` and `[Bj, D]`, in eval
@@ -205,7 +207,8 @@ impl SimNet {
             let (logits, _) =
                 self.head
                     .forward_grid(&rows, features_j, PairOrder::RowFirst, BnMode::Eval)?;
-            parts.push(similarity(&logits)?.reshape((n, bj))?);
+            // Detached: each block's head activations go when the block is done.
+            parts.push(similarity(&logits)?.reshape((n, bj))?.detach());
             start += n;
         }
         match parts.len() {
@@ -331,4 +334,33 @@ pub fn insert_vars(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inference_results_carry_no_autograd_graph() {
+        let shape = SimNetShape {
+            arch: Arch::Small,
+            small_width: 4,
+            head: HeadKind::Type4,
+        };
+        let net = SimNet::build(shape, VarMap::new(), VarMap::new(), 0, &Device::Cpu).unwrap();
+        let x = Tensor::randn(0f32, 1., (3, 3, 16, 16), &Device::Cpu).unwrap();
+        // The trunk over trainable variables records a graph, which holds its activations ...
+        assert!(net.backbone.features(&x, BnMode::Eval).unwrap().track_op());
+        // ... which inference drops at once.
+        let f = net.features(&x).unwrap();
+        assert!(!f.track_op());
+        // Also when the matrix is made of several row blocks (one row each here).
+        let s = net.similarity_matrix_within(&f, &f, 1).unwrap();
+        assert_eq!(s.dims(), &[3, 3]);
+        assert!(!s.track_op());
+        let whole = net.similarity_matrix(&f, &f).unwrap();
+        assert!(!whole.track_op());
+        let d = (s - whole).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(d.to_scalar::<f32>().unwrap() < 1e-6);
+    }
 }

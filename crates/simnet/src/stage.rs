@@ -173,7 +173,7 @@ pub fn pair_f1(
     let mut counts = PairCounts::default();
     for ids in batches {
         let x = data.images(ids, false, 0, device)?;
-        let f = net.backbone.features(&x, BnMode::Eval)?;
+        let f = net.features(&x)?;
         let (logits, _) = net
             .head
             .forward_grid(&f, &f, PairOrder::ColFirst, BnMode::Eval)?;
