@@ -2370,9 +2370,14 @@ pub fn residual_blocks(
         index += 1;
         w_off += u.weight.elem_count();
         bn_off += 2 * o;
-        // The weight as the chain reads it: a copy only where the dtype or layout differs.
-        let w = u.weight.to_dtype(x.dtype())?;
-        let w = if nhwc { w.permute((0, 2, 3, 1))? } else { w };
+        // The weight as the chain reads it: a copy only where the dtype or layout differs, and
+        // one copy where both do (the cast reads the permuted view).
+        let w = if nhwc {
+            u.weight.permute((0, 2, 3, 1))?
+        } else {
+            u.weight.clone()
+        };
+        let w = w.to_dtype(x.dtype())?;
         if side {
             side_units.push(UnitTensors {
                 weight: w.detach().contiguous()?,
