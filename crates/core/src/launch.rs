@@ -74,6 +74,8 @@ pub struct BnRange {
     pub c: usize,
     pub hw: usize,
     pub channels_last: bool,
+    /// One value per access whatever the shape ([`BnRange::aligned_for`]).
+    pub scalar: bool,
 }
 
 /// The names of one BatchNorm kernel's variants, in [`BnRange::variant`]'s order.
@@ -111,6 +113,7 @@ impl BnRange {
             c,
             hw,
             channels_last: hw == 1,
+            scalar: false,
         }
     }
     /// A channels-last (NHWC) range.
@@ -147,11 +150,21 @@ impl BnRange {
         };
         Ok(names[4 * self.channels_last as usize + 2 * d + (self.vec() == 4) as usize])
     }
+    /// The same range, read one value at a time when any of the data addresses `ptrs` (0 for
+    /// none) is not aligned for 4-value accesses of `dtype`: a view into a tensor can start
+    /// anywhere, and the GPU refuses a misaligned vector access.
+    pub fn aligned_for(self, dtype: DType, ptrs: &[u64]) -> Self {
+        let bytes = 4 * dtype.size_in_bytes() as u64;
+        BnRange {
+            scalar: self.scalar || ptrs.iter().any(|&p| p % bytes != 0),
+            ..self
+        }
+    }
     /// Values per memory access: 4 when a channel's plane (NCHW) or a row of channels (NHWC)
-    /// divides by 4, else 1.
+    /// divides by 4 and the addresses allow it, else 1.
     pub fn vec(&self) -> usize {
         let run = if self.channels_last { self.c } else { self.hw };
-        if run % 4 == 0 {
+        if run % 4 == 0 && !self.scalar {
             4
         } else {
             1
@@ -293,6 +306,7 @@ pub fn bn_forward<R: Runner>(
     stats: Stats,
     (mean, inv_std): (u64, u64),
 ) -> Result<()> {
+    let r = r.aligned_for(dtype, &[x, residual, y]);
     let (c, hw) = (r.c as i32, r.hw as i32);
     let eps32 = eps as f32;
     if stats == Stats::Running {
@@ -378,6 +392,11 @@ pub fn bn_backward<R: Runner>(
     (dx, dres): (u64, u64),
 ) -> Result<()> {
     let (y, from_x) = relu.args();
+    let ry = match relu {
+        Relu::Output(p) => p,
+        _ => 0,
+    };
+    let r = r.aligned_for(dtype, &[x, dy, ry, dx, dres]);
     let mut partial = partial_sums(run, &r)?;
     let mut coef = run.alloc(2 * r.c * std::mem::size_of::<f32>())?;
     let (pp, pc) = (run.addr(&mut partial), run.addr(&mut coef));

@@ -402,6 +402,57 @@ fn batch_norm_sums_more_shares_than_a_warp_has_lanes() -> R {
 }
 
 #[test]
+fn batch_norm_reads_a_misaligned_view_one_value_at_a_time() -> R {
+    // A view starting one value into its buffer: 4-value accesses would be misaligned (the GPU
+    // refuses them; the emulator crashes), so every pass reads one value at a time, and the
+    // result is the aligned launch's.
+    let r = BnRange::nhwc(4, 8, 9);
+    let n = r.total();
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let x: Vec<f32> = randn(&mut rng, n + 1, 2.0, 1.0)
+        .iter()
+        .map(|&v| v as f32)
+        .collect();
+    let emu = Emu::new();
+    let (w, b) = (emu.upload(&[1.5f32; 8]), emu.upload(&[0.25f32; 8]));
+    let mut outputs = vec![];
+    for (data, offset) in [(&x[1..], 0u64), (&x[..], 4)] {
+        let px = emu.upload(data) + offset;
+        let py = emu.alloc_of::<f32>(n);
+        let (m, i) = (emu.alloc_of::<f32>(8), emu.alloc_of::<f32>(8));
+        launch::bn_forward(
+            &emu,
+            DType::F32,
+            r,
+            (px, 0, py),
+            (w, b),
+            (0, 0),
+            (1e-5, 0.1),
+            true,
+            Stats::Batch,
+            (m, i),
+        )?;
+        outputs.push(emu.download::<f32>(py, n)?);
+    }
+    let names: Vec<_> = emu.launches().iter().map(|(n, _)| *n).collect();
+    assert_eq!(
+        names,
+        [
+            "bn_stats_cl_f32x4",
+            "bn_stats_finish",
+            "bn_apply_cl_f32x4",
+            "bn_stats_cl_f32",
+            "bn_stats_finish",
+            "bn_apply_cl_f32",
+        ]
+    );
+    let got: Vec<f64> = outputs[1].iter().map(|&v| v as f64).collect();
+    let want: Vec<f64> = outputs[0].iter().map(|&v| v as f64).collect();
+    check("misaligned view", &got, &want, 1e-6);
+    Ok(())
+}
+
+#[test]
 fn batch_norm_launches_have_the_planned_shapes() -> R {
     // The reductions take one block per (channel, share of the rows); the elementwise passes
     // one thread per 4 values when a plane allows it.
