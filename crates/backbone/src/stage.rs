@@ -170,7 +170,7 @@ pub fn accuracy(
     for chunk in items.chunks(batch.max(1)) {
         let ids: Vec<u32> = chunk.iter().map(|p| p.0).collect();
         let x = loader.batch(&ids, Augment::Test, 0, device)?;
-        let (logits, _) = net.forward(&x, BnMode::Eval)?;
+        let (logits, _) = simtrans_core::grad::inference(|| net.forward(&x, BnMode::Eval))?;
         let pred = logits
             .argmax(D::Minus1)?
             .to_dtype(DType::U32)?

@@ -460,3 +460,43 @@ fn resnet_training_step_matches_the_cpu_at_each_precision() {
     set_precision(Precision::F32);
     assert!(failed.is_empty(), "over tolerance: {failed:#?}");
 }
+
+/// Inference ([`simtrans_core::grad::inference`]: the fused chain reads its parameters in
+/// place and frees each block's buffers as it goes) computes the same evaluation-mode
+/// features as the path that keeps everything for a backward pass, at each precision; and a
+/// backward pass through an inference result fails instead of computing something wrong.
+#[test]
+fn inference_features_match_the_kept_path() {
+    let Some(dev) = gpu("inference_features_match_the_kept_path") else {
+        return;
+    };
+    let _lock = PRECISION.lock().unwrap();
+    let mut failed = vec![];
+    for arch in [Arch::Resnet18, Arch::Resnet50] {
+        let vm = VarMap::new();
+        let vb = simtrans_core::seed::var_builder(&vm, 5, "gpu-test", DType::F32, &dev);
+        let net = ResNet::new(arch, 0, None, vb).unwrap();
+        let x = random(&[6, 3, 64, 64], 13).to_device(&dev).unwrap();
+        for p in [Precision::F32, Precision::Tf32, Precision::Bf16] {
+            set_precision(p);
+            let kept = net.features(&x, BnMode::Eval).unwrap();
+            let freed = simtrans_core::grad::inference(|| net.features(&x, BnMode::Eval)).unwrap();
+            // The same kernels on the same values: only the parameters' addresses differ.
+            let e = rel_err(&freed, &kept);
+            check(
+                &mut failed,
+                format!("{arch:?} {p:?} inference vs kept"),
+                e,
+                1e-6,
+            );
+            if p == Precision::F32 {
+                let loss = freed.sqr().unwrap().sum_all().unwrap();
+                if simtrans_core::grad::backward(&loss).is_ok() {
+                    failed.push(format!("{arch:?}: a backward pass through inference ran"));
+                }
+            }
+        }
+    }
+    set_precision(Precision::F32);
+    assert!(failed.is_empty(), "over tolerance: {failed:#?}");
+}

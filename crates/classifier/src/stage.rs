@@ -74,7 +74,7 @@ pub fn predict(
     let mut preds = Vec::with_capacity(ids.len());
     for chunk in ids.chunks(batch.max(1)) {
         let x = loader.batch(chunk, Augment::Test, 0, device)?;
-        let (logits, _) = net.forward(&x, BnMode::Eval)?;
+        let (logits, _) = simtrans_core::grad::inference(|| net.forward(&x, BnMode::Eval))?;
         preds.extend(
             logits
                 .argmax(D::Minus1)?

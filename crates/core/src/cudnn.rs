@@ -1955,6 +1955,9 @@ struct ResChain {
     saved: Mutex<Vec<BlockSaved>>,
     /// Elements of the packed weights and of the packed BatchNorm parameters.
     packed_len: (usize, usize),
+    /// Keep each block's buffers for a backward pass; without it ([`crate::grad::inference`])
+    /// they are freed block by block.
+    keep: bool,
     /// Activations NHWC and weights OHWI ([`channels_last`]): the op's input and output are
     /// `[b, h, w, c]`.
     nhwc: bool,
@@ -2020,6 +2023,8 @@ impl ResChain {
             let (px, _gx) = ptr(x, xl, &stream)?;
             let (py, _gy) = ptr_mut(&mut y, &stream)?;
             let mut cur = px;
+            // Without `keep`, the output of the block before, which the current one reads.
+            let mut input: Option<CudaStorage> = None;
             for (k, b) in self.blocks.iter().enumerate() {
                 let mut out = if k + 1 < self.blocks.len() {
                     Some(alloc(&dev, dtype, b.out_dims().iter().product())?)
@@ -2031,10 +2036,18 @@ impl ResChain {
                     None => py,
                 };
                 let mut s = b.forward(&dev, &h, dtype, (cur, pout), a, &running[b.running..])?;
-                s.output = out;
-                saved.push(s);
+                if self.keep {
+                    s.output = out;
+                    saved.push(s);
+                } else {
+                    // The block's work is queued: its buffers and its input can go (the
+                    // stream frees them after it).
+                    drop(s);
+                    input = out;
+                }
                 cur = pout;
             }
+            drop(input);
         }
         *self.saved.lock().expect("chain saved state") = saved;
         let [b, c, hh, w] = out_dims;
@@ -2331,8 +2344,10 @@ pub fn residual_blocks(
     let mut weights = Vec::new();
     let mut bn_params = Vec::new();
     let mut running = Vec::new();
-    // Handing the gradients over needs the op in candle's graph through its input.
-    let side = side_grads() && x.track_op();
+    // Handing the gradients over needs the op in candle's graph through its input. Inference
+    // reads the parameters in place too, and hands nothing over.
+    let inference = crate::grad::in_inference();
+    let side = (side_grads() && x.track_op()) || inference;
     let mut side_units = Vec::new();
     let (mut w_off, mut bn_off, mut index) = (0, 0, 0);
     let mut plan = |u: &BlockUnit, input: [usize; 4]| -> Result<UnitPlan> {
@@ -2442,6 +2457,7 @@ pub fn residual_blocks(
         running,
         saved: Mutex::new(Vec::new()),
         packed_len: (w_off, bn_off),
+        keep: !inference,
         nhwc,
     };
     let y = if side {

@@ -13,11 +13,36 @@
 
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 
 thread_local! {
     /// `Some` while [`backward`] runs: the (parameter, gradient) pairs handed over so far.
     static HANDED_OVER: RefCell<Option<Vec<(Tensor, Tensor)>>> = const { RefCell::new(None) };
+    /// Whether [`inference`] runs on this thread.
+    static INFERENCE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` as inference: nothing it computes will be differentiated, so fused ops may skip
+/// what only a backward pass needs. On CUDA the fused residual chain then reads its parameters
+/// in place (no packing) and frees each block's buffers as soon as the next block has read
+/// them, instead of keeping every block's for a backward pass: fewer launches, and the peak
+/// memory of one block instead of the whole network. A backward pass through such a result
+/// fails with an error. Callers detach what they keep (as `SimNet::features` does).
+pub fn inference<T>(f: impl FnOnce() -> T) -> T {
+    /// Restores the previous state, also when `f` panics.
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            INFERENCE.with(|i| i.set(self.0));
+        }
+    }
+    let _restore = Restore(INFERENCE.with(|i| i.replace(true)));
+    f()
+}
+
+/// Whether this thread runs inside [`inference`].
+pub fn in_inference() -> bool {
+    INFERENCE.with(|i| i.get())
 }
 
 /// The gradients of `loss` with respect to every variable it depends on.
@@ -83,6 +108,19 @@ mod tests {
             hand_over(&self.0, total)?;
             Ok(Some(grad.clone()))
         }
+    }
+
+    #[test]
+    fn inference_scopes_nest_and_end() {
+        assert!(!in_inference());
+        let inner = inference(|| {
+            assert!(in_inference());
+            inference(in_inference)
+        });
+        assert!(inner && !in_inference());
+        // A panic inside still ends the scope.
+        let caught = std::panic::catch_unwind(|| inference(|| panic!("inside")));
+        assert!(caught.is_err() && !in_inference());
     }
 
     #[test]

@@ -168,11 +168,14 @@ impl SimNet {
         self.backbone.feature_dim()
     }
 
-    /// Pooled backbone features in eval mode, for inference: detached from autograd, so that a
-    /// caller collecting the features of many batches does not keep every batch's activations
-    /// alive through their graphs (candle's ops hold their inputs for a backward pass).
+    /// Pooled backbone features in eval mode, for inference ([`simtrans_core::grad::inference`]:
+    /// on CUDA the fused trunk keeps nothing for a backward pass) and detached from autograd,
+    /// so that a caller collecting the features of many batches does not keep every batch's
+    /// activations alive through their graphs (candle's ops hold their inputs for a backward
+    /// pass).
     pub fn features(&self, images: &Tensor) -> Result<Tensor> {
-        Ok(self.backbone.features(images, BnMode::Eval)?.detach())
+        let f = simtrans_core::grad::inference(|| self.backbone.features(images, BnMode::Eval))?;
+        Ok(f.detach())
     }
 
     /// `S[i, j] = softmax(head([f_i ; f_j]))[1]` for features `[Bi, D]` and `[Bj, D]`, in eval
