@@ -1648,6 +1648,14 @@ pub fn channels_last() -> bool {
     *ON.get_or_init(|| env_switch("SIMTRANS_CHANNELS_LAST", false))
 }
 
+/// Whether the fused chain keeps nothing for a backward pass inside
+/// [`crate::grad::inference`]; yes unless `SIMTRANS_LEAN_INFERENCE=0` (then inference runs as
+/// training-time forwards do, to rule it out when results differ).
+pub fn lean_inference() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| env_switch("SIMTRANS_LEAN_INFERENCE", true))
+}
+
 /// Whether all the residual blocks of a network run as one op; yes unless
 /// `SIMTRANS_FUSED_CHAIN=0` (then one op per block, for the A/B measurement).
 pub fn fused_chain() -> bool {
@@ -2346,7 +2354,7 @@ pub fn residual_blocks(
     let mut running = Vec::new();
     // Handing the gradients over needs the op in candle's graph through its input. Inference
     // reads the parameters in place too, and hands nothing over.
-    let inference = crate::grad::in_inference();
+    let inference = crate::grad::in_inference() && lean_inference();
     let side = (side_grads() && x.track_op()) || inference;
     let mut side_units = Vec::new();
     let (mut w_off, mut bn_off, mut index) = (0, 0, 0);
