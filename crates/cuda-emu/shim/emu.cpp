@@ -89,7 +89,7 @@ bool run_block(unsigned threads) {
         f.at = Sync::None;
     }
     for (;;) {
-        unsigned live = 0, finished = 0, at_block = 0;
+        unsigned live = 0, at_block = 0;
         for (unsigned t = 0; t < threads; ++t) {
             Fiber& f = fibers[t];
             if (f.done) continue;
@@ -99,7 +99,6 @@ bool run_block(unsigned threads) {
             f.at = Sync::None;
             swapcontext(&scheduler, &f.ctx);
             if (!failure.empty()) return false;
-            if (f.done) ++finished;
             if (f.at == Sync::Block) ++at_block;
         }
         if (live == 0) return true;
