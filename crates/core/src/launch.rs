@@ -1,7 +1,7 @@
 //! The host side of this project's own CUDA kernels (`cuda/*.cu`): which kernel runs on which
 //! grid with which arguments, in which order.
 //!
-//! Why it is apart from [`crate::kernels`]: the sequences here are written against the
+//! Why it is apart from `kernels` (CUDA builds only): the sequences here are written against the
 //! [`Runner`] trait, not against a GPU, so that the CPU build can run them too. With
 //! `--features cuda`, `kernels::Cuda` runs them on the device; in tests, the emulator of
 //! `crates/cuda-emu` runs the same sequences and the same `.cu` sources on the CPU, so the
