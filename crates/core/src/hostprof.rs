@@ -19,7 +19,8 @@ use std::time::Instant;
 static STATE: AtomicU8 = AtomicU8::new(0);
 
 thread_local! {
-    static TOTALS: RefCell<BTreeMap<&'static str, (u64, f64)>> = const { RefCell::new(BTreeMap::new()) };
+    static TOTALS: RefCell<BTreeMap<&'static str, (u64, f64)>> =
+        const { RefCell::new(BTreeMap::new()) };
 }
 
 /// Whether calls are timed: `SIMTRANS_HOST_PROFILE=1`, unless [`set_enabled`] said otherwise.

@@ -1,8 +1,8 @@
 //! Our CUDA kernels, launched by the host code the GPU runs (`simtrans_core::launch`), on the
 //! CPU emulator, against references computed here in f64: BatchNorm forward and backward
 //! (batch and running statistics, with and without ReLU and residual, the ReLU's mask read or
-//! recomputed, both layouts and vector widths, f32 and bf16), the stem's max-pooling with its ties and NaN, and the SGD update bit for bit
-//! against the CPU optimiser.
+//! recomputed, both layouts and vector widths, f32 and bf16), the stem's max-pooling with its
+//! ties and NaN, and the SGD update bit for bit against the CPU optimiser.
 
 use candle_core::{DType, Device, Tensor, Var};
 use half::bf16;
