@@ -1041,12 +1041,10 @@ impl BnSpec {
         }
         let stream = dev.cuda_stream();
         let own = self.own()?;
-        let relu_out = match relu {
-            launch::Relu::Output(y) => y,
-            launch::Relu::None => 0,
-            launch::Relu::Recompute if own => 0,
-            launch::Relu::Recompute => bail!("a recomputed ReLU mask needs our BatchNorm kernels"),
-        };
+        if relu == launch::Relu::Recompute && !own {
+            bail!("a recomputed ReLU mask needs our BatchNorm kernels")
+        }
+        let relu_out = relu.output();
         // cuDNN's path: the ReLU's backward and the residual's copy as passes of their own.
         let mut through_relu = None;
         let mut dy = dy;
@@ -1837,38 +1835,26 @@ impl BlockPlan {
         (pdx, pdw, pdp): (u64, u64, u64),
     ) -> Result<()> {
         let stream = dev.cuda_stream();
-        let es = dtype.size_in_bytes() as u64;
+        let unit = |u: &UnitPlan, kept, (x, dy), relu, (dx, accumulate)| {
+            u.backward(
+                dev,
+                h,
+                dtype,
+                a,
+                kept,
+                (x, dy),
+                relu,
+                (pdw, pdp),
+                (dx, accumulate),
+            )
+        };
         // A projection shortcut writes its input gradient to dx first; with the identity, the
         // last main unit writes the gradient at the sum there. The main path's first
         // convolution then adds to dx.
         let identity = match (&self.shortcut, &saved.shortcut) {
             (Some(u), Some((t, s))) => {
-                let n: usize = u.g.y_dims().iter().product();
-                let mut dt = alloc(dev, dtype, n)?;
-                let (pt, _gt) = ptr(t, &Layout::contiguous(n), &stream)?;
-                let (pdt, _gdt) = ptr_mut(&mut dt, &stream)?;
-                let (pg, pb) = a.bn[u.index];
-                let (pdg, pdb) = bn_ptrs(u, pdp);
-                u.bn.backward(
-                    dev,
-                    h,
-                    dtype,
-                    (pt, pz, pdt),
-                    (pg, pb, pdg, pdb),
-                    s,
-                    false,
-                    (launch::Relu::Output(pr), 0),
-                )?;
-                conv_raw(dev, h, 1, &u.g, dtype, (pdt, a.weight[u.index], pdx), false)?;
-                conv_raw(
-                    dev,
-                    h,
-                    2,
-                    &u.g,
-                    dtype,
-                    (px, pdt, pdw + es * u.w_off as u64),
-                    false,
-                )?;
+                let relu = (launch::Relu::Output(pr), 0);
+                unit(u, (t, s), (px, pz), relu, (pdx, false))?;
                 false
             }
             (None, None) => true,
@@ -1881,65 +1867,78 @@ impl BlockPlan {
         let mut pg_cur = pz;
         let last = self.main.len() - 1;
         for (i, u) in self.main.iter().enumerate().rev() {
-            let n: usize = u.g.y_dims().iter().product();
             // The ReLU after the unit: the block's own, by its output, for the last unit (which
             // adds the residual); recomputed from the input for the others.
-            let (relu, dres) = if i == last {
+            let relu = if i == last {
                 (launch::Relu::Output(pr), if identity { pdx } else { 0 })
             } else if u.relu {
                 let a = &saved.unit_out[i];
-                (relu_mask(ptr(a, &Layout::contiguous(n), &stream)?.0), 0)
+                (
+                    relu_mask(ptr(a, &Layout::contiguous(a_len(u)), &stream)?.0),
+                    0,
+                )
             } else {
                 (launch::Relu::None, 0)
             };
-            let t = &saved.conv_out[i];
-            let (pt, _gt) = ptr(t, &Layout::contiguous(n), &stream)?;
-            let mut dt = alloc(dev, dtype, n)?;
-            let (pdt, _gdt) = ptr_mut(&mut dt, &stream)?;
-            let (pgm, pbm) = a.bn[u.index];
-            let (pdg, pdb) = bn_ptrs(u, pdp);
-            u.bn.backward(
-                dev,
-                h,
-                dtype,
-                (pt, pg_cur, pdt),
-                (pgm, pbm, pdg, pdb),
-                &saved.stats[i],
-                false,
-                (relu, dres),
-            )?;
-            let pwu = a.weight[u.index];
-            let pin = if i == 0 {
-                px
-            } else {
-                let a = &saved.unit_out[i - 1];
-                ptr(a, &Layout::contiguous(a_len(&self.main[i - 1])), &stream)?.0
-            };
-            conv_raw(
-                dev,
-                h,
-                2,
-                &u.g,
-                dtype,
-                (pin, pdt, pdw + es * u.w_off as u64),
-                false,
-            )?;
+            let kept = (&saved.conv_out[i], &saved.stats[i]);
             if i == 0 {
-                conv_raw(dev, h, 1, &u.g, dtype, (pdt, pwu, pdx), true)?;
-            } else {
-                let m = a_len(&self.main[i - 1]);
-                let mut gin = alloc(dev, dtype, m)?;
-                let (pgin, _gg) = ptr_mut(&mut gin, &stream)?;
-                conv_raw(dev, h, 1, &u.g, dtype, (pdt, pwu, pgin), false)?;
-                drop(_gg);
-                pg_cur = pgin;
-                g_buf = Some(gin);
+                unit(u, kept, (px, pg_cur), relu, (pdx, true))?;
+                continue;
             }
-            drop(_gdt);
-            drop(dt);
+            let input = &saved.unit_out[i - 1];
+            let m = a_len(&self.main[i - 1]);
+            let pin = ptr(input, &Layout::contiguous(m), &stream)?.0;
+            let mut gin = alloc(dev, dtype, m)?;
+            let pgin = ptr_mut(&mut gin, &stream)?.0;
+            unit(u, kept, (pin, pg_cur), relu, (pgin, false))?;
+            pg_cur = pgin;
+            g_buf = Some(gin);
         }
         drop(g_buf);
         Ok(())
+    }
+}
+
+impl UnitPlan {
+    /// One unit's backward: the BatchNorm's (through the ReLU as `relu` says, the residual's
+    /// gradient to `dres` unless 0) from the gradient `dy` at the unit's output into a fresh
+    /// buffer, from it the weight gradient (input `x`) into the packed `dw` and the input
+    /// gradient into `dx` (added when `accumulate`). `kept` is what the forward kept: the
+    /// convolution's output and the BatchNorm's statistics.
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        &self,
+        dev: &CudaDevice,
+        h: &Handle,
+        dtype: DType,
+        a: &Addrs,
+        (conv_out, stats): (&CudaStorage, &Stats),
+        (x, dy): (u64, u64),
+        (relu, dres): (launch::Relu, u64),
+        (pdw, pdp): (u64, u64),
+        (dx, accumulate): (u64, bool),
+    ) -> Result<()> {
+        let stream = dev.cuda_stream();
+        let n = a_len(self);
+        let (pt, _gt) = ptr(conv_out, &Layout::contiguous(n), &stream)?;
+        let mut dt = alloc(dev, dtype, n)?;
+        let (pdt, _gdt) = ptr_mut(&mut dt, &stream)?;
+        let (pg, pb) = a.bn[self.index];
+        let (pdg, pdb) = bn_ptrs(self, pdp);
+        let (g, bn_grads) = ((pt, dy, pdt), (pg, pb, pdg, pdb));
+        self.bn
+            .backward(dev, h, dtype, g, bn_grads, stats, false, (relu, dres))?;
+        let pdw = pdw + (dtype.size_in_bytes() * self.w_off) as u64;
+        conv_raw(dev, h, 2, &self.g, dtype, (x, pdt, pdw), false)?;
+        conv_raw(
+            dev,
+            h,
+            1,
+            &self.g,
+            dtype,
+            (pdt, a.weight[self.index], dx),
+            accumulate,
+        )
     }
 }
 
@@ -1988,14 +1987,17 @@ struct SideChain {
 }
 
 impl ResChain {
+    /// Every unit of the chain, block after block.
+    fn units(&self) -> impl Iterator<Item = &UnitPlan> {
+        self.blocks
+            .iter()
+            .flat_map(|b| b.main.iter().chain(b.shortcut.iter()))
+    }
+
     /// The units' parameter addresses in packed buffers at `pw` (weights, `es` bytes per
     /// element) and `pp` (BatchNorm parameters, f32).
     fn packed_addrs(&self, pw: u64, pp: u64, es: u64) -> Addrs {
-        let units: Vec<&UnitPlan> = self
-            .blocks
-            .iter()
-            .flat_map(|b| b.main.iter().chain(b.shortcut.iter()))
-            .collect();
+        let units: Vec<&UnitPlan> = self.units().collect();
         let mut a = Addrs {
             weight: vec![0; units.len()],
             bn: vec![(0, 0); units.len()],
@@ -2279,12 +2281,7 @@ impl CustomOp1 for SideChain {
         // channels-last weights are OHWI there, permuted back to OIHW), then the BatchNorm
         // parameters'.
         let dw = dw.to_dtype(DType::F32)?;
-        let units = self
-            .chain
-            .blocks
-            .iter()
-            .flat_map(|b| b.main.iter().chain(b.shortcut.iter()));
-        for u in units {
+        for u in self.chain.units() {
             let t = &self.units[u.index];
             let flat = dw.narrow(0, u.w_off, t.variable.elem_count())?;
             let g = match t.variable.dims() {

@@ -275,11 +275,11 @@ impl Relu {
             other => other,
         }
     }
-    fn args(self) -> (Arg, Arg) {
+    /// The address of the ReLU's output that masks the gradient, 0 when none is read.
+    pub fn output(self) -> u64 {
         match self {
-            Relu::None => (Arg::Ptr(0), Arg::I32(0)),
-            Relu::Output(y) => (Arg::Ptr(y), Arg::I32(0)),
-            Relu::Recompute => (Arg::Ptr(0), Arg::I32(1)),
+            Relu::Output(y) => y,
+            Relu::None | Relu::Recompute => 0,
         }
     }
 }
@@ -391,12 +391,9 @@ pub fn bn_backward<R: Runner>(
     stats: Stats,
     (dx, dres): (u64, u64),
 ) -> Result<()> {
-    let (y, from_x) = relu.args();
-    let ry = match relu {
-        Relu::Output(p) => p,
-        _ => 0,
-    };
-    let r = r.aligned_for(dtype, &[x, dy, ry, dx, dres]);
+    let y = relu.output();
+    let r = r.aligned_for(dtype, &[x, dy, y, dx, dres]);
+    let (y, from_x) = (Arg::Ptr(y), Arg::I32((relu == Relu::Recompute) as i32));
     let mut partial = partial_sums(run, &r)?;
     let mut coef = run.alloc(2 * r.c * std::mem::size_of::<f32>())?;
     let (pp, pc) = (run.addr(&mut partial), run.addr(&mut coef));
