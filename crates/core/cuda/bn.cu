@@ -44,6 +44,18 @@ __device__ __forceinline__ void store(T* p, const float (&in)[VEC]) {
     *reinterpret_cast<Pack<T, VEC>*>(p) = k;
 }
 
+// What a backward pass reads at `at`: x, dy and, when given, the ReLU's output y (else 0).
+template <typename T, int VEC>
+__device__ __forceinline__ void load_grad(const T* x, const T* dy, const T* y, long long at,
+                                          float (&xv)[VEC], float (&gv)[VEC],
+                                          float (&yv)[VEC]) {
+    load<T, VEC>(x + at, xv);
+    load<T, VEC>(dy + at, gv);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) yv[e] = 0.f;
+    if (y) load<T, VEC>(y + at, yv);
+}
+
 // ReLU that keeps NaN (PyTorch's and cuDNN's PROPAGATE_NAN rule).
 __device__ __forceinline__ float relu(float v) { return v < 0.f ? 0.f : v; }
 
@@ -173,10 +185,8 @@ __device__ void grad_stats(const T* x, const T* dy, const T* y, const float* mea
     double sg = 0.0, sgx = 0.0;
     for (long long k = threadIdx.x; k < sh.groups; k += blockDim.x) {
         const long long at = sh.at(k, VEC);
-        float xv[VEC], gv[VEC], yv[VEC] = {};
-        load<T, VEC>(x + at, xv);
-        load<T, VEC>(dy + at, gv);
-        if (y) load<T, VEC>(y + at, yv);
+        float xv[VEC], gv[VEC], yv[VEC];
+        load_grad<T, VEC>(x, dy, y, at, xv, gv, yv);
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
             const bool pass = passes(y != nullptr, yv[e], from_x, xv[e], m, scale, shift);
@@ -271,10 +281,8 @@ __device__ void grad_stats_cl(const T* x, const T* dy, const T* y, const float* 
         }
         for (long long r = k.r0 + k.ty; r < k.r1; r += k.rows) {
             const long long at = r * c_count + k.c0;
-            float xv[VEC], gv[VEC], yv[VEC] = {};
-            load<T, VEC>(x + at, xv);
-            load<T, VEC>(dy + at, gv);
-            if (y) load<T, VEC>(y + at, yv);
+            float xv[VEC], gv[VEC], yv[VEC];
+            load_grad<T, VEC>(x, dy, y, at, xv, gv, yv);
 #pragma unroll
             for (int e = 0; e < VEC; ++e) {
                 const bool pass =
@@ -329,10 +337,8 @@ __device__ void grad_apply(const T* x, const T* dy, const T* y, const float* mea
     if (k * VEC >= total) return;
     const long long at = k * VEC;
     const int c0 = first_channel<CL>(at, c_count, hw);
-    float xv[VEC], gv[VEC], yv[VEC] = {}, out[VEC];
-    load<T, VEC>(x + at, xv);
-    load<T, VEC>(dy + at, gv);
-    if (y) load<T, VEC>(y + at, yv);
+    float xv[VEC], gv[VEC], yv[VEC], out[VEC];
+    load_grad<T, VEC>(x, dy, y, at, xv, gv, yv);
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
         const int c = CL ? c0 + e : c0;
