@@ -41,11 +41,12 @@ impl ImageU8 {
     /// From an `image` crate RGB buffer (interleaved) to planar.
     pub fn from_rgb(img: &image::RgbImage) -> Self {
         let (w, h) = (img.width() as usize, img.height() as usize);
-        let mut data = vec![0u8; 3 * w * h];
-        for (k, px) in img.pixels().enumerate() {
-            for c in 0..3 {
-                data[c * w * h + k] = px.0[c];
-            }
+        let n = w * h;
+        let mut data = vec![0u8; 3 * n];
+        let (r, gb) = data.split_at_mut(n);
+        let (g, b) = gb.split_at_mut(n);
+        for (((px, r), g), b) in img.as_raw().chunks_exact(3).zip(r).zip(g).zip(b) {
+            (*r, *g, *b) = (px[0], px[1], px[2]);
         }
         Self::new(w, h, 3, data)
     }
@@ -69,11 +70,28 @@ pub fn round_half_even(x: f64) -> f64 {
 /// PIL's `Image.rotate(angle, NEAREST, expand=False, fillcolor=0)`: counter-clockwise by
 /// `angle` degrees about the image centre, nearest neighbour, uncovered pixels black.
 pub fn rotate_nearest(img: &ImageU8, angle: f64) -> ImageU8 {
+    rotate_crop(img, angle, 0, 0, img.height, img.width)
+}
+
+/// `crop(&rotate_nearest(img, angle), top, left, height, width)` for a box inside the image,
+/// computing only the pixels of the box (the training transform rotates, then crops).
+pub fn rotate_crop(
+    img: &ImageU8,
+    angle: f64,
+    top: usize,
+    left: usize,
+    height: usize,
+    width: usize,
+) -> ImageU8 {
+    let (w, h) = (img.width, img.height);
+    assert!(
+        top + height <= h && left + width <= w,
+        "rotate_crop: the box must lie inside the image"
+    );
     let angle = angle.rem_euclid(360.0);
     if angle == 0.0 {
-        return img.clone();
+        return crop(img, top as i64, left as i64, height, width);
     }
-    let (w, h) = (img.width, img.height);
     let r = -angle.to_radians();
     let round15 = |v: f64| (v * 1e15).round() / 1e15;
     let (a, b, d, e) = (
@@ -90,20 +108,29 @@ pub fn rotate_nearest(img: &ImageU8, angle: f64) -> ImageU8 {
     let (a0, a1, a3, a4) = (fix(a), fix(b), fix(d), fix(e));
     let a2 = fix(c + a * 0.5 + b * 0.5);
     let a5 = fix(f + d * 0.5 + e * 0.5);
-    let mut out = ImageU8::zeros(w, h, img.channels);
-    let n = w * h;
-    for y in 0..h {
-        let (mut xx, mut yy) = (a2 + a1 * y as i64, a5 + a4 * y as i64);
-        for x in 0..w {
+    let mut out = ImageU8::zeros(width, height, img.channels);
+    let (n_in, n_out) = (w * h, width * height);
+    // Per output row, each pixel's source index (None: outside, stays black).
+    let mut src_of = vec![None; width];
+    for oy in 0..height {
+        let y = (top + oy) as i64;
+        let x = left as i64;
+        let (mut xx, mut yy) = (a2 + a1 * y + a0 * x, a5 + a4 * y + a3 * x);
+        for s in src_of.iter_mut() {
             let (xin, yin) = (xx >> 16, yy >> 16);
-            if xin >= 0 && (xin as usize) < w && yin >= 0 && (yin as usize) < h {
-                let src = yin as usize * w + xin as usize;
-                for ch in 0..img.channels {
-                    out.data[ch * n + y * w + x] = img.data[ch * n + src];
-                }
-            }
+            *s = (xin >= 0 && (xin as usize) < w && yin >= 0 && (yin as usize) < h)
+                .then(|| yin as usize * w + xin as usize);
             xx += a0;
             yy += a3;
+        }
+        for ch in 0..img.channels {
+            let src = &img.data[ch * n_in..(ch + 1) * n_in];
+            let row = ch * n_out + oy * width;
+            for (d, s) in out.data[row..row + width].iter_mut().zip(&src_of) {
+                if let Some(s) = s {
+                    *d = src[*s];
+                }
+            }
         }
     }
     out
@@ -154,14 +181,9 @@ fn coefficients(in_size: usize, out_size: usize) -> Vec<(usize, Vec<i64>)> {
         .collect()
 }
 
-fn clip8(v: i64) -> u8 {
-    if v >= (1i64 << PRECISION_BITS) << 8 {
-        255
-    } else if v <= 0 {
-        0
-    } else {
-        (v >> PRECISION_BITS) as u8
-    }
+fn clip8(v: i32) -> u8 {
+    // Sums stay below 2^31: 255 · (2^22 + taps) + 2^21 (the weights are non-negative).
+    (v >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
 /// PIL's `Image.resize((out_w, out_h), BILINEAR)`: antialiased when shrinking, horizontal pass
@@ -171,33 +193,41 @@ pub fn resize_bilinear(img: &ImageU8, out_w: usize, out_h: usize) -> ImageU8 {
         return img.clone();
     }
     let (w, h) = (img.width, img.height);
-    let half = 1i64 << (PRECISION_BITS - 1);
-    let hc = coefficients(w, out_w);
-    let vc = coefficients(h, out_h);
+    let half = 1i32 << (PRECISION_BITS - 1);
+    let weights = |c: Vec<(usize, Vec<i64>)>| -> Vec<(usize, Vec<i32>)> {
+        c.into_iter()
+            .map(|(x0, k)| (x0, k.into_iter().map(|v| v as i32).collect()))
+            .collect()
+    };
+    let hc = weights(coefficients(w, out_w));
+    let vc = weights(coefficients(h, out_h));
     let mut out = ImageU8::zeros(out_w, out_h, img.channels);
     let mut tmp = vec![0u8; out_w * h];
+    let mut acc = vec![0i32; out_w];
     for ch in 0..img.channels {
         let src = img.plane(ch);
-        for y in 0..h {
-            let row = &src[y * w..(y + 1) * w];
-            for (x, (x0, k)) in hc.iter().enumerate() {
-                let s: i64 = half
-                    + k.iter()
-                        .enumerate()
-                        .map(|(i, &kk)| row[x0 + i] as i64 * kk)
-                        .sum::<i64>();
-                tmp[y * out_w + x] = clip8(s);
+        for (row, dst) in src.chunks_exact(w).zip(tmp.chunks_exact_mut(out_w)) {
+            for (d, (x0, k)) in dst.iter_mut().zip(&hc) {
+                let taps = &row[*x0..*x0 + k.len()];
+                let s = taps
+                    .iter()
+                    .zip(k)
+                    .fold(half, |s, (&p, &kk)| s + p as i32 * kk);
+                *d = clip8(s);
             }
         }
+        // The vertical pass a whole row at a time: each tap adds a weighted row.
         let dst = &mut out.data[ch * out_w * out_h..(ch + 1) * out_w * out_h];
-        for (y, (y0, k)) in vc.iter().enumerate() {
-            for x in 0..out_w {
-                let s: i64 = half
-                    + k.iter()
-                        .enumerate()
-                        .map(|(i, &kk)| tmp[(y0 + i) * out_w + x] as i64 * kk)
-                        .sum::<i64>();
-                dst[y * out_w + x] = clip8(s);
+        for (row, (y0, k)) in dst.chunks_exact_mut(out_w).zip(&vc) {
+            acc.fill(half);
+            for (i, &kk) in k.iter().enumerate() {
+                let line = &tmp[(y0 + i) * out_w..(y0 + i + 1) * out_w];
+                for (a, &p) in acc.iter_mut().zip(line) {
+                    *a += p as i32 * kk;
+                }
+            }
+            for (d, &a) in row.iter_mut().zip(&acc) {
+                *d = clip8(a);
             }
         }
     }
@@ -208,18 +238,20 @@ pub fn resize_bilinear(img: &ImageU8, out_w: usize, out_h: usize) -> ImageU8 {
 pub fn crop(img: &ImageU8, top: i64, left: i64, height: usize, width: usize) -> ImageU8 {
     let mut out = ImageU8::zeros(width, height, img.channels);
     let (w, h) = (img.width as i64, img.height as i64);
+    // The columns of the box that lie inside the image.
+    let (x0, x1) = (left.max(0), (left + width as i64).min(w));
+    if x0 >= x1 {
+        return out;
+    }
+    let (src_x, dst_x, len) = (x0 as usize, (x0 - left) as usize, (x1 - x0) as usize);
     for ch in 0..img.channels {
         let src = img.plane(ch);
-        for y in 0..height {
+        let dst = &mut out.data[ch * width * height..(ch + 1) * width * height];
+        for (y, row) in dst.chunks_exact_mut(width).enumerate() {
             let sy = top + y as i64;
-            if sy < 0 || sy >= h {
-                continue;
-            }
-            for x in 0..width {
-                let sx = left + x as i64;
-                if sx >= 0 && sx < w {
-                    out.data[ch * width * height + y * width + x] = src[(sy * w + sx) as usize];
-                }
+            if (0..h).contains(&sy) {
+                let from = sy as usize * img.width + src_x;
+                row[dst_x..dst_x + len].copy_from_slice(&src[from..from + len]);
             }
         }
     }
@@ -361,15 +393,15 @@ pub fn train_transform(img: &ImageU8, cfg: &DataConfig, rng: &mut impl Rng) -> I
     } else {
         0.0
     };
-    let rotated = rotate_nearest(img, angle);
+    // The rotation keeps the size (expand=False), and the crop box lies inside it.
     let (i, j, h, w) = resized_crop_params(
-        rotated.width,
-        rotated.height,
+        img.width,
+        img.height,
         cfg.crop_scale,
         CROP_RATIO,
         &mut RngDraws(&mut *rng),
     );
-    let cropped = crop(&rotated, i as i64, j as i64, h, w);
+    let cropped = rotate_crop(img, angle, i, j, h, w);
     let resized = resize_bilinear(&cropped, cfg.image_size, cfg.image_size);
     if cfg.hflip && rng.random::<f64>() < 0.5 {
         hflip(&resized)
@@ -400,6 +432,79 @@ pub fn normalise_into(img: &ImageU8, mean: [f32; 3], std: [f32; 3], out: &mut [f
         let (m, s) = (mean[c], std[c]);
         for (o, &v) in out[c * n..(c + 1) * n].iter_mut().zip(src) {
             *o = (v as f32 / 255.0 - m) / s;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn noise(width: usize, height: usize, channels: usize, seed: u64) -> ImageU8 {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let data = (0..width * height * channels)
+            .map(|_| rng.random())
+            .collect();
+        ImageU8::new(width, height, channels, data)
+    }
+
+    /// The crop pixel by pixel, the definition the row copies must keep.
+    fn crop_by_pixel(img: &ImageU8, top: i64, left: i64, height: usize, width: usize) -> ImageU8 {
+        let mut out = ImageU8::zeros(width, height, img.channels);
+        for ch in 0..img.channels {
+            for y in 0..height {
+                for x in 0..width {
+                    let (sy, sx) = (top + y as i64, left + x as i64);
+                    if (0..img.height as i64).contains(&sy) && (0..img.width as i64).contains(&sx) {
+                        out.data[(ch * height + y) * width + x] =
+                            img.plane(ch)[sy as usize * img.width + sx as usize];
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn crop_copies_rows_like_the_pixel_definition() {
+        let img = noise(13, 9, 3, 1);
+        for (top, left, h, w) in [
+            (0, 0, 9, 13),
+            (2, 3, 4, 5),
+            (-3, -2, 15, 18),
+            (5, 10, 7, 6),
+            (-4, 0, 3, 13),
+            (0, 14, 3, 3),
+            (-2, -7, 4, 5),
+        ] {
+            assert_eq!(
+                crop(&img, top, left, h, w),
+                crop_by_pixel(&img, top, left, h, w),
+                "box ({top}, {left}, {h}, {w})"
+            );
+        }
+    }
+
+    #[test]
+    fn rotate_crop_equals_rotating_then_cropping() {
+        for (channels, seed) in [(1, 2), (3, 3)] {
+            let img = noise(31, 22, channels, seed);
+            for angle in [0.0, 7.5, -12.25, 29.9, 90.0, -181.0] {
+                let rotated = rotate_nearest(&img, angle);
+                for (top, left, h, w) in [
+                    (0, 0, 22, 31),
+                    (3, 5, 10, 20),
+                    (21, 30, 1, 1),
+                    (0, 11, 22, 4),
+                ] {
+                    assert_eq!(
+                        rotate_crop(&img, angle, top, left, h, w),
+                        crop(&rotated, top as i64, left as i64, h, w),
+                        "{channels} channels, {angle}°, box ({top}, {left}, {h}, {w})"
+                    );
+                }
+            }
         }
     }
 }
