@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Every GPU check of issue #9 in one run, for a machine with an NVIDIA GPU and no network:
-#   1. the GPU-against-CPU tests of crates/backbone/tests/gpu.rs (f32, TF32, bf16), then the
-#      whole steps layer by layer (1b), on cuDNN's BatchNorm (1c, SIMTRANS_OWN_BN=0), with
-#      the chain's gradients handed over directly (1d, SIMTRANS_SIDE_GRADS=1) and with the
-#      chain channels-last (1e, SIMTRANS_CHANNELS_LAST=1);
-#   2. the five workloads of BENCHMARKS.md's table (`xtask bench table`) at f32, tf32 and bf16
+#   1. (section `tests`) the GPU-against-CPU tests of crates/backbone/tests/gpu.rs (f32,
+#      TF32, bf16); a failed test runs again with each unmeasured default switched back in
+#      turn (1x, $BISECT), to name the culprit in the same call; (`alt`) the whole steps
+#      layer by layer (1b) and on cuDNN's BatchNorm (1c, SIMTRANS_OWN_BN=0); (`switches`)
+#      with the chain's gradients handed over directly (1d, SIMTRANS_SIDE_GRADS=1) and with
+#      the chain channels-last (1e, SIMTRANS_CHANNELS_LAST=1);
+#   2. the workloads of BENCHMARKS.md's table (`xtask bench table`) at f32, tf32 and bf16
 #      (sections `find`, `ab`, `cl` and `host`: with measured algorithm choice, one A/B switch
 #      at a time, tf32 and bf16 channels-last, and tf32 with the host's calls timed by kind);
 #   3. candle's own CUDA convolution and BatchNorm (SIMTRANS_CUDNN=0): the "before" figures;
@@ -13,7 +15,8 @@
 #   5. (section `profile`) per-kernel times of ResNet-50 steps under Nsight Compute.
 #
 #   scripts/gpu-bench.sh [BIN_DIR] [OUT_DIR]
-#   SECTIONS="tests table" scripts/gpu-bench.sh     # a subset (tests table find quick cl host ab candle demo profile)
+#   SECTIONS="tests table" scripts/gpu-bench.sh     # a subset (tests alt switches table find quick cl host ab candle demo profile)
+#   SECTIONS=next scripts/gpu-bench.sh               # the next lease's one call: tests switches quick cl host ab
 #
 # BIN_DIR holds `xtask` and `gpu-tests` (plain or .xz), as scripts/build-gpu-bins.sh leaves them;
 # OUT_DIR (default $OUT, else ./gpu-bench-out) receives gpu.txt, log.txt and results.json.
@@ -51,16 +54,35 @@ date -u +%FT%TZ >>"$OUT/gpu.txt"
 cat "$OUT/gpu.txt" | tee -a "$LOG"
 
 cd "$WORK" || exit 1
-SECTIONS=${SECTIONS:-tests table candle demo}
+SECTIONS=${SECTIONS:-tests alt switches table candle demo}
+# The one call that fits a 15-minute device lease (start-up included) after the changes of
+# session 4: the tests, the switches' tests, then the tables in order of what they decide.
+[ "$SECTIONS" = next ] && SECTIONS="tests switches quick cl host ab"
+# The defaults not yet measured on a GPU, each switched back in turn when a test fails.
+BISECT=${BISECT:-SIMTRANS_RELU_RECOMPUTE=0 SIMTRANS_EVENT_TRACKING=1 SIMTRANS_LEAN_INFERENCE=0 SIMTRANS_OWN_BN=0 SIMTRANS_FUSED_CHAIN=0}
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 
 if want tests; then
 say "1. GPU against CPU"
-SIMTRANS_REQUIRE_GPU=1 timeout 300 ./gpu-tests --test-threads 1 --nocapture 2>&1 | tee -a "$LOG"
+SIMTRANS_REQUIRE_GPU=1 timeout 300 ./gpu-tests --test-threads 1 --nocapture 2>&1 | tee "$WORK/tests.txt" | tee -a "$LOG"
+failed=$(grep -oE '^test [A-Za-z0-9_:]+ \.\.\. FAILED' "$WORK/tests.txt" | awk '{print $2}' | sort -u | tr '\n' ' ')
+if [ -n "$failed" ]; then
+  # Which unmeasured default is to blame: each failed test again with one switch turned back.
+  say "1x. failed: $failed; again with one default switched back at a time: $BISECT"
+  for switch in $BISECT; do
+    env "$switch" SIMTRANS_REQUIRE_GPU=1 timeout 200 ./gpu-tests --test-threads 1 $failed >"$WORK/bisect.txt" 2>&1
+    say "1x. $switch: exit $? ($(grep -c '\.\.\. ok$' "$WORK/bisect.txt") ok, $(grep -c '\.\.\. FAILED$' "$WORK/bisect.txt") failed)"
+    cat "$WORK/bisect.txt" >>"$LOG"
+  done
+fi
+fi
+if want alt; then
 say "1b. whole-network steps with the layer-by-layer path (SIMTRANS_FUSED_BLOCKS=0)"
 SIMTRANS_FUSED_BLOCKS=0 SIMTRANS_REQUIRE_GPU=1 timeout 300 ./gpu-tests resnet_training_step --nocapture 2>&1 | tee -a "$LOG"
 say "1c. BatchNorm and whole steps on cuDNN's BatchNorm instead of ours (SIMTRANS_OWN_BN=0)"
 SIMTRANS_OWN_BN=0 SIMTRANS_REQUIRE_GPU=1 timeout 300 ./gpu-tests --test-threads 1 --nocapture batchnorm resnet_training_step 2>&1 | tee -a "$LOG"
+fi
+if want switches; then
 say "1d. whole steps with the chain's gradients handed over directly (SIMTRANS_SIDE_GRADS=1)"
 SIMTRANS_SIDE_GRADS=1 SIMTRANS_REQUIRE_GPU=1 timeout 300 ./gpu-tests resnet_training_step --nocapture 2>&1 | tee -a "$LOG"
 say "1e. whole steps with the chain channels-last (SIMTRANS_CHANNELS_LAST=1)"
