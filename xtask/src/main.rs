@@ -186,7 +186,8 @@ fn bench(what: &str, common: &Common) -> Result<()> {
 /// The five workloads of the GPU table in `BENCHMARKS.md` (issue #9), at the paper's size
 /// whatever the preset: ResNet-50 training steps at 224 px in batches of 8, 64 and 128, one
 /// SimNet step on 50 + 50 images (5000 pairs, head 4 and the discriminator), and the features
-/// and similarity matrix of 300 images (step 2). Prints one line per row.
+/// and similarity matrix of 300 images (step 2); between them, the steps at batch 8 and 64 fed
+/// from JPEG files by step 0's loop. Prints one line per row.
 fn gpu_table(
     config: &simtrans_core::Config,
     device: &candle_core::Device,
@@ -229,6 +230,21 @@ fn gpu_table(
         let r = simtrans_backbone::bench(device, Arch::Resnet50, 0, 224, batch, steps)?;
         row(
             format!("train step, batch {batch}"),
+            r.images_per_second,
+            serde_json::to_value(&r)?,
+        );
+    }
+    // The same steps fed by step 0's own loop from JPEG files (decoded ahead on the host's
+    // cores): the gap to the rows above is what the input pipeline costs.
+    let mut data = simtrans_core::Config::preset(simtrans_core::config::Preset::Paper).data;
+    data.workers = config.data.workers;
+    for (batch, steps) in [(8, 20), (64, 8)] {
+        let r = simtrans_backbone::bench_files(device, Arch::Resnet50, &data, batch, steps)?;
+        row(
+            format!(
+                "train step from JPEG files, batch {batch} ({} decoding threads)",
+                r.decode_threads
+            ),
             r.images_per_second,
             serde_json::to_value(&r)?,
         );

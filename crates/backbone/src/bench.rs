@@ -128,6 +128,88 @@ pub fn bench(
     })
 }
 
+/// What [`bench_files`] measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FilesReport {
+    /// Network name.
+    pub arch: String,
+    /// Input side in pixels.
+    pub image_size: usize,
+    /// Images per step.
+    pub batch_size: usize,
+    /// Timed steps (after one untimed warm-up step).
+    pub steps: usize,
+    /// Distinct JPEG files the batches cycle through.
+    pub files: usize,
+    /// Wall time of the timed steps.
+    pub seconds: f64,
+    /// Training images per second, decoding and augmentation included.
+    pub images_per_second: f64,
+    /// Threads the loader decodes with.
+    pub decode_threads: usize,
+    /// The device, as candle names it.
+    pub device: String,
+}
+
+/// Times step 0's own epoch loop ([`crate::stage::train_epoch`]: batches decoded ahead on a
+/// background thread with the train transform, then the training step) over synthetic JPEG
+/// photographs of CUB's size, so the figure includes the input pipeline that [`bench`]
+/// leaves out: on a GPU it shows whether decoding keeps up with the device.
+pub fn bench_files(
+    device: &Device,
+    arch: Arch,
+    data: &simtrans_core::config::DataConfig,
+    batch_size: usize,
+    steps: usize,
+) -> Result<FilesReport> {
+    let classes = 10u32;
+    let files = (2 * batch_size).clamp(16, 128);
+    let dir =
+        tempfile::tempdir().map_err(|e| simtrans_data::DataError::io(std::env::temp_dir(), e))?;
+    let index = simtrans_data::bench::synthetic_photos(dir.path(), files)?;
+    let loader = simtrans_data::Loader::new(std::sync::Arc::new(index), data);
+    let varmap = VarMap::new();
+    let vb = simtrans_core::seed::var_builder(&varmap, 0, "bench", DTYPE, device);
+    let net = ResNet::new(arch, 16, Some(classes as usize), vb)?;
+    let mut sgd = Sgd::new(trainable_vars(&varmap), 0.01, 0.9, 1e-4);
+    let labels: std::collections::HashMap<u32, u32> =
+        (0..files as u32).map(|id| (id, id % classes)).collect();
+    let batch = |s: usize| -> Vec<u32> {
+        (0..batch_size)
+            .map(|k| ((s * batch_size + k) % files) as u32)
+            .collect()
+    };
+    let epoch = |first: usize, count: usize, sgd: &mut Sgd| {
+        let work = crate::stage::Epoch {
+            index: 0,
+            batches: (first..first + count).map(batch).collect(),
+            seeds: (first..first + count).map(|s| s as u64).collect(),
+            labels: &labels,
+            checkpoint_dir: dir.path(),
+        };
+        crate::stage::train_epoch(&net, sgd, &loader, work, device, |_| ())
+    };
+    epoch(0, 1, &mut sgd)?;
+    let start = Instant::now();
+    let stats = epoch(1, steps.max(1), &mut sgd)?;
+    let seconds = start.elapsed().as_secs_f64();
+    Ok(FilesReport {
+        arch: arch_name(arch).into(),
+        image_size: data.image_size,
+        batch_size,
+        steps: stats.steps,
+        files,
+        seconds,
+        images_per_second: stats.seen as f64 / seconds.max(1e-9),
+        decode_threads: if data.workers > 0 {
+            data.workers
+        } else {
+            rayon::current_num_threads()
+        },
+        device: format!("{device:?}"),
+    })
+}
+
 /// The two figures the README records: the demo network (small, width 16, 28 px, batch 64) on
 /// `device`, and ResNet-50 at 224 px in batches of 8 (`bench table` has the larger batches).
 pub fn bench_default(device: &Device, steps: usize) -> Result<Vec<BenchReport>> {
@@ -148,5 +230,15 @@ mod tests {
         for (issued, whole) in r.issue_seconds.iter().zip(r.phase_seconds) {
             assert!(*issued > 0.0 && *issued <= whole, "{r:?}");
         }
+    }
+
+    #[test]
+    fn the_stage_loop_runs_on_jpeg_files() {
+        let mut data = simtrans_core::Config::preset(simtrans_core::Preset::Paper).data;
+        data.image_size = 16;
+        let r =
+            super::bench_files(&candle_core::Device::Cpu, super::Arch::Small, &data, 4, 2).unwrap();
+        assert_eq!((r.steps, r.batch_size, r.files), (2, 4, 16));
+        assert!(r.images_per_second > 0.0);
     }
 }

@@ -17,7 +17,7 @@ pub mod resnet;
 pub mod stage;
 pub mod weights;
 
-pub use bench::{bench, bench_default, BenchReport};
+pub use bench::{bench, bench_default, bench_files, BenchReport, FilesReport};
 pub use bn::{BatchNorm, BnMode};
 pub use error::{BackboneError, Result};
 pub use resnet::{Arch, ResNet};

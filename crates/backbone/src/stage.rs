@@ -30,7 +30,7 @@ use simtrans_core::artifact::{Artifact, ArtifactSchema, TensorSpec};
 use simtrans_core::optim::{step_lr, Sgd};
 use simtrans_core::stage::{Stage, StageContext, StageOutput};
 use simtrans_core::CoreError;
-use simtrans_data::{sampler, Augment, DataIndex, Loader, Split};
+use simtrans_data::{prefetch, sampler, Augment, DataIndex, Loader, Split};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -167,9 +167,15 @@ pub fn accuracy(
         return Ok(f64::NAN);
     }
     let mut correct = 0usize;
-    for chunk in items.chunks(batch.max(1)) {
-        let ids: Vec<u32> = chunk.iter().map(|p| p.0).collect();
-        let x = loader.batch(&ids, Augment::Test, 0, device)?;
+    let chunks: Vec<&[(u32, u32)]> = items.chunks(batch.max(1)).collect();
+    let ids = chunks
+        .iter()
+        .map(|c| c.iter().map(|p| p.0).collect())
+        .collect();
+    let seeds = vec![0; chunks.len()];
+    let batches = loader.prefetch(ids, seeds, Augment::Test, prefetch::DEPTH, device);
+    for (chunk, item) in chunks.into_iter().zip(batches) {
+        let (_, x) = item?;
         let (logits, _) = simtrans_core::grad::inference(|| net.forward(&x, BnMode::Eval))?;
         let pred = logits
             .argmax(D::Minus1)?
@@ -178,6 +184,88 @@ pub fn accuracy(
         correct += pred.iter().zip(chunk).filter(|(p, c)| **p == c.1).count();
     }
     Ok(correct as f64 / items.len() as f64)
+}
+
+/// One epoch's work for [`train_epoch`].
+pub struct Epoch<'a> {
+    /// The epoch's number (for errors).
+    pub index: usize,
+    /// Image ids per step.
+    pub batches: Vec<Vec<u32>>,
+    /// One augmentation seed per batch.
+    pub seeds: Vec<u64>,
+    /// Each image's label.
+    pub labels: &'a HashMap<u32, u32>,
+    /// Where the stage's checkpoints are (for errors).
+    pub checkpoint_dir: &'a std::path::Path,
+}
+
+/// What an epoch of [`train_epoch`] saw.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EpochStats {
+    /// Sum over images of the cross-entropy.
+    pub loss_sum: f64,
+    /// Correct training predictions (before each update).
+    pub correct: usize,
+    /// Images trained on.
+    pub seen: usize,
+    /// Steps taken.
+    pub steps: usize,
+}
+
+/// One epoch of step-0 training: each batch of at least two images (smaller ones are skipped:
+/// BatchNorm) is decoded ahead on a background thread, then forward in training mode,
+/// cross-entropy, backward and the SGD update; the loss is read once the update is queued, so
+/// the host waits for the device once per step. `on_step(k)` follows step k (progress). A
+/// non-finite loss stops the epoch with [`CoreError::NonFinite`], before the caller's
+/// checkpoint could take it in. `cargo xtask bench` times this same loop on image files.
+pub fn train_epoch(
+    net: &ResNet,
+    sgd: &mut Sgd,
+    loader: &Loader,
+    epoch: Epoch,
+    device: &Device,
+    mut on_step: impl FnMut(usize),
+) -> Result<EpochStats> {
+    let (steps, kept): (Vec<usize>, Vec<(Vec<u32>, u64)>) = epoch
+        .batches
+        .into_iter()
+        .zip(epoch.seeds)
+        .enumerate()
+        .filter(|(_, (b, _))| b.len() >= 2)
+        .unzip();
+    let (kept, seeds): (Vec<_>, Vec<_>) = kept.into_iter().unzip();
+    let prefetched = loader.prefetch(kept, seeds, Augment::Train, prefetch::DEPTH, device);
+    let mut stats = EpochStats::default();
+    for (step, item) in steps.into_iter().zip(prefetched) {
+        let (batch, x) = item?;
+        let y: Vec<u32> = batch.iter().map(|id| epoch.labels[id]).collect();
+        let y = Tensor::new(y.as_slice(), device)?;
+        let (logits, _) = net.forward(&x, BnMode::Train)?;
+        let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
+        let hits = logits
+            .argmax(D::Minus1)?
+            .eq(&y)?
+            .to_dtype(DType::F32)?
+            .sum_all()?;
+        sgd.step(&simtrans_core::grad::backward(&loss)?)?;
+        let value = loss.to_scalar::<f32>()? as f64;
+        if !value.is_finite() {
+            return Err(CoreError::NonFinite {
+                what: "backbone training loss".into(),
+                epoch: epoch.index,
+                step,
+                checkpoint_dir: epoch.checkpoint_dir.to_path_buf(),
+            }
+            .into());
+        }
+        stats.loss_sum += value * batch.len() as f64;
+        stats.correct += hits.to_scalar::<f32>()? as usize;
+        stats.seen += batch.len();
+        stats.steps += 1;
+        on_step(step);
+    }
+    Ok(stats)
 }
 
 /// Step 0 (see the module documentation).
@@ -270,44 +358,24 @@ pub fn run(ctx: &StageContext) -> Result<StageOutput> {
             false,
             &mut ctx.rng("batches", epoch as u64),
         );
+        // One augmentation seed per batch, in order, skipped batches included.
         let mut aug_rng = ctx.rng("augment", epoch as u64);
+        let seeds: Vec<u64> = batches.iter().map(|_| aug_rng.random()).collect();
         let bar = simtrans_core::progress::bar(
             batches.len() as u64,
             format!("backbone epoch {}", epoch + 1),
         );
-        let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
-        for (step, batch) in batches.iter().enumerate() {
-            let aug_seed: u64 = aug_rng.random();
-            bar.inc(1);
-            if batch.len() < 2 {
-                continue;
-            }
-            let x = loader.batch(batch, Augment::Train, aug_seed, device)?;
-            let y: Vec<u32> = batch.iter().map(|id| labels[id]).collect();
-            let y = Tensor::new(y.as_slice(), device)?;
-            let (logits, _) = net.forward(&x, BnMode::Train)?;
-            let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
-            let value = loss.to_scalar::<f32>()? as f64;
-            if !value.is_finite() {
-                return Err(CoreError::NonFinite {
-                    what: "backbone training loss".into(),
-                    epoch,
-                    step,
-                    checkpoint_dir: checkpoints.dir.clone(),
-                }
-                .into());
-            }
-            sgd.step(&simtrans_core::grad::backward(&loss)?)?;
-            let pred = logits
-                .argmax(D::Minus1)?
-                .eq(&y)?
-                .to_dtype(DType::F32)?
-                .sum_all()?
-                .to_scalar::<f32>()?;
-            loss_sum += value * batch.len() as f64;
-            correct += pred as usize;
-            seen += batch.len();
-        }
+        let work = Epoch {
+            index: epoch,
+            batches,
+            seeds,
+            labels: &labels,
+            checkpoint_dir: &checkpoints.dir,
+        };
+        let stats = train_epoch(&net, &mut sgd, &loader, work, device, |step| {
+            bar.set_position(step as u64 + 1)
+        })?;
+        let (loss_sum, correct, seen) = (stats.loss_sum, stats.correct, stats.seen);
         bar.finish_and_clear();
         let val_acc = accuracy(&net, &loader, &val, cfg.batch_size, device)?;
         let record = serde_json::json!({

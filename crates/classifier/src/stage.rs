@@ -17,7 +17,7 @@ use simtrans_backbone::{trainable_vars, BnMode, ResNet};
 use simtrans_core::config::Selection;
 use simtrans_core::optim::Sgd;
 use simtrans_core::{ArtifactSchema, CoreError, Stage, StageContext, StageOutput, TensorSpec};
-use simtrans_data::{sampler, Augment, DataIndex, Loader, NoiseKind, Split};
+use simtrans_data::{prefetch, sampler, Augment, DataIndex, Loader, NoiseKind, Split};
 use simtrans_denoise::{SampleWeights, WeightScheme};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -72,8 +72,10 @@ pub fn predict(
     device: &Device,
 ) -> anyhow::Result<Vec<u32>> {
     let mut preds = Vec::with_capacity(ids.len());
-    for chunk in ids.chunks(batch.max(1)) {
-        let x = loader.batch(chunk, Augment::Test, 0, device)?;
+    let chunks: Vec<Vec<u32>> = ids.chunks(batch.max(1)).map(|c| c.to_vec()).collect();
+    let seeds = vec![0; chunks.len()];
+    for item in loader.prefetch(chunks, seeds, Augment::Test, prefetch::DEPTH, device) {
+        let (_, x) = item?;
         let (logits, _) = simtrans_core::grad::inference(|| net.forward(&x, BnMode::Eval))?;
         preds.extend(
             logits
@@ -234,11 +236,16 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
 
         let mut rng = ctx.rng("batches", e as u64);
         let batches = sampler::shuffled_batches(&train_ids, plan.batch_size, false, &mut rng);
+        let epoch_seed = ctx.rng("augment", e as u64).next_u64();
+        let seeds = (0..batches.len() as u64)
+            .map(|b| epoch_seed ^ b.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+            .collect();
+        let count = batches.len();
+        let prefetched =
+            loader.prefetch(batches, seeds, Augment::Train, prefetch::DEPTH, &ctx.device);
         let mut loss_sum = 0.0;
-        for (b, ids) in batches.iter().enumerate() {
-            let aug_seed = ctx.rng("augment", e as u64).next_u64()
-                ^ (b as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-            let x = loader.batch(ids, Augment::Train, aug_seed, &ctx.device)?;
+        for (b, item) in prefetched.enumerate() {
+            let (ids, x) = item?;
             let y: Vec<u32> = ids.iter().map(|id| label_of[id]).collect();
             let w: Vec<f32> = ids
                 .iter()
@@ -248,6 +255,9 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
             let w = Tensor::new(w, &ctx.device)?;
             let graph_net = simnet.as_ref().filter(|_| plan.graph_loss);
             let loss = batch_loss(&net, graph_net.map(|s| (s, &graph)), &x, &y, &w)?;
+            sgd.step(&simtrans_core::grad::backward(&loss)?)?;
+            // Read after the update is queued: one wait for the device per step. A
+            // non-finite loss still stops the stage before any checkpoint takes it in.
             let l = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             if !l.is_finite() {
                 return Err(CoreError::NonFinite {
@@ -259,7 +269,6 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
                 .into());
             }
             loss_sum += l;
-            sgd.step(&simtrans_core::grad::backward(&loss)?)?;
         }
         let preds = predict(
             &net,
@@ -270,7 +279,7 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
         )?;
         let acc = top1(&test_labels, &preds);
         final_preds = Some(preds);
-        let mean_loss = loss_sum / batches.len().max(1) as f64;
+        let mean_loss = loss_sum / count.max(1) as f64;
         history["train_loss"]
             .as_array_mut()
             .expect("array")

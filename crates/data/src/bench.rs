@@ -32,17 +32,9 @@ pub struct BenchReport {
     pub files: usize,
 }
 
-/// Times `passes` passes over `files` synthetic JPEGs in batches of `batch_size`, at
-/// `cfg.image_size` with the train transform (one untimed warm-up batch first).
-pub fn bench(
-    cfg: &DataConfig,
-    files: usize,
-    batch_size: usize,
-    passes: usize,
-) -> Result<BenchReport> {
-    let files = files.max(1);
-    let batch_size = batch_size.max(1);
-    let dir = tempfile::tempdir().map_err(|e| DataError::io(std::env::temp_dir(), e))?;
+/// Writes `files` synthetic JPEG photographs into `dir` (textured, sizes around 500×375 like
+/// CUB's) and indexes them as the base training images of one class, ids `0..files`.
+pub fn synthetic_photos(dir: &std::path::Path, files: usize) -> Result<DataIndex> {
     let mut paths = Vec::with_capacity(files);
     for k in 0..files {
         let (w, h) = (440 + (k % 7) as u32 * 20, 330 + (k % 5) as u32 * 15);
@@ -54,7 +46,7 @@ pub fn bench(
                 ((x + y) % 239) as u8,
             ])
         });
-        let path = dir.path().join(format!("img_{k:05}.jpg"));
+        let path = dir.join(format!("img_{k:05}.jpg"));
         img.save(&path).map_err(|e| DataError::Image {
             path: path.clone(),
             reason: e.to_string(),
@@ -70,14 +62,28 @@ pub fn bench(
             true_label: Some(0),
         })
         .collect();
-    let index = DataIndex {
+    Ok(DataIndex {
         dataset: DatasetKind::Cub,
         class_names: vec!["bench".into(), "unused".into()],
         base_classes: vec![0],
         novel_classes: vec![1],
         items,
         images: Images::Paths(paths),
-    };
+    })
+}
+
+/// Times `passes` passes over `files` synthetic JPEGs in batches of `batch_size`, at
+/// `cfg.image_size` with the train transform (one untimed warm-up batch first).
+pub fn bench(
+    cfg: &DataConfig,
+    files: usize,
+    batch_size: usize,
+    passes: usize,
+) -> Result<BenchReport> {
+    let files = files.max(1);
+    let batch_size = batch_size.max(1);
+    let dir = tempfile::tempdir().map_err(|e| DataError::io(std::env::temp_dir(), e))?;
+    let index = synthetic_photos(dir.path(), files)?;
     let loader = Loader::new(Arc::new(index), cfg);
     let ids: Vec<u32> = (0..files as u32).collect();
     let device = Device::Cpu;

@@ -6,12 +6,21 @@
 //! batches ahead on a producer thread (each batch itself decoded in parallel by the loader) and
 //! hands them over in order. The batches are exactly those of [`Loader::batch`] with the same
 //! arguments, so prefetching never changes results. Dropping the iterator stops the producer.
+//!
+//! The producer builds host tensors only; each batch moves to the device on the consumer's
+//! thread, when it is taken. candle's CUDA device issues work on the calling thread's own
+//! stream (the per-thread default stream), so a copy made on the producer thread would not be
+//! ordered with the consumer's kernels.
 
 use crate::error::Result;
 use crate::loader::{Augment, Loader};
 use candle_core::{Device, Tensor};
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::thread::JoinHandle;
+
+/// How many batches the training and evaluation loops build ahead: one being consumed, one
+/// ready, one in the making keeps the device fed while bounding host memory.
+pub const DEPTH: usize = 2;
 
 /// One prefetched batch: its ids and its tensor.
 pub type Batch = Result<(Vec<u32>, Tensor)>;
@@ -20,11 +29,13 @@ pub type Batch = Result<(Vec<u32>, Tensor)>;
 pub struct Prefetch {
     rx: Option<Receiver<Batch>>,
     handle: Option<JoinHandle<()>>,
+    device: Device,
 }
 
 impl Loader {
     /// Builds `batches[i]` with seed `seeds[i]` on a background thread, at most `depth` batches
-    /// ahead of the consumer (at least one), and yields them in order on `device`.
+    /// ahead of the consumer (at least one), and yields them in order on `device` (copied there
+    /// by the consumer's thread).
     pub fn prefetch(
         &self,
         batches: Vec<Vec<u32>>,
@@ -36,10 +47,11 @@ impl Loader {
         assert_eq!(batches.len(), seeds.len(), "one seed per batch");
         let (tx, rx) = sync_channel(depth.max(1));
         let loader = self.clone();
-        let device = device.clone();
         let handle = std::thread::spawn(move || {
             for (ids, seed) in batches.into_iter().zip(seeds) {
-                let item = loader.batch(&ids, aug, seed, &device).map(|t| (ids, t));
+                let item = loader
+                    .batch(&ids, aug, seed, &Device::Cpu)
+                    .map(|t| (ids, t));
                 let failed = item.is_err();
                 if tx.send(item).is_err() || failed {
                     break;
@@ -49,6 +61,7 @@ impl Loader {
         Prefetch {
             rx: Some(rx),
             handle: Some(handle),
+            device: device.clone(),
         }
     }
 }
@@ -57,7 +70,8 @@ impl Iterator for Prefetch {
     type Item = Batch;
 
     fn next(&mut self) -> Option<Self::Item> {
-        self.rx.as_ref()?.recv().ok()
+        let item = self.rx.as_ref()?.recv().ok()?;
+        Some(item.and_then(|(ids, t)| Ok((ids, t.to_device(&self.device)?))))
     }
 }
 

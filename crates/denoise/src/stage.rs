@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Tensor};
 use simtrans_core::{
     Artifact, ArtifactSchema, CoreError, Stage, StageContext, StageOutput, TensorSpec,
 };
-use simtrans_data::{Augment, DataIndex, Loader, NoiseKind, Split};
+use simtrans_data::{prefetch, Augment, DataIndex, Loader, NoiseKind, Split};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -59,8 +59,10 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
     let mut offsets: Vec<u32> = vec![0];
     let mut tensors = BTreeMap::new();
     let mut stored: BTreeMap<String, Vec<f32>> = BTreeMap::new();
-    let bar = simtrans_core::progress::bar(data.novel_classes.len() as u64, "denoise: categories");
-    for (k, &class) in data.novel_classes.iter().enumerate() {
+    // Each category's web images, sorted; their feature batches are decoded ahead across
+    // category boundaries.
+    let mut per_class: Vec<Vec<u32>> = vec![];
+    for &class in &data.novel_classes {
         let mut ids: Vec<u32> = web
             .iter()
             .filter(|it| it.label == class)
@@ -73,9 +75,23 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
                 data.class_names[class as usize]
             );
         }
+        per_class.push(ids);
+    }
+    let chunk = cfg.feature_batch.max(1);
+    let batches: Vec<Vec<u32>> = per_class
+        .iter()
+        .flat_map(|ids| ids.chunks(chunk).map(|c| c.to_vec()))
+        .collect();
+    let seeds = vec![ctx.seed; batches.len()];
+    let mut prefetched =
+        loader.prefetch(batches, seeds, Augment::Test, prefetch::DEPTH, &ctx.device);
+    let bar = simtrans_core::progress::bar(data.novel_classes.len() as u64, "denoise: categories");
+    for (k, ids) in per_class.into_iter().enumerate() {
         let mut feats = vec![];
-        for chunk in ids.chunks(cfg.feature_batch.max(1)) {
-            let x = loader.batch(chunk, Augment::Test, ctx.seed, &ctx.device)?;
+        for _ in 0..ids.len().div_ceil(chunk) {
+            let (_, x) = prefetched.next().ok_or_else(|| {
+                anyhow::anyhow!("the loader ended before the last feature batch")
+            })??;
             feats.push(simnet.features(&x)?);
         }
         let feats = Tensor::cat(&feats, 0)?;

@@ -28,7 +28,7 @@ use simtrans_core::config::Selection;
 use simtrans_core::config::{DataConfig, SimnetConfig};
 use simtrans_core::optim::{step_lr, Sgd};
 use simtrans_core::{Artifact, CoreError, StageContext, StageOutput};
-use simtrans_data::{sampler, Augment, DataIndex, Loader, Split};
+use simtrans_data::{prefetch, sampler, Augment, DataIndex, Loader, Split};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -49,6 +49,19 @@ pub trait TrainData {
     /// `[B, 3, S, S]` images of `ids`, with the training augmentation when `train`
     /// (randomness from `seed`), else the test transform.
     fn images(&self, ids: &[u32], train: bool, seed: u64, device: &Device) -> Result<Tensor>;
+    /// The images of each `(ids, seed)` in turn, exactly as [`TrainData::images`] gives them;
+    /// an implementation may build them ahead of use. By default each is built when taken.
+    fn images_ahead<'a>(
+        &'a self,
+        jobs: Vec<(Vec<u32>, u64)>,
+        train: bool,
+        device: &'a Device,
+    ) -> Box<dyn Iterator<Item = Result<Tensor>> + 'a> {
+        Box::new(
+            jobs.into_iter()
+                .map(move |(ids, seed)| self.images(&ids, train, seed, device)),
+        )
+    }
     /// The label of an image (only equality matters).
     fn label(&self, id: u32) -> u32;
     /// One epoch's source (A) and target (B) batches.
@@ -98,6 +111,21 @@ impl TrainData for IndexData {
     fn images(&self, ids: &[u32], train: bool, seed: u64, device: &Device) -> Result<Tensor> {
         let aug = if train { Augment::Train } else { Augment::Test };
         Ok(self.loader.batch(ids, aug, seed, device)?)
+    }
+
+    /// Decoded on a background thread, [`prefetch::DEPTH`] batches ahead.
+    fn images_ahead<'a>(
+        &'a self,
+        jobs: Vec<(Vec<u32>, u64)>,
+        train: bool,
+        device: &'a Device,
+    ) -> Box<dyn Iterator<Item = Result<Tensor>> + 'a> {
+        let aug = if train { Augment::Train } else { Augment::Test };
+        let (ids, seeds) = jobs.into_iter().unzip();
+        let batches = self
+            .loader
+            .prefetch(ids, seeds, aug, prefetch::DEPTH, device);
+        Box::new(batches.map(|b| Ok(b?.1)))
     }
 
     fn label(&self, id: u32) -> u32 {
@@ -171,8 +199,9 @@ pub fn pair_f1(
     device: &Device,
 ) -> Result<PairCounts> {
     let mut counts = PairCounts::default();
-    for ids in batches {
-        let x = data.images(ids, false, 0, device)?;
+    let jobs = batches.iter().map(|ids| (ids.clone(), 0)).collect();
+    for (ids, x) in batches.iter().zip(data.images_ahead(jobs, false, device)) {
+        let x = x?;
         let f = net.features(&x)?;
         let (logits, _) = net
             .head
@@ -212,6 +241,12 @@ pub fn train(
     if cfg.batch_a < 2 || cfg.batch_b < 2 {
         return Err(SimnetError::Config(format!(
             "batch_a = {} and batch_b = {} must both be at least 2 (BatchNorm needs two images per domain)",
+            cfg.batch_a, cfg.batch_b
+        )));
+    }
+    if cfg.batch_a != cfg.batch_b {
+        return Err(SimnetError::Config(format!(
+            "batch_a = {} and batch_b = {} must be equal: a source and a target batch of unequal sizes are skipped (as in the reference), so no step would train; set simnet.batch_a and simnet.batch_b to one value",
             cfg.batch_a, cfg.batch_b
         )));
     }
@@ -328,15 +363,34 @@ pub fn train(
         let (mut l_sim, mut l_dom, mut dom_acc, mut done, mut skipped) =
             (0f64, 0f64, 0f64, 0usize, 0usize);
         let mut train_counts = PairCounts::default();
+        // The usable pairs of batches and their two augmentation seeds, in order; their
+        // images are decoded ahead, source then target.
+        let mut jobs = vec![];
+        let mut usable = vec![];
         for (step, (ids_a, ids_b)) in batches_a.iter().zip(&batches_b).enumerate() {
-            bar.inc(1);
             if ids_a.len() != ids_b.len() || ids_a.len() < 2 {
                 skipped += 1;
                 continue;
             }
             let (seed_a, seed_b): (u64, u64) = (aug.random(), aug.random());
-            let xa = data.images(ids_a, true, seed_a, device)?;
-            let xb = data.images(ids_b, true, seed_b, device)?;
+            jobs.push((ids_a.clone(), seed_a));
+            jobs.push((ids_b.clone(), seed_b));
+            usable.push(step);
+        }
+        let mut images = data.images_ahead(jobs, true, device);
+        let mut next_images = || {
+            images.next().unwrap_or_else(|| {
+                Err(simtrans_data::DataError::Invalid(
+                    "the image stream ended before the epoch's last batch".into(),
+                )
+                .into())
+            })
+        };
+        for step in usable {
+            bar.set_position(step as u64 + 1);
+            let ids_a = &batches_a[step];
+            let xa = next_images()?;
+            let xb = next_images()?;
             let labels_a: Vec<u32> = ids_a.iter().map(|&id| data.label(id)).collect();
             let st = trainer.step(&net.backbone, &net.head, &net.disc, &xa, &labels_a, &xb)?;
             if !st.total.is_finite() || !st.l_dom.is_finite() {
@@ -357,7 +411,7 @@ pub fn train(
         bar.finish_and_clear();
         if done == 0 {
             return Err(SimnetError::Config(format!(
-                "epoch {epoch} had no usable pair of batches ({} source, {} target, {skipped} skipped); lower simnet.batch_a/batch_b",
+                "epoch {epoch} had no usable pair of batches ({} source, {} target, {skipped} skipped: a batch pair of unequal sizes or of fewer than 2 images is skipped); lower simnet.batch_a and simnet.batch_b",
                 batches_a.len(),
                 batches_b.len()
             )));

@@ -268,6 +268,27 @@ fn a_non_finite_loss_stops_with_the_checkpoint_folder() {
 }
 
 #[test]
+fn unequal_batch_sizes_are_refused_before_training() {
+    let data = Synthetic::new();
+    let dir = tempfile::tempdir().unwrap();
+    let mut ctx = context(dir.path(), 1);
+    ctx.config.simnet.batch_b = 6;
+    match train(&ctx, &data, &backbone()) {
+        Err(SimnetError::Config(msg)) => {
+            assert!(msg.contains("must be equal"), "{msg}");
+            assert!(
+                !ctx.checkpoints().dir.exists(),
+                "it trained before refusing"
+            );
+        }
+        other => panic!(
+            "expected a config error, got {:?}",
+            other.map(|o| o.metrics)
+        ),
+    }
+}
+
+#[test]
 fn select_val_keeps_the_best_validation_epoch() {
     let data = Synthetic::new();
     let init = backbone();
