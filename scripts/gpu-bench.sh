@@ -16,7 +16,7 @@
 #
 #   scripts/gpu-bench.sh [BIN_DIR] [OUT_DIR]
 #   SECTIONS="tests table" scripts/gpu-bench.sh     # a subset (tests alt switches table find quick cl host ab candle demo profile)
-#   SECTIONS=next scripts/gpu-bench.sh               # the next lease's one call: tests switches quick cl host ab
+#   SECTIONS=next scripts/gpu-bench.sh               # the next lease's one call: tests switches quick host cl ab
 #
 # BIN_DIR holds `xtask` and `gpu-tests` (plain or .xz), as scripts/build-gpu-bins.sh leaves them;
 # OUT_DIR (default $OUT, else ./gpu-bench-out) receives gpu.txt, log.txt and results.json.
@@ -57,7 +57,7 @@ cd "$WORK" || exit 1
 SECTIONS=${SECTIONS:-tests alt switches table candle demo}
 # The one call that fits a 15-minute device lease (start-up included) after the changes of
 # session 4: the tests, the switches' tests, then the tables in order of what they decide.
-[ "$SECTIONS" = next ] && SECTIONS="tests switches quick cl host ab"
+[ "$SECTIONS" = next ] && SECTIONS="tests switches quick host cl ab"
 # The defaults not yet measured on a GPU, each switched back in turn when a test fails.
 BISECT=${BISECT:-SIMTRANS_RELU_RECOMPUTE=0 SIMTRANS_EVENT_TRACKING=1 SIMTRANS_LEAN_INFERENCE=0 SIMTRANS_OWN_BN=0 SIMTRANS_FUSED_CHAIN=0}
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }

@@ -35,7 +35,7 @@ pub fn decode_file(path: &Path) -> Result<ImageU8> {
             path: path.to_path_buf(),
             reason: e.to_string(),
         })?;
-    Ok(ImageU8::from_rgb(&img.to_rgb8()))
+    Ok(ImageU8::from_rgb(&img.into_rgb8()))
 }
 
 /// Batches of transformed images from a [`DataIndex`].

@@ -70,8 +70,18 @@ impl Iterator for Prefetch {
     type Item = Batch;
 
     fn next(&mut self) -> Option<Self::Item> {
-        let item = self.rx.as_ref()?.recv().ok()?;
-        Some(item.and_then(|(ids, t)| Ok((ids, t.to_device(&self.device)?))))
+        match self.rx.as_ref()?.recv() {
+            Ok(item) => Some(item.and_then(|(ids, t)| Ok((ids, t.to_device(&self.device)?)))),
+            Err(_) => {
+                // The producer is done. If it panicked, the panic goes on here rather than
+                // ending the iteration early as if the batches had run out.
+                self.rx.take();
+                if let Some(Err(panic)) = self.handle.take().map(JoinHandle::join) {
+                    std::panic::resume_unwind(panic);
+                }
+                None
+            }
+        }
     }
 }
 

@@ -1,5 +1,5 @@
 //! Prefetching yields exactly the loader's batches, in order, and stops cleanly when dropped;
-//! the bench runs end to end on a few files.
+//! a panic while building a batch reaches the consumer; the bench runs end to end on a few files.
 
 use simtrans_core::config::{Config, DemoConfig, Preset};
 use simtrans_data::{Augment, Loader, Split};
@@ -69,4 +69,43 @@ fn bench_runs_on_a_few_jpeg_files() {
     assert_eq!(r.images, 3);
     assert_eq!(r.files, 3);
     assert!(r.images_per_second > 0.0);
+}
+
+#[test]
+fn a_panic_while_building_a_batch_reaches_the_consumer() {
+    use simtrans_core::config::DatasetKind;
+    use simtrans_data::{DataIndex, Images, Item, NoiseKind};
+    // Two items but the pixels of one image only: building the second batch panics on the
+    // producer thread. The loop must not see that as the end of its batches.
+    let items = (0..2)
+        .map(|id| Item {
+            id,
+            label: 0,
+            split: Split::BaseTrain,
+            noise: NoiseKind::Clean,
+            true_label: Some(0),
+        })
+        .collect();
+    let index = DataIndex {
+        dataset: DatasetKind::Demo,
+        class_names: vec!["a".into(), "b".into()],
+        base_classes: vec![0],
+        novel_classes: vec![1],
+        items,
+        images: Images::Pixels {
+            height: 4,
+            width: 4,
+            data: vec![7; 16],
+        },
+    };
+    let config = Config::preset(Preset::Demo);
+    let loader = Loader::new(Arc::new(index), &config.data);
+    let dev = candle_core::Device::Cpu;
+    let mut it = loader.prefetch(vec![vec![0], vec![1]], vec![0, 0], Augment::Test, 1, &dev);
+    assert!(it.next().unwrap().is_ok());
+    let rest = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| it.next().is_some()));
+    assert!(
+        rest.is_err(),
+        "the producer's panic ended the batches silently"
+    );
 }
