@@ -5,7 +5,8 @@
 #      turn (1x, $BISECT), to name the culprit in the same call; (`alt`) the whole steps
 #      layer by layer (1b) and on cuDNN's BatchNorm (1c, SIMTRANS_OWN_BN=0); (`switches`)
 #      with the chain's gradients handed over directly (1d, SIMTRANS_SIDE_GRADS=1) and with
-#      the chain channels-last (1e, SIMTRANS_CHANNELS_LAST=1);
+#      the chain channels-last (1e, SIMTRANS_CHANNELS_LAST=1); (`smoke`) every stage of the
+#      demo once on the GPU (tf32, one seed);
 #   2. the workloads of BENCHMARKS.md's table (`xtask bench table`) at f32, tf32 and bf16
 #      (sections `find`, `ab`, `cl` and `host`: with measured algorithm choice, one A/B switch
 #      at a time, tf32 and bf16 channels-last, and tf32 with the host's calls timed by kind);
@@ -15,8 +16,8 @@
 #   5. (section `profile`) per-kernel times of ResNet-50 steps under Nsight Compute.
 #
 #   scripts/gpu-bench.sh [BIN_DIR] [OUT_DIR]
-#   SECTIONS="tests table" scripts/gpu-bench.sh     # a subset (tests alt switches table find quick cl host ab candle demo profile)
-#   SECTIONS=next scripts/gpu-bench.sh               # the next lease's one call: tests switches quick host cl ab
+#   SECTIONS="tests table" scripts/gpu-bench.sh     # a subset (tests alt switches smoke table find quick cl host ab candle demo profile)
+#   SECTIONS=next scripts/gpu-bench.sh               # the next lease's one call: tests switches smoke quick host cl ab
 #
 # BIN_DIR holds `xtask` and `gpu-tests` (plain or .xz), as scripts/build-gpu-bins.sh leaves them;
 # OUT_DIR (default $OUT, else ./gpu-bench-out) receives gpu.txt, log.txt and results.json.
@@ -57,7 +58,7 @@ cd "$WORK" || exit 1
 SECTIONS=${SECTIONS:-tests alt switches table candle demo}
 # The one call that fits a 15-minute device lease (start-up included) after the changes of
 # session 4: the tests, the switches' tests, then the tables in order of what they decide.
-[ "$SECTIONS" = next ] && SECTIONS="tests switches quick host cl ab"
+[ "$SECTIONS" = next ] && SECTIONS="tests switches smoke quick host cl ab"
 # The defaults not yet measured on a GPU, each switched back in turn when a test fails.
 BISECT=${BISECT:-SIMTRANS_RELU_RECOMPUTE=0 SIMTRANS_EVENT_TRACKING=1 SIMTRANS_LEAN_INFERENCE=0 SIMTRANS_OWN_BN=0 SIMTRANS_FUSED_CHAIN=0}
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
@@ -87,6 +88,15 @@ say "1d. whole steps with the chain's gradients handed over directly (SIMTRANS_S
 SIMTRANS_SIDE_GRADS=1 SIMTRANS_REQUIRE_GPU=1 timeout 300 ./gpu-tests resnet_training_step --nocapture 2>&1 | tee -a "$LOG"
 say "1e. whole steps with the chain channels-last (SIMTRANS_CHANNELS_LAST=1)"
 SIMTRANS_CHANNELS_LAST=1 SIMTRANS_REQUIRE_GPU=1 timeout 300 ./gpu-tests resnet_training_step --nocapture 2>&1 | tee -a "$LOG"
+fi
+
+if want smoke; then
+# Every stage's own loops (decoding ahead, copies to the GPU on the training thread) once on
+# the GPU: the tables run only step 0's.
+say "1s. the demo pipeline once on the GPU (tf32, one seed)"
+timeout 120 ./xtask reproduce --device cuda --precision tf32 --seeds 1 --runs-dir "$WORK/runs" \
+  --run smoke-tf32 2>&1 | tail -4 | tee -a "$LOG"
+say "smoke: exit ${PIPESTATUS[0]}"
 fi
 
 # Every JSON result goes into one file (the device tool returns at most 8 files), rebuilt after
