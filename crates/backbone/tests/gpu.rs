@@ -222,6 +222,8 @@ fn batchnorm_matches_the_cpu_in_every_mode() {
         (vec![12, 7], BnMode::Train),
         (vec![10, 7], BnMode::Split(4)),
         (vec![4, 6, 5, 3], BnMode::Eval),
+        // The SimNet head's: pair rows, evaluation mode (similarity matrices).
+        (vec![9, 7], BnMode::Eval),
     ] {
         for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 1e-2)] {
             for relu in [false, true] {

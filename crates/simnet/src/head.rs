@@ -108,8 +108,9 @@ impl Block {
         })
     }
 
+    /// `relu(bn(fc(x)))`, BatchNorm and ReLU one fused op on CUDA.
     fn forward(&self, x: &Tensor, mode: BnMode) -> Result<Tensor> {
-        self.bn.forward(&self.fc.forward(x)?, mode)?.relu()
+        self.bn.forward_relu(&self.fc.forward(x)?, mode)
     }
 }
 
