@@ -106,7 +106,9 @@ fn the_method_runs_end_to_end_on_a_cub_tree() {
     assert_eq!(eval["weights_auc"], serde_json::json!({}), "{eval}");
     assert!(eval["simnet"]["pair_f1_base_val"].is_null(), "{eval}");
     assert!(eval["simnet"]["pair_f1_novel_test"].is_number(), "{eval}");
-    assert!(runs.join("default/report.md").exists());
+    let report = std::fs::read_to_string(runs.join("default/report.md")).unwrap();
+    assert!(report.contains("ROC-AUC of the sample weights: not measured"), "{report}");
+    assert!(report.contains("the largest confusions"), "{report}");
     assert!(stdout.contains("novel-class top-1"), "{stdout}");
 
     // The corrupt web file was skipped and counted, the text file too; the index keeps the
