@@ -18,8 +18,9 @@ use candle_core::{Device, Tensor};
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::thread::JoinHandle;
 
-/// How many batches the training and evaluation loops build ahead: one being consumed, one
-/// ready, one in the making keeps the device fed while bounding host memory.
+/// How many built batches the training and evaluation loops let wait: with the one being
+/// built and the one being consumed, four batches of host memory at most, which keeps the
+/// device fed through an uneven decode.
 pub const DEPTH: usize = 2;
 
 /// One prefetched batch: its ids and its tensor.
