@@ -58,7 +58,12 @@ cd "$WORK" || exit 1
 SECTIONS=${SECTIONS:-tests alt switches table candle demo}
 # The one call that fits a 15-minute device lease (start-up included) after the changes of
 # session 4: the tests, the switches' tests, then the tables in order of what they decide.
-[ "$SECTIONS" = next ] && SECTIONS="tests switches smoke quick host cl ab"
+# Its `cl` and `host` tables already measure channels-last and the in-place parameters against
+# the default, so its A/B tables are the other two switches.
+if [ "$SECTIONS" = next ]; then
+  SECTIONS="tests switches smoke quick host cl ab"
+  AB=${AB:-SIMTRANS_RELU_RECOMPUTE=0 SIMTRANS_EVENT_TRACKING=1}
+fi
 # The defaults not yet measured on a GPU, each switched back in turn when a test fails.
 BISECT=${BISECT:-SIMTRANS_RELU_RECOMPUTE=0 SIMTRANS_EVENT_TRACKING=1 SIMTRANS_LEAN_INFERENCE=0 SIMTRANS_OWN_BN=0 SIMTRANS_FUSED_CHAIN=0}
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
