@@ -107,7 +107,10 @@ fn the_method_runs_end_to_end_on_a_cub_tree() {
     assert!(eval["simnet"]["pair_f1_base_val"].is_null(), "{eval}");
     assert!(eval["simnet"]["pair_f1_novel_test"].is_number(), "{eval}");
     let report = std::fs::read_to_string(runs.join("default/report.md")).unwrap();
-    assert!(report.contains("ROC-AUC of the sample weights: not measured"), "{report}");
+    assert!(
+        report.contains("ROC-AUC of the sample weights: not measured"),
+        "{report}"
+    );
     assert!(report.contains("the largest confusions"), "{report}");
     assert!(stdout.contains("novel-class top-1"), "{stdout}");
 

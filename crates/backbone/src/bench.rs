@@ -153,7 +153,7 @@ pub struct FilesReport {
 
 /// Times step 0's own epoch loop ([`crate::stage::train_epoch`]: batches decoded ahead on a
 /// background thread with the train transform, then the training step) over synthetic JPEG
-/// photographs of CUB's size, so the figure includes the input pipeline that [`bench`]
+/// photographs of CUB's size, so the figure includes the input pipeline that [`bench()`]
 /// leaves out: on a GPU it shows whether decoding keeps up with the device.
 pub fn bench_files(
     device: &Device,
