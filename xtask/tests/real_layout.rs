@@ -115,13 +115,26 @@ fn the_method_runs_end_to_end_on_a_cub_tree() {
     assert!(stdout.contains("novel-class top-1"), "{stdout}");
 
     // The corrupt web file was skipped and counted, the text file too; the index keeps the
-    // 150 × 3 base training images and every other web image (50 classes × 4).
+    // 150 × 3 base training images and every usable web image of the novel classes (50 × 4).
     let artifact = simtrans_core::Artifact::load(
         &runs.join("default/seed-0/data.safetensors"),
-        &simtrans_core::ArtifactSchema::any(),
+        &simtrans_data::DataIndex::schema(),
         &candle_core::Device::Cpu,
     )
     .unwrap();
+    let index = simtrans_data::DataIndex::from_artifact(&artifact).unwrap();
+    use simtrans_data::Split;
+    let count = |split| index.items_in(split).len();
+    assert_eq!(
+        [
+            Split::BaseTrain,
+            Split::BaseTest,
+            Split::NovelWeb,
+            Split::NovelTest
+        ]
+        .map(count),
+        [450, 150, 200, 50]
+    );
     let metrics = &artifact.meta.metrics;
     assert_eq!(metrics["skipped_web_images"], 2, "{metrics}");
     let skipped = metrics["skipped"].to_string();
