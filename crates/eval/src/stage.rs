@@ -239,6 +239,32 @@ fn weight_histogram(store: &RunStore, seed: u64) -> anyhow::Result<String> {
     Ok(md)
 }
 
+/// The similarity pictures of the report: the first this many categories (CUB has 50).
+const MAX_PICTURED_CATEGORIES: usize = 8;
+/// Entries per side of a similarity picture, at most: a larger matrix (a real data set's web
+/// folder holds hundreds to thousands of images) is drawn as means of square blocks.
+const MAX_PICTURE_SIDE: usize = 300;
+
+/// Means of `side × side` blocks of a square matrix (the last blocks may be smaller).
+fn block_means(m: &[Vec<f64>], side: usize) -> Vec<Vec<f64>> {
+    let side = side.max(1);
+    let n = m.len().div_ceil(side);
+    (0..n)
+        .map(|bi| {
+            (0..n)
+                .map(|bj| {
+                    let rows = bi * side..((bi + 1) * side).min(m.len());
+                    let cols = bj * side..((bj + 1) * side).min(m.len());
+                    let count = (rows.len() * cols.len()) as f64;
+                    rows.map(|i| m[i][cols.clone()].iter().sum::<f64>())
+                        .sum::<f64>()
+                        / count
+                })
+                .collect()
+        })
+        .collect()
+}
+
 /// Heat maps of each novel category's similarity matrix, rows and columns ordered by weight
 /// (highest first), from the denoise artifact of one seed.
 fn similarity_pictures(store: &RunStore, seed: u64) -> anyhow::Result<String> {
@@ -252,6 +278,12 @@ fn similarity_pictures(store: &RunStore, seed: u64) -> anyhow::Result<String> {
     );
     let mut k = 0;
     while let Some(s) = a.tensors.get(&format!("S.{k}")) {
+        if k == MAX_PICTURED_CATEGORIES {
+            md.push_str(&format!(
+                "\n\n(The first {MAX_PICTURED_CATEGORIES} categories only; every matrix is in the denoise artifact.)"
+            ));
+            break;
+        }
         let s: Vec<Vec<f32>> = s.to_dtype(DType::F32)?.to_vec2()?;
         let w: Vec<f64> = s
             .iter()
@@ -269,10 +301,29 @@ fn similarity_pictures(store: &RunStore, seed: u64) -> anyhow::Result<String> {
             .map(|&i| order.iter().map(|&j| s[i][j] as f64).collect())
             .collect();
         let file = format!("similarity-{k}.png");
-        heatmap_png(&sorted, 2, &store.root.join(&file))?;
+        let side = sorted.len().div_ceil(MAX_PICTURE_SIDE);
+        heatmap_png(&block_means(&sorted, side), 2, &store.root.join(&file))?;
         md.push_str(&format!("![category {k}]({file}) "));
         k += 1;
     }
     md.push('\n');
     Ok(md)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::block_means;
+
+    #[test]
+    fn block_means_average_square_blocks_and_keep_small_matrices() {
+        let m: Vec<Vec<f64>> = (0..5)
+            .map(|i| (0..5).map(|j| (10 * i + j) as f64).collect())
+            .collect();
+        assert_eq!(block_means(&m, 1), m);
+        let b = block_means(&m, 2);
+        assert_eq!(b.len(), 3);
+        assert_eq!(b[0][0], (0.0 + 1.0 + 10.0 + 11.0) / 4.0);
+        assert_eq!(b[0][2], (4.0 + 14.0) / 2.0);
+        assert_eq!(b[2][2], 44.0);
+    }
 }
