@@ -112,9 +112,10 @@ fn the_method_runs_end_to_end_on_a_cub_tree() {
         "{report}"
     );
     assert!(report.contains("the largest confusions"), "{report}");
-    // Similarity pictures of the first 8 of the 50 categories only.
+    // Similarity and weight pictures of the first 8 of the 50 categories only.
     assert!(runs.join("default/similarity-7.png").exists());
     assert!(!runs.join("default/similarity-8.png").exists());
+    assert!(!runs.join("default/weights-8.png").exists());
     assert!(report.contains("The first 8 categories only"), "{report}");
     assert!(stdout.contains("novel-class top-1"), "{stdout}");
 

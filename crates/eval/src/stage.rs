@@ -226,6 +226,12 @@ fn weight_histogram(store: &RunStore, seed: u64) -> anyhow::Result<String> {
         legend.join(", ")
     );
     for (k, pair) in offsets.windows(2).enumerate() {
+        if k == MAX_PICTURED_CATEGORIES {
+            md.push_str(&format!(
+                "\n\n(The first {MAX_PICTURED_CATEGORIES} categories only; every weight is in the denoise artifact.)"
+            ));
+            break;
+        }
         let mut series = vec![vec![]; kinds.len()];
         for i in pair[0] as usize..pair[1] as usize {
             let kind = noise.get(ids[i] as usize).copied().unwrap_or(4).min(4) as usize;
@@ -239,7 +245,8 @@ fn weight_histogram(store: &RunStore, seed: u64) -> anyhow::Result<String> {
     Ok(md)
 }
 
-/// The similarity pictures of the report: the first this many categories (CUB has 50).
+/// The similarity and weight pictures of the report: the first this many categories (CUB has
+/// 50).
 const MAX_PICTURED_CATEGORIES: usize = 8;
 /// Entries per side of a similarity picture, at most: a larger matrix (a real data set's web
 /// folder holds hundreds to thousands of images) is drawn as means of square blocks.
