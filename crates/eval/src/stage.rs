@@ -133,7 +133,13 @@ pub fn write_report(
                 .iter()
                 .map(|r| r.iter().map(|&c| c as f64).collect())
                 .collect();
-            heatmap_png(&rows, 24, &store.root.join(format!("confusion-{name}.png")))?;
+            // 24 pixels per entry, fewer for many classes (at most 1200 pixels a side).
+            let cell = (1200 / rows.len().max(1)).clamp(2, 24) as u32;
+            heatmap_png(
+                &rows,
+                cell,
+                &store.root.join(format!("confusion-{name}.png")),
+            )?;
         }
         md.push_str(&curves(
             store,
