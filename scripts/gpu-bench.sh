@@ -17,7 +17,7 @@
 #
 #   scripts/gpu-bench.sh [BIN_DIR] [OUT_DIR]
 #   SECTIONS="tests table" scripts/gpu-bench.sh     # a subset (tests alt switches smoke table find quick cl host ab candle demo profile)
-#   SECTIONS=next scripts/gpu-bench.sh               # the next lease's one call: tests alt switches smoke quick host cl ab
+#   SECTIONS=next scripts/gpu-bench.sh               # the next lease's one call: tests alt switches smoke quick host cl ab profile
 #
 # BIN_DIR holds `xtask` and `gpu-tests` (plain or .xz), as scripts/build-gpu-bins.sh leaves them;
 # OUT_DIR (default $OUT, else ./gpu-bench-out) receives gpu.txt, log.txt and results.json.
@@ -61,7 +61,7 @@ SECTIONS=${SECTIONS:-tests alt switches table candle demo}
 # Its `cl` and `host` tables already measure channels-last and the in-place parameters against
 # the default, so its A/B tables are the other two switches.
 if [ "$SECTIONS" = next ]; then
-  SECTIONS="tests alt switches smoke quick host cl ab"
+  SECTIONS="tests alt switches smoke quick host cl ab profile"
   AB=${AB:-SIMTRANS_RELU_RECOMPUTE=0 SIMTRANS_EVENT_TRACKING=1}
 fi
 # The defaults not yet measured on a GPU, each switched back in turn when a test fails.
