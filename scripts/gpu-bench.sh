@@ -56,10 +56,11 @@ cat "$OUT/gpu.txt" | tee -a "$LOG"
 
 cd "$WORK" || exit 1
 SECTIONS=${SECTIONS:-tests alt switches table candle demo}
-# The one call that fits a 15-minute device lease (start-up included) after the changes of
-# session 4: the tests, the switches' tests, then the tables in order of what they decide.
-# Its `cl` and `host` tables already measure channels-last and the in-place parameters against
-# the default, so its A/B tables are the other two switches.
+# The one call that fits a 15-minute device lease (start-up included) after sessions 4 and 5:
+# correctness first (tests, the other paths, the switches, every stage once), then the tables
+# in order of what they decide, the kernel profile last. Its `cl` and `host` tables already
+# measure channels-last and the in-place parameters against the default, so its A/B tables
+# are the other two switches.
 if [ "$SECTIONS" = next ]; then
   SECTIONS="tests alt switches smoke quick host cl ab profile"
   AB=${AB:-SIMTRANS_RELU_RECOMPUTE=0 SIMTRANS_EVENT_TRACKING=1}
@@ -71,10 +72,12 @@ want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 if want tests; then
 say "1. GPU against CPU"
 SIMTRANS_REQUIRE_GPU=1 timeout 300 ./gpu-tests --test-threads 1 --nocapture 2>&1 | tee "$WORK/tests.txt" | tee -a "$LOG"
+rc=${PIPESTATUS[0]}
 failed=$(grep -oE '^test [A-Za-z0-9_:]+ \.\.\. FAILED' "$WORK/tests.txt" | awk '{print $2}' | sort -u | tr '\n' ' ')
-if [ -n "$failed" ]; then
-  # Which unmeasured default is to blame: each failed test again with one switch turned back.
-  say "1x. failed: $failed; again with one default switched back at a time: $BISECT"
+if [ "$rc" != 0 ]; then
+  # Which unmeasured default is to blame: each failed test again with one switch turned back
+  # (every test, if the run crashed before reporting any).
+  say "1x. exit $rc, failed: ${failed:-none reported}; again with one default switched back at a time: $BISECT"
   for switch in $BISECT; do
     env "$switch" SIMTRANS_REQUIRE_GPU=1 timeout 200 ./gpu-tests --test-threads 1 $failed >"$WORK/bisect.txt" 2>&1
     say "1x. $switch: exit $? ($(grep -c '\.\.\. ok$' "$WORK/bisect.txt") ok, $(grep -c '\.\.\. FAILED$' "$WORK/bisect.txt") failed)"
