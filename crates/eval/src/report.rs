@@ -99,8 +99,8 @@ pub fn markdown(summary: &Value, results: &[SeedResult], class_names: &[String])
          clean web images only (the oracle upper bound, possible only where the noise is known).\n"
     );
     let gap = summary["gap_closed"].as_f64().map_or(
-        "— (needs `naive`, `full` and `clean`; `clean` trains on the web images recorded as \
-         clean, which only the demo benchmark records: `--ablations` there)"
+        "— (needs `naive`, `full` and `clean`; `--ablations` trains `clean` where the data set \
+         records which web images are clean, as the demo benchmark does)"
             .into(),
         |g| format!("{g:.2}"),
     );
