@@ -2,7 +2,8 @@
 # Every GPU check of issue #9 in one run, for a machine with an NVIDIA GPU and no network:
 #   1. (section `tests`) the GPU-against-CPU tests of crates/backbone/tests/gpu.rs (f32,
 #      TF32, bf16); a failed test runs again with each unmeasured default switched back in
-#      turn (1x, $BISECT), to name the culprit in the same call; (`alt`) the whole steps
+#      turn (1x, $BISECT, BISECT_LIMIT seconds in all), to name the culprit in the same call;
+#      (`alt`) the whole steps
 #      layer by layer (1b) and on cuDNN's BatchNorm (1c, SIMTRANS_OWN_BN=0); (`switches`)
 #      with the chain's gradients handed over directly (1d, SIMTRANS_SIDE_GRADS=1) and with
 #      the chain channels-last (1e, SIMTRANS_CHANNELS_LAST=1); (`smoke`) every stage of the
@@ -69,17 +70,44 @@ fi
 BISECT=${BISECT:-SIMTRANS_RELU_RECOMPUTE=0 SIMTRANS_EVENT_TRACKING=1 SIMTRANS_LEAN_INFERENCE=0 SIMTRANS_OWN_BN=0 SIMTRANS_FUSED_CHAIN=0}
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 
+# Every JSON result goes into one file (the device tool returns at most 8 files), rebuilt after
+# each step so a run cut short still returns what it measured.
+collect() {
+  python3 - "$WORK/runs" "$OUT/results.json" <<'PY'
+import json, pathlib, sys
+runs, out = pathlib.Path(sys.argv[1]), {}
+for f in sorted(runs.glob("*/bench-*.json")) + sorted(runs.glob("*/eval.json")):
+    out[f"{f.parent.name}/{f.name}"] = json.loads(f.read_text())
+pathlib.Path(sys.argv[2]).write_text(json.dumps(out, indent=1))
+PY
+}
+
+# One row set of the table: `table PRECISION RUN [VAR=VALUE ...]` (the variables switch an A/B).
+table() {
+  local p=$1 run=$2
+  shift 2
+  env "$@" timeout 150 ./xtask bench table --device cuda --precision "$p" --runs-dir "$WORK/runs" --run "$run" 2>&1 | tee -a "$LOG"
+  collect
+}
+
 if want tests; then
 say "1. GPU against CPU"
 SIMTRANS_REQUIRE_GPU=1 timeout 300 ./gpu-tests --test-threads 1 --nocapture 2>&1 | tee "$WORK/tests.txt" | tee -a "$LOG"
 rc=${PIPESTATUS[0]}
-failed=$(grep -oE '^test [A-Za-z0-9_:]+ \.\.\. FAILED' "$WORK/tests.txt" | awk '{print $2}' | sort -u | tr '\n' ' ')
+# The failed tests, from libtest's closing list (with --nocapture a test's own output splits
+# its "test NAME ... FAILED" line).
+failed=$(awk '/^failures:$/{f=1;next} /^test result:/{f=0} f && /^    [A-Za-z0-9_:]+$/{print $1}' \
+  "$WORK/tests.txt" | sort -u | tr '\n' ' ')
 if [ "$rc" != 0 ]; then
   # Which unmeasured default is to blame: each failed test again with one switch turned back
-  # (every test, if the run crashed before reporting any).
-  say "1x. exit $rc, failed: ${failed:-none reported}; again with one default switched back at a time: $BISECT"
+  # (every test, if the run crashed before listing any), within BISECT_LIMIT seconds in all.
+  say "1x. exit $rc, failed: ${failed:-none listed}; again with one default switched back at a time: $BISECT"
+  bisect_start=$SECONDS
+  exact=${failed:+--exact}
   for switch in $BISECT; do
-    env "$switch" SIMTRANS_REQUIRE_GPU=1 timeout 200 ./gpu-tests --test-threads 1 $failed >"$WORK/bisect.txt" 2>&1
+    left=$((${BISECT_LIMIT:-300} - SECONDS + bisect_start))
+    [ "$left" -gt 10 ] || { say "1x. out of time (BISECT_LIMIT), $switch and after skipped"; break; }
+    env "$switch" SIMTRANS_REQUIRE_GPU=1 timeout "$left" ./gpu-tests --test-threads 1 $exact $failed >"$WORK/bisect.txt" 2>&1
     say "1x. $switch: exit $? ($(grep -c '\.\.\. ok$' "$WORK/bisect.txt") ok, $(grep -c '\.\.\. FAILED$' "$WORK/bisect.txt") failed)"
     cat "$WORK/bisect.txt" >>"$LOG"
   done
@@ -105,27 +133,8 @@ say "1s. the demo pipeline once on the GPU (tf32, one seed)"
 timeout 120 ./xtask reproduce --device cuda --precision tf32 --seeds 1 --runs-dir "$WORK/runs" \
   --run smoke-tf32 2>&1 | tail -4 | tee -a "$LOG"
 say "smoke: exit ${PIPESTATUS[0]}"
+collect
 fi
-
-# Every JSON result goes into one file (the device tool returns at most 8 files), rebuilt after
-# each step so a run cut short still returns what it measured.
-collect() {
-  python3 - "$WORK/runs" "$OUT/results.json" <<'PY'
-import json, pathlib, sys
-runs, out = pathlib.Path(sys.argv[1]), {}
-for f in sorted(runs.glob("*/bench-*.json")) + sorted(runs.glob("*/eval.json")):
-    out[f"{f.parent.name}/{f.name}"] = json.loads(f.read_text())
-pathlib.Path(sys.argv[2]).write_text(json.dumps(out, indent=1))
-PY
-}
-
-# One row set of the table: `table PRECISION RUN [VAR=VALUE ...]` (the variables switch an A/B).
-table() {
-  local p=$1 run=$2
-  shift 2
-  env "$@" timeout 150 ./xtask bench table --device cuda --precision "$p" --runs-dir "$WORK/runs" --run "$run" 2>&1 | tee -a "$LOG"
-  collect
-}
 
 if want table; then
 say "2. the table at f32, tf32, bf16"
