@@ -3,11 +3,10 @@
 #   1. (section `tests`) the GPU-against-CPU tests of crates/backbone/tests/gpu.rs (f32,
 #      TF32, bf16); a failed test runs again with each unmeasured default switched back in
 #      turn (1x, $BISECT, BISECT_LIMIT seconds in all), to name the culprit in the same call;
-#      (`alt`) the whole steps
-#      layer by layer (1b) and on cuDNN's BatchNorm (1c, SIMTRANS_OWN_BN=0); (`switches`)
-#      with the chain's gradients handed over directly (1d, SIMTRANS_SIDE_GRADS=1) and with
-#      the chain channels-last (1e, SIMTRANS_CHANNELS_LAST=1); (`smoke`) every stage of the
-#      demo once on the GPU (tf32, one seed);
+#      (`alt`) the whole steps layer by layer (1b) and on cuDNN's BatchNorm (1c,
+#      SIMTRANS_OWN_BN=0); (`switches`) with the chain's gradients handed over directly (1d,
+#      SIMTRANS_SIDE_GRADS=1) and with the chain channels-last (1e, SIMTRANS_CHANNELS_LAST=1);
+#      (`smoke`) every stage of the demo once on the GPU (tf32, one seed);
 #   2. the workloads of BENCHMARKS.md's table (`xtask bench table`) at f32, tf32 and bf16
 #      (sections `find`, `ab`, `cl` and `host`: with measured algorithm choice, one A/B switch
 #      at a time, tf32 and bf16 channels-last, and tf32 with the host's calls timed by kind);
