@@ -183,11 +183,11 @@ fn bench(what: &str, common: &Common) -> Result<()> {
     Ok(())
 }
 
-/// The five workloads of the GPU table in `BENCHMARKS.md` (issue #9), at the paper's size
-/// whatever the preset: ResNet-50 training steps at 224 px in batches of 8, 64 and 128, one
-/// SimNet step on 50 + 50 images (5000 pairs, head 4 and the discriminator), and the features
-/// and similarity matrix of 300 images (step 2); between them, the steps at batch 8 and 64 fed
-/// from JPEG files by step 0's loop. Prints one line per row.
+/// The workloads of the GPU table in `BENCHMARKS.md` (issue #9), at the paper's size whatever
+/// the preset: ResNet-50 training steps at 224 px in batches of 8, 64 and 128, one SimNet step
+/// on 50 + 50 images (5000 pairs, head 4 and the discriminator), and the features and
+/// similarity matrix of 300 images (step 2); between them, two more rows: the steps at batch 8
+/// and 64 fed from JPEG files by step 0's loop. Prints one line per row.
 fn gpu_table(
     config: &simtrans_core::Config,
     device: &candle_core::Device,

@@ -162,6 +162,11 @@ pub fn bench_files(
     batch_size: usize,
     steps: usize,
 ) -> Result<FilesReport> {
+    if batch_size < 2 {
+        return Err(crate::BackboneError::Config(format!(
+            "bench_files: batch size {batch_size}; training steps need at least 2 images (BatchNorm)"
+        )));
+    }
     let classes = 10u32;
     let files = (2 * batch_size).clamp(16, 128);
     let dir =
@@ -240,5 +245,9 @@ mod tests {
             super::bench_files(&candle_core::Device::Cpu, super::Arch::Small, &data, 4, 2).unwrap();
         assert_eq!((r.steps, r.batch_size, r.files), (2, 4, 16));
         assert!(r.images_per_second > 0.0);
+        // A batch of one would skip every step (BatchNorm) and report nothing.
+        assert!(
+            super::bench_files(&candle_core::Device::Cpu, super::Arch::Small, &data, 1, 2).is_err()
+        );
     }
 }

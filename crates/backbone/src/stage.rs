@@ -227,6 +227,11 @@ pub fn train_epoch(
     device: &Device,
     mut on_step: impl FnMut(usize),
 ) -> Result<EpochStats> {
+    assert_eq!(
+        epoch.batches.len(),
+        epoch.seeds.len(),
+        "train_epoch: one seed per batch"
+    );
     let (steps, kept): (Vec<usize>, Vec<(Vec<u32>, u64)>) = epoch
         .batches
         .into_iter()

@@ -18,9 +18,9 @@ use candle_core::{Device, Tensor};
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::thread::JoinHandle;
 
-/// How many built batches the training and evaluation loops let wait: with the one being
-/// built and the one being consumed, four batches of host memory at most, which keeps the
-/// device fed through an uneven decode.
+/// How many built batches the training and evaluation loops let wait, besides the one being
+/// built and those being consumed (one, or SimNet's source and target two): enough to keep
+/// the device fed through an uneven decode, while bounding host memory.
 pub const DEPTH: usize = 2;
 
 /// One prefetched batch: its ids and its tensor.

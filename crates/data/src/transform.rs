@@ -193,6 +193,9 @@ pub fn resize_bilinear(img: &ImageU8, out_w: usize, out_h: usize) -> ImageU8 {
         return img.clone();
     }
     let (w, h) = (img.width, img.height);
+    if w == 0 || h == 0 || out_w == 0 || out_h == 0 {
+        return ImageU8::zeros(out_w, out_h, img.channels);
+    }
     let half = 1i32 << (PRECISION_BITS - 1);
     let weights = |c: Vec<(usize, Vec<i64>)>| -> Vec<(usize, Vec<i32>)> {
         c.into_iter()
@@ -484,6 +487,15 @@ mod tests {
                 "box ({top}, {left}, {h}, {w})"
             );
         }
+    }
+
+    #[test]
+    fn resizing_to_or_from_nothing_gives_an_empty_black_image() {
+        let img = noise(7, 5, 3, 4);
+        assert_eq!(resize_bilinear(&img, 0, 4), ImageU8::zeros(0, 4, 3));
+        assert_eq!(resize_bilinear(&img, 6, 0), ImageU8::zeros(6, 0, 3));
+        let empty = ImageU8::zeros(0, 5, 3);
+        assert_eq!(resize_bilinear(&empty, 4, 4), ImageU8::zeros(4, 4, 3));
     }
 
     #[test]

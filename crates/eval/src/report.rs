@@ -127,8 +127,9 @@ pub fn markdown(summary: &Value, results: &[SeedResult], class_names: &[String])
         None => {
             let _ = writeln!(
                 s,
-                "- ROC-AUC of the sample weights: not measured, since this data set does not \
-                 record which web images are noise."
+                "- ROC-AUC of the sample weights: not measured. Either this data set does not \
+                 record which web images are noise, or the denoise stage scored no scheme of \
+                 that name (`classifier.weights_3a`)."
             );
         }
         Some(auc) => {

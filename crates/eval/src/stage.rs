@@ -133,7 +133,8 @@ pub fn write_report(
                 .iter()
                 .map(|r| r.iter().map(|&c| c as f64).collect())
                 .collect();
-            // 24 pixels per entry, fewer for many classes (at most 1200 pixels a side).
+            // 24 pixels per entry, fewer for many classes: at most 1200 pixels a side up to
+            // 600 classes, 2 per entry beyond.
             let cell = (1200 / rows.len().max(1)).clamp(2, 24) as u32;
             heatmap_png(
                 &rows,
