@@ -6,7 +6,7 @@ use simtrans_backbone::{load_model, BackboneError, BnMode};
 use simtrans_core::{
     Artifact, ArtifactMeta, Config, CoreError, Node, Preset, Stage, StageContext, StageOutput,
 };
-use simtrans_data::{DataIndex, DatasetKind, Images, Item, NoiseKind, Split};
+use simtrans_data::{DataIndex, DatasetKind, Images, Item, Split};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -24,13 +24,7 @@ fn index() -> DataIndex {
         for &c in classes {
             for k in 0..per {
                 let id = items.len() as u32;
-                items.push(Item {
-                    id,
-                    label: c,
-                    split,
-                    noise: NoiseKind::Clean,
-                    true_label: Some(c),
-                });
+                items.push(Item::clean(id, c, split));
                 for r in 0..28u32 {
                     for col in 0..28u32 {
                         let bar = r >= 5 * c && r < 5 * c + 4;

@@ -6,7 +6,7 @@
 //! orchestrator to its bench file; no test asserts it.
 
 use crate::error::{DataError, Result};
-use crate::index::{DataIndex, Images, Item, NoiseKind, Split};
+use crate::index::{DataIndex, Images, Item, Split};
 use crate::loader::{Augment, Loader};
 use candle_core::Device;
 use simtrans_core::config::{DataConfig, DatasetKind};
@@ -54,13 +54,7 @@ pub fn synthetic_photos(dir: &std::path::Path, files: usize) -> Result<DataIndex
         paths.push(path);
     }
     let items = (0..files as u32)
-        .map(|id| Item {
-            id,
-            label: 0,
-            split: Split::BaseTrain,
-            noise: NoiseKind::Clean,
-            true_label: Some(0),
-        })
+        .map(|id| Item::clean(id, 0, Split::BaseTrain))
         .collect();
     Ok(DataIndex {
         dataset: DatasetKind::Cub,

@@ -117,6 +117,19 @@ pub struct Item {
     pub true_label: Option<u32>,
 }
 
+impl Item {
+    /// A curated (clean) image of class `label` in `split`.
+    pub fn clean(id: u32, label: u32, split: Split) -> Self {
+        Item {
+            id,
+            label,
+            split,
+            noise: NoiseKind::Clean,
+            true_label: Some(label),
+        }
+    }
+}
+
 /// Where the pixels of the items are.
 #[derive(Clone, PartialEq)]
 pub enum Images {

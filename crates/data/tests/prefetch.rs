@@ -74,17 +74,11 @@ fn bench_runs_on_a_few_jpeg_files() {
 #[test]
 fn a_panic_while_building_a_batch_reaches_the_consumer() {
     use simtrans_core::config::DatasetKind;
-    use simtrans_data::{DataIndex, Images, Item, NoiseKind};
+    use simtrans_data::{DataIndex, Images, Item};
     // Two items but the pixels of one image only: building the second batch panics on the
     // producer thread. The loop must not see that as the end of its batches.
     let items = (0..2)
-        .map(|id| Item {
-            id,
-            label: 0,
-            split: Split::BaseTrain,
-            noise: NoiseKind::Clean,
-            true_label: Some(0),
-        })
+        .map(|id| Item::clean(id, 0, Split::BaseTrain))
         .collect();
     let index = DataIndex {
         dataset: DatasetKind::Demo,
