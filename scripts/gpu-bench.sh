@@ -6,7 +6,8 @@
 #      (`alt`) the whole steps layer by layer (1b) and on cuDNN's BatchNorm (1c,
 #      SIMTRANS_OWN_BN=0); (`switches`) with the chain's gradients handed over directly (1d,
 #      SIMTRANS_SIDE_GRADS=1) and with the chain channels-last (1e, SIMTRANS_CHANNELS_LAST=1);
-#      (`smoke`) every stage of the demo once on the GPU (tf32, one seed);
+#      (`smoke`) every stage of the demo once on the GPU (tf32, one seed), and the input
+#      pipeline alone (`xtask bench data`);
 #   2. the workloads of BENCHMARKS.md's table (`xtask bench table`) at f32, tf32 and bf16
 #      (sections `find`, `ab`, `cl` and `host`: with measured algorithm choice, one A/B switch
 #      at a time, tf32 and bf16 channels-last, and tf32 with the host's calls timed by kind);
@@ -132,6 +133,8 @@ say "1s. the demo pipeline once on the GPU (tf32, one seed)"
 timeout 120 ./xtask reproduce --device cuda --precision tf32 --seeds 1 --runs-dir "$WORK/runs" \
   --run smoke-tf32 2>&1 | tail -4 | tee -a "$LOG"
 say "smoke: exit ${PIPESTATUS[0]}"
+# And the input pipeline alone on this machine's cores, to read the JPEG-fed table rows by.
+timeout 60 ./xtask bench data --runs-dir "$WORK/runs" --run data 2>&1 | tee -a "$LOG"
 collect
 fi
 
