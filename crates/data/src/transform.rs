@@ -139,8 +139,8 @@ pub fn rotate_crop(
 const PRECISION_BITS: u32 = 32 - 8 - 2;
 
 /// PIL's bilinear coefficients for one axis: per output pixel, the first input pixel and the
-/// fixed-point weights of the input pixels it reads.
-fn coefficients(in_size: usize, out_size: usize) -> Vec<(usize, Vec<i64>)> {
+/// fixed-point weights of the input pixels it reads (at most 2^22 each, so i32 sums hold).
+fn coefficients(in_size: usize, out_size: usize) -> Vec<(usize, Vec<i32>)> {
     let scale = in_size as f64 / out_size as f64;
     let filterscale = scale.max(1.0);
     let support = filterscale; // the bilinear (triangle) filter has support 1
@@ -170,9 +170,9 @@ fn coefficients(in_size: usize, out_size: usize) -> Vec<(usize, Vec<i64>)> {
                 .map(|&v| {
                     let v = if total != 0.0 { v / total } else { v };
                     if v < 0.0 {
-                        (-0.5 + v * one) as i64
+                        (-0.5 + v * one) as i32
                     } else {
-                        (0.5 + v * one) as i64
+                        (0.5 + v * one) as i32
                     }
                 })
                 .collect();
@@ -197,13 +197,8 @@ pub fn resize_bilinear(img: &ImageU8, out_w: usize, out_h: usize) -> ImageU8 {
         return ImageU8::zeros(out_w, out_h, img.channels);
     }
     let half = 1i32 << (PRECISION_BITS - 1);
-    let weights = |c: Vec<(usize, Vec<i64>)>| -> Vec<(usize, Vec<i32>)> {
-        c.into_iter()
-            .map(|(x0, k)| (x0, k.into_iter().map(|v| v as i32).collect()))
-            .collect()
-    };
-    let hc = weights(coefficients(w, out_w));
-    let vc = weights(coefficients(h, out_h));
+    let hc = coefficients(w, out_w);
+    let vc = coefficients(h, out_h);
     let mut out = ImageU8::zeros(out_w, out_h, img.channels);
     let mut tmp = vec![0u8; out_w * h];
     let mut acc = vec![0i32; out_w];
