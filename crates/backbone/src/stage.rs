@@ -172,8 +172,7 @@ pub fn accuracy(
         .iter()
         .map(|c| c.iter().map(|p| p.0).collect())
         .collect();
-    let seeds = vec![0; chunks.len()];
-    let batches = loader.prefetch(ids, seeds, Augment::Test, prefetch::DEPTH, device);
+    let batches = loader.prefetch_test(ids, device);
     for (chunk, item) in chunks.into_iter().zip(batches) {
         let (_, x) = item?;
         let (logits, _) = simtrans_core::grad::inference(|| net.forward(&x, BnMode::Eval))?;

@@ -73,8 +73,7 @@ pub fn predict(
 ) -> anyhow::Result<Vec<u32>> {
     let mut preds = Vec::with_capacity(ids.len());
     let chunks: Vec<Vec<u32>> = ids.chunks(batch.max(1)).map(|c| c.to_vec()).collect();
-    let seeds = vec![0; chunks.len()];
-    for item in loader.prefetch(chunks, seeds, Augment::Test, prefetch::DEPTH, device) {
+    for item in loader.prefetch_test(chunks, device) {
         let (_, x) = item?;
         let (logits, _) = simtrans_core::grad::inference(|| net.forward(&x, BnMode::Eval))?;
         preds.extend(

@@ -65,6 +65,13 @@ impl Loader {
             device: device.clone(),
         }
     }
+
+    /// [`Loader::prefetch`] of `batches` with the test transform, which draws nothing (so no
+    /// seeds), [`DEPTH`] ahead: what the evaluation loops read.
+    pub fn prefetch_test(&self, batches: Vec<Vec<u32>>, device: &Device) -> Prefetch {
+        let seeds = vec![0; batches.len()];
+        self.prefetch(batches, seeds, Augment::Test, DEPTH, device)
+    }
 }
 
 impl Iterator for Prefetch {

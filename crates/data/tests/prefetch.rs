@@ -31,18 +31,22 @@ fn prefetched_batches_equal_direct_batches() {
         .map(|r| r.unwrap())
         .collect();
     assert_eq!(got.len(), batches.len());
+    let values = |t: &candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     for ((ids, t), (b, s)) in got.iter().zip(batches.iter().zip(&seeds)) {
         assert_eq!(ids, b);
         let direct = loader.batch(b, Augment::Train, *s, &dev).unwrap();
-        let diff = (t - &direct)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert_eq!(diff, 0.0);
+        assert_eq!(values(t), values(&direct));
+    }
+    // The evaluation form: the test transform, whatever seed the loader is given.
+    let tested: Vec<_> = loader
+        .prefetch_test(batches.clone(), &dev)
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(tested.len(), batches.len());
+    for ((ids, t), b) in tested.iter().zip(&batches) {
+        assert_eq!(ids, b);
+        let direct = loader.batch(b, Augment::Test, 12345, &dev).unwrap();
+        assert_eq!(values(t), values(&direct));
     }
     // Taking one batch and dropping the rest must not hang.
     let mut it = loader.prefetch(batches, seeds, Augment::Train, 1, &dev);

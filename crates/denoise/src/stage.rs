@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Tensor};
 use simtrans_core::{
     Artifact, ArtifactSchema, CoreError, Stage, StageContext, StageOutput, TensorSpec,
 };
-use simtrans_data::{prefetch, Augment, DataIndex, Loader, NoiseKind, Split};
+use simtrans_data::{DataIndex, Loader, NoiseKind, Split};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -82,9 +82,7 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
         .iter()
         .flat_map(|ids| ids.chunks(chunk).map(|c| c.to_vec()))
         .collect();
-    let seeds = vec![ctx.seed; batches.len()];
-    let mut prefetched =
-        loader.prefetch(batches, seeds, Augment::Test, prefetch::DEPTH, &ctx.device);
+    let mut prefetched = loader.prefetch_test(batches, &ctx.device);
     let bar = simtrans_core::progress::bar(data.novel_classes.len() as u64, "denoise: categories");
     for (k, ids) in per_class.into_iter().enumerate() {
         let mut feats = vec![];
