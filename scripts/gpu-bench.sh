@@ -4,13 +4,13 @@
 #      TF32, bf16); a failed test runs again with each unmeasured default switched back in
 #      turn (1x, $BISECT, BISECT_LIMIT seconds in all), to name the culprit in the same call;
 #      (`alt`) the whole steps layer by layer (1b) and on cuDNN's BatchNorm (1c,
-#      SIMTRANS_OWN_BN=0); (`switches`) with the chain's gradients handed over directly (1d,
-#      SIMTRANS_SIDE_GRADS=1) and with the chain channels-last (1e, SIMTRANS_CHANNELS_LAST=1);
+#      SIMTRANS_OWN_BN=0); (`switches`) with the chain's parameters packed (1d,
+#      SIMTRANS_SIDE_GRADS=0) and with the chain channels-first (1e, SIMTRANS_CHANNELS_LAST=0);
 #      (`smoke`) every stage of the demo once on the GPU (tf32, one seed), and the input
 #      pipeline alone (`xtask bench data`);
 #   2. the workloads of BENCHMARKS.md's table (`xtask bench table`) at f32, tf32 and bf16
 #      (sections `find`, `ab`, `cl` and `host`: with measured algorithm choice, one A/B switch
-#      at a time, tf32 and bf16 channels-last, and tf32 with the host's calls timed by kind);
+#      at a time, tf32 and bf16 channels-first, and tf32 with the host's calls timed by kind);
 #   3. candle's own CUDA convolution and BatchNorm (SIMTRANS_CUDNN=0): the "before" figures;
 #   4. the demo pipeline end to end on the GPU (`xtask reproduce --device cuda`) at each
 #      precision, for the accuracy cost of tf32 and bf16; each run time-limited (DEMO_LIMIT);
@@ -18,7 +18,7 @@
 #
 #   scripts/gpu-bench.sh [BIN_DIR] [OUT_DIR]
 #   SECTIONS="tests table" scripts/gpu-bench.sh     # a subset (tests alt switches smoke table find quick cl host ab candle demo profile)
-#   SECTIONS=next scripts/gpu-bench.sh               # the next lease's one call: tests alt switches smoke quick host cl ab profile
+#   SECTIONS=next scripts/gpu-bench.sh               # the next lease's one call: tests alt switches smoke quick host cl ab
 #
 # BIN_DIR holds `xtask` and `gpu-tests` (plain or .xz), as scripts/build-gpu-bins.sh leaves them;
 # OUT_DIR (default $OUT, else ./gpu-bench-out) receives gpu.txt, log.txt and results.json.
@@ -57,17 +57,17 @@ cat "$OUT/gpu.txt" | tee -a "$LOG"
 
 cd "$WORK" || exit 1
 SECTIONS=${SECTIONS:-tests alt switches table candle demo}
-# The one call that fits a 15-minute device lease (start-up included) after sessions 4 and 5:
+# The one call that fits what is left of a 15-minute device lease (start-up included):
 # correctness first (tests, the other paths, the switches, every stage once), then the tables
-# in order of what they decide, the kernel profile last. Its `cl` and `host` tables already
-# measure channels-last and the in-place parameters against the default, so its A/B tables
-# are the other two switches.
+# in order of what they decide. Its `cl` and `host` tables already measure channels-first and
+# the packed parameters against the default, so its A/B table is the convolutions on cuDNN's
+# legacy API instead of the backend API's cached plans.
 if [ "$SECTIONS" = next ]; then
-  SECTIONS="tests alt switches smoke quick host cl ab profile"
-  AB=${AB:-SIMTRANS_RELU_RECOMPUTE=0 SIMTRANS_EVENT_TRACKING=1}
+  SECTIONS="tests alt switches smoke quick host cl ab"
+  AB=${AB:-SIMTRANS_CUDNN_GRAPH=0}
 fi
-# The defaults not yet measured on a GPU, each switched back in turn when a test fails.
-BISECT=${BISECT:-SIMTRANS_RELU_RECOMPUTE=0 SIMTRANS_EVENT_TRACKING=1 SIMTRANS_LEAN_INFERENCE=0 SIMTRANS_OWN_BN=0 SIMTRANS_FUSED_CHAIN=0}
+# The defaults most recently changed, each switched back in turn when a test fails.
+BISECT=${BISECT:-SIMTRANS_CUDNN_GRAPH=0 SIMTRANS_SIDE_GRADS=0 SIMTRANS_CHANNELS_LAST=0 SIMTRANS_RELU_RECOMPUTE=0 SIMTRANS_EVENT_TRACKING=1 SIMTRANS_LEAN_INFERENCE=0 SIMTRANS_OWN_BN=0 SIMTRANS_FUSED_CHAIN=0}
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 
 # Every JSON result goes into one file (the device tool returns at most 8 files), rebuilt after
@@ -120,10 +120,10 @@ say "1c. BatchNorm and whole steps on cuDNN's BatchNorm instead of ours (SIMTRAN
 SIMTRANS_OWN_BN=0 SIMTRANS_REQUIRE_GPU=1 timeout 300 ./gpu-tests --test-threads 1 --nocapture batchnorm resnet_training_step 2>&1 | tee -a "$LOG"
 fi
 if want switches; then
-say "1d. whole steps with the chain's gradients handed over directly (SIMTRANS_SIDE_GRADS=1)"
-SIMTRANS_SIDE_GRADS=1 SIMTRANS_REQUIRE_GPU=1 timeout 300 ./gpu-tests resnet_training_step --nocapture 2>&1 | tee -a "$LOG"
-say "1e. whole steps with the chain channels-last (SIMTRANS_CHANNELS_LAST=1)"
-SIMTRANS_CHANNELS_LAST=1 SIMTRANS_REQUIRE_GPU=1 timeout 300 ./gpu-tests resnet_training_step --nocapture 2>&1 | tee -a "$LOG"
+say "1d. whole steps with the chain's parameters packed (SIMTRANS_SIDE_GRADS=0)"
+SIMTRANS_SIDE_GRADS=0 SIMTRANS_REQUIRE_GPU=1 timeout 300 ./gpu-tests resnet_training_step --nocapture 2>&1 | tee -a "$LOG"
+say "1e. whole steps with the chain channels-first (SIMTRANS_CHANNELS_LAST=0)"
+SIMTRANS_CHANNELS_LAST=0 SIMTRANS_REQUIRE_GPU=1 timeout 300 ./gpu-tests resnet_training_step --nocapture 2>&1 | tee -a "$LOG"
 fi
 
 if want smoke; then
@@ -154,24 +154,23 @@ for p in tf32 bf16; do table "$p" "table-$p"; done
 fi
 
 if want host; then
-say "2h. tf32 with the host's calls timed by kind (SIMTRANS_HOST_PROFILE=1), packed and in place"
+say "2h. tf32 with the host's calls timed by kind (SIMTRANS_HOST_PROFILE=1), in place and packed"
 table tf32 table-tf32-host SIMTRANS_HOST_PROFILE=1
-table tf32 table-tf32-host-side SIMTRANS_HOST_PROFILE=1 SIMTRANS_SIDE_GRADS=1
+table tf32 table-tf32-host-packed SIMTRANS_HOST_PROFILE=1 SIMTRANS_SIDE_GRADS=0
 fi
 
 if want cl; then
-say "2c. tf32 and bf16 with the chain channels-last (SIMTRANS_CHANNELS_LAST=1)"
-for p in tf32 bf16; do table "$p" "table-$p-cl" SIMTRANS_CHANNELS_LAST=1; done
+say "2c. tf32 and bf16 with the chain channels-first (SIMTRANS_CHANNELS_LAST=0)"
+for p in tf32 bf16; do table "$p" "table-$p-nchw" SIMTRANS_CHANNELS_LAST=0; done
 fi
 
-# The A/B switches, one per table. By default the four not measured yet: the chain
-# channels-last and the chain's parameters read in place with their gradients handed over
-# (neither the default yet), the ReLU masks read instead of recomputed, and cudarc's
-# per-buffer CUDA events kept. Run 7 measured the others (AB="VAR=VALUE
-# ..." picks any): SIMTRANS_OWN_BN=0 (cuDNN's BatchNorm), SIMTRANS_FUSED_CHAIN=0 (one op per
-# residual block), SIMTRANS_FUSED_BLOCKS=0 (layer by layer), SIMTRANS_POOL_RELEASE=1 (the
-# driver's default memory pool).
-AB=${AB:-SIMTRANS_CHANNELS_LAST=1 SIMTRANS_SIDE_GRADS=1 SIMTRANS_RELU_RECOMPUTE=0 SIMTRANS_EVENT_TRACKING=1}
+# The A/B switches, one per table (AB="VAR=VALUE ..." picks any). By default the convolutions
+# on cuDNN's legacy API, the ReLU masks read instead of recomputed, and cudarc's per-buffer
+# CUDA events kept. Runs 7 to 12 measured the others: SIMTRANS_OWN_BN=0 (cuDNN's BatchNorm),
+# SIMTRANS_FUSED_CHAIN=0 (one op per residual block), SIMTRANS_FUSED_BLOCKS=0 (layer by
+# layer), SIMTRANS_POOL_RELEASE=1 (the driver's default memory pool), SIMTRANS_SIDE_GRADS=0
+# and SIMTRANS_CHANNELS_LAST=0 (the `host` and `cl` sections).
+AB=${AB:-SIMTRANS_CUDNN_GRAPH=0 SIMTRANS_RELU_RECOMPUTE=0 SIMTRANS_EVENT_TRACKING=1}
 if want ab; then
 say "2b. tf32 A/B, one switch each: $AB"
 for switch in $AB; do

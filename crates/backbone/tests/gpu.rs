@@ -21,6 +21,15 @@ use std::sync::Mutex;
 /// The precision is process-wide: tests that set it take this lock.
 static PRECISION: Mutex<()> = Mutex::new(());
 
+/// [`PRECISION`], also after another test panicked holding it: each test sets the precision
+/// it needs, so one failure must not fail every test after it (as it did on the first GPU
+/// run of the inference test, whose panic poisoned the lock for the whole-step test).
+fn precision_lock() -> std::sync::MutexGuard<'static, ()> {
+    PRECISION
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// The GPU, or `None` after saying on stderr why the test is skipped. The notice goes to file
 /// descriptor 2 itself: the test harness swallows `eprintln!` of passing tests, and reopening
 /// `/dev/stderr` would write at its own offset into a redirected log and be overwritten.
@@ -69,7 +78,12 @@ fn rel_err(gpu: &Tensor, cpu: &Tensor) -> f64 {
         .unwrap()
         .to_dtype(DType::F64)
         .unwrap();
-    let c = cpu.to_dtype(DType::F64).unwrap();
+    // The reference is usually on the CPU, but may be another GPU result.
+    let c = cpu
+        .to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
     assert_eq!(g.dims(), c.dims());
     let max_abs = |t: &Tensor| {
         t.abs()
@@ -141,7 +155,7 @@ fn cudnn_convolution_matches_the_cpu_in_f32_and_bf16() {
     let Some(dev) = gpu("cudnn_convolution_matches_the_cpu_in_f32_and_bf16") else {
         return;
     };
-    let _lock = PRECISION.lock().unwrap();
+    let _lock = precision_lock();
     let mut failed = vec![];
     for (p, dtype, tol) in [
         (Precision::F32, DType::F32, 1e-5),
@@ -157,6 +171,12 @@ fn cudnn_convolution_matches_the_cpu_in_f32_and_bf16() {
     }
     set_precision(Precision::F32);
     assert!(failed.is_empty(), "over tolerance: {failed:#?}");
+    // Every pass above ran on a backend-API plan, not the legacy fallback.
+    #[cfg(feature = "cuda")]
+    if simtrans_core::cudnn::graph_api() {
+        let fell_back = simtrans_core::cudnn::graph_fallbacks();
+        assert!(fell_back.is_empty(), "passes fell back: {fell_back:#?}");
+    }
 }
 
 /// One BatchNorm forward + backward in `mode` on `dev`: output, the three gradients and the
@@ -413,7 +433,7 @@ fn resnet_training_step_matches_the_cpu_at_each_precision() {
     let Some(dev) = gpu("resnet_training_step_matches_the_cpu_at_each_precision") else {
         return;
     };
-    let _lock = PRECISION.lock().unwrap();
+    let _lock = precision_lock();
     let mut failed = vec![];
     // Evaluation mode (running statistics, as the similarity matrix uses them) runs the same
     // fused blocks; it is checked in f32.
@@ -472,7 +492,7 @@ fn inference_features_match_the_kept_path() {
     let Some(dev) = gpu("inference_features_match_the_kept_path") else {
         return;
     };
-    let _lock = PRECISION.lock().unwrap();
+    let _lock = precision_lock();
     let mut failed = vec![];
     for arch in [Arch::Resnet18, Arch::Resnet50] {
         let vm = VarMap::new();

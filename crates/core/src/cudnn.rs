@@ -7,9 +7,11 @@
 //! hands both layers to cuDNN, which is what PyTorch calls for them:
 //!
 //! - [`conv2d`]: forward, backward-data and backward-filter convolutions (NCHW, f32 or bf16
-//!   data with f32 accumulation). Algorithms come from cuDNN's heuristics (as PyTorch without
-//!   `benchmark=True`) and are cached per geometry. [`Precision::F32`] asks for FMA math, so
-//!   the result matches the CPU to rounding; `tf32` and `bf16` allow tensor-core math.
+//!   data with f32 accumulation). Each runs on an execution plan of cuDNN's backend API,
+//!   built once per geometry from cuDNN's heuristics (as PyTorch without `benchmark=True`);
+//!   the legacy calls remain for `SIMTRANS_CUDNN_GRAPH=0`, measured algorithm choice and any
+//!   geometry without a plan. [`Precision::F32`] excludes tensor-core (TF32) engines, so the
+//!   result matches the CPU to rounding; `tf32` and `bf16` allow them.
 //! - [`batch_norm_train`] and [`batch_norm_eval`]: one fused forward (training mode also moves
 //!   the running statistics: momentum, unbiased variance, PyTorch's rule) and one fused
 //!   backward giving all three gradients, optionally with the ReLU that follows folded in (one
@@ -40,6 +42,8 @@ use std::collections::HashMap;
 use std::ffi::c_void;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
+
+mod graph;
 
 /// Whether CUDA tensors take this path: yes unless the environment sets `SIMTRANS_CUDNN=0`,
 /// which falls back to candle's own convolution and the tensor-op BatchNorm (to measure the
@@ -345,6 +349,22 @@ fn math_type(p: Precision, dtype: DType) -> sys::cudnnMathType_t {
     }
 }
 
+/// Whether convolutions run on cached plans of cuDNN's backend API (the default) rather than
+/// its legacy calls (`SIMTRANS_CUDNN_GRAPH=0`). The legacy calls cost about 105 µs of host
+/// time each on an H100 with cuDNN 9, a cached plan's execution about 30 µs, which doubled
+/// ResNet-50 training at batch 8 (BENCHMARKS.md, run 11). Measured algorithm choice
+/// ([`find_mode`]) keeps the legacy calls.
+pub fn graph_api() -> bool {
+    graph::enabled() && !find_mode()
+}
+
+/// The convolution passes (pass, geometry, dtype, precision) of the calling thread that found
+/// no backend-API plan and fell back to the legacy call, each with the reason (each was also
+/// logged once).
+pub fn graph_fallbacks() -> Vec<String> {
+    graph::fallbacks()
+}
+
 /// Whether convolution algorithms are chosen by running them (`SIMTRANS_CUDNN_FIND=1`,
 /// PyTorch's `cudnn.benchmark = True`: faster, and the choice may differ between runs) rather
 /// than by cuDNN's heuristics (the default: the same algorithms every run).
@@ -607,8 +627,22 @@ fn conv_raw(
     accumulate: bool,
 ) -> Result<()> {
     let stream = dev.cuda_stream();
-    let d = descs(g, dtype, precision())?;
-    let (algo, ws_bytes) = algorithm(pass, h, &d, g, dtype)?;
+    let p = precision();
+    // The backend API's cached plan where cuDNN offers one, else the legacy call.
+    let planned = if graph_api() {
+        let aligns = [a, b, out].map(graph::alignment);
+        graph::plan(h, pass, g, dtype, p, accumulate, aligns)
+    } else {
+        None
+    };
+    let (legacy, ws_bytes) = match &planned {
+        Some(plan) => (None, plan.workspace),
+        None => {
+            let d = descs(g, dtype, p)?;
+            let (algo, ws) = algorithm(pass, h, &d, g, dtype)?;
+            (Some((d, algo)), ws)
+        }
+    };
     let mut work = if ws_bytes > 0 {
         Some(hostprof::timed("alloc", || unsafe {
             dev.alloc::<u8>(ws_bytes)
@@ -622,6 +656,11 @@ fn conv_raw(
             (p, Some(g))
         }
         None => (0, None),
+    };
+    let Some((d, algo)) = legacy else {
+        let plan = planned.expect("a plan where no legacy algorithm was chosen");
+        let _timer = hostprof::Timer::start("cudnn convolution");
+        return graph::execute(h, &plan, pass, (a, b, out), pw);
     };
     let beta = if accumulate { one() } else { zero() };
     let (pa, pb, po, pw) = (
@@ -1628,22 +1667,23 @@ pub fn fused_blocks() -> bool {
 }
 
 /// Whether the fused chain reads its parameters in place (no packing) and hands their
-/// gradients to [`crate::grad::backward`] directly (`SIMTRANS_SIDE_GRADS=1`; off by default
-/// until measured on a GPU).
+/// gradients to [`crate::grad::backward`] directly; yes unless `SIMTRANS_SIDE_GRADS=0`
+/// (packed parameters). Measured on an H100 (BENCHMARKS.md, run 11): ResNet-50 TF32 training
+/// at batch 8 went from 482 to 938 images/s, where the host's issuing bounds the step.
 pub fn side_grads() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| env_switch("SIMTRANS_SIDE_GRADS", false))
+    *ON.get_or_init(|| env_switch("SIMTRANS_SIDE_GRADS", true))
 }
 
-/// Whether the fused residual blocks run channels-last (NHWC) inside
-/// (`SIMTRANS_CHANNELS_LAST=1`; off by default until measured on a GPU, and only with our
-/// BatchNorm kernels). cuDNN's tensor-core convolutions work on NHWC data; given NCHW, they
-/// transpose their inputs and outputs at every call (13 % of a ResNet-50 step's GPU time at
-/// batch 64 with TF32, run 7 in BENCHMARKS.md). Channels-last, the chain's input and output
-/// are transposed once, and the weights once per step.
+/// Whether the fused residual blocks run channels-last (NHWC) inside; yes unless
+/// `SIMTRANS_CHANNELS_LAST=0`, and only with our BatchNorm kernels. cuDNN's tensor-core
+/// convolutions work on NHWC data; given NCHW, they transpose their inputs and outputs at
+/// every call (13 % of a ResNet-50 step's GPU time at batch 64 with TF32, runs 7 and 10 in
+/// BENCHMARKS.md). Channels-last, the chain's input and output are transposed once, and the
+/// weights once per step: TF32 at batch 128 went from 2159 to 2405 images/s (run 11).
 pub fn channels_last() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| env_switch("SIMTRANS_CHANNELS_LAST", false))
+    *ON.get_or_init(|| env_switch("SIMTRANS_CHANNELS_LAST", true))
 }
 
 /// Whether the fused chain keeps nothing for a backward pass inside
