@@ -370,8 +370,8 @@ fn resnet_step(dev: &Device, dtype: DType, (arch, width, side, mode): Case) -> (
     let y = Tensor::new(&[0u32, 1, 2, 3], dev).unwrap();
     let (logits, _) = net.forward(&x, mode).unwrap();
     let loss = candle_nn::loss::cross_entropy(&logits, &y).unwrap();
-    // As the training stages take them (SIMTRANS_SIDE_GRADS=1 hands the fused chain's
-    // parameter gradients over there).
+    // As the training stages take them (the fused chain hands its parameter gradients over
+    // there unless SIMTRANS_SIDE_GRADS=0).
     let grads = simtrans_core::grad::backward(&loss).unwrap();
     let g = simtrans_backbone::trainable_vars(&vm)
         .iter()

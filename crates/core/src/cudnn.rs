@@ -2363,9 +2363,9 @@ pub struct BlockUnits<'a> {
 
 /// Residual blocks `relu(main(x) + shortcut(x))`, each feeding the next, as one autograd op,
 /// their BatchNorms normalising as `norm` says. Inside, cuDNN and our kernels run every layer,
-/// and the backward chains the gradients through buffers the op owns. With
-/// `SIMTRANS_SIDE_GRADS=1` the parameters' gradients go to [`crate::grad::backward`] directly
-/// (see there) instead of through candle's graph. With [`channels_last`] the op works on NHWC
+/// and the backward chains the gradients through buffers the op owns. With [`side_grads`]
+/// (the default) the parameters' gradients go to [`crate::grad::backward`] directly (see
+/// there) instead of through candle's graph. With [`channels_last`] the op works on NHWC
 /// data: `x` and the weights are transposed on the way in and the result on the way out
 /// (candle's copies, so their gradients follow through its graph); input and output are NCHW
 /// either way.

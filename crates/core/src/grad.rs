@@ -1,15 +1,15 @@
 //! The one entry point for a training step's gradients: [`backward`].
 //!
-//! It is `loss.backward()`, plus one experiment of issue #9. With `SIMTRANS_SIDE_GRADS=1` on a
-//! CUDA build, the fused residual chain (`cudnn::residual_blocks`) reads its parameters in
-//! place, outside candle's graph, and hands their gradients over here as views of its own
-//! buffers. Without it, the chain packs its parameters with candle's `cat` every step (about
-//! 160 copies in a ResNet-50) and candle's `cat` backward zero-fills and adds a gradient per
-//! parameter, twice for the 4-D weights: several hundred launches per step.
-//! The switch is off by default until a GPU run has measured it
-//! (`AB=SIMTRANS_SIDE_GRADS=1 SECTIONS=ab scripts/gpu-bench.sh`). A fused chain built with the
-//! switch on refuses a backward pass that does not come through [`backward`], so a forgotten
-//! call site fails loudly instead of leaving the network untrained.
+//! It is `loss.backward()`, plus what issue #9's CUDA path needs. On a CUDA build the fused
+//! residual chain (`cudnn::residual_blocks`) reads its parameters in place, outside candle's
+//! graph, and hands their gradients over here as views of its own buffers. With
+//! `SIMTRANS_SIDE_GRADS=0` it packs its parameters with candle's `cat` every step instead
+//! (about 160 copies in a ResNet-50), and candle's `cat` backward zero-fills and adds a
+//! gradient per parameter, twice for the 4-D weights: several hundred launches per step. On an
+//! H100 the hand-over took ResNet-50 TF32 training at batch 8 from 482 to 938 images/s
+//! (BENCHMARKS.md, run 11). A fused chain that hands its gradients over refuses a backward
+//! pass that does not come through [`backward`], so a forgotten call site fails loudly instead
+//! of leaving the network untrained.
 
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor};
@@ -78,7 +78,8 @@ pub fn hand_over(param: &Tensor, grad: Tensor) -> Result<()> {
             Ok(())
         }
         None => candle_core::bail!(
-            "a fused op built with SIMTRANS_SIDE_GRADS=1 needs its backward pass through \
+            "a fused op that hands its parameters' gradients over (the CUDA default; \
+             SIMTRANS_SIDE_GRADS=0 turns it off) needs its backward pass through \
              simtrans_core::grad::backward, not Tensor::backward"
         ),
     })
