@@ -108,6 +108,16 @@ const X: i64 = 1;
 const W: i64 = 2;
 const Y: i64 = 3;
 
+/// The unique ids of a pass's operands in order (a, b, out): forward x, w → y; backward-data
+/// dy, w → dx; backward-filter x, dy → dw.
+fn operands(pass: u8) -> [i64; 3] {
+    match pass {
+        0 => [X, W, Y],
+        1 => [Y, W, X],
+        _ => [X, Y, W],
+    }
+}
+
 /// The largest power of two, up to 16, that divides a device address: the alignment a plan
 /// may assume of that operand (pointers into packed parameter buffers can be less aligned than
 /// fresh allocations).
@@ -247,17 +257,19 @@ fn unsuitable(engine: &Desc, dtype: DType, p: Precision) -> Result<bool> {
     Ok(behaviour[..n].contains(&runtime_compiled))
 }
 
+/// Builds the plan of `key`: the three tensors, the convolution, the operation and its graph,
+/// then the first engine of cuDNN's heuristics (mode A, then its fallback list) that suits
+/// the precision and that cuDNN can plan.
 fn build(h: &Handle, (pass, g, dtype, p, accumulate, aligns): PlanKey) -> Result<Plan> {
     let _timer = hostprof::Timer::start("cudnn graph, planning");
     let dt = super::data_type(dtype)?;
-    // The pass's operands in order (a, b, out): forward x, w → y; backward-data dy, w → dx;
-    // backward-filter x, dy → dw.
-    let (uids, role) = match pass {
-        0 => ([X, W, Y], "forward"),
-        1 => ([Y, W, X], "backward-data"),
-        2 => ([X, Y, W], "backward-filter"),
+    let role = match pass {
+        0 => "forward",
+        1 => "backward-data",
+        2 => "backward-filter",
         _ => bail!("no convolution pass {pass}"),
     };
+    let uids = operands(pass);
     let align_of = |uid: i64| aligns[uids.iter().position(|&u| u == uid).unwrap_or(0)];
     let x = tensor(X, dt, g.x_dims(), g.nhwc, align_of(X))?;
     let w = tensor(W, dt, g.w_dims(), g.nhwc, align_of(W))?;
@@ -303,68 +315,50 @@ fn build(h: &Handle, (pass, g, dtype, p, accumulate, aligns): PlanKey) -> Result
     conv.finalize()?;
 
     let (alpha, beta) = (1f32, if accumulate { 1f32 } else { 0f32 });
-    let op = match pass {
-        0 => {
-            let op = Desc::new(D::CUDNN_BACKEND_OPERATION_CONVOLUTION_FORWARD_DESCRIPTOR)?;
-            op.set_desc(A::CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_X, &x)?
-                .set_desc(A::CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_W, &w)?
-                .set_desc(A::CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_Y, &y)?
-                .set_desc(A::CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_CONV_DESC, &conv)?
-                .set(
-                    A::CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_ALPHA,
-                    T::CUDNN_TYPE_FLOAT,
-                    &[alpha],
-                )?
-                .set(
-                    A::CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_BETA,
-                    T::CUDNN_TYPE_FLOAT,
-                    &[beta],
-                )?;
-            op
-        }
-        1 => {
-            let op = Desc::new(D::CUDNN_BACKEND_OPERATION_CONVOLUTION_BACKWARD_DATA_DESCRIPTOR)?;
-            op.set_desc(A::CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_DX, &x)?
-                .set_desc(A::CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_W, &w)?
-                .set_desc(A::CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_DY, &y)?
-                .set_desc(
-                    A::CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_CONV_DESC,
-                    &conv,
-                )?
-                .set(
-                    A::CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_ALPHA,
-                    T::CUDNN_TYPE_FLOAT,
-                    &[alpha],
-                )?
-                .set(
-                    A::CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_BETA,
-                    T::CUDNN_TYPE_FLOAT,
-                    &[beta],
-                )?;
-            op
-        }
-        _ => {
-            let op = Desc::new(D::CUDNN_BACKEND_OPERATION_CONVOLUTION_BACKWARD_FILTER_DESCRIPTOR)?;
-            op.set_desc(A::CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_X, &x)?
-                .set_desc(A::CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_DW, &w)?
-                .set_desc(A::CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_DY, &y)?
-                .set_desc(
-                    A::CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_CONV_DESC,
-                    &conv,
-                )?
-                .set(
-                    A::CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_ALPHA,
-                    T::CUDNN_TYPE_FLOAT,
-                    &[alpha],
-                )?
-                .set(
-                    A::CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_BETA,
-                    T::CUDNN_TYPE_FLOAT,
-                    &[beta],
-                )?;
-            op
-        }
+    // The operation's descriptor type and its attributes for x, w, y (or their gradients),
+    // the convolution, alpha and beta.
+    let (kind, [ax, aw, ay, conv_attr, alpha_attr, beta_attr]) = match pass {
+        0 => (
+            D::CUDNN_BACKEND_OPERATION_CONVOLUTION_FORWARD_DESCRIPTOR,
+            [
+                A::CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_X,
+                A::CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_W,
+                A::CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_Y,
+                A::CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_CONV_DESC,
+                A::CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_ALPHA,
+                A::CUDNN_ATTR_OPERATION_CONVOLUTION_FORWARD_BETA,
+            ],
+        ),
+        1 => (
+            D::CUDNN_BACKEND_OPERATION_CONVOLUTION_BACKWARD_DATA_DESCRIPTOR,
+            [
+                A::CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_DX,
+                A::CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_W,
+                A::CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_DY,
+                A::CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_CONV_DESC,
+                A::CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_ALPHA,
+                A::CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_DATA_BETA,
+            ],
+        ),
+        _ => (
+            D::CUDNN_BACKEND_OPERATION_CONVOLUTION_BACKWARD_FILTER_DESCRIPTOR,
+            [
+                A::CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_X,
+                A::CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_DW,
+                A::CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_DY,
+                A::CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_CONV_DESC,
+                A::CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_ALPHA,
+                A::CUDNN_ATTR_OPERATION_CONVOLUTION_BWD_FILTER_BETA,
+            ],
+        ),
     };
+    let op = Desc::new(kind)?;
+    op.set_desc(ax, &x)?
+        .set_desc(aw, &w)?
+        .set_desc(ay, &y)?
+        .set_desc(conv_attr, &conv)?
+        .set(alpha_attr, T::CUDNN_TYPE_FLOAT, &[alpha])?
+        .set(beta_attr, T::CUDNN_TYPE_FLOAT, &[beta])?;
     op.finalize()?;
 
     let graph = Desc::new(D::CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR)?;
@@ -470,11 +464,7 @@ pub(super) fn execute(
     (a, b, out): (u64, u64, u64),
     workspace: u64,
 ) -> Result<()> {
-    let uids: [i64; 3] = match pass {
-        0 => [X, W, Y],
-        1 => [Y, W, X],
-        _ => [X, Y, W],
-    };
+    let uids = operands(pass);
     let ptrs = [a, b, out].map(|p| p as *mut c_void);
     let pack = Desc::new(D::CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR)?;
     pack.set(
