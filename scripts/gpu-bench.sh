@@ -18,7 +18,7 @@
 #
 #   scripts/gpu-bench.sh [BIN_DIR] [OUT_DIR]
 #   SECTIONS="tests table" scripts/gpu-bench.sh     # a subset (tests alt switches smoke table find quick cl host ab candle demo profile)
-#   SECTIONS=next scripts/gpu-bench.sh               # the next lease's one call: tests alt switches smoke quick host cl ab
+#   SECTIONS=next scripts/gpu-bench.sh               # the next lease's one call: tests smoke quick ab (bf16 head) profile (bf16 SimNet, similarity)
 #
 # BIN_DIR holds `xtask` and `gpu-tests` (plain or .xz), as scripts/build-gpu-bins.sh leaves them;
 # OUT_DIR (default $OUT, else ./gpu-bench-out) receives gpu.txt, log.txt and results.json.
@@ -57,14 +57,14 @@ cat "$OUT/gpu.txt" | tee -a "$LOG"
 
 cd "$WORK" || exit 1
 SECTIONS=${SECTIONS:-tests alt switches table candle demo}
-# The one call that fits what is left of a 15-minute device lease (start-up included):
-# correctness first (tests, the other paths, the switches, every stage once), then the tables
-# in order of what they decide. Its `cl` and `host` tables already measure channels-first and
-# the packed parameters against the default, so its A/B table is the convolutions on cuDNN's
-# legacy API instead of the backend API's cached plans.
+# The one call planned for the next lease (after session 6): correctness first (tests, every
+# stage once), the tf32 and bf16 tables, the bf16 head against the f32 head at bf16 (the
+# similarity matrix and SimNet rows), then where the GPU time of those two rows goes at bf16.
 if [ "$SECTIONS" = next ]; then
-  SECTIONS="tests alt switches smoke quick host cl ab"
-  AB=${AB:-SIMTRANS_CUDNN_GRAPH=0}
+  SECTIONS="tests smoke quick ab profile"
+  AB=${AB:-SIMTRANS_HEAD_BF16=0}
+  AB_PRECISION=${AB_PRECISION:-bf16}
+  PROFILE=${PROFILE:-profile-similarity:bf16 profile-simnet:bf16}
 fi
 # The defaults most recently changed, each switched back in turn when a test fails.
 BISECT=${BISECT:-SIMTRANS_CUDNN_GRAPH=0 SIMTRANS_SIDE_GRADS=0 SIMTRANS_CHANNELS_LAST=0 SIMTRANS_RELU_RECOMPUTE=0 SIMTRANS_EVENT_TRACKING=1 SIMTRANS_LEAN_INFERENCE=0 SIMTRANS_OWN_BN=0 SIMTRANS_FUSED_CHAIN=0}
@@ -164,18 +164,20 @@ say "2c. tf32 and bf16 with the chain channels-first (SIMTRANS_CHANNELS_LAST=0)"
 for p in tf32 bf16; do table "$p" "table-$p-nchw" SIMTRANS_CHANNELS_LAST=0; done
 fi
 
-# The A/B switches, one per table (AB="VAR=VALUE ..." picks any). By default the convolutions
+# The A/B switches, one per table at AB_PRECISION (default tf32; AB="VAR=VALUE ..." picks any;
+# SIMTRANS_HEAD_BF16=0, the SimNet head in f32 under bf16, only matters at bf16). By default the convolutions
 # on cuDNN's legacy API, the ReLU masks read instead of recomputed, and cudarc's per-buffer
 # CUDA events kept. Runs 7 to 12 measured the others: SIMTRANS_OWN_BN=0 (cuDNN's BatchNorm),
 # SIMTRANS_FUSED_CHAIN=0 (one op per residual block), SIMTRANS_FUSED_BLOCKS=0 (layer by
 # layer), SIMTRANS_POOL_RELEASE=1 (the driver's default memory pool), SIMTRANS_SIDE_GRADS=0
 # and SIMTRANS_CHANNELS_LAST=0 (the `host` and `cl` sections).
 AB=${AB:-SIMTRANS_CUDNN_GRAPH=0 SIMTRANS_RELU_RECOMPUTE=0 SIMTRANS_EVENT_TRACKING=1}
+ABP=${AB_PRECISION:-tf32}
 if want ab; then
-say "2b. tf32 A/B, one switch each: $AB"
+say "2b. $ABP A/B, one switch each: $AB"
 for switch in $AB; do
   name=$(echo "${switch#SIMTRANS_}" | tr 'A-Z_=' 'a-z--')
-  table tf32 "table-tf32-$name" "$switch"
+  table "$ABP" "table-$ABP-$name" "$switch"
 done
 fi
 
@@ -196,17 +198,21 @@ for p in f32 tf32 bf16; do
 done
 fi
 if want profile; then
-say "5. kernel times of ResNet-50 training steps (tf32, batch 64) under ncu"
-if command -v ncu >/dev/null; then
+# PROFILE ("WORKLOAD:PRECISION ...", default the training steps at tf32): each under ncu, its
+# kernel times in OUT/ncu[-WORKLOAD-PRECISION].csv.xz (`python3 scripts/ncu-summary.py` sums them).
+for job in ${PROFILE:-profile:tf32}; do
+  what=${job%%:*} p=${job##*:}
+  file=ncu.csv.xz
+  [ "$job" = profile:tf32 ] || file=ncu-$what-$p.csv.xz
+  say "5. kernel times of \`xtask bench $what\` ($p) under ncu -> $file"
+  if ! command -v ncu >/dev/null; then say "ncu not found"; break; fi
   timeout "${PROFILE_LIMIT:-120}" ncu --csv --clock-control none --metrics gpu__time_duration.sum --launch-count 4000 \
-    ./xtask bench profile --device cuda --precision tf32 --runs-dir "$WORK/runs" --run profile \
+    ./xtask bench "$what" --device cuda --precision "$p" --runs-dir "$WORK/runs" --run "$what-$p" \
     >"$WORK/ncu.csv" 2>"$WORK/ncu.err"
   say "ncu exit $?: $(wc -l <"$WORK/ncu.csv") lines"
   tail -3 "$WORK/ncu.err" | tee -a "$LOG"
-  xz -9 -c "$WORK/ncu.csv" >"$OUT/ncu.csv.xz"
-else
-  say "ncu not found"
-fi
+  xz -9 -c "$WORK/ncu.csv" >"$OUT/$file"
+done
 fi
 
 say "done"

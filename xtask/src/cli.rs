@@ -38,7 +38,8 @@ pub enum Command {
     Report(Common),
     /// Measure throughput: data, backbone, simnet, denoise, table (the GPU table of
     /// BENCHMARKS.md: ResNet-50 at 224 px, slow on a CPU), profile (three ResNet-50 steps at
-    /// batch 64, to run under a kernel profiler) or all (table only on CUDA).
+    /// batch 64, to run under a kernel profiler), profile-simnet and profile-similarity (the
+    /// table's SimNet step and similarity matrix, likewise) or all (table only on CUDA).
     Bench {
         /// What to measure.
         #[arg(default_value = "all")]

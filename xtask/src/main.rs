@@ -159,12 +159,35 @@ fn bench(what: &str, common: &Common) -> Result<()> {
         );
         out.insert("simnet".into(), serde_json::to_value(&r)?);
     }
+    // Fixed workloads to run under a kernel profiler (`ncu`, scripts/gpu-bench.sh), each the
+    // table's row of the same name in one timed repetition (after its warm-up).
     if what == "profile" {
-        // Three ResNet-50 training steps at 224 px, batch 64 (warm-up, timed, phases): a
-        // fixed workload to run under a kernel profiler (`ncu`, scripts/gpu-bench.sh).
+        // Three ResNet-50 training steps at 224 px, batch 64 (warm-up, timed, phases).
         let r =
             simtrans_backbone::bench(&device, simtrans_backbone::Arch::Resnet50, 0, 224, 64, 1)?;
         out.insert("profile".into(), serde_json::to_value(&r)?);
+    }
+    if what == "profile-simnet" {
+        // The SimNet step of the table: 100 images, 5000 pairs, head 4 and the discriminator.
+        let head = simtrans_simnet::head::HeadKind::from_config(4)?;
+        let r = simtrans_simnet::bench::bench(
+            &device,
+            simtrans_backbone::Arch::Resnet50,
+            0,
+            224,
+            100,
+            head,
+            1,
+        )?;
+        out.insert("profile-simnet".into(), serde_json::to_value(&r)?);
+    }
+    if what == "profile-similarity" {
+        // The similarity matrix of the table: the paper network's features of 300 images
+        // and its head on their 90,000 pairs.
+        let mut paper = simtrans_core::Config::preset(simtrans_core::config::Preset::Paper);
+        paper.run.device = config.run.device.clone();
+        let r = simtrans_denoise::bench::bench(&paper, &device, 300)?;
+        out.insert("profile-similarity".into(), serde_json::to_value(&r)?);
     }
     if what == "table" || (all && device.is_cuda()) {
         let rows = gpu_table(&config, &device)?;
@@ -173,7 +196,8 @@ fn bench(what: &str, common: &Common) -> Result<()> {
 
     if out.is_empty() {
         bail!(
-            "unknown benchmark `{what}`; the benchmarks are: data, backbone, simnet, denoise, table, profile, all"
+            "unknown benchmark `{what}`; the benchmarks are: data, backbone, simnet, denoise, table, \
+             profile, profile-simnet, profile-similarity, all"
         );
     }
     let store = common.store()?;

@@ -22,9 +22,10 @@
 //! (momentum is fixed at 0.1) and are dropped when converting ([`crate::model::from_reference`]).
 
 use crate::SimnetError;
-use candle_core::{Result, Tensor, D};
+use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::{Init, Linear, Module, VarBuilder};
 use simtrans_backbone::{BatchNorm, BnMode};
+use simtrans_core::device::{precision, Precision};
 
 /// Which head architecture.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,6 +94,34 @@ pub fn linear(input: usize, output: usize, vb: VarBuilder) -> Result<Linear> {
     Ok(Linear::new(weight, Some(bias)))
 }
 
+/// The dtype the head computes in on `device`: bf16 on CUDA under `run.precision = "bf16"`, as
+/// PyTorch's autocast runs `Linear` layers, else f32. The parameters stay f32 (their gradients
+/// come back through the casts), BatchNorm keeps f32 statistics, and the logits and diff_feat
+/// leave the head in f32.
+///
+/// Why: type 4's head runs `Linear(2D→2D)` and `Linear(2D→D)` on every pair. For the 300-image
+/// similarity matrix of step 2 that is 90,000 rows and about 2.3 TFLOP, and in f32 it took as
+/// long as the 300 images' ResNet-50 features in bf16 (BENCHMARKS.md, run 12).
+/// `SIMTRANS_HEAD_BF16=0` keeps the head in f32 under bf16, to measure the difference.
+pub fn compute_dtype(device: &Device) -> DType {
+    static LOW: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let low = *LOW.get_or_init(|| std::env::var("SIMTRANS_HEAD_BF16").as_deref() != Ok("0"));
+    if low && device.is_cuda() && precision() == Precision::Bf16 {
+        DType::BF16
+    } else {
+        DType::F32
+    }
+}
+
+/// `lin` applied to `x` in `dtype` (input, weight and bias cast to it).
+fn linear_in(lin: &Linear, x: &Tensor, dtype: DType) -> Result<Tensor> {
+    if lin.weight().dtype() == dtype && x.dtype() == dtype {
+        return lin.forward(x);
+    }
+    let bias = lin.bias().map(|b| b.to_dtype(dtype)).transpose()?;
+    Linear::new(lin.weight().to_dtype(dtype)?, bias).forward(&x.to_dtype(dtype)?)
+}
+
 /// A Linear followed by BatchNorm (one `nn.Sequential(Linear, BN, ReLU)` block of the reference).
 #[derive(Debug, Clone)]
 struct Block {
@@ -108,9 +137,9 @@ impl Block {
         })
     }
 
-    /// `relu(bn(fc(x)))`, BatchNorm and ReLU one fused op on CUDA.
-    fn forward(&self, x: &Tensor, mode: BnMode) -> Result<Tensor> {
-        self.bn.forward_relu(&self.fc.forward(x)?, mode)
+    /// `relu(bn(fc(x)))` with the Linear in `dtype`; BatchNorm and ReLU one fused op on CUDA.
+    fn forward(&self, x: &Tensor, mode: BnMode, dtype: DType) -> Result<Tensor> {
+        self.bn.forward_relu(&linear_in(&self.fc, x, dtype)?, mode)
     }
 }
 
@@ -167,18 +196,31 @@ impl SimHead {
         self.kind.diff_dim(self.dim)
     }
 
-    /// The first Linear on literal `[N, 2D]` concatenations (the reference form), before BatchNorm.
+    /// The first Linear on literal `[N, 2D]` concatenations (the reference form), before
+    /// BatchNorm, in the head's [`compute_dtype`].
     pub fn first_layer_concat(&self, pairs: &Tensor) -> Result<Tensor> {
-        self.first.fc.forward(pairs)
+        linear_in(&self.first.fc, pairs, compute_dtype(pairs.device()))
     }
 
     /// The first Linear on every pair of a `rows × cols` grid, factorised: `[R, D]`, `[C, D]` →
-    /// `[R·C, H]`, grid row `r·C + c`, concatenation order given by `order`.
+    /// `[R·C, H]`, grid row `r·C + c`, concatenation order given by `order`; in the head's
+    /// [`compute_dtype`].
     pub fn first_layer_grid(
         &self,
         rows: &Tensor,
         cols: &Tensor,
         order: PairOrder,
+    ) -> Result<Tensor> {
+        self.first_layer_grid_in(rows, cols, order, compute_dtype(rows.device()))
+    }
+
+    /// [`Self::first_layer_grid`] in `dtype` (what the rest of the head then computes in).
+    pub fn first_layer_grid_in(
+        &self,
+        rows: &Tensor,
+        cols: &Tensor,
+        order: PairOrder,
+        dtype: DType,
     ) -> Result<Tensor> {
         let (r, d) = rows.dims2()?;
         let (c, d2) = cols.dims2()?;
@@ -195,11 +237,14 @@ impl SimHead {
             PairOrder::RowFirst => (w.narrow(1, 0, d)?, w.narrow(1, d, d)?),
             PairOrder::ColFirst => (w.narrow(1, d, d)?, w.narrow(1, 0, d)?),
         };
-        let (w_row, w_col) = (w_row.contiguous()?, w_col.contiguous()?);
-        let p_row = rows.matmul(&w_row.t()?)?;
-        let mut p_col = cols.matmul(&w_col.t()?)?;
+        let (w_row, w_col) = (
+            w_row.contiguous()?.to_dtype(dtype)?,
+            w_col.contiguous()?.to_dtype(dtype)?,
+        );
+        let p_row = rows.to_dtype(dtype)?.matmul(&w_row.t()?)?;
+        let mut p_col = cols.to_dtype(dtype)?.matmul(&w_col.t()?)?;
         if let Some(b) = self.first.fc.bias() {
-            p_col = p_col.broadcast_add(b)?;
+            p_col = p_col.broadcast_add(&b.to_dtype(dtype)?)?;
         }
         let h = p_row.dim(1)?;
         p_row
@@ -208,17 +253,20 @@ impl SimHead {
             .reshape((r * c, h))
     }
 
-    /// The rest of the head from the first Linear's output: `(logits [N, 2], diff_feat [N, diff_dim])`.
+    /// The rest of the head from the first Linear's output: `(logits [N, 2], diff_feat [N,
+    /// diff_dim])`, both f32. Its Linears compute in the dtype of `h`.
     pub fn from_first_layer(&self, h: &Tensor, mode: BnMode) -> Result<(Tensor, Tensor)> {
+        let dtype = h.dtype();
         let x = self.first.bn.forward_relu(h, mode)?;
-        match &self.middle {
+        let (logits, diff) = match &self.middle {
             Some((fc2, fc3)) => {
-                let diff = fc2.forward(&x, mode)?;
-                let logits = self.out.forward(&fc3.forward(&diff, mode)?)?;
-                Ok((logits, diff))
+                let diff = fc2.forward(&x, mode, dtype)?;
+                let last = fc3.forward(&diff, mode, dtype)?;
+                (linear_in(&self.out, &last, dtype)?, diff)
             }
-            None => Ok((self.out.forward(&x)?, x)),
-        }
+            None => (linear_in(&self.out, &x, dtype)?, x),
+        };
+        Ok((logits.to_dtype(DType::F32)?, diff.to_dtype(DType::F32)?))
     }
 
     /// The reference forward on literal `[N, 2D]` pairs.

@@ -166,3 +166,83 @@ fn reference_state_dicts_map_onto_our_names() {
         .to_string();
     assert!(err.contains("optimizer.state"), "{err}");
 }
+
+/// The head in bf16 (what `run.precision = "bf16"` does on CUDA, forced here on the CPU) follows
+/// the f32 head: same dtypes out (f32 logits and diff_feat), logits within bf16 rounding, and
+/// gradients that reach the f32 parameters pointing the same way (the numbers are the numpy
+/// goldens' inputs; the f32 head itself is checked against them above).
+#[test]
+fn the_bf16_head_follows_the_f32_head() {
+    use candle_core::DType;
+    for case in golden("heads.json").as_array().unwrap() {
+        let fa = tensor(&case["features_a"]);
+        let head_no = case["head"].as_u64().unwrap();
+        let run = |dtype: DType| {
+            let (vm, head, _) = build(case);
+            let h = head
+                .first_layer_grid_in(&fa, &fa, PairOrder::ColFirst, dtype)
+                .unwrap();
+            assert_eq!(h.dtype(), dtype);
+            let (logits, diff) = head.from_first_layer(&h, BnMode::Train).unwrap();
+            assert_eq!((logits.dtype(), diff.dtype()), (DType::F32, DType::F32));
+            // A loss whose gradient reaches every Linear of the head.
+            let loss = (logits.sqr().unwrap().sum_all().unwrap()
+                + diff.sqr().unwrap().sum_all().unwrap())
+            .unwrap();
+            let grads = loss.backward().unwrap();
+            let weight = vm
+                .data()
+                .lock()
+                .unwrap()
+                .get(match head_no {
+                    4 => "head.fc1.0.weight",
+                    _ => "head.fc.weight",
+                })
+                .unwrap()
+                .as_tensor()
+                .clone();
+            let g = grads.get(&weight).expect("a gradient for the first Linear");
+            assert_eq!(g.dtype(), DType::F32);
+            (logits, g.flatten_all().unwrap())
+        };
+        let (l32, g32) = run(DType::F32);
+        let (l16, g16) = run(DType::BF16);
+        let scale = max_abs(&l32);
+        let err = max_abs(&(&l16 - &l32).unwrap()) / scale;
+        assert!(
+            err < 3e-2,
+            "head {head_no}: bf16 logits off by {err:.2e} of {scale:.3}"
+        );
+        let dot = (&g32 * &g16)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let cos = dot / (norm(&g32) * norm(&g16));
+        eprintln!("head {head_no}: bf16 logits within {err:.2e}, gradient cosine {cos:.4}");
+        // bf16 keeps 8 bits; three BatchNorms over a handful of rows amplify them (measured:
+        // 0.984 for head 4). The whole-step ResNet test bounds bf16 at 0.9.
+        assert!(cos > 0.95, "head {head_no}: bf16 gradient cosine {cos}");
+    }
+}
+
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn norm(t: &Tensor) -> f32 {
+    t.sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .sqrt()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
