@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU check of issue #9 in one run, for a machine with an NVIDIA GPU and no network:
 #   1. (section `tests`) the GPU-against-CPU tests of crates/backbone/tests/gpu.rs (f32,
-#      TF32, bf16); a failed test runs again with each unmeasured default switched back in
-#      turn (1x, $BISECT, BISECT_LIMIT seconds in all), to name the culprit in the same call;
+#      TF32, bf16) and crates/simnet/tests/gpu.rs (the SimNet head); a failed test runs again
+#      with each recently changed default switched back in turn (1x, $BISECT, BISECT_LIMIT
+#      seconds in all per binary), to name the culprit in the same call;
 #      (`alt`) the whole steps layer by layer (1b) and on cuDNN's BatchNorm (1c,
 #      SIMTRANS_OWN_BN=0); (`switches`) with the chain's parameters packed (1d,
 #      SIMTRANS_SIDE_GRADS=0) and with the chain channels-first (1e, SIMTRANS_CHANNELS_LAST=0);
@@ -20,7 +21,8 @@
 #   SECTIONS="tests table" scripts/gpu-bench.sh     # a subset (tests alt switches smoke table find quick cl host ab candle demo profile)
 #   SECTIONS=next scripts/gpu-bench.sh               # the next lease's one call: tests smoke quick ab (bf16 head) profile (bf16 SimNet, similarity)
 #
-# BIN_DIR holds `xtask` and `gpu-tests` (plain or .xz), as scripts/build-gpu-bins.sh leaves them;
+# BIN_DIR holds `xtask`, `gpu-tests` and `gpu-tests-simnet` (plain or .xz), as
+# scripts/build-gpu-bins.sh leaves them;
 # OUT_DIR (default $OUT, else ./gpu-bench-out) receives gpu.txt, log.txt and results.json.
 # Needs nothing but the binaries, the NVIDIA driver and the CUDA 13 / cuDNN 9 libraries
 # (PyTorch's wheels provide them; they are located below if the loader does not know them).
@@ -36,8 +38,8 @@ for f in "$BIN"/*.xz; do
   python3 -c 'import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
     "$f" "$WORK/$(basename "${f%.xz}")"
 done
-for f in xtask gpu-tests; do
-  [ -e "$WORK/$f" ] || cp "$BIN/$f" "$WORK/$f"
+for f in xtask gpu-tests gpu-tests-simnet; do
+  [ -e "$WORK/$f" ] || cp "$BIN/$f" "$WORK/$f" || continue
   chmod +x "$WORK/$f"
 done
 
@@ -91,27 +93,30 @@ table() {
 }
 
 if want tests; then
-say "1. GPU against CPU"
-SIMTRANS_REQUIRE_GPU=1 timeout 300 ./gpu-tests --test-threads 1 --nocapture 2>&1 | tee "$WORK/tests.txt" | tee -a "$LOG"
+for bin in gpu-tests gpu-tests-simnet; do
+[ -x "./$bin" ] || { say "1. $bin missing"; continue; }
+say "1. GPU against CPU ($bin)"
+SIMTRANS_REQUIRE_GPU=1 timeout 300 "./$bin" --test-threads 1 --nocapture 2>&1 | tee "$WORK/tests.txt" | tee -a "$LOG"
 rc=${PIPESTATUS[0]}
 # The failed tests, from libtest's closing list (with --nocapture a test's own output splits
 # its "test NAME ... FAILED" line).
 failed=$(awk '/^failures:$/{f=1;next} /^test result:/{f=0} f && /^    [A-Za-z0-9_:]+$/{print $1}' \
   "$WORK/tests.txt" | sort -u | tr '\n' ' ')
 if [ "$rc" != 0 ]; then
-  # Which unmeasured default is to blame: each failed test again with one switch turned back
-  # (every test, if the run crashed before listing any), within BISECT_LIMIT seconds in all.
-  say "1x. exit $rc, failed: ${failed:-none listed}; again with one default switched back at a time: $BISECT"
+  # Which recently changed default is to blame: each failed test again with one switch turned
+  # back (every test, if the run crashed before listing any), within BISECT_LIMIT seconds.
+  say "1x. $bin exit $rc, failed: ${failed:-none listed}; again with one default switched back at a time: $BISECT"
   bisect_start=$SECONDS
   exact=${failed:+--exact}
   for switch in $BISECT; do
     left=$((${BISECT_LIMIT:-300} - SECONDS + bisect_start))
     [ "$left" -gt 10 ] || { say "1x. out of time (BISECT_LIMIT), $switch and after skipped"; break; }
-    env "$switch" SIMTRANS_REQUIRE_GPU=1 timeout "$left" ./gpu-tests --test-threads 1 $exact $failed >"$WORK/bisect.txt" 2>&1
+    env "$switch" SIMTRANS_REQUIRE_GPU=1 timeout "$left" "./$bin" --test-threads 1 $exact $failed >"$WORK/bisect.txt" 2>&1
     say "1x. $switch: exit $? ($(grep -c '\.\.\. ok$' "$WORK/bisect.txt") ok, $(grep -c '\.\.\. FAILED$' "$WORK/bisect.txt") failed)"
     cat "$WORK/bisect.txt" >>"$LOG"
   done
 fi
+done
 fi
 if want alt; then
 say "1b. whole-network steps with the layer-by-layer path (SIMTRANS_FUSED_BLOCKS=0)"
@@ -201,6 +206,7 @@ if want profile; then
 # PROFILE ("WORKLOAD:PRECISION ...", default the training steps at tf32): each under ncu, its
 # kernel times in OUT/ncu[-WORKLOAD-PRECISION].csv.xz (`python3 scripts/ncu-summary.py` sums them).
 for job in ${PROFILE:-profile:tf32}; do
+  [[ $job == *:* ]] || { say "5. PROFILE entry \`$job\` is not WORKLOAD:PRECISION, skipped"; continue; }
   what=${job%%:*} p=${job##*:}
   file=ncu.csv.xz
   [ "$job" = profile:tf32 ] || file=ncu-$what-$p.csv.xz
@@ -212,6 +218,7 @@ for job in ${PROFILE:-profile:tf32}; do
   say "ncu exit $?: $(wc -l <"$WORK/ncu.csv") lines"
   tail -3 "$WORK/ncu.err" | tee -a "$LOG"
   xz -9 -c "$WORK/ncu.csv" >"$OUT/$file"
+  collect
 done
 fi
 

@@ -159,8 +159,9 @@ fn bench(what: &str, common: &Common) -> Result<()> {
         );
         out.insert("simnet".into(), serde_json::to_value(&r)?);
     }
-    // Fixed workloads to run under a kernel profiler (`ncu`, scripts/gpu-bench.sh), each the
-    // table's row of the same name in one timed repetition (after its warm-up).
+    // Fixed workloads to run under a kernel profiler (`ncu`, scripts/gpu-bench.sh): the
+    // table's rows of the same names, each once more after the warm-up its benchmark does
+    // (the similarity matrix warms up its features only).
     if what == "profile" {
         // Three ResNet-50 training steps at 224 px, batch 64 (warm-up, timed, phases).
         let r =

@@ -30,34 +30,9 @@ fn precision_lock() -> std::sync::MutexGuard<'static, ()> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// The GPU, or `None` after saying on stderr why the test is skipped. The notice goes to file
-/// descriptor 2 itself: the test harness swallows `eprintln!` of passing tests, and reopening
-/// `/dev/stderr` would write at its own offset into a redirected log and be overwritten.
+/// The GPU, or `None` after a `SKIPPED` line (see `simtrans_core::device::test_gpu`).
 fn gpu(test: &str) -> Option<Device> {
-    // Opened as the stages open it.
-    #[cfg(feature = "cuda")]
-    let why = match simtrans_core::device::parse("cuda") {
-        Ok(d) => return Some(d),
-        Err(e) => format!("no usable CUDA device ({e})"),
-    };
-    #[cfg(not(feature = "cuda"))]
-    let why = "built without `--features cuda` (scripts/gpu-bench.sh runs it on a GPU)";
-    let line = format!("SKIPPED {test}: {why}");
-    if std::env::var_os("SIMTRANS_REQUIRE_GPU").is_some() {
-        panic!("{line}, and SIMTRANS_REQUIRE_GPU is set");
-    }
-    #[cfg(unix)]
-    {
-        use std::io::Write;
-        use std::os::fd::FromRawFd;
-        // SAFETY: fd 2 is open for the whole process; ManuallyDrop never closes it.
-        let mut stderr = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(2) });
-        // One write, so that lines from tests running in parallel do not interleave.
-        let _ = stderr.write_all(format!("{line}\n").as_bytes());
-    }
-    #[cfg(not(unix))]
-    eprintln!("{line}");
-    None
+    simtrans_core::device::test_gpu(test)
 }
 
 fn random(shape: &[usize], seed: u64) -> Tensor {
@@ -170,13 +145,14 @@ fn cudnn_convolution_matches_the_cpu_in_f32_and_bf16() {
         }
     }
     set_precision(Precision::F32);
-    assert!(failed.is_empty(), "over tolerance: {failed:#?}");
     // Every pass above ran on a backend-API plan, not the legacy fallback.
     #[cfg(feature = "cuda")]
     if simtrans_core::cudnn::graph_api() {
-        let fell_back = simtrans_core::cudnn::graph_fallbacks();
-        assert!(fell_back.is_empty(), "passes fell back: {fell_back:#?}");
+        for why in simtrans_core::cudnn::graph_fallbacks() {
+            failed.push(format!("fell back: {why}"));
+        }
     }
+    assert!(failed.is_empty(), "over tolerance: {failed:#?}");
 }
 
 /// One BatchNorm forward + backward in `mode` on `dev`: output, the three gradients and the
@@ -480,6 +456,14 @@ fn resnet_training_step_matches_the_cpu_at_each_precision() {
         }
     }
     set_precision(Precision::F32);
+    // Every convolution of the whole steps ran on a backend-API plan: the less-aligned
+    // parameters read in place and the backward-data passes that add to a gradient included.
+    #[cfg(feature = "cuda")]
+    if simtrans_core::cudnn::graph_api() {
+        for why in simtrans_core::cudnn::graph_fallbacks() {
+            failed.push(format!("fell back: {why}"));
+        }
+    }
     assert!(failed.is_empty(), "over tolerance: {failed:#?}");
 }
 

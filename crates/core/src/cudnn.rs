@@ -611,8 +611,6 @@ fn ptr_mut<'a>(s: &'a mut CudaStorage, stream: &'a CudaStream) -> Result<(u64, S
     })
 }
 
-/// Runs one convolution pass. `a` and `b` are the two inputs of the pass (forward: x, w;
-/// backward-data: dy, w; backward-filter: x, dy); the output has `out_dims`.
 /// One convolution pass on raw device addresses: `a` and `b` are the two inputs of the pass
 /// (forward: x, w; backward-data: dy, w; backward-filter: x, dy), `out` receives the result,
 /// or has it added when `accumulate`.
@@ -631,16 +629,24 @@ fn conv_raw(
     // The backend API's cached plan where cuDNN offers one, else the legacy call.
     let planned = if graph_api() {
         let aligns = [a, b, out].map(graph::alignment);
-        graph::plan(h, pass, g, dtype, p, accumulate, aligns)
+        graph::plan(dev, h, (pass, *g, dtype, p, accumulate, aligns))
     } else {
         None
     };
-    let (legacy, ws_bytes) = match &planned {
-        Some(plan) => (None, plan.workspace),
+    /// How this pass runs.
+    enum Launch {
+        Plan(Rc<graph::Plan>),
+        Legacy(Rc<Descs>, Algo),
+    }
+    let (launch, ws_bytes) = match planned {
+        Some(plan) => {
+            let ws = plan.workspace;
+            (Launch::Plan(plan), ws)
+        }
         None => {
             let d = descs(g, dtype, p)?;
             let (algo, ws) = algorithm(pass, h, &d, g, dtype)?;
-            (Some((d, algo)), ws)
+            (Launch::Legacy(d, algo), ws)
         }
     };
     let mut work = if ws_bytes > 0 {
@@ -657,10 +663,12 @@ fn conv_raw(
         }
         None => (0, None),
     };
-    let Some((d, algo)) = legacy else {
-        let plan = planned.expect("a plan where no legacy algorithm was chosen");
-        let _timer = hostprof::Timer::start("cudnn convolution");
-        return graph::execute(h, &plan, pass, (a, b, out), pw);
+    let (d, algo) = match launch {
+        Launch::Plan(plan) => {
+            let _timer = hostprof::Timer::start("cudnn convolution");
+            return graph::execute(h, &plan, pass, (a, b, out), pw);
+        }
+        Launch::Legacy(d, algo) => (d, algo),
     };
     let beta = if accumulate { one() } else { zero() };
     let (pa, pb, po, pw) = (
@@ -1680,7 +1688,9 @@ pub fn side_grads() -> bool {
 /// convolutions work on NHWC data; given NCHW, they transpose their inputs and outputs at
 /// every call (13 % of a ResNet-50 step's GPU time at batch 64 with TF32, runs 7 and 10 in
 /// BENCHMARKS.md). Channels-last, the chain's input and output are transposed once, and the
-/// weights once per step: TF32 at batch 128 went from 2159 to 2405 images/s (run 11).
+/// weights once per step: TF32 at batch 128 went from 2159 to 2405 images/s (run 11), and
+/// batches of 64 and 128 gained in every run. At batch 8, where the host bounds the step, the
+/// runs disagree (run 12: 820 against 1010 channels-first; runs 10 and 11 the other way).
 pub fn channels_last() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| env_switch("SIMTRANS_CHANNELS_LAST", true))

@@ -92,6 +92,40 @@ pub fn parse(name: &str) -> Result<Device> {
     }
 }
 
+/// For GPU tests: the first CUDA device, or `None` after saying on stderr why `test` is
+/// skipped (a `SKIPPED` line), so a CPU run of the suite says what it did not check. With
+/// `SIMTRANS_REQUIRE_GPU` set (scripts/gpu-bench.sh sets it) a missing GPU panics instead.
+///
+/// The notice goes to file descriptor 2 itself: the test harness swallows `eprintln!` of
+/// passing tests, and reopening `/dev/stderr` would write at its own offset into a redirected
+/// log and be overwritten.
+pub fn test_gpu(test: &str) -> Option<Device> {
+    // Opened as the stages open it.
+    #[cfg(feature = "cuda")]
+    let why = match parse("cuda") {
+        Ok(d) => return Some(d),
+        Err(e) => format!("no usable CUDA device ({e})"),
+    };
+    #[cfg(not(feature = "cuda"))]
+    let why = "built without `--features cuda` (scripts/gpu-bench.sh runs it on a GPU)";
+    let line = format!("SKIPPED {test}: {why}");
+    if std::env::var_os("SIMTRANS_REQUIRE_GPU").is_some() {
+        panic!("{line}, and SIMTRANS_REQUIRE_GPU is set");
+    }
+    #[cfg(unix)]
+    {
+        use std::io::Write;
+        use std::os::fd::FromRawFd;
+        // SAFETY: fd 2 is open for the whole process; ManuallyDrop never closes it.
+        let mut stderr = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(2) });
+        // One write, so that lines from tests running in parallel do not interleave.
+        let _ = stderr.write_all(format!("{line}\n").as_bytes());
+    }
+    #[cfg(not(unix))]
+    eprintln!("{line}");
+    None
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

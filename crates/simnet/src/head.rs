@@ -65,7 +65,7 @@ impl HeadKind {
     }
 
     /// Width of the first layer's output for feature dimension `d`.
-    fn first_width(self, d: usize) -> usize {
+    pub fn first_width(self, d: usize) -> usize {
         match self {
             HeadKind::Type4 => 2 * d,
             HeadKind::Type2 => 4 * d,

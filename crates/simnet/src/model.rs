@@ -200,7 +200,8 @@ impl SimNet {
     ) -> Result<Tensor> {
         let bi = features_i.dim(0)?;
         let bj = features_j.dim(0)?;
-        let width = 2 * self.feature_dim().max(1);
+        // The first layer's output is the widest activation (2D for type 4, 4D for type 2).
+        let width = self.head.kind().first_width(self.feature_dim()).max(1);
         let block = (budget / (bj.max(1) * width)).clamp(1, bi.max(1));
         let mut parts = Vec::with_capacity(bi.div_ceil(block));
         let mut start = 0;

@@ -19,6 +19,7 @@
 use super::{env_switch, err, Geom, Handle};
 use crate::device::Precision;
 use crate::hostprof;
+use candle_core::cuda::CudaDevice;
 use candle_core::{bail, DType, Result};
 use cudarc::cudnn::sys;
 use std::cell::RefCell;
@@ -132,14 +133,17 @@ pub(super) fn alignment(ptr: u64) -> u8 {
 /// What one plan is built for: the pass (0 forward, 1 backward-data, 2 backward-filter), the
 /// geometry, data type and precision, whether it adds to its output, and the alignments of
 /// the pass's two inputs and output.
-type PlanKey = (u8, Geom, DType, Precision, bool, [u8; 3]);
+pub(super) type PlanKey = (u8, Geom, DType, Precision, bool, [u8; 3]);
 
-/// A finalised execution plan and every descriptor it was built from (kept alive with it).
+/// A finalised execution plan and every descriptor it was built from (kept alive with it),
+/// and the handle it was built for, dropped last (thread-local caches are destroyed in an
+/// unspecified order at thread exit).
 pub(super) struct Plan {
     plan: Desc,
     /// The workspace the plan needs, in bytes.
     pub(super) workspace: usize,
     _parts: Vec<Desc>,
+    _handle: Rc<Handle>,
 }
 
 /// Plans per handle (its address) and key; `None` where no engine could be planned.
@@ -159,21 +163,13 @@ pub(super) fn fallbacks() -> Vec<String> {
 
 /// The plan of one convolution pass, built on first use per thread and key; `None` when cuDNN
 /// offers no suitable engine (then the caller uses the legacy API; a warning says so once).
-pub(super) fn plan(
-    h: &Handle,
-    pass: u8,
-    g: &Geom,
-    dtype: DType,
-    p: Precision,
-    accumulate: bool,
-    aligns: [u8; 3],
-) -> Option<Rc<Plan>> {
-    let key = (pass, *g, dtype, p, accumulate, aligns);
+pub(super) fn plan(dev: &CudaDevice, h: &Handle, key: PlanKey) -> Option<Rc<Plan>> {
+    let (pass, g, dtype, p, accumulate, aligns) = key;
     let hkey = (h.0 as usize, key);
     if let Some(found) = PLANS.with(|m| m.borrow().get(&hkey).cloned()) {
         return found;
     }
-    let made = match build(h, key) {
+    let made = match super::handle(dev).and_then(|owner| build(owner, key)) {
         Ok(plan) => Some(Rc::new(plan)),
         Err(e) => {
             let why = format!(
@@ -260,7 +256,8 @@ fn unsuitable(engine: &Desc, dtype: DType, p: Precision) -> Result<bool> {
 /// Builds the plan of `key`: the three tensors, the convolution, the operation and its graph,
 /// then the first engine of cuDNN's heuristics (mode A, then its fallback list) that suits
 /// the precision and that cuDNN can plan.
-fn build(h: &Handle, (pass, g, dtype, p, accumulate, aligns): PlanKey) -> Result<Plan> {
+fn build(owner: Rc<Handle>, (pass, g, dtype, p, accumulate, aligns): PlanKey) -> Result<Plan> {
+    let h: &Handle = &owner;
     let _timer = hostprof::Timer::start("cudnn graph, planning");
     let dt = super::data_type(dtype)?;
     let role = match pass {
@@ -390,6 +387,7 @@ fn build(h: &Handle, (pass, g, dtype, p, accumulate, aligns): PlanKey) -> Result
                         plan,
                         workspace,
                         _parts: vec![engine, config, heur, graph, op, conv, x, w, y],
+                        _handle: owner.clone(),
                     })
                 }
                 Err(e) => refused.push(format!("{mode:?} #{i}: {e}")),

@@ -1,0 +1,152 @@
+//! The SimNet head on CUDA against the CPU (issue #9): under `run.precision = "bf16"` the head
+//! computes in bf16 on the GPU (`head::compute_dtype`), and its logits, diff_feat and the
+//! gradient of its first Linear must follow the CPU's f32 head. Runs where a GPU and a
+//! `--features cuda` build exist (`scripts/gpu-bench.sh` runs it); elsewhere it prints
+//! `SKIPPED` and returns.
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
+use simtrans_core::device::{set_precision, test_gpu, Precision};
+use simtrans_simnet::head::{compute_dtype, similarity, HeadKind, PairOrder, SimHead};
+use simtrans_simnet::train::head_forward;
+use simtrans_simnet::BnMode;
+
+/// Feature width of the test heads (the paper's is 2048; the arithmetic is the same).
+const DIM: usize = 32;
+
+fn head_on(kind: HeadKind, dev: &Device) -> (VarMap, SimHead) {
+    let vm = VarMap::new();
+    // The same seed gives the same parameters on every device.
+    let vb = simtrans_core::seed::var_builder(&vm, 21, "head", DType::F32, dev);
+    let head = SimHead::new(kind, DIM, vb.pp("head")).unwrap();
+    (vm, head)
+}
+
+fn features(n: usize, seed: f64) -> Tensor {
+    simtrans_core::seed::det_tensor(&[n, DIM], seed, -1.0, 1.0).unwrap()
+}
+
+fn to_cpu(t: &Tensor) -> Tensor {
+    t.to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+}
+
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// `max|a − b| / max|b|`.
+fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    max_abs(&(to_cpu(a) - to_cpu(b)).unwrap()) / max_abs(&to_cpu(b)).max(1e-30)
+}
+
+fn cosine(a: &Tensor, b: &Tensor) -> f32 {
+    let (a, b) = (
+        to_cpu(a).flatten_all().unwrap(),
+        to_cpu(b).flatten_all().unwrap(),
+    );
+    let dot = (&a * &b)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let norm = |t: &Tensor| {
+        t.sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .sqrt()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    dot / (norm(&a) * norm(&b))
+}
+
+/// One training forward (the step-1 path: pairs within A and within B, per-domain BatchNorm)
+/// and its first-layer weight gradient, plus the eval-mode similarity matrix A × B.
+fn run(kind: HeadKind, dev: &Device) -> (Tensor, Tensor, Tensor, Tensor) {
+    let (fa, fb) = (
+        features(6, 1.0).to_device(dev).unwrap(),
+        features(5, 2.0).to_device(dev).unwrap(),
+    );
+    let labels = [0u32, 1, 0, 2, 1, 0];
+    let (vm, head) = head_on(kind, dev);
+    let fwd = head_forward(&head, &fa, &labels, &fb, true).unwrap();
+    let loss = fwd.sim_loss().unwrap();
+    let grads = loss.backward().unwrap();
+    let name = match kind {
+        HeadKind::Type4 => "head.fc1.0.weight",
+        HeadKind::Type2 => "head.fc.weight",
+    };
+    let weight = vm.data().lock().unwrap()[name].as_tensor().clone();
+    let g = grads
+        .get(&weight)
+        .expect("a gradient for the first Linear")
+        .clone();
+    assert_eq!(g.dtype(), DType::F32, "the parameters' gradients stay f32");
+    let (logits, _) = head
+        .forward_grid(&fa, &fb, PairOrder::RowFirst, BnMode::Eval)
+        .unwrap();
+    let s = similarity(&logits).unwrap();
+    (fwd.logits, fwd.diff_feat, g, s)
+}
+
+#[test]
+fn the_head_computes_in_bf16_on_the_gpu_and_follows_the_cpu() {
+    let Some(dev) = test_gpu("the_head_computes_in_bf16_on_the_gpu_and_follows_the_cpu") else {
+        return;
+    };
+    let mut failed = vec![];
+    for kind in [HeadKind::Type4, HeadKind::Type2] {
+        set_precision(Precision::F32);
+        let cpu = run(kind, &Device::Cpu);
+        for (p, want, tol, min_cos) in [
+            (Precision::F32, DType::F32, 1e-5, 0.9999),
+            (Precision::Bf16, DType::BF16, 5e-2, 0.95),
+        ] {
+            set_precision(p);
+            assert_eq!(compute_dtype(&dev), want, "{p:?}");
+            let (_, head) = head_on(kind, &dev);
+            let h = head
+                .first_layer_grid(
+                    &features(3, 3.0).to_device(&dev).unwrap(),
+                    &features(2, 4.0).to_device(&dev).unwrap(),
+                    PairOrder::RowFirst,
+                )
+                .unwrap();
+            assert_eq!(h.dtype(), want, "{kind:?} {p:?}: the first layer's dtype");
+            let gpu = run(kind, &dev);
+            assert_eq!(
+                (gpu.0.dtype(), gpu.1.dtype(), gpu.3.dtype()),
+                (DType::F32, DType::F32, DType::F32),
+                "{kind:?} {p:?}: logits, diff_feat and similarities leave the head in f32"
+            );
+            for (what, e) in [
+                ("logits", rel_err(&gpu.0, &cpu.0)),
+                ("diff_feat", rel_err(&gpu.1, &cpu.1)),
+                ("eval similarity", rel_err(&gpu.3, &cpu.3)),
+            ] {
+                eprintln!("{kind:?} {p:?} {what}: {e:.2e}");
+                if e > tol {
+                    failed.push(format!("{kind:?} {p:?} {what}: {e:.3e} > {tol:e}"));
+                }
+            }
+            let c = cosine(&gpu.2, &cpu.2);
+            eprintln!("{kind:?} {p:?} first-layer gradient cosine: {c:.6}");
+            if c < min_cos {
+                failed.push(format!("{kind:?} {p:?} gradient cosine {c} < {min_cos}"));
+            }
+        }
+    }
+    set_precision(Precision::F32);
+    assert!(failed.is_empty(), "over tolerance: {failed:#?}");
+}
