@@ -213,36 +213,10 @@ fn the_bf16_head_follows_the_f32_head() {
             err < 3e-2,
             "head {head_no}: bf16 logits off by {err:.2e} of {scale:.3}"
         );
-        let dot = (&g32 * &g16)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let cos = dot / (norm(&g32) * norm(&g16));
+        let cos = cosine(&g32, &g16);
         eprintln!("head {head_no}: bf16 logits within {err:.2e}, gradient cosine {cos:.4}");
         // bf16 keeps 8 bits; three BatchNorms over a handful of rows amplify them (measured:
         // 0.984 for head 4). The whole-step ResNet test bounds bf16 at 0.9.
         assert!(cos > 0.95, "head {head_no}: bf16 gradient cosine {cos}");
     }
-}
-
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
-fn norm(t: &Tensor) -> f32 {
-    t.sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .sqrt()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }

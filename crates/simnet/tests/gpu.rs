@@ -4,8 +4,11 @@
 //! `--features cuda` build exist (`scripts/gpu-bench.sh` runs it); elsewhere it prints
 //! `SKIPPED` and returns.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
+use common::{cosine, cpu_f32, max_abs};
 use simtrans_core::device::{set_precision, test_gpu, Precision};
 use simtrans_simnet::head::{compute_dtype, similarity, HeadKind, PairOrder, SimHead};
 use simtrans_simnet::train::head_forward;
@@ -26,49 +29,9 @@ fn features(n: usize, seed: f64) -> Tensor {
     simtrans_core::seed::det_tensor(&[n, DIM], seed, -1.0, 1.0).unwrap()
 }
 
-fn to_cpu(t: &Tensor) -> Tensor {
-    t.to_device(&Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap()
-}
-
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 /// `max|a − b| / max|b|`.
 fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    max_abs(&(to_cpu(a) - to_cpu(b)).unwrap()) / max_abs(&to_cpu(b)).max(1e-30)
-}
-
-fn cosine(a: &Tensor, b: &Tensor) -> f32 {
-    let (a, b) = (
-        to_cpu(a).flatten_all().unwrap(),
-        to_cpu(b).flatten_all().unwrap(),
-    );
-    let dot = (&a * &b)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let norm = |t: &Tensor| {
-        t.sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .sqrt()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
-    dot / (norm(&a) * norm(&b))
+    max_abs(&(cpu_f32(a) - cpu_f32(b)).unwrap()) / max_abs(b).max(1e-30)
 }
 
 /// One training forward (the step-1 path: pairs within A and within B, per-domain BatchNorm)

@@ -87,3 +87,47 @@ pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f32) {
         );
     }
 }
+
+/// `t` as an f32 tensor on the CPU.
+pub fn cpu_f32(t: &Tensor) -> Tensor {
+    t.to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+}
+
+/// `max |t|` (on the CPU, in f32).
+pub fn max_abs(t: &Tensor) -> f32 {
+    cpu_f32(t)
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// The cosine between two tensors of the same size, flattened (on the CPU, in f32).
+pub fn cosine(a: &Tensor, b: &Tensor) -> f32 {
+    let (a, b) = (
+        cpu_f32(a).flatten_all().unwrap(),
+        cpu_f32(b).flatten_all().unwrap(),
+    );
+    let dot = (&a * &b)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let norm = |t: &Tensor| {
+        t.sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .sqrt()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    dot / (norm(&a) * norm(&b))
+}
