@@ -41,22 +41,8 @@ impl Golden {
     fn check_tol(&self, name: &str, got: &Tensor, tol: f32) {
         let want = self.get(name);
         assert_eq!(got.dims(), want.dims(), "{name}: shape");
-        let scale = want
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            .max(1e-6);
-        let diff = (got.to_dtype(DType::F32).unwrap() - &want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let scale = simtrans_core::compare::max_abs(&want).unwrap().max(1e-6);
+        let diff = simtrans_core::compare::max_abs_diff(got, &want).unwrap();
         eprintln!("{name}: max |diff| / scale = {:.1e}", diff / scale);
         assert!(
             diff <= tol * scale,

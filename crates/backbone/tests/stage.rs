@@ -97,16 +97,7 @@ fn data_artifact(dir: &Path) -> std::path::PathBuf {
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    simtrans_core::compare::max_abs_diff(a, b).unwrap()
 }
 
 #[test]

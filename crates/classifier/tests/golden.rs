@@ -41,23 +41,8 @@ fn scalar(t: &Tensor) -> f32 {
 
 /// Largest absolute difference, relative to the largest golden magnitude (at least 1).
 fn rel_err(got: &Tensor, want: &Tensor) -> f32 {
-    let scale = want
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-        .max(1.0);
-    let diff = (got - want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    diff / scale
+    let scale = simtrans_core::compare::max_abs(want).unwrap().max(1.0);
+    simtrans_core::compare::max_abs_diff(got, want).unwrap() / scale
 }
 
 #[test]

@@ -11,6 +11,7 @@
 
 pub mod artifact;
 pub mod checkpoint;
+pub mod compare;
 pub mod config;
 #[cfg(feature = "cuda")]
 pub mod cudnn;

@@ -8,7 +8,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
-use common::{cosine, cpu_f32, max_abs};
+use common::{cosine, max_abs};
 use simtrans_core::device::{set_precision, test_gpu, Precision};
 use simtrans_simnet::head::{compute_dtype, similarity, HeadKind, PairOrder, SimHead};
 use simtrans_simnet::train::head_forward;
@@ -31,7 +31,7 @@ fn features(n: usize, seed: f64) -> Tensor {
 
 /// `max|a − b| / max|b|`.
 fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    max_abs(&(cpu_f32(a) - cpu_f32(b)).unwrap()) / max_abs(b).max(1e-30)
+    simtrans_core::compare::max_abs_diff(a, b).unwrap() / max_abs(b).max(1e-30)
 }
 
 /// One training forward (the step-1 path: pairs within A and within B, per-domain BatchNorm)

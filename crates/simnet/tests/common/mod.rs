@@ -62,17 +62,7 @@ pub fn builder(vm: &VarMap) -> candle_nn::VarBuilder<'static> {
 
 /// Largest absolute difference, after checking shapes.
 pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shapes differ");
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    simtrans_core::compare::max_abs_diff(a, b).unwrap()
 }
 
 /// Asserts `|a − b| ≤ tol·(1 + |b|)` element-wise.
@@ -88,46 +78,12 @@ pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f32) {
     }
 }
 
-/// `t` as an f32 tensor on the CPU.
-pub fn cpu_f32(t: &Tensor) -> Tensor {
-    t.to_device(&Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap()
-}
-
 /// `max |t|` (on the CPU, in f32).
 pub fn max_abs(t: &Tensor) -> f32 {
-    cpu_f32(t)
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    simtrans_core::compare::max_abs(t).unwrap()
 }
 
 /// The cosine between two tensors of the same size, flattened (on the CPU, in f32).
 pub fn cosine(a: &Tensor, b: &Tensor) -> f32 {
-    let (a, b) = (
-        cpu_f32(a).flatten_all().unwrap(),
-        cpu_f32(b).flatten_all().unwrap(),
-    );
-    let dot = (&a * &b)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let norm = |t: &Tensor| {
-        t.sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .sqrt()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
-    dot / (norm(&a) * norm(&b))
+    simtrans_core::compare::cosine(a, b).unwrap()
 }
