@@ -212,7 +212,7 @@ for job in ${PROFILE:-profile:tf32}; do
   [ "$job" = profile:tf32 ] || file=ncu-$what-$p.csv.xz
   say "5. kernel times of \`xtask bench $what\` ($p) under ncu -> $file"
   if ! command -v ncu >/dev/null; then say "ncu not found"; break; fi
-  timeout "${PROFILE_LIMIT:-120}" ncu --csv --clock-control none --metrics gpu__time_duration.sum --launch-count 4000 \
+  timeout "${PROFILE_LIMIT:-120}" ncu --csv --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --launch-count 8000 \
     ./xtask bench "$what" --device cuda --precision "$p" --runs-dir "$WORK/runs" --run "$what-$p" \
     >"$WORK/ncu.csv" 2>"$WORK/ncu.err"
   say "ncu exit $?: $(wc -l <"$WORK/ncu.csv") lines"

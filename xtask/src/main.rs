@@ -132,7 +132,7 @@ fn bench(what: &str, common: &Common) -> Result<()> {
         out.insert("backbone".into(), serde_json::to_value(&reports)?);
     }
     if all || what == "denoise" {
-        let r = simtrans_denoise::bench::bench(&config, &device, 300)?;
+        let r = simtrans_denoise::bench::bench(&config, &device, 300, 3)?;
         println!(
             "denoise: {} {} px: {:.1} feature images/s, {:.0} head pairs/s ({} images, {} pairs) on {}",
             r.arch, r.image_size, r.feature_images_per_second, r.pairs_per_second, r.images, r.images * r.images, r.device
@@ -159,36 +159,57 @@ fn bench(what: &str, common: &Common) -> Result<()> {
         );
         out.insert("simnet".into(), serde_json::to_value(&r)?);
     }
-    // Fixed workloads to run under a kernel profiler (`ncu`, scripts/gpu-bench.sh): the
-    // table's rows of the same names, each once more after the warm-up its benchmark does
-    // (the similarity matrix warms up its features only).
+    // Fixed workloads to run under a kernel profiler (`ncu --profile-from-start off`,
+    // scripts/gpu-bench.sh): the table's rows of the same names, run once to warm up, then
+    // once more inside the profiled range ([`simtrans_core::device::profiled`]).
+    let profiled = |work: &dyn Fn() -> Result<serde_json::Value>| -> Result<serde_json::Value> {
+        work()?;
+        simtrans_core::device::profiled(&device, work)
+    };
     if what == "profile" {
-        // Three ResNet-50 training steps at 224 px, batch 64 (warm-up, timed, phases).
-        let r =
-            simtrans_backbone::bench(&device, simtrans_backbone::Arch::Resnet50, 0, 224, 64, 1)?;
-        out.insert("profile".into(), serde_json::to_value(&r)?);
+        // Three ResNet-50 training steps at 224 px, batch 64 (one untimed, one timed, one
+        // timed by phase).
+        let r = profiled(&|| {
+            let r = simtrans_backbone::bench(
+                &device,
+                simtrans_backbone::Arch::Resnet50,
+                0,
+                224,
+                64,
+                1,
+            )?;
+            Ok(serde_json::to_value(r)?)
+        })?;
+        out.insert("profile".into(), r);
     }
     if what == "profile-simnet" {
-        // The SimNet step of the table: 100 images, 5000 pairs, head 4 and the discriminator.
+        // Three SimNet steps of the table (100 images, 5000 pairs, head 4 and the
+        // discriminator): one untimed, one timed, one timed by phase.
         let head = simtrans_simnet::head::HeadKind::from_config(4)?;
-        let r = simtrans_simnet::bench::bench(
-            &device,
-            simtrans_backbone::Arch::Resnet50,
-            0,
-            224,
-            100,
-            head,
-            1,
-        )?;
-        out.insert("profile-simnet".into(), serde_json::to_value(&r)?);
+        let r = profiled(&|| {
+            let r = simtrans_simnet::bench::bench(
+                &device,
+                simtrans_backbone::Arch::Resnet50,
+                0,
+                224,
+                100,
+                head,
+                1,
+            )?;
+            Ok(serde_json::to_value(r)?)
+        })?;
+        out.insert("profile-simnet".into(), r);
     }
     if what == "profile-similarity" {
-        // The similarity matrix of the table: the paper network's features of 300 images
-        // and its head on their 90,000 pairs.
+        // The similarity matrix of the table: the paper network's features of 300 images and
+        // its head on their 90,000 pairs, twice (one untimed pass, one timed).
         let mut paper = simtrans_core::Config::preset(simtrans_core::config::Preset::Paper);
         paper.run.device = config.run.device.clone();
-        let r = simtrans_denoise::bench::bench(&paper, &device, 300)?;
-        out.insert("profile-similarity".into(), serde_json::to_value(&r)?);
+        let r = profiled(&|| {
+            let r = simtrans_denoise::bench::bench(&paper, &device, 300, 1)?;
+            Ok(serde_json::to_value(r)?)
+        })?;
+        out.insert("profile-similarity".into(), r);
     }
     if what == "table" || (all && device.is_cuda()) {
         let rows = gpu_table(&config, &device)?;
@@ -221,10 +242,16 @@ fn gpu_table(
     let precision = simtrans_core::device::precision().name();
     let mut rows = vec![];
     let mut row = |workload: String, ips: f64, detail: serde_json::Value| {
+        // Where a step's time goes, for the rows that time their phases.
+        let names: Vec<&str> = detail["phase_names"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|n| n.as_str()).collect())
+            .unwrap_or_default();
         let phases = match (detail.get("phase_seconds"), detail.get("issue_seconds")) {
-            (Some(p), Some(i)) => {
+            (Some(p), Some(i)) if !names.is_empty() => {
                 format!(
-                    " [forward, backward, optimiser s/step: {p}; issued by the host after: {i}]"
+                    " [{} s/step: {p}; issued by the host after: {i}]",
+                    names.join(", ")
                 )
             }
             _ => String::new(),
@@ -232,7 +259,7 @@ fn gpu_table(
         println!("table: {workload}: {ips:.1} images/s ({precision}){phases}");
         // With SIMTRANS_HOST_PROFILE=1: the host's calls of each phase, per step.
         if let Some(serde_json::Value::Array(phases)) = detail.get("host_calls") {
-            for (name, calls) in ["forward", "backward", "optimiser"].iter().zip(phases) {
+            for (name, calls) in names.iter().zip(phases) {
                 let Some(calls) = calls.as_object().filter(|c| !c.is_empty()) else {
                     continue;
                 };
@@ -291,7 +318,7 @@ fn gpu_table(
     );
     let mut paper = simtrans_core::Config::preset(simtrans_core::config::Preset::Paper);
     paper.run.device = config.run.device.clone();
-    let r = simtrans_denoise::bench::bench(&paper, device, 300)?;
+    let r = simtrans_denoise::bench::bench(&paper, device, 300, 3)?;
     let total = r.images as f64
         / (r.images as f64 / r.feature_images_per_second
             + (r.images * r.images) as f64 / r.pairs_per_second);

@@ -9,8 +9,8 @@ use crate::resnet::{arch_name, Arch, ResNet, DTYPE};
 use crate::{trainable_vars, BnMode};
 use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
+use simtrans_core::hostprof::Phases;
 use simtrans_core::optim::Sgd;
-use std::collections::BTreeMap;
 use std::time::Instant;
 
 /// What one bench run measured.
@@ -32,16 +32,10 @@ pub struct BenchReport {
     pub images_per_second: f64,
     /// The device, as candle names it.
     pub device: String,
-    /// Seconds per step of each phase (forward, backward, optimiser), from extra steps with a
-    /// device synchronisation between phases: where the time goes.
-    pub phase_seconds: [f64; 3],
-    /// Of each phase, the seconds until the host had issued all its work (before the
-    /// synchronisation). On a GPU, a figure close to the phase's whole time means the host
-    /// bounds it; on the CPU the two are equal.
-    pub issue_seconds: [f64; 3],
-    /// With `SIMTRANS_HOST_PROFILE=1` ([`simtrans_core::hostprof`]), of each phase per step,
-    /// the host's calls by kind: `label → (calls, seconds)`; empty otherwise.
-    pub host_calls: [BTreeMap<String, (f64, f64)>; 3],
+    /// Where a step's time goes: forward, backward and optimiser, from extra steps with a device
+    /// synchronisation between phases.
+    #[serde(flatten)]
+    pub phases: Phases,
 }
 
 /// Times `steps` training steps of `arch` at `image_size` px in batches of `batch_size`.
@@ -75,43 +69,14 @@ pub fn bench(
         step()?;
     }
     let seconds = start.elapsed().as_secs_f64();
-    let mut phase_seconds = [0.0; 3];
-    let mut issue_seconds = [0.0; 3];
-    let mut host_calls: [BTreeMap<String, (f64, f64)>; 3] = Default::default();
-    let phase_steps = steps.clamp(1, 3);
-    // Each phase's host calls, averaged over the phase steps.
-    let mut calls = |phase: usize| {
-        for (label, (n, secs)) in simtrans_core::hostprof::take() {
-            let e = host_calls[phase].entry(label).or_insert((0.0, 0.0));
-            e.0 += n as f64 / phase_steps as f64;
-            e.1 += secs / phase_steps as f64;
-        }
-    };
-    simtrans_core::hostprof::take();
-    for _ in 0..phase_steps {
-        let t = Instant::now();
-        let (logits, _) = net.forward(&x, BnMode::Train)?;
-        let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
-        let i0 = t.elapsed();
-        calls(0);
-        device.synchronize()?;
-        let t1 = Instant::now();
-        let grads = simtrans_core::grad::backward(&loss)?;
-        let i1 = t1.elapsed();
-        calls(1);
-        device.synchronize()?;
-        let t2 = Instant::now();
-        sgd.step(&grads)?;
-        let i2 = t2.elapsed();
-        calls(2);
-        device.synchronize()?;
-        let whole = [t1 - t, t2 - t1, t2.elapsed()];
-        for (acc, d) in phase_seconds.iter_mut().zip(whole) {
-            *acc += d.as_secs_f64() / phase_steps as f64;
-        }
-        for (acc, d) in issue_seconds.iter_mut().zip([i0, i1, i2]) {
-            *acc += d.as_secs_f64() / phase_steps as f64;
-        }
+    let mut phases = Phases::new(&["forward", "backward", "optimiser"]);
+    for _ in 0..steps.clamp(1, 3) {
+        let loss = phases.time(0, device, || {
+            let (logits, _) = net.forward(&x, BnMode::Train)?;
+            candle_nn::loss::cross_entropy(&logits, &y)
+        })?;
+        let grads = phases.time(1, device, || simtrans_core::grad::backward(&loss))?;
+        phases.time(2, device, || sgd.step(&grads))?;
     }
     Ok(BenchReport {
         arch: arch_name(arch).into(),
@@ -122,9 +87,7 @@ pub fn bench(
         seconds,
         images_per_second: (steps * batch_size) as f64 / seconds.max(1e-9),
         device: format!("{device:?}"),
-        phase_seconds,
-        issue_seconds,
-        host_calls,
+        phases: phases.per_step(),
     })
 }
 
@@ -232,8 +195,9 @@ mod tests {
         assert_eq!((r.steps, r.batch_size, r.image_size), (1, 4, 12));
         assert!(r.images_per_second > 0.0);
         // Issuing a phase's work cannot take longer than the phase.
-        for (issued, whole) in r.issue_seconds.iter().zip(r.phase_seconds) {
-            assert!(*issued > 0.0 && *issued <= whole, "{r:?}");
+        assert_eq!((r.phases.steps, r.phases.phase_seconds.len()), (1, 3));
+        for (issued, whole) in r.phases.issue_seconds.iter().zip(&r.phases.phase_seconds) {
+            assert!(*issued > 0.0 && issued <= whole, "{r:?}");
         }
     }
 

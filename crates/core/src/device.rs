@@ -92,6 +92,45 @@ pub fn parse(name: &str) -> Result<Device> {
     }
 }
 
+/// Runs `work` as the process's profiled range: on a CUDA device between `cuProfilerStart` and
+/// `cuProfilerStop`, waiting for the device at both ends, so that a kernel profiler started with
+/// `--profile-from-start off` (`ncu`, scripts/gpu-bench.sh section `profile`) records this work
+/// alone: no start-up, no warm-up, no first-call costs. Elsewhere it only runs `work`.
+pub fn profiled<T, E: From<candle_core::Error>>(
+    device: &Device,
+    work: impl FnOnce() -> std::result::Result<T, E>,
+) -> std::result::Result<T, E> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        use cudarc::driver::sys as drv;
+        let fail = |what: &str, e: cudarc::driver::DriverError| {
+            candle_core::Error::Msg(format!("{what}: {e:?}"))
+        };
+        device.synchronize()?;
+        d.cuda_stream()
+            .context()
+            .bind_to_thread()
+            .map_err(|e| fail("binding the CUDA context", e))?;
+        // SAFETY: no arguments; the context is current on this thread.
+        unsafe { drv::cuProfilerStart() }
+            .result()
+            .map_err(|e| fail("cuProfilerStart", e))?;
+        let out = work();
+        let stopped = device.synchronize().and_then(|()| {
+            // SAFETY: as above.
+            unsafe { drv::cuProfilerStop() }
+                .result()
+                .map_err(|e| fail("cuProfilerStop", e))
+        });
+        let out = out?;
+        stopped?;
+        return Ok(out);
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = device;
+    work()
+}
+
 /// For GPU tests: the first CUDA device, or `None` after saying on stderr why `test` is
 /// skipped (a `SKIPPED` line), so a CPU run of the suite says what it did not check. With
 /// `SIMTRANS_REQUIRE_GPU` set (scripts/gpu-bench.sh sets it) a missing GPU panics instead.

@@ -89,6 +89,93 @@ pub fn take() -> BTreeMap<String, (u64, f64)> {
     })
 }
 
+/// Where a benchmarked step's time goes, phase by phase: each phase's work is issued, then the
+/// device is waited for, so a phase's time includes its device work and nothing of the next.
+///
+/// Why it exists: a whole step's images per second says how far a row is from its target, not
+/// where the time goes, and a lent GPU is rare. Each bench that times steps also times a few
+/// extra steps through [`Phases::time`], and the table prints per phase its whole time, the
+/// time until the host had issued its work (close to the whole: the host bounds the phase),
+/// and, with `SIMTRANS_HOST_PROFILE=1`, the host's calls by kind ([`take`]).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Phases {
+    /// The phases, in the order of a step.
+    pub phase_names: Vec<String>,
+    /// Seconds per step of each phase, its device work included.
+    pub phase_seconds: Vec<f64>,
+    /// Of each phase, the seconds per step until the host had issued all its work.
+    pub issue_seconds: Vec<f64>,
+    /// Of each phase, the host's calls per step by kind, `label → (calls, seconds)`; empty
+    /// unless `SIMTRANS_HOST_PROFILE=1`.
+    pub host_calls: Vec<BTreeMap<String, (f64, f64)>>,
+    /// Steps timed so far.
+    pub steps: usize,
+}
+
+impl Phases {
+    /// No time yet in phases `names`; drops this thread's host-call totals so far.
+    pub fn new(names: &[&str]) -> Self {
+        take();
+        Phases {
+            phase_names: names.iter().map(|n| n.to_string()).collect(),
+            phase_seconds: vec![0.0; names.len()],
+            issue_seconds: vec![0.0; names.len()],
+            host_calls: vec![BTreeMap::new(); names.len()],
+            steps: 0,
+        }
+    }
+
+    /// Runs phase `phase`'s `work`, waits for `device`, and adds both times and the host's
+    /// calls to the phase. Phases of one step must be timed in order, one after another.
+    pub fn time<T, E: From<candle_core::Error>>(
+        &mut self,
+        phase: usize,
+        device: &candle_core::Device,
+        work: impl FnOnce() -> Result<T, E>,
+    ) -> Result<T, E> {
+        if phase >= self.phase_names.len() {
+            return Err(candle_core::Error::Msg(format!(
+                "phase {phase} of {} ({:?})",
+                self.phase_names.len(),
+                self.phase_names
+            ))
+            .into());
+        }
+        let start = Instant::now();
+        let out = work()?;
+        let issued = start.elapsed().as_secs_f64();
+        let calls = take();
+        device.synchronize()?;
+        let whole = start.elapsed().as_secs_f64();
+        self.phase_seconds[phase] += whole;
+        self.issue_seconds[phase] += issued;
+        for (label, (n, secs)) in calls {
+            let e = self.host_calls[phase].entry(label).or_insert((0.0, 0.0));
+            e.0 += n as f64;
+            e.1 += secs;
+        }
+        if phase + 1 == self.phase_names.len() {
+            self.steps += 1;
+        }
+        Ok(out)
+    }
+
+    /// The totals divided by the steps timed: seconds and calls per step.
+    pub fn per_step(mut self) -> Self {
+        let n = self.steps.max(1) as f64;
+        for v in self.phase_seconds.iter_mut().chain(&mut self.issue_seconds) {
+            *v /= n;
+        }
+        for calls in &mut self.host_calls {
+            for (count, secs) in calls.values_mut() {
+                *count /= n;
+                *secs /= n;
+            }
+        }
+        self
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,5 +205,31 @@ mod tests {
         timed("off", || ());
         drop(Timer::start("off"));
         assert!(take().is_empty());
+    }
+
+    #[test]
+    fn phases_add_up_per_step_in_order() {
+        let cpu = candle_core::Device::Cpu;
+        let mut p = Phases::new(&["a", "b"]);
+        for _ in 0..2 {
+            let v: candle_core::Result<u8> = p.time(0, &cpu, || {
+                std::thread::sleep(std::time::Duration::from_millis(3));
+                Ok(1)
+            });
+            assert_eq!(v.unwrap(), 1);
+            p.time::<_, candle_core::Error>(1, &cpu, || Ok(())).unwrap();
+        }
+        assert!(p.time::<_, candle_core::Error>(2, &cpu, || Ok(())).is_err());
+        let p = p.per_step();
+        assert_eq!(p.steps, 2);
+        // Phase a slept 3 ms per step; issuing cannot take longer than the whole phase.
+        assert!(
+            p.phase_seconds[0] >= 0.003 && p.phase_seconds[0] < 1.0,
+            "{p:?}"
+        );
+        for (issued, whole) in p.issue_seconds.iter().zip(&p.phase_seconds) {
+            assert!(*issued <= *whole, "{p:?}");
+        }
+        assert!(p.phase_seconds[1] < p.phase_seconds[0], "{p:?}");
     }
 }

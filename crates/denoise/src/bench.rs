@@ -1,12 +1,13 @@
 //! Throughput of step 2: images/s through the SimNet backbone (features, eval mode) and pairs/s
 //! through the similarity head (the factorised first layer over all pairs of a category).
 //! Called by `cargo xtask bench denoise`; weights are random, which does not change the cost.
+//! Both are timed after an untimed pass of each (kernel loading, algorithm choice).
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
+use simtrans_core::hostprof::Phases;
 use simtrans_core::Config;
 use simtrans_simnet::{head::HeadKind, SimNet, SimNetShape};
-use std::time::Instant;
 
 /// What one bench run measured.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -23,10 +24,20 @@ pub struct BenchReport {
     pub pairs_per_second: f64,
     /// The device, as candle names it.
     pub device: String,
+    /// Seconds per pass of the features and of the matrix, from `reps` passes after an
+    /// untimed one.
+    #[serde(flatten)]
+    pub phases: Phases,
 }
 
-/// Times the features of `images` images and their `images²` similarity matrix.
-pub fn bench(config: &Config, device: &Device, images: usize) -> anyhow::Result<BenchReport> {
+/// Times the features of `images` images and their `images²` similarity matrix: one untimed
+/// pass, then the mean of `reps` passes.
+pub fn bench(
+    config: &Config,
+    device: &Device,
+    images: usize,
+    reps: usize,
+) -> anyhow::Result<BenchReport> {
     let b = &config.backbone;
     let shape = SimNetShape {
         arch: b.arch,
@@ -44,30 +55,60 @@ pub fn bench(config: &Config, device: &Device, images: usize) -> anyhow::Result<
         (batch, 3, s, s),
         device,
     )?;
-    net.features(&x)?; // warm-up
-    let start = Instant::now();
-    let mut feats = vec![];
-    let mut done = 0;
-    while done < images {
-        let k = batch.min(images - done);
-        feats.push(net.features(&x.narrow(0, 0, k)?)?);
-        done += k;
+    let features = || -> anyhow::Result<Tensor> {
+        let mut feats = vec![];
+        let mut done = 0;
+        while done < images {
+            let k = batch.min(images - done);
+            feats.push(net.features(&x.narrow(0, 0, k)?)?);
+            done += k;
+        }
+        Ok(Tensor::cat(&feats, 0)?)
+    };
+    let matrix = |feats: &Tensor| -> anyhow::Result<Tensor> {
+        Ok(crate::similarity::similarity_matrix(
+            feats,
+            config.denoise.row_block,
+            |r, a| net.similarity_matrix(r, a),
+        )?)
+    };
+    // Warm-up of both, at the timed shapes: first calls load kernels and choose algorithms.
+    matrix(&features()?)?
+        .sum_all()?
+        .to_dtype(DType::F32)?
+        .to_scalar::<f32>()?;
+    let mut phases = Phases::new(&["features", "similarity matrix"]);
+    for _ in 0..reps.max(1) {
+        let feats = phases.time(0, device, features)?;
+        phases.time(1, device, || matrix(&feats))?;
     }
-    let feats = Tensor::cat(&feats, 0)?;
-    feats.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?; // wait for the device
-    let feature_seconds = start.elapsed().as_secs_f64();
-    let start = Instant::now();
-    let sim = crate::similarity::similarity_matrix(&feats, config.denoise.row_block, |r, a| {
-        net.similarity_matrix(r, a)
-    })?;
-    sim.sum_all()?.to_scalar::<f32>()?;
-    let pair_seconds = start.elapsed().as_secs_f64();
+    let phases = phases.per_step();
     Ok(BenchReport {
         arch: simtrans_backbone::resnet::arch_name(b.arch).to_string(),
         image_size: s,
         images,
-        feature_images_per_second: images as f64 / feature_seconds,
-        pairs_per_second: (images * images) as f64 / pair_seconds,
+        feature_images_per_second: images as f64 / phases.phase_seconds[0].max(1e-9),
+        pairs_per_second: (images * images) as f64 / phases.phase_seconds[1].max(1e-9),
         device: format!("{device:?}"),
+        phases,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn both_phases_are_timed_after_a_warm_up() {
+        let config = simtrans_core::Config::preset(simtrans_core::Preset::Demo);
+        let r = super::bench(&config, &candle_core::Device::Cpu, 6, 2).unwrap();
+        assert_eq!(r.phases.steps, 2);
+        assert_eq!(r.phases.phase_names, ["features", "similarity matrix"]);
+        for (issued, whole) in r.phases.issue_seconds.iter().zip(&r.phases.phase_seconds) {
+            assert!(*issued > 0.0 && issued <= whole, "{r:?}");
+        }
+        let pairs_per_second = 36.0 / r.phases.phase_seconds[1];
+        assert!(
+            (r.pairs_per_second / pairs_per_second - 1.0).abs() < 1e-9,
+            "{r:?}"
+        );
+    }
 }

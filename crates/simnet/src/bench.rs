@@ -12,6 +12,7 @@ use crate::{SimNet, SimNetShape};
 use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 use simtrans_backbone::resnet::{arch_name, Arch};
+use simtrans_core::hostprof::Phases;
 use simtrans_core::optim::Sgd;
 use std::time::Instant;
 
@@ -36,6 +37,12 @@ pub struct BenchReport {
     pub images_per_second: f64,
     /// The device, as candle names it.
     pub device: String,
+    /// Where a step's time goes, from extra steps with a device synchronisation between
+    /// phases: the backbone's forward pass, the head and the losses (the discriminator's
+    /// forward pass included), the backward pass and the update of the SimNet, then the
+    /// discriminator's whole update.
+    #[serde(flatten)]
+    pub phases: Phases,
 }
 
 /// Times `steps` SimNet steps on `images / 2` source and `images / 2` target images.
@@ -92,6 +99,24 @@ pub fn bench(
         trainer.step(&net.backbone, &net.head, &net.disc, &a, &labels, &b)?;
     }
     let seconds = start.elapsed().as_secs_f64();
+    let mut phases = Phases::new(&[
+        "backbone forward",
+        "head and losses",
+        "SimNet backward",
+        "SimNet optimiser",
+        "discriminator update",
+    ]);
+    for _ in 0..steps.clamp(1, 3) {
+        let (fa, fb) = phases.time(0, device, || trainer.features(&net.backbone, &a, &b))?;
+        let (fwd, total) = phases.time(1, device, || {
+            let fwd = crate::train::head_forward(&net.head, &fa, &labels, &fb, trainer.bn_split)?;
+            let total = fwd.simnet_loss(&net.disc, trainer.beta)?;
+            candle_core::Result::Ok((fwd, total))
+        })?;
+        let grads = phases.time(2, device, || simtrans_core::grad::backward(&total))?;
+        phases.time(3, device, || trainer.sim_opt.step(&grads))?;
+        phases.time(4, device, || trainer.discriminator_update(&fwd, &net.disc))?;
+    }
     let nb = b.dim(0)?;
     Ok(BenchReport {
         arch: arch_name(arch).into(),
@@ -103,6 +128,7 @@ pub fn bench(
         seconds,
         images_per_second: (steps * (na + nb)) as f64 / seconds.max(1e-9),
         device: format!("{device:?}"),
+        phases: phases.per_step(),
     })
 }
 
@@ -122,6 +148,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!((r.images, r.pairs, r.head), (6, 18, 4));
+        assert_eq!((r.phases.steps, r.phases.phase_seconds.len()), (1, 5));
+        for (issued, whole) in r.phases.issue_seconds.iter().zip(&r.phases.phase_seconds) {
+            assert!(*issued > 0.0 && issued <= whole, "{r:?}");
+        }
         assert!(r.images_per_second > 0.0);
     }
 }

@@ -143,6 +143,18 @@ impl Trainer {
         labels_a: &[u32],
         images_b: &Tensor,
     ) -> Result<Forward> {
+        let (fa, fb) = self.features(net, images_a, images_b)?;
+        head_forward(head, &fa, labels_a, &fb, self.bn_split)
+    }
+
+    /// The backbone's half of [`Self::forward`]: the features of A and of B, from one pass
+    /// over `cat(A, B)`.
+    pub fn features(
+        &self,
+        net: &impl FeatureNet,
+        images_a: &Tensor,
+        images_b: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
         let na = images_a.dim(0)?;
         let nb = images_b.dim(0)?;
         let mode = if self.bn_split {
@@ -151,9 +163,7 @@ impl Trainer {
             BnMode::Train
         };
         let feats = net.features(&Tensor::cat(&[images_a, images_b], 0)?, mode)?;
-        let fa = feats.narrow(0, 0, na)?;
-        let fb = feats.narrow(0, na, nb)?;
-        head_forward(head, &fa, labels_a, &fb, self.bn_split)
+        Ok((feats.narrow(0, 0, na)?, feats.narrow(0, na, nb)?))
     }
 
     /// The SimNet update: minimises `L_sim − β·L_dom` over the backbone and head variables
