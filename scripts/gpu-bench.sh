@@ -15,11 +15,13 @@
 #   3. candle's own CUDA convolution and BatchNorm (SIMTRANS_CUDNN=0): the "before" figures;
 #   4. the demo pipeline end to end on the GPU (`xtask reproduce --device cuda`) at each
 #      precision, for the accuracy cost of tf32 and bf16; each run time-limited (DEMO_LIMIT);
-#   5. (section `profile`) per-kernel times of ResNet-50 steps under Nsight Compute.
+#   5. (section `profile`) per-kernel times of ResNet-50 steps under Nsight Compute;
+#   6. (section `paper`) the paper configuration end to end on a synthetic CUB tree, one epoch
+#      per stage (`xtask smoke`), at PAPER_PRECISIONS (default bf16).
 #
 #   scripts/gpu-bench.sh [BIN_DIR] [OUT_DIR]
-#   SECTIONS="tests table" scripts/gpu-bench.sh     # a subset (tests alt switches smoke table find quick cl host ab candle demo profile)
-#   SECTIONS=next scripts/gpu-bench.sh               # the next lease's one call: tests smoke quick ab (bf16 head) profile (bf16 SimNet, similarity)
+#   SECTIONS="tests table" scripts/gpu-bench.sh     # a subset (tests alt switches smoke table find quick cl host ab candle demo profile paper)
+#   SECTIONS=next scripts/gpu-bench.sh               # the next lease's one call: tests smoke quick ab (bf16 head) profile (bf16 SimNet, similarity) paper (bf16)
 #
 # BIN_DIR holds `xtask`, `gpu-tests` and `gpu-tests-simnet` (plain or .xz), as
 # scripts/build-gpu-bins.sh leaves them;
@@ -59,11 +61,12 @@ cat "$OUT/gpu.txt" | tee -a "$LOG"
 
 cd "$WORK" || exit 1
 SECTIONS=${SECTIONS:-tests alt switches table candle demo}
-# The one call planned for the next lease (after session 6): correctness first (tests, every
-# stage once), the tf32 and bf16 tables, the bf16 head against the f32 head at bf16 (the
-# similarity matrix and SimNet rows), then where the GPU time of those two rows goes at bf16.
+# The one call planned for the next lease (after session 7): correctness first (tests, every
+# stage once), the tf32 and bf16 tables (with the phases of the SimNet step and the similarity
+# matrix), the bf16 head against the f32 head at bf16 (those two rows), where the GPU time of
+# those two rows goes at bf16, then the paper configuration end to end at bf16.
 if [ "$SECTIONS" = next ]; then
-  SECTIONS="tests smoke quick ab profile"
+  SECTIONS="tests smoke quick ab profile paper"
   AB=${AB:-SIMTRANS_HEAD_BF16=0}
   AB_PRECISION=${AB_PRECISION:-bf16}
   PROFILE=${PROFILE:-profile-similarity:bf16 profile-simnet:bf16}
@@ -218,6 +221,20 @@ for job in ${PROFILE:-profile:tf32}; do
   say "ncu exit $?: $(wc -l <"$WORK/ncu.csv") lines"
   tail -3 "$WORK/ncu.err" | tee -a "$LOG"
   xz -9 -c "$WORK/ncu.csv" >"$OUT/$file"
+  collect
+done
+fi
+
+if want paper; then
+# The paper configuration end to end (ResNet-50 at 224 px, the paper's batch sizes, the
+# real-data loader and its JPEG decoding, every stage) on a synthetic CUB tree of 1,900
+# photographs of CUB's sizes, one epoch per stage from random weights (`xtask smoke`): the
+# first run of that configuration on a GPU. At each of PAPER_PRECISIONS, within PAPER_LIMIT s.
+for p in ${PAPER_PRECISIONS:-bf16}; do
+  say "6. the paper configuration, one epoch per stage, on a synthetic CUB tree (xtask smoke, $p)"
+  timeout "${PAPER_LIMIT:-180}" ./xtask smoke --device cuda --precision "$p" --runs-dir "$WORK/runs" \
+    --run "paper-$p" 2>&1 | grep -E "WARN|ERROR|rror|done in|smoke:|top-1|baseline|SimTrans" | tee -a "$LOG"
+  say "paper $p: exit ${PIPESTATUS[0]}"
   collect
 done
 fi

@@ -47,6 +47,10 @@ pub enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// Run the paper configuration end to end, one epoch per stage from random weights, on a
+    /// synthetic CUB tree (photographs of CUB's sizes, written under the run folder): checks a
+    /// machine and a build, and times each stage, before a real run. Its accuracy means nothing.
+    Smoke(Common),
     /// Pre-download the ImageNet weights the config needs into the Hugging Face cache.
     Fetch(Common),
     /// Print the resolved configuration as TOML.

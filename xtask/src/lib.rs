@@ -4,4 +4,5 @@
 
 pub mod cli;
 pub mod pipeline;
+pub mod smoke;
 pub mod stages;

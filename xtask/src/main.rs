@@ -90,6 +90,33 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Bench { what, common } => bench(&what, &common),
+        Command::Smoke(common) => {
+            let (common, photos) = xtask::smoke::prepare(&common)?;
+            let p = pipeline(&common, &runner)?;
+            let seeds = seeds(&p.config);
+            let start = std::time::Instant::now();
+            p.reproduce(&seeds, &common.forced()?)?;
+            let summary = simtrans_eval::stage::write_report(&p.store, &p.config, &seeds)?;
+            print_headline(&summary, &p.store);
+            let stages: Vec<String> = summary["wall_seconds"]
+                .as_object()
+                .map(|w| {
+                    w.iter()
+                        .map(|(stage, s)| format!("{stage} {:.1} s", s.as_f64().unwrap_or(0.0)))
+                        .collect()
+                })
+                .unwrap_or_default();
+            println!(
+                "smoke: {} at {} px on {} ({}), one epoch per stage on {photos} synthetic photographs: {:.1} s ({})",
+                simtrans_backbone::resnet::arch_name(p.config.backbone.arch),
+                p.config.data.image_size,
+                p.config.run.device,
+                p.config.run.precision,
+                start.elapsed().as_secs_f64(),
+                stages.join(", ")
+            );
+            Ok(())
+        }
         Command::Fetch(common) => {
             let config = common.resolve()?;
             let path = simtrans_backbone::fetch(config.backbone.arch)?;
@@ -240,6 +267,7 @@ fn gpu_table(
 ) -> Result<Vec<serde_json::Value>> {
     use simtrans_backbone::Arch;
     let precision = simtrans_core::device::precision().name();
+    const GIB: f64 = (1u64 << 30) as f64;
     let mut rows = vec![];
     let mut row = |workload: String, ips: f64, detail: serde_json::Value| {
         // Where a step's time goes, for the rows that time their phases.
@@ -256,7 +284,15 @@ fn gpu_table(
             }
             _ => String::new(),
         };
-        println!("table: {workload}: {ips:.1} images/s ({precision}){phases}");
+        let memory = match detail["device_memory"].as_array().map(|m| m.as_slice()) {
+            Some([a, b]) => format!(
+                " [GPU memory in use: {:.2} GiB after warm-up, {:.2} GiB after the timed steps]",
+                a.as_f64().unwrap_or(0.0) / GIB,
+                b.as_f64().unwrap_or(0.0) / GIB
+            ),
+            _ => String::new(),
+        };
+        println!("table: {workload}: {ips:.1} images/s ({precision}){phases}{memory}");
         // With SIMTRANS_HOST_PROFILE=1: the host's calls of each phase, per step.
         if let Some(serde_json::Value::Array(phases)) = detail.get("host_calls") {
             for (name, calls) in names.iter().zip(phases) {
@@ -394,9 +430,11 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     let common = match &cli.command {
-        Command::Reproduce(c) | Command::Eval(c) | Command::Report(c) | Command::Fetch(c) => {
-            Some(c)
-        }
+        Command::Reproduce(c)
+        | Command::Eval(c)
+        | Command::Report(c)
+        | Command::Fetch(c)
+        | Command::Smoke(c) => Some(c),
         Command::Stage { common, .. } | Command::Bench { common, .. } => Some(common),
         Command::Config(_) | Command::Ci => None,
     };

@@ -34,6 +34,9 @@ pub struct BenchReport {
     pub device: String,
     /// Where a step's time goes: forward, backward and optimiser, from extra steps with a device
     /// synchronisation between phases.
+    /// Bytes in use on the GPU after the warm-up step and after the timed steps
+    /// ([`simtrans_core::device::memory_in_use`]); `None` on the CPU.
+    pub device_memory: Option<[u64; 2]>,
     #[serde(flatten)]
     pub phases: Phases,
 }
@@ -64,11 +67,13 @@ pub fn bench(
         Ok(())
     };
     step()?;
+    let memory_warm = simtrans_core::device::memory_in_use(device)?;
     let start = Instant::now();
     for _ in 0..steps {
         step()?;
     }
     let seconds = start.elapsed().as_secs_f64();
+    let memory_timed = simtrans_core::device::memory_in_use(device)?;
     let mut phases = Phases::new(&["forward", "backward", "optimiser"]);
     for _ in 0..steps.clamp(1, 3) {
         let loss = phases.time(0, device, || {
@@ -87,6 +92,7 @@ pub fn bench(
         seconds,
         images_per_second: (steps * batch_size) as f64 / seconds.max(1e-9),
         device: format!("{device:?}"),
+        device_memory: memory_warm.zip(memory_timed).map(|(a, b)| [a, b]),
         phases: phases.per_step(),
     })
 }

@@ -92,6 +92,23 @@ pub fn parse(name: &str) -> Result<Device> {
     }
 }
 
+/// Bytes of memory in use on `device`'s GPU, by every process (`cuMemGetInfo`); `None` on the
+/// CPU. The memory pool keeps what this process frees (`cudnn`'s `keep_freed_memory`), so for
+/// one process on a GPU this is its high-water mark: the benches read it after warm-up and after
+/// the timed steps, and growth between the two is memory a step did not give back.
+pub fn memory_in_use(device: &Device) -> candle_core::Result<Option<u64>> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        let fail = |e: cudarc::driver::DriverError| candle_core::Error::Msg(format!("{e:?}"));
+        d.cuda_stream().context().bind_to_thread().map_err(fail)?;
+        let (free, total) = cudarc::driver::result::mem_get_info().map_err(fail)?;
+        return Ok(Some((total - free) as u64));
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = device;
+    Ok(None)
+}
+
 /// Runs `work` as the process's profiled range: on a CUDA device between `cuProfilerStart` and
 /// `cuProfilerStop`, waiting for the device at both ends, so that a kernel profiler started with
 /// `--profile-from-start off` (`ncu`, scripts/gpu-bench.sh section `profile`) records this work

@@ -32,26 +32,14 @@ pub struct BenchReport {
     pub files: usize,
 }
 
-/// Writes `files` synthetic JPEG photographs into `dir` (textured, sizes around 500×375 like
-/// CUB's) and indexes them as the base training images of one class, ids `0..files`.
+/// Writes `files` synthetic JPEG photographs into `dir` ([`crate::synthetic::photo`], sizes
+/// around 500×375 like CUB's) and indexes them as the base training images of one class, ids `0..files`.
 pub fn synthetic_photos(dir: &std::path::Path, files: usize) -> Result<DataIndex> {
-    let mut paths = Vec::with_capacity(files);
-    for k in 0..files {
-        let (w, h) = (440 + (k % 7) as u32 * 20, 330 + (k % 5) as u32 * 15);
-        let img = image::RgbImage::from_fn(w, h, |x, y| {
-            let v = (x * 7 + y * 3 + k as u32 * 13) ^ (x * y / 17);
-            image::Rgb([
-                (v % 251) as u8,
-                ((v / 3) % 241) as u8,
-                ((x + y) % 239) as u8,
-            ])
-        });
-        let path = dir.join(format!("img_{k:05}.jpg"));
-        img.save(&path).map_err(|e| DataError::Image {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
-        paths.push(path);
+    let paths: Vec<_> = (0..files)
+        .map(|k| dir.join(format!("img_{k:05}.jpg")))
+        .collect();
+    for (k, path) in paths.iter().enumerate() {
+        crate::synthetic::write_photo(path, crate::synthetic::PhotoSize::Cub, k)?;
     }
     let items = (0..files as u32)
         .map(|id| Item::clean(id, 0, Split::BaseTrain))

@@ -47,6 +47,17 @@ fn split_spec(kind: DatasetKind) -> Result<SplitSpec> {
     Ok(m.split)
 }
 
+/// The class numbers (`NNN` of the class folders) of the novel classes of `kind`'s manifest
+/// split, where it lists them by number (CUB).
+pub fn novel_class_numbers(kind: DatasetKind) -> Result<Vec<u32>> {
+    split_spec(kind)?.novel_ids.ok_or_else(|| {
+        DataError::Invalid(format!(
+            "data-manifests/{}.toml lists no novel_ids",
+            kind.name()
+        ))
+    })
+}
+
 fn hint(kind: DatasetKind) -> String {
     format!(
         "see data-manifests/{}.toml for the expected layout and how to obtain the data",

@@ -16,6 +16,7 @@ pub mod loader;
 mod mat;
 pub mod prefetch;
 pub mod sampler;
+pub mod synthetic;
 pub mod transform;
 
 pub use bench::{bench, BenchReport};

@@ -41,6 +41,9 @@ pub struct BenchReport {
     /// phases: the backbone's forward pass, the head and the losses (the discriminator's
     /// forward pass included), the backward pass and the update of the SimNet, then the
     /// discriminator's whole update.
+    /// Bytes in use on the GPU after the warm-up step and after the timed steps
+    /// ([`simtrans_core::device::memory_in_use`]); `None` on the CPU.
+    pub device_memory: Option<[u64; 2]>,
     #[serde(flatten)]
     pub phases: Phases,
 }
@@ -94,11 +97,13 @@ pub fn bench(
     let labels: Vec<u32> = (0..na as u32).map(|i| i % 10).collect();
     // `step` reads its losses back, which waits for the device.
     trainer.step(&net.backbone, &net.head, &net.disc, &a, &labels, &b)?;
+    let memory_warm = simtrans_core::device::memory_in_use(device)?;
     let start = Instant::now();
     for _ in 0..steps {
         trainer.step(&net.backbone, &net.head, &net.disc, &a, &labels, &b)?;
     }
     let seconds = start.elapsed().as_secs_f64();
+    let memory_timed = simtrans_core::device::memory_in_use(device)?;
     let mut phases = Phases::new(&[
         "backbone forward",
         "head and losses",
@@ -128,6 +133,7 @@ pub fn bench(
         seconds,
         images_per_second: (steps * (na + nb)) as f64 / seconds.max(1e-9),
         device: format!("{device:?}"),
+        device_memory: memory_warm.zip(memory_timed).map(|(a, b)| [a, b]),
         phases: phases.per_step(),
     })
 }
