@@ -115,6 +115,13 @@ fn run(cli: Cli) -> Result<()> {
                 start.elapsed().as_secs_f64(),
                 stages.join(", ")
             );
+            if let Some(bytes) = simtrans_core::device::memory_in_use(&p.device)? {
+                // With the memory pool keeping freed memory: the run's high-water mark.
+                println!(
+                    "smoke: GPU memory in use at the end: {:.2} GiB",
+                    bytes as f64 / (1u64 << 30) as f64
+                );
+            }
             Ok(())
         }
         Command::Fetch(common) => {

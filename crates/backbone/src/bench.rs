@@ -32,11 +32,11 @@ pub struct BenchReport {
     pub images_per_second: f64,
     /// The device, as candle names it.
     pub device: String,
-    /// Where a step's time goes: forward, backward and optimiser, from extra steps with a device
-    /// synchronisation between phases.
     /// Bytes in use on the GPU after the warm-up step and after the timed steps
     /// ([`simtrans_core::device::memory_in_use`]); `None` on the CPU.
     pub device_memory: Option<[u64; 2]>,
+    /// Where a step's time goes: forward, backward and optimiser, from extra steps with a device
+    /// synchronisation between phases.
     #[serde(flatten)]
     pub phases: Phases,
 }

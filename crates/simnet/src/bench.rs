@@ -37,13 +37,13 @@ pub struct BenchReport {
     pub images_per_second: f64,
     /// The device, as candle names it.
     pub device: String,
+    /// Bytes in use on the GPU after the warm-up step and after the timed steps
+    /// ([`simtrans_core::device::memory_in_use`]); `None` on the CPU.
+    pub device_memory: Option<[u64; 2]>,
     /// Where a step's time goes, from extra steps with a device synchronisation between
     /// phases: the backbone's forward pass, the head and the losses (the discriminator's
     /// forward pass included), the backward pass and the update of the SimNet, then the
     /// discriminator's whole update.
-    /// Bytes in use on the GPU after the warm-up step and after the timed steps
-    /// ([`simtrans_core::device::memory_in_use`]); `None` on the CPU.
-    pub device_memory: Option<[u64; 2]>,
     #[serde(flatten)]
     pub phases: Phases,
 }
