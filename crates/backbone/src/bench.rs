@@ -201,7 +201,10 @@ mod tests {
         assert_eq!((r.steps, r.batch_size, r.image_size), (1, 4, 12));
         assert!(r.images_per_second > 0.0);
         // Issuing a phase's work cannot take longer than the phase.
-        assert_eq!((r.phases.steps, r.phases.phase_seconds.len()), (1, 3));
+        assert_eq!((r.phases.phase_steps, r.phases.phase_seconds.len()), (1, 3));
+        // The phases flatten into the report's JSON without shadowing a field of its own.
+        let json = serde_json::to_string(&r).unwrap();
+        assert_eq!(json.matches("\"steps\"").count(), 1, "{json}");
         for (issued, whole) in r.phases.issue_seconds.iter().zip(&r.phases.phase_seconds) {
             assert!(*issued > 0.0 && issued <= whole, "{r:?}");
         }

@@ -109,7 +109,7 @@ pub struct Phases {
     /// unless `SIMTRANS_HOST_PROFILE=1`.
     pub host_calls: Vec<BTreeMap<String, (f64, f64)>>,
     /// Steps timed so far.
-    pub steps: usize,
+    pub phase_steps: usize,
 }
 
 impl Phases {
@@ -121,7 +121,7 @@ impl Phases {
             phase_seconds: vec![0.0; names.len()],
             issue_seconds: vec![0.0; names.len()],
             host_calls: vec![BTreeMap::new(); names.len()],
-            steps: 0,
+            phase_steps: 0,
         }
     }
 
@@ -155,14 +155,14 @@ impl Phases {
             e.1 += secs;
         }
         if phase + 1 == self.phase_names.len() {
-            self.steps += 1;
+            self.phase_steps += 1;
         }
         Ok(out)
     }
 
     /// The totals divided by the steps timed: seconds and calls per step.
     pub fn per_step(mut self) -> Self {
-        let n = self.steps.max(1) as f64;
+        let n = self.phase_steps.max(1) as f64;
         for v in self.phase_seconds.iter_mut().chain(&mut self.issue_seconds) {
             *v /= n;
         }
@@ -221,7 +221,7 @@ mod tests {
         }
         assert!(p.time::<_, candle_core::Error>(2, &cpu, || Ok(())).is_err());
         let p = p.per_step();
-        assert_eq!(p.steps, 2);
+        assert_eq!(p.phase_steps, 2);
         // Phase a slept 3 ms per step; issuing cannot take longer than the whole phase.
         assert!(
             p.phase_seconds[0] >= 0.003 && p.phase_seconds[0] < 1.0,

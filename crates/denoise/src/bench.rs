@@ -100,7 +100,7 @@ mod tests {
     fn both_phases_are_timed_after_a_warm_up() {
         let config = simtrans_core::Config::preset(simtrans_core::Preset::Demo);
         let r = super::bench(&config, &candle_core::Device::Cpu, 6, 2).unwrap();
-        assert_eq!(r.phases.steps, 2);
+        assert_eq!(r.phases.phase_steps, 2);
         assert_eq!(r.phases.phase_names, ["features", "similarity matrix"]);
         for (issued, whole) in r.phases.issue_seconds.iter().zip(&r.phases.phase_seconds) {
             assert!(*issued > 0.0 && issued <= whole, "{r:?}");

@@ -154,7 +154,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!((r.images, r.pairs, r.head), (6, 18, 4));
-        assert_eq!((r.phases.steps, r.phases.phase_seconds.len()), (1, 5));
+        assert_eq!((r.phases.phase_steps, r.phases.phase_seconds.len()), (1, 5));
         for (issued, whole) in r.phases.issue_seconds.iter().zip(&r.phases.phase_seconds) {
             assert!(*issued > 0.0 && issued <= whole, "{r:?}");
         }
