@@ -98,16 +98,16 @@ fn run(cli: Cli) -> Result<()> {
             p.reproduce(&seeds, &common.forced()?)?;
             let summary = simtrans_eval::stage::write_report(&p.store, &p.config, &seeds)?;
             print_headline(&summary, &p.store);
-            let stages: Vec<String> = summary["wall_seconds"]
-                .as_object()
-                .map(|w| {
-                    w.iter()
-                        .map(|(stage, s)| format!("{stage} {:.1} s", s.as_f64().unwrap_or(0.0)))
-                        .collect()
+            // Each stage's time, in pipeline order.
+            let stages: Vec<String> = Stage::ALL
+                .iter()
+                .filter_map(|stage| {
+                    let s = summary["wall_seconds"][stage.name()].as_f64()?;
+                    Some(format!("{} {s:.1} s", stage.name()))
                 })
-                .unwrap_or_default();
+                .collect();
             println!(
-                "smoke: {} at {} px on {} ({}), one epoch per stage on {photos} synthetic photographs: {:.1} s ({})",
+                "smoke: {} at {} px on {} ({}), one epoch per stage on {photos} synthetic photographs: {:.1} s (each stage when built: {})",
                 simtrans_backbone::resnet::arch_name(p.config.backbone.arch),
                 p.config.data.image_size,
                 p.config.run.device,

@@ -73,7 +73,7 @@ fn the_method_runs_end_to_end_on_a_cub_tree() {
     assert!(
         stdout.contains(
             "smoke: small at 16 px on cpu (f32), one epoch per stage on 1750 synthetic photographs"
-        ) && stdout.contains("simnet "),
+        ) && stdout.contains("(each stage when built: data "),
         "{stdout}"
     );
 
