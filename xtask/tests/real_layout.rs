@@ -88,18 +88,15 @@ fn the_method_runs_end_to_end_on_a_cub_tree() {
     )
     .unwrap();
     let index = simtrans_data::DataIndex::from_artifact(&artifact).unwrap();
-    use simtrans_data::Split;
-    let count = |split| index.items_in(split).len();
-    assert_eq!(
-        [
-            Split::BaseTrain,
-            Split::BaseTest,
-            Split::NovelWeb,
-            Split::NovelTest
-        ]
-        .map(count),
-        [1350, 150, 200, 50]
-    );
+    let counts = index.split_counts();
+    let want = [
+        ("base_train", 1350),
+        ("base_val", 0),
+        ("base_test", 150),
+        ("novel_web", 200),
+        ("novel_test", 50),
+    ];
+    assert_eq!(counts, want.into_iter().collect(), "{counts:?}");
     let metrics = &artifact.meta.metrics;
     assert_eq!(metrics["skipped_web_images"], 2, "{metrics}");
     let skipped = metrics["skipped"].to_string();

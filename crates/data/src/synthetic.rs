@@ -156,18 +156,15 @@ mod tests {
         assert_eq!(spec.photos().unwrap(), written);
         assert_eq!(cub_split().unwrap(), (150, 50));
         let (index, metrics) = crate::layouts::build(crate::DatasetKind::Cub, dir.path()).unwrap();
-        use crate::Split;
-        let count = |split| index.items_in(split).len();
-        assert_eq!(
-            [
-                Split::BaseTrain,
-                Split::BaseTest,
-                Split::NovelWeb,
-                Split::NovelTest
-            ]
-            .map(count),
-            [300, 150, 150, 50]
-        );
+        let counts = index.split_counts();
+        let want = [
+            ("base_train", 300),
+            ("base_val", 0),
+            ("base_test", 150),
+            ("novel_web", 150),
+            ("novel_test", 50),
+        ];
+        assert_eq!(counts, want.into_iter().collect(), "{counts:?}");
         assert_eq!(metrics["skipped_web_images"], 2, "{metrics}");
         // Varied CUB-like sizes, the same photograph for the same number.
         assert_ne!(PhotoSize::Cub.of(0), PhotoSize::Cub.of(1));
