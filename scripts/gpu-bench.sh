@@ -14,14 +14,15 @@
 #      at a time, tf32 and bf16 channels-first, and tf32 with the host's calls timed by kind);
 #   3. candle's own CUDA convolution and BatchNorm (SIMTRANS_CUDNN=0): the "before" figures;
 #   4. the demo pipeline end to end on the GPU (`xtask reproduce --device cuda`) at each
-#      precision, for the accuracy cost of tf32 and bf16; each run time-limited (DEMO_LIMIT);
+#      precision (DEMO_PRECISIONS), for the accuracy cost of tf32 and bf16; each run
+#      time-limited (DEMO_LIMIT);
 #   5. (section `profile`) per-kernel times of ResNet-50 steps under Nsight Compute;
 #   6. (section `paper`) the paper configuration end to end on a synthetic CUB tree, one epoch
 #      per stage (`xtask smoke`), at PAPER_PRECISIONS (default bf16).
 #
 #   scripts/gpu-bench.sh [BIN_DIR] [OUT_DIR]
 #   SECTIONS="tests table" scripts/gpu-bench.sh     # a subset (tests alt switches smoke table find quick cl host ab candle demo profile paper)
-#   SECTIONS=next scripts/gpu-bench.sh               # the next lease's one call: tests smoke quick ab (bf16 head) profile (bf16 SimNet, similarity) paper (bf16)
+#   SECTIONS=next scripts/gpu-bench.sh               # the next lease's one call: tests smoke quick ab (bf16 head) profile (bf16 SimNet, similarity) paper (bf16, tf32) demo (bf16)
 #
 # BIN_DIR holds `xtask`, `gpu-tests` and `gpu-tests-simnet` (plain or .xz), as
 # scripts/build-gpu-bins.sh leaves them;
@@ -64,9 +65,13 @@ SECTIONS=${SECTIONS:-tests alt switches table candle demo}
 # The one call planned for the next lease (after session 7): correctness first (tests, every
 # stage once), the tf32 and bf16 tables (with the phases of the SimNet step and the similarity
 # matrix), the bf16 head against the f32 head at bf16 (those two rows), where the GPU time of
-# those two rows goes at bf16, then the paper configuration end to end at bf16.
+# those two rows goes at bf16, the paper configuration end to end at bf16 and tf32, and the
+# demo's accuracy at bf16 (two seeds).
 if [ "$SECTIONS" = next ]; then
-  SECTIONS="tests smoke quick ab profile paper"
+  SECTIONS="tests smoke quick ab profile paper demo"
+  PAPER_PRECISIONS=${PAPER_PRECISIONS:-bf16 tf32}
+  # The bf16 rows of BENCHMARKS.md's accuracy table predate the bf16 SimNet head.
+  DEMO_PRECISIONS=${DEMO_PRECISIONS:-bf16}
   AB=${AB:-SIMTRANS_HEAD_BF16=0}
   AB_PRECISION=${AB_PRECISION:-bf16}
   PROFILE=${PROFILE:-profile-similarity:bf16 profile-simnet:bf16}
@@ -196,8 +201,8 @@ collect
 fi
 
 if want demo; then
-say "4. the demo pipeline on the GPU at each precision (${DEMO_SEEDS:-2} seeds)"
-for p in f32 tf32 bf16; do
+say "4. the demo pipeline on the GPU at ${DEMO_PRECISIONS:=f32 tf32 bf16} (${DEMO_SEEDS:-2} seeds)"
+for p in $DEMO_PRECISIONS; do
   start=$(date +%s)
   timeout "${DEMO_LIMIT:-120}" ./xtask reproduce --device cuda --precision "$p" --seeds "${DEMO_SEEDS:-2}" \
     --runs-dir "$WORK/runs" --run "demo-$p" 2>&1 | tail -4 | tee -a "$LOG"
