@@ -94,15 +94,16 @@ pub fn linear(input: usize, output: usize, vb: VarBuilder) -> Result<Linear> {
     Ok(Linear::new(weight, Some(bias)))
 }
 
-/// The dtype the head computes in on `device`: bf16 on CUDA under `run.precision = "bf16"`, as
-/// PyTorch's autocast runs `Linear` layers, else f32. The parameters stay f32 (their gradients
+/// The dtype the head (and the discriminator's Linears) compute in on `device`: bf16 on CUDA
+/// under `run.precision = "bf16"`, as PyTorch's autocast runs `Linear` layers, else f32. The parameters stay f32 (their gradients
 /// come back through the casts), BatchNorm keeps f32 statistics, and the logits and diff_feat
 /// leave the head in f32.
 ///
 /// Why: type 4's head runs `Linear(2D→2D)` and `Linear(2D→D)` on every pair. For the 300-image
 /// similarity matrix of step 2 that is 90,000 rows and about 2.3 TFLOP, and in f32 it took as
 /// long as the 300 images' ResNet-50 features in bf16 (BENCHMARKS.md, run 12).
-/// `SIMTRANS_HEAD_BF16=0` keeps the head in f32 under bf16, to measure the difference.
+/// `SIMTRANS_HEAD_BF16=0` keeps the head and the discriminator in f32 under bf16, to measure
+/// the difference.
 pub fn compute_dtype(device: &Device) -> DType {
     static LOW: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let low = *LOW.get_or_init(|| std::env::var("SIMTRANS_HEAD_BF16").as_deref() != Ok("0"));
@@ -308,9 +309,16 @@ impl Discriminator {
         })
     }
 
-    /// `[N, dim]` → domain logits `[N, 2]` (0 = source/base, 1 = target/web).
+    /// `[N, dim]` → domain logits `[N, 2]` (0 = source/base, 1 = target/web), f32, with its
+    /// Linears in the head's [`compute_dtype`].
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.fc.forward(x)?;
+        self.forward_in(x, compute_dtype(x.device()))
+    }
+
+    /// [`Self::forward`] with its Linears in `dtype`: as PyTorch's autocast runs it, the
+    /// LayerNorm computes in f32 whatever `dtype`, and the logits leave in f32.
+    pub fn forward_in(&self, x: &Tensor, dtype: DType) -> Result<Tensor> {
+        let h = linear_in(&self.fc, x, dtype)?.to_dtype(DType::F32)?;
         // candle-nn's fused LayerNorm has no backward pass, so it is written out here.
         let mean = h.mean_keepdim(D::Minus1)?;
         let centred = h.broadcast_sub(&mean)?;
@@ -320,7 +328,7 @@ impl Discriminator {
             .broadcast_mul(&self.ln_weight)?
             .broadcast_add(&self.ln_bias)?
             .relu()?;
-        self.fc2.forward(&h)
+        linear_in(&self.fc2, &h, dtype)?.to_dtype(DType::F32)
     }
 }
 

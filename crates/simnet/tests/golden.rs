@@ -220,3 +220,44 @@ fn the_bf16_head_follows_the_f32_head() {
         assert!(cos > 0.95, "head {head_no}: bf16 gradient cosine {cos}");
     }
 }
+
+#[test]
+fn the_bf16_discriminator_follows_the_f32_one() {
+    use candle_core::DType;
+    for case in golden("heads.json").as_array().unwrap() {
+        let fa = tensor(&case["features_a"]);
+        let head_no = case["head"].as_u64().unwrap();
+        let (vm, head, disc) = build(case);
+        let (_, diff) = head
+            .forward_grid(&fa, &fa, PairOrder::ColFirst, BnMode::Train)
+            .unwrap();
+        let run = |dtype: DType| {
+            let logits = disc.forward_in(&diff, dtype).unwrap();
+            assert_eq!(logits.dtype(), DType::F32);
+            let grads = logits.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            let weight = vm.data().lock().unwrap()["disc.fc.weight"]
+                .as_tensor()
+                .clone();
+            let g = grads.get(&weight).expect("a gradient for the first Linear");
+            (logits, g.flatten_all().unwrap())
+        };
+        let (l32, g32) = run(DType::F32);
+        // The f32 path is the plain one (what the numpy goldens check through `forward`).
+        assert_eq!(
+            max_abs(&(&l32 - disc.forward(&diff).unwrap()).unwrap()),
+            0.0
+        );
+        let (l16, g16) = run(DType::BF16);
+        let scale = max_abs(&l32);
+        let err = max_abs(&(&l16 - &l32).unwrap()) / scale;
+        let cos = cosine(&g32, &g16);
+        eprintln!(
+            "head {head_no}: bf16 discriminator logits within {err:.2e}, gradient cosine {cos:.4}"
+        );
+        assert!(
+            err < 3e-2,
+            "head {head_no}: bf16 logits off by {err:.2e} of {scale:.3}"
+        );
+        assert!(cos > 0.99, "head {head_no}: bf16 gradient cosine {cos}");
+    }
+}

@@ -1,6 +1,7 @@
-//! The SimNet head on CUDA against the CPU (issue #9): under `run.precision = "bf16"` the head
-//! computes in bf16 on the GPU (`head::compute_dtype`), and its logits, diff_feat and the
-//! gradient of its first Linear must follow the CPU's f32 head. Runs where a GPU and a
+//! The SimNet head and the discriminator on CUDA against the CPU (issue #9): under
+//! `run.precision = "bf16"` both compute their Linears in bf16 on the GPU
+//! (`head::compute_dtype`), and the head's logits, diff_feat and first-Linear gradient and the
+//! discriminator's logits must follow the CPU's f32 ones. Runs where a GPU and a
 //! `--features cuda` build exist (`scripts/gpu-bench.sh` runs it); elsewhere it prints
 //! `SKIPPED` and returns.
 
@@ -10,19 +11,22 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use common::{cosine, max_abs};
 use simtrans_core::device::{set_precision, test_gpu, Precision};
-use simtrans_simnet::head::{compute_dtype, similarity, HeadKind, PairOrder, SimHead};
+use simtrans_simnet::head::{
+    compute_dtype, similarity, Discriminator, HeadKind, PairOrder, SimHead,
+};
 use simtrans_simnet::train::head_forward;
 use simtrans_simnet::BnMode;
 
 /// Feature width of the test heads (the paper's is 2048; the arithmetic is the same).
 const DIM: usize = 32;
 
-fn head_on(kind: HeadKind, dev: &Device) -> (VarMap, SimHead) {
+fn head_on(kind: HeadKind, dev: &Device) -> (VarMap, SimHead, Discriminator) {
     let vm = VarMap::new();
     // The same seed gives the same parameters on every device.
     let vb = simtrans_core::seed::var_builder(&vm, 21, "head", DType::F32, dev);
     let head = SimHead::new(kind, DIM, vb.pp("head")).unwrap();
-    (vm, head)
+    let disc = Discriminator::new(kind.diff_dim(DIM), vb.pp("disc")).unwrap();
+    (vm, head, disc)
 }
 
 fn features(n: usize, seed: f64) -> Tensor {
@@ -35,14 +39,15 @@ fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
 }
 
 /// One training forward (the step-1 path: pairs within A and within B, per-domain BatchNorm)
-/// and its first-layer weight gradient, plus the eval-mode similarity matrix A × B.
-fn run(kind: HeadKind, dev: &Device) -> (Tensor, Tensor, Tensor, Tensor) {
+/// and its first-layer weight gradient, the eval-mode similarity matrix A × B, and the
+/// discriminator's logits on the forward's diff_feat.
+fn run(kind: HeadKind, dev: &Device) -> (Tensor, Tensor, Tensor, Tensor, Tensor) {
     let (fa, fb) = (
         features(6, 1.0).to_device(dev).unwrap(),
         features(5, 2.0).to_device(dev).unwrap(),
     );
     let labels = [0u32, 1, 0, 2, 1, 0];
-    let (vm, head) = head_on(kind, dev);
+    let (vm, head, disc) = head_on(kind, dev);
     let fwd = head_forward(&head, &fa, &labels, &fb, true).unwrap();
     let loss = fwd.sim_loss().unwrap();
     let grads = loss.backward().unwrap();
@@ -60,7 +65,8 @@ fn run(kind: HeadKind, dev: &Device) -> (Tensor, Tensor, Tensor, Tensor) {
         .forward_grid(&fa, &fb, PairOrder::RowFirst, BnMode::Eval)
         .unwrap();
     let s = similarity(&logits).unwrap();
-    (fwd.logits, fwd.diff_feat, g, s)
+    let domain = disc.forward(&fwd.diff_feat).unwrap();
+    (fwd.logits, fwd.diff_feat, g, s, domain)
 }
 
 #[test]
@@ -78,7 +84,7 @@ fn the_head_computes_in_bf16_on_the_gpu_and_follows_the_cpu() {
         ] {
             set_precision(p);
             assert_eq!(compute_dtype(&dev), want, "{p:?}");
-            let (_, head) = head_on(kind, &dev);
+            let (_, head, _) = head_on(kind, &dev);
             let h = head
                 .first_layer_grid(
                     &features(3, 3.0).to_device(&dev).unwrap(),
@@ -89,14 +95,15 @@ fn the_head_computes_in_bf16_on_the_gpu_and_follows_the_cpu() {
             assert_eq!(h.dtype(), want, "{kind:?} {p:?}: the first layer's dtype");
             let gpu = run(kind, &dev);
             assert_eq!(
-                (gpu.0.dtype(), gpu.1.dtype(), gpu.3.dtype()),
-                (DType::F32, DType::F32, DType::F32),
-                "{kind:?} {p:?}: logits, diff_feat and similarities leave the head in f32"
+                [gpu.0.dtype(), gpu.1.dtype(), gpu.3.dtype(), gpu.4.dtype()],
+                [DType::F32; 4],
+                "{kind:?} {p:?}: logits, diff_feat, similarities and domain logits leave in f32"
             );
             for (what, e) in [
                 ("logits", rel_err(&gpu.0, &cpu.0)),
                 ("diff_feat", rel_err(&gpu.1, &cpu.1)),
                 ("eval similarity", rel_err(&gpu.3, &cpu.3)),
+                ("domain logits", rel_err(&gpu.4, &cpu.4)),
             ] {
                 eprintln!("{kind:?} {p:?} {what}: {e:.2e}");
                 if e > tol {
