@@ -178,7 +178,7 @@ for p in tf32 bf16; do table "$p" "table-$p-nchw" SIMTRANS_CHANNELS_LAST=0; done
 fi
 
 # The A/B switches, one per table at AB_PRECISION (default tf32; AB="VAR=VALUE ..." picks any;
-# SIMTRANS_HEAD_BF16=0, the SimNet head in f32 under bf16, only matters at bf16). By default the convolutions
+# SIMTRANS_HEAD_BF16=0, the SimNet head and discriminator in f32 under bf16, only matters at bf16). By default the convolutions
 # on cuDNN's legacy API, the ReLU masks read instead of recomputed, and cudarc's per-buffer
 # CUDA events kept. Runs 7 to 12 measured the others: SIMTRANS_OWN_BN=0 (cuDNN's BatchNorm),
 # SIMTRANS_FUSED_CHAIN=0 (one op per residual block), SIMTRANS_FUSED_BLOCKS=0 (layer by
