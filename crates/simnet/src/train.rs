@@ -67,6 +67,34 @@ impl Forward {
     }
 }
 
+/// The targets of one step's pair rows, on the device: same-label targets of A's pairs and
+/// the domain of every row (0 for A's pairs, 1 for B's).
+///
+/// Why separate: copying host memory to the device may wait for the device's queue to drain
+/// (CUDA documents this for pageable memory). [`Trainer::forward`] makes them before queueing
+/// the step's work, where that wait costs nothing, instead of between the backbone's forward
+/// pass and the head's, where the device would idle while the host issues the rest of the step.
+#[derive(Debug, Clone)]
+pub struct PairTargets {
+    /// Same label = 1, over A's `|A|²` pairs in the head's row order.
+    pub targets_a: Tensor,
+    /// 0 for A's pairs, 1 for B's.
+    pub domains: Tensor,
+}
+
+impl PairTargets {
+    /// The targets of `labels_a`'s pairs and the domains of those and of `nb²` target pairs.
+    pub fn new(labels_a: &[u32], nb: usize, device: &candle_core::Device) -> Result<Self> {
+        let rows_a = labels_a.len() * labels_a.len();
+        let mut domains = vec![0u32; rows_a];
+        domains.resize(rows_a + nb * nb, 1);
+        Ok(PairTargets {
+            targets_a: pairs::targets_tensor(labels_a, device)?,
+            domains: Tensor::new(domains, device)?,
+        })
+    }
+}
+
 /// The head on the pairs within A and within B, from their features `[|A|, D]` and `[|B|, D]`.
 pub fn head_forward(
     head: &SimHead,
@@ -75,12 +103,27 @@ pub fn head_forward(
     features_b: &Tensor,
     bn_split: bool,
 ) -> Result<Forward> {
+    let targets = PairTargets::new(labels_a, features_b.dim(0)?, features_a.device())?;
+    head_forward_with(head, features_a, features_b, targets, bn_split)
+}
+
+/// [`head_forward`] with the targets made beforehand.
+pub fn head_forward_with(
+    head: &SimHead,
+    features_a: &Tensor,
+    features_b: &Tensor,
+    targets: PairTargets,
+    bn_split: bool,
+) -> Result<Forward> {
     let na = features_a.dim(0)?;
     let nb = features_b.dim(0)?;
-    if labels_a.len() != na {
-        candle_core::bail!("{} labels for {na} source images", labels_a.len());
+    let rows_a = na * na;
+    let (ta, td) = (targets.targets_a.dims1()?, targets.domains.dims1()?);
+    if (ta, td) != (rows_a, rows_a + nb * nb) {
+        candle_core::bail!(
+            "pair targets of {ta} and {td} rows for {na} source and {nb} target images"
+        );
     }
-    let device = features_a.device();
     let h = Tensor::cat(
         &[
             &head.first_layer_grid(features_a, features_a, PairOrder::ColFirst)?,
@@ -88,21 +131,18 @@ pub fn head_forward(
         ],
         0,
     )?;
-    let rows_a = na * na;
     let mode = if bn_split {
         BnMode::Split(rows_a)
     } else {
         BnMode::Train
     };
     let (logits, diff_feat) = head.from_first_layer(&h, mode)?;
-    let mut domains = vec![0u32; rows_a];
-    domains.resize(rows_a + nb * nb, 1);
     Ok(Forward {
         logits,
         diff_feat,
         rows_a,
-        targets_a: pairs::targets_tensor(labels_a, device)?,
-        domains: Tensor::new(domains, device)?,
+        targets_a: targets.targets_a,
+        domains: targets.domains,
     })
 }
 
@@ -143,8 +183,9 @@ impl Trainer {
         labels_a: &[u32],
         images_b: &Tensor,
     ) -> Result<Forward> {
+        let targets = PairTargets::new(labels_a, images_b.dim(0)?, images_a.device())?;
         let (fa, fb) = self.features(net, images_a, images_b)?;
-        head_forward(head, &fa, labels_a, &fb, self.bn_split)
+        head_forward_with(head, &fa, &fb, targets, self.bn_split)
     }
 
     /// The backbone's half of [`Self::forward`]: the features of A and of B, from one pass

@@ -261,3 +261,20 @@ fn the_bf16_discriminator_follows_the_f32_one() {
         assert!(cos > 0.99, "head {head_no}: bf16 gradient cosine {cos}");
     }
 }
+
+#[test]
+fn targets_made_beforehand_give_the_same_forward_and_must_fit() {
+    use simtrans_simnet::train::{head_forward_with, PairTargets};
+    let case = &golden("heads.json")[0];
+    let (fa, fb) = (tensor(&case["features_a"]), tensor(&case["features_b"]));
+    let la = labels(&case["labels_a"]);
+    let (_, head, _) = build(case);
+    let cpu = candle_core::Device::Cpu;
+    let plain = head_forward(&head, &fa, &la, &fb, true).unwrap();
+    let targets = PairTargets::new(&la, fb.dim(0).unwrap(), &cpu).unwrap();
+    let with = head_forward_with(&head, &fa, &fb, targets, true).unwrap();
+    assert_eq!(max_abs(&(&plain.logits - &with.logits).unwrap()), 0.0);
+    // Targets for one image too few are refused.
+    let short = PairTargets::new(&la[1..], fb.dim(0).unwrap(), &cpu).unwrap();
+    assert!(head_forward_with(&head, &fa, &fb, short, true).is_err());
+}
