@@ -48,8 +48,9 @@ pub enum Command {
         common: Common,
     },
     /// Run the paper configuration end to end, one epoch per stage from random weights, on a
-    /// synthetic CUB tree (photographs of CUB's sizes, written under the run folder): checks a
-    /// machine and a build, and times each stage, before a real run. Its accuracy means nothing.
+    /// synthetic CUB tree (photographs of CUB's sizes, written under the run folder; the run is
+    /// `smoke` unless --run names another): checks a machine and a build, and times each stage,
+    /// before a real run. Its accuracy means nothing.
     Smoke(Common),
     /// Pre-download the ImageNet weights the config needs into the Hugging Face cache.
     Fetch(Common),

@@ -22,11 +22,18 @@ pub const SETTINGS: &[&str] = &[
     "classifier.epochs_3b=1",
 ];
 
-/// The invocation a smoke run makes of `common`: the paper preset (unless it names a preset or
-/// a config file), the CUB data set, and [`SETTINGS`] before its own `--set` flags. The data
-/// path is [`prepare`]'s.
+/// The run a smoke run writes to unless `--run` names another than `default`, so that it never
+/// replaces the artifacts of the default run.
+pub const RUN: &str = "smoke";
+
+/// The invocation a smoke run makes of `common`: run [`RUN`] (unless it names another), the
+/// paper preset (unless it names a preset or a config file), the CUB data set, and
+/// [`SETTINGS`] before its own `--set` flags. The data path is [`prepare`]'s.
 pub fn invocation(common: &Common) -> Common {
     let mut smoke = common.clone();
+    if smoke.run == "default" {
+        smoke.run = RUN.into();
+    }
     if smoke.preset.is_none() && smoke.config.is_none() {
         smoke.preset = Some("paper".into());
     }
@@ -103,10 +110,13 @@ mod tests {
     #[test]
     fn the_paper_preset_gets_a_tree_for_its_batches_and_user_settings_win() {
         let common = Common {
+            run: "default".into(),
             overrides: vec!["classifier.epochs_3b=2".into()],
             ..Common::default()
         };
-        let config = invocation(&common).resolve().unwrap();
+        let smoke = invocation(&common);
+        assert_eq!(smoke.run, RUN, "never the default run");
+        let config = smoke.resolve().unwrap();
         assert_eq!(config.run.dataset, simtrans_core::config::DatasetKind::Cub);
         assert_eq!(
             (config.backbone.arch, config.data.image_size),

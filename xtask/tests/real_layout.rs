@@ -39,7 +39,7 @@ fn the_method_runs_end_to_end_on_a_cub_tree() {
     assert!(out.status.success(), "{stdout}\n{stderr}");
 
     let eval: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(runs.join("default/eval.json")).unwrap())
+        serde_json::from_str(&std::fs::read_to_string(runs.join("smoke/eval.json")).unwrap())
             .unwrap();
     assert_eq!(eval["dataset"], "cub", "{eval}");
     for v in ["naive", "full"] {
@@ -57,16 +57,16 @@ fn the_method_runs_end_to_end_on_a_cub_tree() {
     assert_eq!(eval["weights_auc"], serde_json::json!({}), "{eval}");
     assert!(eval["simnet"]["pair_f1_base_val"].is_null(), "{eval}");
     assert!(eval["simnet"]["pair_f1_novel_test"].is_number(), "{eval}");
-    let report = std::fs::read_to_string(runs.join("default/report.md")).unwrap();
+    let report = std::fs::read_to_string(runs.join("smoke/report.md")).unwrap();
     assert!(
         report.contains("ROC-AUC of the sample weights: not measured"),
         "{report}"
     );
     assert!(report.contains("the largest confusions"), "{report}");
     // Similarity and weight pictures of the first 8 of the 50 categories only.
-    assert!(runs.join("default/similarity-7.png").exists());
-    assert!(!runs.join("default/similarity-8.png").exists());
-    assert!(!runs.join("default/weights-8.png").exists());
+    assert!(runs.join("smoke/similarity-7.png").exists());
+    assert!(!runs.join("smoke/similarity-8.png").exists());
+    assert!(!runs.join("smoke/weights-8.png").exists());
     assert!(report.contains("The first 8 categories only"), "{report}");
     assert!(stdout.contains("novel-class top-1"), "{stdout}");
     // The smoke line: the network, and each stage's time.
@@ -82,7 +82,7 @@ fn the_method_runs_end_to_end_on_a_cub_tree() {
     // the tree has training images for 40 backbone steps of 32 images and, for the SimNet
     // target batches of 8 from 2 classes, four web images per novel class.
     let artifact = simtrans_core::Artifact::load(
-        &runs.join("default/seed-0/data.safetensors"),
+        &runs.join("smoke/seed-0/data.safetensors"),
         &simtrans_data::DataIndex::schema(),
         &candle_core::Device::Cpu,
     )
