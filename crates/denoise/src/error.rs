@@ -40,7 +40,7 @@ pub enum DenoiseError {
     },
     /// A category's raw weights have a mean that is zero, negative or not finite, so `one_mean`
     /// cannot normalise them.
-    #[error("the raw weights of a category have mean {mean}; they cannot be normalised to mean 1 (is the similarity matrix all zeros or NaN? check the SimNet artifact)")]
+    #[error("the raw weights of a category have mean {mean}; they cannot be normalised to mean 1 (is the similarity matrix all zeros or NaN? check the SimNet artifact; a network trained for only a few steps from random weights does this: evaluation mode normalises with BatchNorm running statistics that have not settled)")]
     DegenerateWeights {
         /// The mean that was found.
         mean: f64,
