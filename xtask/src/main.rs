@@ -56,17 +56,23 @@ fn pipeline<'a>(common: &Common, runner: &'a RealStages) -> Result<Pipeline<'a>>
     })
 }
 
+/// Every stale stage of every seed, then eval.json and the report; prints the headline.
+fn reproduce<'a>(
+    common: &Common,
+    runner: &'a RealStages,
+) -> Result<(Pipeline<'a>, serde_json::Value)> {
+    let p = pipeline(common, runner)?;
+    let seeds = seeds(&p.config);
+    p.reproduce(&seeds, &common.forced()?)?;
+    let summary = simtrans_eval::stage::write_report(&p.store, &p.config, &seeds)?;
+    print_headline(&summary, &p.store);
+    Ok((p, summary))
+}
+
 fn run(cli: Cli) -> Result<()> {
     let runner = RealStages;
     match cli.command {
-        Command::Reproduce(common) => {
-            let p = pipeline(&common, &runner)?;
-            let seeds = seeds(&p.config);
-            p.reproduce(&seeds, &common.forced()?)?;
-            let summary = simtrans_eval::stage::write_report(&p.store, &p.config, &seeds)?;
-            print_headline(&summary, &p.store);
-            Ok(())
-        }
+        Command::Reproduce(common) => reproduce(&common, &runner).map(|_| ()),
         Command::Stage { name, common } => {
             let stage: Stage = name.parse()?;
             let p = pipeline(&common, &runner)?;
@@ -92,12 +98,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench { what, common } => bench(&what, &common),
         Command::Smoke(common) => {
             let (common, photos) = xtask::smoke::prepare(&common)?;
-            let p = pipeline(&common, &runner)?;
-            let seeds = seeds(&p.config);
             let start = std::time::Instant::now();
-            p.reproduce(&seeds, &common.forced()?)?;
-            let summary = simtrans_eval::stage::write_report(&p.store, &p.config, &seeds)?;
-            print_headline(&summary, &p.store);
+            let (p, summary) = reproduce(&common, &runner)?;
             // Each stage's time, in pipeline order.
             let stages: Vec<String> = Stage::ALL
                 .iter()
