@@ -61,7 +61,7 @@ date -u +%FT%TZ >>"$OUT/gpu.txt"
 cat "$OUT/gpu.txt" | tee -a "$LOG"
 
 cd "$WORK" || exit 1
-SECTIONS=${SECTIONS:-tests alt switches table candle demo}
+SECTIONS=${SECTIONS:-tests alt switches table candle demo paper}
 # The one call planned for the next lease (after session 7): correctness first (tests, every
 # stage once), the tf32 and bf16 tables (with the phases of the SimNet step and the similarity
 # matrix), the bf16 head against the f32 head at bf16 (those two rows), where the GPU time of
