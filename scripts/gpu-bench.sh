@@ -22,7 +22,7 @@
 #
 #   scripts/gpu-bench.sh [BIN_DIR] [OUT_DIR]
 #   SECTIONS="tests table" scripts/gpu-bench.sh     # a subset (tests alt switches smoke table find quick cl host ab candle demo profile paper)
-#   SECTIONS=next scripts/gpu-bench.sh               # the next lease's one call: tests smoke quick ab (bf16 head) profile (bf16 SimNet, similarity) paper (bf16, tf32) demo (bf16)
+#   SECTIONS=next scripts/gpu-bench.sh               # the next lease's one call: tests smoke quick ab (bf16 head) demo (bf16) profile (bf16 SimNet, similarity) paper (bf16, tf32)
 #
 # BIN_DIR holds `xtask`, `gpu-tests` and `gpu-tests-simnet` (plain or .xz), as
 # scripts/build-gpu-bins.sh leaves them;
@@ -62,11 +62,11 @@ cat "$OUT/gpu.txt" | tee -a "$LOG"
 
 cd "$WORK" || exit 1
 SECTIONS=${SECTIONS:-tests alt switches table candle demo paper}
-# The one call planned for the next lease (after session 7): correctness first (tests, every
-# stage once), the tf32 and bf16 tables (with the phases of the SimNet step and the similarity
-# matrix), the bf16 head against the f32 head at bf16 (those two rows), where the GPU time of
-# those two rows goes at bf16, the paper configuration end to end at bf16 and tf32, and the
-# demo's accuracy at bf16 (two seeds).
+# The one call planned for the next lease (after session 7), in the order the sections run:
+# correctness first (tests, every stage once), the tf32 and bf16 tables (with the phases of
+# the SimNet step and the similarity matrix), the bf16 head and discriminator against f32 ones
+# at bf16 (those two rows), the demo's accuracy at bf16 (two seeds), where the GPU time of
+# those two rows goes at bf16, then the paper configuration end to end at bf16 and tf32.
 if [ "$SECTIONS" = next ]; then
   SECTIONS="tests smoke quick ab profile paper demo"
   PAPER_PRECISIONS=${PAPER_PRECISIONS:-bf16 tf32}
@@ -232,7 +232,7 @@ fi
 
 if want paper; then
 # The paper configuration end to end (ResNet-50 at 224 px, the paper's batch sizes, the
-# real-data loader and its JPEG decoding, every stage) on a synthetic CUB tree of 1,900
+# real-data loader and its JPEG decoding, every stage) on a synthetic CUB tree of 4,150
 # photographs of CUB's sizes, one epoch per stage from random weights (`xtask smoke`): the
 # first run of that configuration on a GPU. At each of PAPER_PRECISIONS, within PAPER_LIMIT s.
 for p in ${PAPER_PRECISIONS:-bf16}; do
