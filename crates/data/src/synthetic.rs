@@ -92,8 +92,7 @@ pub fn cub_tree(root: &Path, spec: &CubTree) -> Result<usize> {
     let novel = crate::layouts::novel_class_numbers(crate::DatasetKind::Cub)?;
     let folder = |n: u32| format!("{n:03}.Bird_{n}");
     let images = root.join("CUB_200_2011");
-    // (file, is a training image of images.txt, or None for a web image)
-    let mut files: Vec<(PathBuf, Option<bool>)> = Vec::new();
+    let mut files: Vec<PathBuf> = Vec::new();
     let (mut images_txt, mut split_txt) = (String::new(), String::new());
     let mut id = 0;
     for n in 1..=CUB_CLASSES {
@@ -104,7 +103,7 @@ pub fn cub_tree(root: &Path, spec: &CubTree) -> Result<usize> {
             let rel = format!("{}/img_{i}.jpg", folder(n));
             images_txt += &format!("{id} {rel}\n");
             split_txt += &format!("{id} {}\n", u8::from(is_train));
-            files.push((images.join("images").join(rel), Some(is_train)));
+            files.push(images.join("images").join(rel));
         }
         if is_novel {
             for w in 0..spec.web {
@@ -112,18 +111,21 @@ pub fn cub_tree(root: &Path, spec: &CubTree) -> Result<usize> {
                     .join("CUB_web")
                     .join(folder(n))
                     .join(format!("web_{w}.jpg"));
-                files.push((path, None));
+                files.push(path);
             }
         }
     }
-    for (path, _) in &files {
-        let dir = path.parent().expect("files lie in class folders");
+    let folders: std::collections::BTreeSet<&Path> = files
+        .iter()
+        .map(|path| path.parent().expect("files lie in class folders"))
+        .collect();
+    for dir in folders {
         std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
     }
     files
         .par_iter()
         .enumerate()
-        .try_for_each(|(k, (path, _))| write_photo(path, spec.size, k))?;
+        .try_for_each(|(k, path)| write_photo(path, spec.size, k))?;
     let write = |path: PathBuf, bytes: &[u8]| {
         std::fs::write(&path, bytes).map_err(|e| DataError::io(&path, e))
     };
