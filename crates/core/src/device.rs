@@ -92,6 +92,16 @@ pub fn parse(name: &str) -> Result<Device> {
     }
 }
 
+/// Makes `d`'s CUDA context current on this thread, for driver calls that act on the current
+/// context.
+#[cfg(feature = "cuda")]
+fn bind(d: &candle_core::CudaDevice) -> candle_core::Result<()> {
+    d.cuda_stream()
+        .context()
+        .bind_to_thread()
+        .map_err(|e| candle_core::Error::Msg(format!("binding the CUDA context: {e:?}")))
+}
+
 /// Bytes of memory in use on `device`'s GPU, by every process (`cuMemGetInfo`); `None` on the
 /// CPU. The memory pool keeps what this process frees (`cudnn`'s `keep_freed_memory`), so for
 /// one process on a GPU this is its high-water mark: the benches read it after warm-up and after
@@ -99,9 +109,9 @@ pub fn parse(name: &str) -> Result<Device> {
 pub fn memory_in_use(device: &Device) -> candle_core::Result<Option<u64>> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(d) = device {
-        let fail = |e: cudarc::driver::DriverError| candle_core::Error::Msg(format!("{e:?}"));
-        d.cuda_stream().context().bind_to_thread().map_err(fail)?;
-        let (free, total) = cudarc::driver::result::mem_get_info().map_err(fail)?;
+        bind(d)?;
+        let (free, total) = cudarc::driver::result::mem_get_info()
+            .map_err(|e| candle_core::Error::Msg(format!("cuMemGetInfo: {e:?}")))?;
         return Ok(Some((total - free) as u64));
     }
     #[cfg(not(feature = "cuda"))]
@@ -124,10 +134,7 @@ pub fn profiled<T, E: From<candle_core::Error>>(
             candle_core::Error::Msg(format!("{what}: {e:?}"))
         };
         device.synchronize()?;
-        d.cuda_stream()
-            .context()
-            .bind_to_thread()
-            .map_err(|e| fail("binding the CUDA context", e))?;
+        bind(d)?;
         // SAFETY: no arguments; the context is current on this thread.
         unsafe { drv::cuProfilerStart() }
             .result()

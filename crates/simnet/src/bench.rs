@@ -7,7 +7,7 @@
 //! figure is the network's cost alone, without decoding.
 
 use crate::head::HeadKind;
-use crate::train::Trainer;
+use crate::train::{head_forward_with, PairTargets, Trainer};
 use crate::{SimNet, SimNetShape};
 use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
@@ -112,9 +112,14 @@ pub fn bench(
         "discriminator update",
     ]);
     for _ in 0..steps.clamp(1, 3) {
-        let (fa, fb) = phases.time(0, device, || trainer.features(&net.backbone, &a, &b))?;
+        // In the order of `Trainer::forward`: the targets before the backbone's work.
+        let (targets, fa, fb) = phases.time(0, device, || {
+            let targets = PairTargets::new(&labels, b.dim(0)?, device)?;
+            let (fa, fb) = trainer.features(&net.backbone, &a, &b)?;
+            candle_core::Result::Ok((targets, fa, fb))
+        })?;
         let (fwd, total) = phases.time(1, device, || {
-            let fwd = crate::train::head_forward(&net.head, &fa, &labels, &fb, trainer.bn_split)?;
+            let fwd = head_forward_with(&net.head, &fa, &fb, targets, trainer.bn_split)?;
             let total = fwd.simnet_loss(&net.disc, trainer.beta)?;
             candle_core::Result::Ok((fwd, total))
         })?;

@@ -95,9 +95,9 @@ pub fn linear(input: usize, output: usize, vb: VarBuilder) -> Result<Linear> {
 }
 
 /// The dtype the head (and the discriminator's Linears) compute in on `device`: bf16 on CUDA
-/// under `run.precision = "bf16"`, as PyTorch's autocast runs `Linear` layers, else f32. The parameters stay f32 (their gradients
-/// come back through the casts), BatchNorm keeps f32 statistics, and the logits and diff_feat
-/// leave the head in f32.
+/// under `run.precision = "bf16"`, as PyTorch's autocast runs `Linear` layers, else f32. The
+/// parameters stay f32 (their gradients come back through the casts), BatchNorm keeps f32
+/// statistics, and the logits and diff_feat leave the head in f32.
 ///
 /// Why: type 4's head runs `Linear(2D→2D)` and `Linear(2D→D)` on every pair. For the 300-image
 /// similarity matrix of step 2 that is 90,000 rows and about 2.3 TFLOP, and in f32 it took as
