@@ -24,7 +24,7 @@ fn main() {
         .unwrap_or_else(|| PathBuf::from("nvcc"));
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "80".into());
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
-    for name in ["bn", "sgd", "pool"] {
+    for name in ["bn", "head", "sgd", "pool"] {
         compile(&nvcc, &cap, &out, name);
     }
 }

@@ -24,26 +24,6 @@
 
 namespace {
 
-// VEC values of T as one aligned memory access.
-template <typename T, int VEC> struct alignas(sizeof(T) * VEC) Pack {
-    T v[VEC];
-};
-
-template <typename T, int VEC>
-__device__ __forceinline__ void load(const T* p, float (&out)[VEC]) {
-    Pack<T, VEC> k = *reinterpret_cast<const Pack<T, VEC>*>(p);
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) out[e] = to_f(k.v[e]);
-}
-
-template <typename T, int VEC>
-__device__ __forceinline__ void store(T* p, const float (&in)[VEC]) {
-    Pack<T, VEC> k;
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) k.v[e] = from_f<T>(in[e]);
-    *reinterpret_cast<Pack<T, VEC>*>(p) = k;
-}
-
 // What a backward pass reads at `at`: x, dy and, when given, the ReLU's output y (else 0).
 template <typename T, int VEC>
 __device__ __forceinline__ void load_grad(const T* x, const T* dy, const T* y, long long at,
@@ -55,9 +35,6 @@ __device__ __forceinline__ void load_grad(const T* x, const T* dy, const T* y, l
     for (int e = 0; e < VEC; ++e) yv[e] = 0.f;
     if (y) load<T, VEC>(y + at, yv);
 }
-
-// ReLU that keeps NaN (PyTorch's and cuDNN's PROPAGATE_NAN rule).
-__device__ __forceinline__ float relu(float v) { return v < 0.f ? 0.f : v; }
 
 // BN(x) of one value, with `scale` = inv_std·w: the forward's expression, which the backward
 // repeats to recompute a ReLU's mask (so both round alike).
@@ -73,33 +50,6 @@ __device__ __forceinline__ bool passes(bool have_y, float y, int from_x, float x
     if (have_y) return y > 0.f;
     if (from_x) return bn_out(x, mean, scale, shift) > 0.f;
     return true;
-}
-
-// The sums (a, b) of every thread of the block, in thread 0. blockDim.x is a multiple of 32,
-// at most 1024.
-__device__ __forceinline__ void block_sum2(double& a, double& b) {
-    __shared__ double sa[32], sb[32];
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        a += __shfl_down_sync(0xffffffffu, a, o);
-        b += __shfl_down_sync(0xffffffffu, b, o);
-    }
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (lane == 0) {
-        sa[warp] = a;
-        sb[warp] = b;
-    }
-    __syncthreads();
-    if (warp == 0) {
-        const int warps = blockDim.x >> 5;
-        a = lane < warps ? sa[lane] : 0.0;
-        b = lane < warps ? sb[lane] : 0.0;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            a += __shfl_down_sync(0xffffffffu, a, o);
-            b += __shfl_down_sync(0xffffffffu, b, o);
-        }
-    }
 }
 
 // The reductions run on a grid (C, S): block (c, s) covers channel c over its share s of the

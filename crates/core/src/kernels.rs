@@ -24,6 +24,10 @@ const BN: (&str, &str) = (
     "simtrans_bn",
     include_str!(concat!(env!("OUT_DIR"), "/bn.ptx")),
 );
+const HEAD: (&str, &str) = (
+    "simtrans_head",
+    include_str!(concat!(env!("OUT_DIR"), "/head.ptx")),
+);
 const SGD: (&str, &str) = (
     "simtrans_sgd",
     include_str!(concat!(env!("OUT_DIR"), "/sgd.ptx")),
@@ -58,6 +62,7 @@ fn func_of(dev: &CudaDevice, module: Module, name: &'static str) -> Result<CudaF
         }
         let (module_name, ptx) = match module {
             Module::Bn => BN,
+            Module::Head => HEAD,
             Module::Pool => POOL,
             Module::Sgd => SGD,
         };

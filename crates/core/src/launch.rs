@@ -40,6 +40,8 @@ pub struct Launch {
 pub enum Module {
     /// `cuda/bn.cu`.
     Bn,
+    /// `cuda/head.cu`.
+    Head,
     /// `cuda/pool.cu`.
     Pool,
     /// `cuda/sgd.cu`.
@@ -553,4 +555,220 @@ pub fn max_pool_backward<R: Runner>(
 ) -> Result<()> {
     let name = pool_kernel(dtype, "bwd")?;
     pool_launch(run, name, (dy, arg, dx), planes, (h, w), planes * h * w)
+}
+
+/// One grid of pairs for [`pair_grid_forward`] and [`pair_grid_backward`]: `rows × cols` pairs
+/// of the images at `qr` (`rows` of them) with those at `qc` (`cols`), output row
+/// `r·cols + c`. `qr`, `qc` are addresses of `[images, 2h]` projections (see `cuda/head.cu`);
+/// `out` (forward) is where the grid's `[rows·cols, h]` output starts, `g` (backward) its
+/// gradient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PairGrid {
+    pub qr: u64,
+    pub qc: u64,
+    pub out: u64,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+fn head_kernel(
+    dtype: DType,
+    f32_name: &'static str,
+    bf16_name: &'static str,
+) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => f32_name,
+        DType::BF16 => bf16_name,
+        other => bail!("the SimNet head's kernels take f32 or bf16, not {other:?}"),
+    })
+}
+
+/// Blocks for a grid-stride loop over `total` items, at most 65,535·4.
+fn stride_blocks(total: usize) -> u32 {
+    total.div_ceil(THREADS as usize).clamp(1, 65_535 * 4) as u32
+}
+
+/// The first Linear's output on each grid of pairs: `out[r·cols + c, k] = qr[r, 2k + row_slot]
+/// + qc[c, 2k + col_slot] + bias[k]` (`bias` f32, 0 for none). 16-byte loads of q (the `v`
+/// kernels, `8 / size` units per thread) where `h` and every address allow them.
+pub fn pair_grid_forward<R: Runner>(
+    run: &R,
+    dtype: DType,
+    grids: &[PairGrid],
+    bias: u64,
+    h: usize,
+    (row_slot, col_slot): (usize, usize),
+) -> Result<()> {
+    if row_slot > 1 || col_slot > 1 {
+        bail!("pair grid slots are 0 or 1, got {row_slot} and {col_slot}")
+    }
+    let elt = dtype.size_in_bytes();
+    let per_load = 8 / elt.max(1);
+    for g in grids {
+        if g.rows == 0 || g.cols == 0 {
+            continue;
+        }
+        let wide = h % per_load == 0
+            && g.qr % 16 == 0
+            && g.qc % 16 == 0
+            && g.out % (per_load * elt) as u64 == 0;
+        let (name, vec) = if wide {
+            (
+                head_kernel(dtype, "pair_grid_f32v", "pair_grid_bf16v")?,
+                per_load,
+            )
+        } else {
+            (head_kernel(dtype, "pair_grid_f32", "pair_grid_bf16")?, 1)
+        };
+        run.launch(
+            Module::Head,
+            name,
+            launch_of((stride_blocks(g.rows * g.cols * h / vec), 1), THREADS),
+            &[
+                Arg::Ptr(g.qr),
+                Arg::Ptr(g.qc),
+                Arg::Ptr(bias),
+                Arg::Ptr(g.out),
+                Arg::I32(h as i32),
+                Arg::I32(g.rows as i32),
+                Arg::I32(g.cols as i32),
+                Arg::I32(row_slot as i32),
+                Arg::I32(col_slot as i32),
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+/// The backward of [`pair_grid_forward`]: adds each grid's row sums of its gradient `g` (at
+/// the grid's `out`) into slot `row_slot` of the f32 `dq` rows at the grid's `qr`, and its
+/// column sums into slot `col_slot` of those at `qc`. `dq` must start zeroed; grids run one
+/// after another, so images shared between grids sum deterministically.
+pub fn pair_grid_backward<R: Runner>(
+    run: &R,
+    dtype: DType,
+    grids: &[PairGrid],
+    h: usize,
+    (row_slot, col_slot): (usize, usize),
+) -> Result<()> {
+    let rows_k = head_kernel(dtype, "pair_grid_rows_f32", "pair_grid_rows_bf16")?;
+    let cols_k = head_kernel(dtype, "pair_grid_cols_f32", "pair_grid_cols_bf16")?;
+    for g in grids {
+        if g.rows == 0 || g.cols == 0 {
+            continue;
+        }
+        for (name, dq, slot, images) in [
+            (rows_k, g.qr, row_slot, g.rows),
+            (cols_k, g.qc, col_slot, g.cols),
+        ] {
+            run.launch(
+                Module::Head,
+                name,
+                launch_of((stride_blocks(images * h), 1), THREADS),
+                &[
+                    Arg::Ptr(g.out),
+                    Arg::Ptr(dq),
+                    Arg::I32(h as i32),
+                    Arg::I32(g.rows as i32),
+                    Arg::I32(g.cols as i32),
+                    Arg::I32(slot as i32),
+                ],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// `y = relu(LayerNorm(x)·w + b)` over the last dimension of `n` contiguous rows of `h`
+/// values at `x`, keeping each row's mean and rstd (f32, `n` each) for the backward.
+pub fn layer_norm_relu_forward<R: Runner>(
+    run: &R,
+    dtype: DType,
+    (x, w, b, y): (u64, u64, u64, u64),
+    (mean, rstd): (u64, u64),
+    (n, h): (usize, usize),
+    eps: f64,
+) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    run.launch(
+        Module::Head,
+        head_kernel(dtype, "ln_relu_fwd_f32", "ln_relu_fwd_bf16")?,
+        launch_of((n as u32, 1), THREADS),
+        &[
+            Arg::Ptr(x),
+            Arg::Ptr(w),
+            Arg::Ptr(b),
+            Arg::Ptr(y),
+            Arg::Ptr(mean),
+            Arg::Ptr(rstd),
+            Arg::I32(h as i32),
+            Arg::F32(eps as f32),
+        ],
+    )
+}
+
+/// Rows per share of the LayerNorm parameters' column sums.
+const LN_ROWS_PER_SHARE: usize = 64;
+
+/// The backward of [`layer_norm_relu_forward`] from its input `x`, output `y` and output
+/// gradient `dy`: `dx` (x's dtype) and the f32 gradients `dw`, `db` of the parameters.
+pub fn layer_norm_relu_backward<R: Runner>(
+    run: &R,
+    dtype: DType,
+    (x, y, dy, w): (u64, u64, u64, u64),
+    (mean, rstd): (u64, u64),
+    (dx, dw, db): (u64, u64, u64),
+    (n, h): (usize, usize),
+) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    run.launch(
+        Module::Head,
+        head_kernel(dtype, "ln_relu_bwd_f32", "ln_relu_bwd_bf16")?,
+        launch_of((n as u32, 1), THREADS),
+        &[
+            Arg::Ptr(x),
+            Arg::Ptr(y),
+            Arg::Ptr(dy),
+            Arg::Ptr(w),
+            Arg::Ptr(mean),
+            Arg::Ptr(rstd),
+            Arg::Ptr(dx),
+            Arg::I32(h as i32),
+        ],
+    )?;
+    let shares = n.div_ceil(LN_ROWS_PER_SHARE).min(65_535);
+    let mut partial = run.alloc(shares * 2 * h * 4)?;
+    let pp = run.addr(&mut partial);
+    let columns = h.div_ceil(THREADS as usize) as u32;
+    run.launch(
+        Module::Head,
+        head_kernel(dtype, "ln_param_grad_f32", "ln_param_grad_bf16")?,
+        launch_of((columns, shares as u32), THREADS),
+        &[
+            Arg::Ptr(x),
+            Arg::Ptr(y),
+            Arg::Ptr(dy),
+            Arg::Ptr(mean),
+            Arg::Ptr(rstd),
+            Arg::Ptr(pp),
+            Arg::I32(n as i32),
+            Arg::I32(h as i32),
+        ],
+    )?;
+    run.launch(
+        Module::Head,
+        "ln_param_finish",
+        launch_of((columns, 1), THREADS),
+        &[
+            Arg::Ptr(pp),
+            Arg::Ptr(dw),
+            Arg::Ptr(db),
+            Arg::I32(shares as i32),
+            Arg::I32(h as i32),
+        ],
+    )
 }

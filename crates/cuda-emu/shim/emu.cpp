@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "bn.cu"
+#include "head.cu"
 #include "pool.cu"
 #include "sgd.cu"
 #include "selftest.cu"
@@ -88,24 +89,38 @@ bool run_block(unsigned threads) {
         f.done = false;
         f.at = Sync::None;
     }
+    // A thread that reaches __syncthreads waits there (other warps may still shuffle) until
+    // every live thread has; one that ends while others wait means they never all meet.
+    unsigned ended_while_waiting = 0;
     for (;;) {
-        unsigned live = 0, at_block = 0;
+        unsigned live = 0, waiting = 0, ended = 0;
         for (unsigned t = 0; t < threads; ++t) {
             Fiber& f = fibers[t];
             if (f.done) continue;
+            if (f.at != Sync::Block) {
+                current = t;
+                threadIdx = dim3{t, 0, 0};
+                f.at = Sync::None;
+                swapcontext(&scheduler, &f.ctx);
+                if (!failure.empty()) return false;
+                if (f.done) {
+                    ++ended;
+                    continue;
+                }
+            }
             ++live;
-            current = t;
-            threadIdx = dim3{t, 0, 0};
-            f.at = Sync::None;
-            swapcontext(&scheduler, &f.ctx);
-            if (!failure.empty()) return false;
-            if (f.at == Sync::Block) ++at_block;
+            if (f.at == Sync::Block) ++waiting;
         }
+        if (waiting > 0) ended_while_waiting += ended;
         if (live == 0) return true;
-        if (at_block > 0 && at_block != live) {
-            failure = "__syncthreads reached by " + std::to_string(at_block) + " of " +
-                      std::to_string(live) + " live threads";
-            return false;
+        if (waiting > 0 && (waiting == live || ended_while_waiting > 0)) {
+            if (ended_while_waiting > 0) {
+                failure = "__syncthreads reached by " + std::to_string(waiting) + " of " +
+                          std::to_string(waiting + ended_while_waiting) + " live threads";
+                return false;
+            }
+            for (unsigned t = 0; t < threads; ++t) fibers[t].at = Sync::None;
+            continue;
         }
         for (unsigned w = 0; w * 32 < threads; ++w) {
             unsigned shuffling = 0;
@@ -154,6 +169,12 @@ struct Kernel {
         KERNEL("bn", bn_stats_cl_##NAME), KERNEL("bn", bn_grad_stats_cl_##NAME),          \
         KERNEL("bn", bn_apply_cl_##NAME), KERNEL("bn", bn_grad_apply_cl_##NAME)
 
+#define HEAD_SET(NAME)                                                                    \
+    KERNEL("head", pair_grid_##NAME), KERNEL("head", pair_grid_##NAME##v),               \
+        KERNEL("head", pair_grid_rows_##NAME), KERNEL("head", pair_grid_cols_##NAME),     \
+        KERNEL("head", ln_relu_fwd_##NAME), KERNEL("head", ln_relu_bwd_##NAME),           \
+        KERNEL("head", ln_param_grad_##NAME)
+
 // Every kernel of the .cu files, with its file's name.
 const Kernel KERNELS[] = {
     KERNEL("bn", bn_stats_finish),
@@ -163,6 +184,9 @@ const Kernel KERNELS[] = {
     BN_SET(f32x4),
     BN_SET(bf16),
     BN_SET(bf16x4),
+    HEAD_SET(f32),
+    HEAD_SET(bf16),
+    KERNEL("head", ln_param_finish),
     KERNEL("pool", max_pool_fwd_f32),
     KERNEL("pool", max_pool_bwd_f32),
     KERNEL("pool", max_pool_fwd_bf16),
@@ -190,7 +214,7 @@ void fail(const char* why) {
 
 }  // namespace emu
 
-// Runs kernel `name` of file `module` (bn, pool, sgd; selftest for the emulator's own tests)
+// Runs kernel `name` of file `module` (bn, head, pool, sgd; selftest for the emulator's own tests)
 // on grid (gx, gy) of blocks of `bx` threads with the `n` arguments `args[i]` (each pointing
 // at a value of `sizes[i]` bytes). Returns 0, or 1 with a message in `err` (at most `err_len`
 // bytes, NUL-terminated).

@@ -161,6 +161,7 @@ impl Runner for Emu {
     fn launch(&self, module: Module, name: &'static str, at: Launch, args: &[Arg]) -> Result<()> {
         let file = match module {
             Module::Bn => "bn",
+            Module::Head => "head",
             Module::Pool => "pool",
             Module::Sgd => "sgd",
         };

@@ -739,3 +739,239 @@ fn the_emulator_reports_broken_synchronisation() -> R {
     assert_eq!((got[31], got[63]), (992.0, 992.0));
     Ok(())
 }
+
+/// The pair grids of one test: (first row image, rows, first column image, columns) of a
+/// `[images, 2h]` projection.
+type Grids = [(usize, usize, usize, usize)];
+
+/// f64 reference of the pair grid forward: the grids' outputs, concatenated.
+fn pair_grid_ref(
+    q: &[f64],
+    bias: &[f64],
+    h: usize,
+    grids: &Grids,
+    slots: (usize, usize),
+) -> Vec<f64> {
+    let mut out = vec![];
+    for &(r0, rows, c0, cols) in grids {
+        for r in 0..rows {
+            for c in 0..cols {
+                for k in 0..h {
+                    out.push(
+                        q[(r0 + r) * 2 * h + 2 * k + slots.0]
+                            + q[(c0 + c) * 2 * h + 2 * k + slots.1]
+                            + bias[k],
+                    );
+                }
+            }
+        }
+    }
+    out
+}
+
+/// f64 reference of the pair grid backward: dq `[images, 2h]`.
+fn pair_grid_grad_ref(
+    g: &[f64],
+    images: usize,
+    h: usize,
+    grids: &Grids,
+    slots: (usize, usize),
+) -> Vec<f64> {
+    let mut dq = vec![0.0; images * 2 * h];
+    let mut at = 0;
+    for &(r0, rows, c0, cols) in grids {
+        for r in 0..rows {
+            for c in 0..cols {
+                for k in 0..h {
+                    dq[(r0 + r) * 2 * h + 2 * k + slots.0] += g[at];
+                    dq[(c0 + c) * 2 * h + 2 * k + slots.1] += g[at];
+                    at += 1;
+                }
+            }
+        }
+    }
+    dq
+}
+
+#[test]
+fn pair_grid_matches_f64_forward_and_backward() -> R {
+    let mut rng = ChaCha8Rng::seed_from_u64(21);
+    // The SimNet step's two square grids (A, B), and an eval-mode block: 2 rows × all images.
+    let grid_sets: [&Grids; 2] = [&[(0, 3, 0, 3), (3, 4, 3, 4)], &[(1, 2, 0, 7)]];
+    for ty in [Ty::F32, Ty::Bf16] {
+        for h in [8, 6, 5] {
+            for slots in [(1, 0), (0, 1)] {
+                for grids in grid_sets {
+                    let images = 7;
+                    let q = ty.round(&randn(&mut rng, images * 2 * h, 2.0, 0.5));
+                    let bias: Vec<f64> = randn(&mut rng, h, 1.0, 0.0)
+                        .iter()
+                        .map(|&v| v as f32 as f64)
+                        .collect();
+                    let emu = Emu::new();
+                    let pq = ty.upload(&emu, &q);
+                    let pb = f32s(&emu, &bias);
+                    let total: usize = grids.iter().map(|g| g.1 * g.3).sum();
+                    let out = ty.alloc(&emu, total * h);
+                    let elt = ty.dtype().size_in_bytes() as u64;
+                    let mut plan = vec![];
+                    let mut at = 0;
+                    for &(r0, rows, c0, cols) in grids {
+                        plan.push(launch::PairGrid {
+                            qr: pq + (r0 * 2 * h) as u64 * elt,
+                            qc: pq + (c0 * 2 * h) as u64 * elt,
+                            out: out + (at * h) as u64 * elt,
+                            rows,
+                            cols,
+                        });
+                        at += rows * cols;
+                    }
+                    launch::pair_grid_forward(&emu, ty.dtype(), &plan, pb, h, slots)?;
+                    let what = format!("{ty:?} h={h} slots={slots:?} grids={grids:?}");
+                    let want = pair_grid_ref(&q, &bias, h, grids, slots);
+                    // One rounding of the f32 sum.
+                    check(
+                        &format!("forward {what}"),
+                        &ty.download(&emu, out, total * h)?,
+                        &want,
+                        ty.tol(),
+                    );
+                    // Backward: the same plan with `out` holding the gradient, into an f32 dq.
+                    let g = ty.round(&randn(&mut rng, total * h, 1.0, 0.0));
+                    let pg = ty.upload(&emu, &g);
+                    let dq = f32s(&emu, &vec![0.0; images * 2 * h]);
+                    let back: Vec<_> = plan
+                        .iter()
+                        .map(|p| launch::PairGrid {
+                            qr: dq + (p.qr - pq) / elt * 4,
+                            qc: dq + (p.qc - pq) / elt * 4,
+                            out: pg + (p.out - out),
+                            ..*p
+                        })
+                        .collect();
+                    launch::pair_grid_backward(&emu, ty.dtype(), &back, h, slots)?;
+                    let want = pair_grid_grad_ref(&g, images, h, grids, slots);
+                    check(
+                        &format!("backward {what}"),
+                        &read_f32(&emu, dq, images * 2 * h)?,
+                        &want,
+                        1e-6,
+                    );
+                    // 16-byte loads exactly where h allows them (the emulator's buffers are aligned).
+                    let names: Vec<_> = emu.launches().iter().map(|(n, _)| *n).collect();
+                    let wide = h % (8 / ty.dtype().size_in_bytes()) == 0;
+                    assert_eq!(names[0].ends_with('v'), wide, "{what}: {names:?}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// f64 reference of LayerNorm + ReLU over rows of `h`: (y, mean, rstd).
+fn ln_ref(x: &[f64], w: &[f64], b: &[f64], h: usize, eps: f64) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (mut y, mut means, mut rstds) = (vec![], vec![], vec![]);
+    for row in x.chunks(h) {
+        let mean = row.iter().sum::<f64>() / h as f64;
+        let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / h as f64;
+        let rstd = 1.0 / (var + eps).sqrt();
+        for k in 0..h {
+            y.push(((row[k] - mean) * rstd * w[k] + b[k]).max(0.0));
+        }
+        means.push(mean);
+        rstds.push(rstd);
+    }
+    (y, means, rstds)
+}
+
+#[test]
+fn layer_norm_relu_matches_f64_forward_and_backward() -> R {
+    let mut rng = ChaCha8Rng::seed_from_u64(22);
+    let eps = 1e-5;
+    // h above and below the block's 256 threads; n above a share of 64 rows.
+    for ty in [Ty::F32, Ty::Bf16] {
+        for (n, h) in [(3, 300), (70, 40), (5, 1)] {
+            let x = ty.round(&randn(&mut rng, n * h, 3.0, 1.0));
+            let w: Vec<f64> = randn(&mut rng, h, 1.0, 1.0)
+                .iter()
+                .map(|&v| v as f32 as f64)
+                .collect();
+            let b: Vec<f64> = randn(&mut rng, h, 0.5, 0.0)
+                .iter()
+                .map(|&v| v as f32 as f64)
+                .collect();
+            let emu = Emu::new();
+            let (px, pw, pb) = (ty.upload(&emu, &x), f32s(&emu, &w), f32s(&emu, &b));
+            let py = ty.alloc(&emu, n * h);
+            let (pm, pr) = (emu.alloc_of::<f32>(n), emu.alloc_of::<f32>(n));
+            launch::layer_norm_relu_forward(
+                &emu,
+                ty.dtype(),
+                (px, pw, pb, py),
+                (pm, pr),
+                (n, h),
+                eps,
+            )?;
+            let (want_y, want_m, want_r) = ln_ref(&x, &w, &b, h, eps);
+            let what = format!("{ty:?} n={n} h={h}");
+            let y = ty.download(&emu, py, n * h)?;
+            check(&format!("y {what}"), &y, &want_y, ty.tol());
+            check(
+                &format!("mean {what}"),
+                &read_f32(&emu, pm, n)?,
+                &want_m,
+                1e-6,
+            );
+            check(
+                &format!("rstd {what}"),
+                &read_f32(&emu, pr, n)?,
+                &want_r,
+                1e-5,
+            );
+            // Backward against f64 on the kernel's own y (its ReLU mask) and dy.
+            let dy = ty.round(&randn(&mut rng, n * h, 1.0, 0.0));
+            let pdy = ty.upload(&emu, &dy);
+            let pdx = ty.alloc(&emu, n * h);
+            let (pdw, pdb) = (emu.alloc_of::<f32>(h), emu.alloc_of::<f32>(h));
+            launch::layer_norm_relu_backward(
+                &emu,
+                ty.dtype(),
+                (px, py, pdy, pw),
+                (pm, pr),
+                (pdx, pdw, pdb),
+                (n, h),
+            )?;
+            let (mut dx, mut dw, mut db) = (vec![], vec![0.0; h], vec![0.0; h]);
+            for r in 0..n {
+                let (m, rs) = (want_m[r], want_r[r]);
+                let g: Vec<f64> = (0..h)
+                    .map(|k| {
+                        if y[r * h + k] > 0.0 {
+                            dy[r * h + k]
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
+                let xh: Vec<f64> = (0..h).map(|k| (x[r * h + k] - m) * rs).collect();
+                let gw: Vec<f64> = (0..h).map(|k| g[k] * w[k]).collect();
+                let ma = gw.iter().sum::<f64>() / h as f64;
+                let mb = gw.iter().zip(&xh).map(|(a, b)| a * b).sum::<f64>() / h as f64;
+                for k in 0..h {
+                    dx.push(rs * (gw[k] - ma - xh[k] * mb));
+                    dw[k] += g[k] * xh[k];
+                    db[k] += g[k];
+                }
+            }
+            check(
+                &format!("dx {what}"),
+                &ty.download(&emu, pdx, n * h)?,
+                &dx,
+                ty.tol(),
+            );
+            check(&format!("dw {what}"), &read_f32(&emu, pdw, h)?, &dw, 1e-5);
+            check(&format!("db {what}"), &read_f32(&emu, pdb, h)?, &db, 1e-5);
+        }
+    }
+    Ok(())
+}
