@@ -121,6 +121,37 @@ impl BatchNorm {
         self.forward_with(x, mode, true)
     }
 
+    /// `relu(self.forward(x + bias, mode))` for a per-channel `bias` (the preceding Linear's,
+    /// f32). In evaluation mode on CUDA the bias is folded into the running mean,
+    /// `(x + b − μ)·s = (x − (μ − b))·s`, so the addition costs no pass over `x`.
+    pub fn forward_relu_after_bias(
+        &self,
+        x: &Tensor,
+        bias: &Tensor,
+        mode: BnMode,
+    ) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if mode == BnMode::Eval
+            && simtrans_core::cudnn::enabled()
+            && simtrans_core::kernels::own_batch_norm()
+            && x.device().is_cuda()
+            && matches!(x.dtype(), DType::F32 | DType::BF16)
+            && x.rank() == 2
+            && x.dim(1)? == self.channels
+        {
+            let mean = (self.running_mean.as_tensor().detach() - bias.detach())?;
+            return simtrans_core::cudnn::batch_norm_eval(
+                x,
+                &self.weight,
+                &self.bias,
+                (&mean, self.running_var.as_tensor()),
+                EPS,
+                true,
+            );
+        }
+        self.forward_relu(&x.broadcast_add(&bias.to_dtype(x.dtype())?)?, mode)
+    }
+
     fn forward_with(&self, x: &Tensor, mode: BnMode, relu: bool) -> Result<Tensor> {
         let rank = x.rank();
         if !(rank == 2 || rank == 4) || x.dim(1)? != self.channels {

@@ -11,7 +11,7 @@
 // features: W·[f_a ; f_b] = W_a·f_a + W_b·f_b. The caller computes q = f·Wᵀ with W viewed as
 // [2H, D] (a free reshape of the [H, 2D] weight), so q[n, 2k + s] is half s of unit k's
 // projection of image n. A grid of rows × cols pairs is then
-//   out[r·cols + c, k] = q_rows[r, 2k + row_slot] + q_cols[c, 2k + col_slot] + bias[k],
+//   out[r·cols + c, k] = q_rows[r, 2k + row_slot] + (q_cols[c, 2k + col_slot] + bias[k]),
 // summed in f32 and rounded once. Its backward sums the output gradient over the grid's
 // columns (for the rows' slot) and over its rows (for the columns' slot), into an f32 dq
 // that several grids may add to (one launch after another, so the sums are deterministic).
@@ -46,8 +46,8 @@ __device__ void pair_grid(const T* qr, const T* qc, const float* bias, T* out, i
         load<T, 2 * VEC>(qc + (long long)c * 2 * h + 2 * kv * VEC, b);
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
-            const float s = __fadd_rn(a[2 * e + row_slot], b[2 * e + col_slot]);
-            o[e] = bias ? __fadd_rn(s, bias[kv * VEC + e]) : s;
+            const float c = b[2 * e + col_slot];
+            o[e] = __fadd_rn(a[2 * e + row_slot], bias ? __fadd_rn(c, bias[kv * VEC + e]) : c);
         }
         store<T, VEC>(out + p * h + kv * VEC, o);
     }

@@ -590,7 +590,7 @@ pub(crate) fn ptr<'a>(
 }
 
 /// A fresh buffer of `n` elements of `dtype` and its address.
-fn alloc(dev: &CudaDevice, dtype: DType, n: usize) -> Result<CudaStorage> {
+pub(crate) fn alloc(dev: &CudaDevice, dtype: DType, n: usize) -> Result<CudaStorage> {
     let _timer = hostprof::Timer::start("alloc");
     let d = dev.clone();
     Ok(match dtype {
@@ -601,7 +601,10 @@ fn alloc(dev: &CudaDevice, dtype: DType, n: usize) -> Result<CudaStorage> {
     })
 }
 
-fn ptr_mut<'a>(s: &'a mut CudaStorage, stream: &'a CudaStream) -> Result<(u64, SyncOnDrop<'a>)> {
+pub(crate) fn ptr_mut<'a>(
+    s: &'a mut CudaStorage,
+    stream: &'a CudaStream,
+) -> Result<(u64, SyncOnDrop<'a>)> {
     let dtype = s.dtype();
     Ok(match &mut s.slice {
         CudaStorageSlice::F32(x) => x.device_ptr_mut(stream),
@@ -755,7 +758,7 @@ fn conv_pass(
     Ok((out, Shape::from(out_dims.to_vec())))
 }
 
-fn cpu_refused(name: &str) -> Result<(CpuStorage, Shape)> {
+pub(crate) fn cpu_refused(name: &str) -> Result<(CpuStorage, Shape)> {
     bail!("{name} is the cuDNN kernel and runs on CUDA devices only")
 }
 
@@ -1262,7 +1265,7 @@ fn f32_param_ptr<'a>(
     ptr(s, l, stream)
 }
 
-fn wrap(s: CudaStorage, shape: &Shape) -> Tensor {
+pub(crate) fn wrap(s: CudaStorage, shape: &Shape) -> Tensor {
     Tensor::from_storage(Storage::Cuda(s), shape.clone(), BackpropOp::none(), false)
 }
 

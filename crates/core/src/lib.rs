@@ -19,6 +19,7 @@ pub mod device;
 pub mod error;
 pub mod grad;
 pub mod hash;
+pub mod headops;
 pub mod hostprof;
 #[cfg(feature = "cuda")]
 pub mod kernels;

@@ -4,9 +4,9 @@
 //! Its first layer is one `Linear(2D → H)` applied to the concatenation of the two features, the
 //! parameter layout of the reference (so its checkpoints load). Because that layer is linear,
 //! `W·[a ; b] + bias = W_a·a + W_b·b + bias` with `W_a`, `W_b` the column halves of `W`: the
-//! per-image projections are computed once and broadcast-added over the pair grid, which costs
-//! two `[B, D]×[D, H]` products instead of one `[B², 2D]×[2D, H]` product and never
-//! materialises the `B²` concatenations. Everything after the first layer is row-wise except
+//! per-image projections are computed once (one `[B, D]×[D, 2H]` product, with `W` viewed as
+//! `[2H, D]`) and added over the pair grid ([`headops::pair_grid`]), instead of one
+//! `[B², 2D]×[2D, H]` product, and the `B²` concatenations never exist. Everything after the first layer is row-wise except
 //! BatchNorm, whose statistics see all rows either way, so the result is exactly the reference's.
 //!
 //! Parameter names follow the reference modules with its `DataParallel` wrappers removed:
@@ -22,10 +22,11 @@
 //! (momentum is fixed at 0.1) and are dropped when converting ([`crate::model::from_reference`]).
 
 use crate::SimnetError;
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{Init, Linear, Module, VarBuilder};
 use simtrans_backbone::{BatchNorm, BnMode};
 use simtrans_core::device::{precision, Precision};
+use simtrans_core::headops::{self, Grid};
 
 /// Which head architecture.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,8 +140,17 @@ impl Block {
     }
 
     /// `relu(bn(fc(x)))` with the Linear in `dtype`; BatchNorm and ReLU one fused op on CUDA.
+    /// In evaluation mode the Linear's bias goes to the BatchNorm
+    /// ([`BatchNorm::forward_relu_after_bias`]), which folds it into its running mean on CUDA.
     fn forward(&self, x: &Tensor, mode: BnMode, dtype: DType) -> Result<Tensor> {
-        self.bn.forward_relu(&linear_in(&self.fc, x, dtype)?, mode)
+        match (mode, self.fc.bias()) {
+            (BnMode::Eval, Some(bias)) => {
+                let unbiased = Linear::new(self.fc.weight().clone(), None);
+                self.bn
+                    .forward_relu_after_bias(&linear_in(&unbiased, x, dtype)?, bias, mode)
+            }
+            _ => self.bn.forward_relu(&linear_in(&self.fc, x, dtype)?, mode),
+        }
     }
 }
 
@@ -223,39 +233,51 @@ impl SimHead {
         order: PairOrder,
         dtype: DType,
     ) -> Result<Tensor> {
-        let (r, d) = rows.dims2()?;
-        let (c, d2) = cols.dims2()?;
-        if d != self.dim || d2 != self.dim {
+        let r = rows.dim(0)?;
+        let grid = Grid {
+            rows: (0, r),
+            cols: (r, cols.dim(0)?),
+        };
+        self.first_layer_grids(&Tensor::cat(&[rows, cols], 0)?, &[grid], order, dtype)
+    }
+
+    /// The first Linear on grids of pairs among the images of `features` (`[N, D]`): the
+    /// grids' `[rows·cols, H]` outputs, concatenated, in `dtype`; a grid's row image fills the
+    /// half of the concatenation that `order` gives it.
+    pub fn first_layer_grids(
+        &self,
+        features: &Tensor,
+        grids: &[Grid],
+        order: PairOrder,
+        dtype: DType,
+    ) -> Result<Tensor> {
+        let (n, d) = features.dims2()?;
+        if d != self.dim {
             candle_core::bail!(
-                "similarity head expects {}-d features, got rows of {d} and columns of {d2}",
+                "similarity head expects {}-d features, got {n} of {d}",
                 self.dim
             );
         }
         let w = self.first.fc.weight();
-        // Column slices of W are strided views; cuBLAS (candle's CUDA matmul) takes only
-        // row- or column-major operands, so each half is made contiguous first.
-        let (w_row, w_col) = match order {
-            PairOrder::RowFirst => (w.narrow(1, 0, d)?, w.narrow(1, d, d)?),
-            PairOrder::ColFirst => (w.narrow(1, d, d)?, w.narrow(1, 0, d)?),
+        let h = w.dim(0)?;
+        // q[i, 2k + s] = half s of unit k's weights · f_i: W [H, 2D] read as [2H, D].
+        let q = features
+            .to_dtype(dtype)?
+            .matmul(&w.reshape((2 * h, d))?.to_dtype(dtype)?.t()?)?;
+        let slots = match order {
+            PairOrder::RowFirst => (0, 1),
+            PairOrder::ColFirst => (1, 0),
         };
-        let (w_row, w_col) = (
-            w_row.contiguous()?.to_dtype(dtype)?,
-            w_col.contiguous()?.to_dtype(dtype)?,
-        );
-        let p_row = rows.to_dtype(dtype)?.matmul(&w_row.t()?)?;
-        let mut p_col = cols.to_dtype(dtype)?.matmul(&w_col.t()?)?;
-        if let Some(b) = self.first.fc.bias() {
-            p_col = p_col.broadcast_add(&b.to_dtype(dtype)?)?;
-        }
-        let h = p_row.dim(1)?;
-        p_row
-            .unsqueeze(1)?
-            .broadcast_add(&p_col.unsqueeze(0)?)?
-            .reshape((r * c, h))
+        let bias = match self.first.fc.bias() {
+            Some(b) => b.clone(),
+            None => Tensor::zeros(h, DType::F32, features.device())?,
+        };
+        headops::pair_grid(&q, &bias, grids, slots)
     }
 
     /// The rest of the head from the first Linear's output: `(logits [N, 2], diff_feat [N,
-    /// diff_dim])`, both f32. Its Linears compute in the dtype of `h`.
+    /// diff_dim])`, the logits in f32 and diff_feat in the dtype of `h`, which its Linears
+    /// compute in (as under PyTorch's autocast, where diff_feat leaves a bf16 BatchNorm).
     pub fn from_first_layer(&self, h: &Tensor, mode: BnMode) -> Result<(Tensor, Tensor)> {
         let dtype = h.dtype();
         let x = self.first.bn.forward_relu(h, mode)?;
@@ -267,7 +289,7 @@ impl SimHead {
             }
             None => (linear_in(&self.out, &x, dtype)?, x),
         };
-        Ok((logits.to_dtype(DType::F32)?, diff.to_dtype(DType::F32)?))
+        Ok((logits.to_dtype(DType::F32)?, diff))
     }
 
     /// The reference forward on literal `[N, 2D]` pairs.
@@ -316,18 +338,12 @@ impl Discriminator {
     }
 
     /// [`Self::forward`] with its Linears in `dtype`: as PyTorch's autocast runs it, the
-    /// LayerNorm computes in f32 whatever `dtype`, and the logits leave in f32.
+    /// LayerNorm computes in f32 whatever `dtype` ([`headops::layer_norm_relu`]; its output
+    /// is rounded to `dtype` for the next Linear, as autocast's cast would), and the logits
+    /// leave in f32.
     pub fn forward_in(&self, x: &Tensor, dtype: DType) -> Result<Tensor> {
-        let h = linear_in(&self.fc, x, dtype)?.to_dtype(DType::F32)?;
-        // candle-nn's fused LayerNorm has no backward pass, so it is written out here.
-        let mean = h.mean_keepdim(D::Minus1)?;
-        let centred = h.broadcast_sub(&mean)?;
-        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centred.broadcast_div(&(var + 1e-5)?.sqrt()?)?;
-        let h = normed
-            .broadcast_mul(&self.ln_weight)?
-            .broadcast_add(&self.ln_bias)?
-            .relu()?;
+        let h = linear_in(&self.fc, x, dtype)?;
+        let h = headops::layer_norm_relu(&h, &self.ln_weight, &self.ln_bias, 1e-5)?;
         linear_in(&self.fc2, &h, dtype)?.to_dtype(DType::F32)
     }
 }

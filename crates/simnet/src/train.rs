@@ -12,11 +12,12 @@
 //! the head at `|A|²` pair rows, which is what the reference's two-GPU `DataParallel` did (GPU 0
 //! held the base half, GPU 1 the web half, and running statistics came from GPU 0).
 
-use crate::head::{Discriminator, PairOrder, SimHead};
+use crate::head::{compute_dtype, Discriminator, PairOrder, SimHead};
 use crate::pairs;
 use candle_core::{Result, Tensor, D};
 use candle_nn::loss::cross_entropy;
 use simtrans_backbone::BnMode;
+use simtrans_core::headops::Grid;
 use simtrans_core::optim::Sgd;
 
 /// Anything that turns a batch of images into `[B, D]` features with a BatchNorm mode.
@@ -124,12 +125,11 @@ pub fn head_forward_with(
             "pair targets of {ta} and {td} rows for {na} source and {nb} target images"
         );
     }
-    let h = Tensor::cat(
-        &[
-            &head.first_layer_grid(features_a, features_a, PairOrder::ColFirst)?,
-            &head.first_layer_grid(features_b, features_b, PairOrder::ColFirst)?,
-        ],
-        0,
+    let h = head.first_layer_grids(
+        &Tensor::cat(&[features_a, features_b], 0)?,
+        &[Grid::square(0, na), Grid::square(na, nb)],
+        PairOrder::ColFirst,
+        compute_dtype(features_a.device()),
     )?;
     let mode = if bn_split {
         BnMode::Split(rows_a)

@@ -168,7 +168,7 @@ fn reference_state_dicts_map_onto_our_names() {
 }
 
 /// The head in bf16 (what `run.precision = "bf16"` does on CUDA, forced here on the CPU) follows
-/// the f32 head: same dtypes out (f32 logits and diff_feat), logits within bf16 rounding, and
+/// the f32 head: f32 logits and diff_feat in the compute dtype, logits within bf16 rounding, and
 /// gradients that reach the f32 parameters pointing the same way (the numbers are the numpy
 /// goldens' inputs; the f32 head itself is checked against them above).
 #[test]
@@ -184,7 +184,8 @@ fn the_bf16_head_follows_the_f32_head() {
                 .unwrap();
             assert_eq!(h.dtype(), dtype);
             let (logits, diff) = head.from_first_layer(&h, BnMode::Train).unwrap();
-            assert_eq!((logits.dtype(), diff.dtype()), (DType::F32, DType::F32));
+            assert_eq!((logits.dtype(), diff.dtype()), (DType::F32, dtype));
+            let diff = diff.to_dtype(DType::F32).unwrap();
             // A loss whose gradient reaches every Linear of the head.
             let loss = (logits.sqr().unwrap().sum_all().unwrap()
                 + diff.sqr().unwrap().sum_all().unwrap())

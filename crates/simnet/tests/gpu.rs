@@ -1,7 +1,9 @@
 //! The SimNet head and the discriminator on CUDA against the CPU (issue #9): under
 //! `run.precision = "bf16"` both compute their Linears in bf16 on the GPU
-//! (`head::compute_dtype`), and the head's logits, diff_feat and first-Linear gradient and the
-//! discriminator's logits must follow the CPU's f32 ones. Runs where a GPU and a
+//! (`head::compute_dtype`), and the head's logits, diff_feat and first-Linear gradient, the
+//! discriminator's logits and the gradients of its LayerNorm and first Linear must follow the
+//! CPU's f32 ones. On CUDA the first layer's pair grid and the LayerNorm run on our kernels
+//! (`simtrans_core::headops`), so this also checks those against the plain CPU ops. Runs where a GPU and a
 //! `--features cuda` build exist (`scripts/gpu-bench.sh` runs it); elsewhere it prints
 //! `SKIPPED` and returns.
 
@@ -38,10 +40,15 @@ fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
     simtrans_core::compare::max_abs_diff(a, b).unwrap() / max_abs(b).max(1e-30)
 }
 
+/// What [`run`] returns: logits, diff_feat (f32), the first Linear's gradient, the eval
+/// similarities, the domain logits, and the domain loss's gradients of the discriminator's
+/// LayerNorm weight and first Linear.
+type Outputs = (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor);
+
 /// One training forward (the step-1 path: pairs within A and within B, per-domain BatchNorm)
 /// and its first-layer weight gradient, the eval-mode similarity matrix A × B, and the
-/// discriminator's logits on the forward's diff_feat.
-fn run(kind: HeadKind, dev: &Device) -> (Tensor, Tensor, Tensor, Tensor, Tensor) {
+/// discriminator's logits on the forward's diff_feat with their loss's gradients.
+fn run(kind: HeadKind, dev: &Device) -> Outputs {
     let (fa, fb) = (
         features(6, 1.0).to_device(dev).unwrap(),
         features(5, 2.0).to_device(dev).unwrap(),
@@ -66,7 +73,14 @@ fn run(kind: HeadKind, dev: &Device) -> (Tensor, Tensor, Tensor, Tensor, Tensor)
         .unwrap();
     let s = similarity(&logits).unwrap();
     let domain = disc.forward(&fwd.diff_feat).unwrap();
-    (fwd.logits, fwd.diff_feat, g, s, domain)
+    let dgrads = fwd.dom_loss(&disc).unwrap().backward().unwrap();
+    let disc_grad = |name: &str| {
+        let v = vm.data().lock().unwrap()[name].as_tensor().clone();
+        dgrads.get(&v).expect("a discriminator gradient").clone()
+    };
+    let (ln, fc) = (disc_grad("disc.bn.weight"), disc_grad("disc.fc.weight"));
+    let diff = fwd.diff_feat.to_dtype(DType::F32).unwrap();
+    (fwd.logits, diff, g, s, domain, ln, fc)
 }
 
 #[test]
@@ -95,9 +109,9 @@ fn the_head_computes_in_bf16_on_the_gpu_and_follows_the_cpu() {
             assert_eq!(h.dtype(), want, "{kind:?} {p:?}: the first layer's dtype");
             let gpu = run(kind, &dev);
             assert_eq!(
-                [gpu.0.dtype(), gpu.1.dtype(), gpu.3.dtype(), gpu.4.dtype()],
-                [DType::F32; 4],
-                "{kind:?} {p:?}: logits, diff_feat, similarities and domain logits leave in f32"
+                [gpu.0.dtype(), gpu.3.dtype(), gpu.4.dtype()],
+                [DType::F32; 3],
+                "{kind:?} {p:?}: logits, similarities and domain logits leave in f32"
             );
             for (what, e) in [
                 ("logits", rel_err(&gpu.0, &cpu.0)),
@@ -110,10 +124,18 @@ fn the_head_computes_in_bf16_on_the_gpu_and_follows_the_cpu() {
                     failed.push(format!("{kind:?} {p:?} {what}: {e:.3e} > {tol:e}"));
                 }
             }
-            let c = cosine(&gpu.2, &cpu.2);
-            eprintln!("{kind:?} {p:?} first-layer gradient cosine: {c:.6}");
-            if c < min_cos {
-                failed.push(format!("{kind:?} {p:?} gradient cosine {c} < {min_cos}"));
+            for (what, g, c) in [
+                ("first-layer", &gpu.2, &cpu.2),
+                ("discriminator LayerNorm weight", &gpu.5, &cpu.5),
+                ("discriminator first Linear", &gpu.6, &cpu.6),
+            ] {
+                let c = cosine(g, c);
+                eprintln!("{kind:?} {p:?} {what} gradient cosine: {c:.6}");
+                if c < min_cos {
+                    failed.push(format!(
+                        "{kind:?} {p:?} {what} gradient cosine {c} < {min_cos}"
+                    ));
+                }
             }
         }
     }
