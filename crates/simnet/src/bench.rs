@@ -118,14 +118,16 @@ pub fn bench(
             let (fa, fb) = trainer.features(&net.backbone, &a, &b)?;
             candle_core::Result::Ok((targets, fa, fb))
         })?;
-        let (fwd, total) = phases.time(1, device, || {
+        let (fwd, losses) = phases.time(1, device, || {
             let fwd = head_forward_with(&net.head, &fa, &fb, targets, trainer.bn_split)?;
-            let total = fwd.simnet_loss(&net.disc, trainer.beta)?;
-            candle_core::Result::Ok((fwd, total))
+            let losses = fwd.losses(&net.disc, trainer.beta)?;
+            candle_core::Result::Ok((fwd, losses))
         })?;
-        let grads = phases.time(2, device, || simtrans_core::grad::backward(&total))?;
+        let grads = phases.time(2, device, || simtrans_core::grad::backward(&losses.total))?;
         phases.time(3, device, || trainer.sim_opt.step(&grads))?;
-        phases.time(4, device, || trainer.discriminator_update(&fwd, &net.disc))?;
+        phases.time(4, device, || {
+            trainer.discriminator_step(&losses, grads, &fwd, &net.disc)
+        })?;
     }
     let nb = b.dim(0)?;
     Ok(BenchReport {

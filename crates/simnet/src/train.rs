@@ -8,12 +8,21 @@
 //! 4. the SimNet optimiser (backbone + head parameters only) minimises `L_sim − β·L_dom`;
 //! 5. the discriminator optimiser (its parameters only) minimises `L_dom` on **detached** diff_feat.
 //!
+//! Step 5's gradient is already in step 4's backward pass when β ≠ 0: `L_sim` does not depend on
+//! the discriminator's parameters θ_D, so `∂(L_sim − β·L_dom)/∂θ_D = −β·∂L_dom/∂θ_D`, and the
+//! discriminator's forward on diff_feat is the same whether diff_feat is detached or not (step 4
+//! leaves θ_D unchanged). [`Trainer::step`] therefore rescales that gradient by `−1/β` instead of
+//! running the discriminator forward and backward again: the same update to rounding (the
+//! reference runs the second pass). With β = 0, or `SIMTRANS_DISC_REUSE=0`, it runs the second
+//! pass ([`Trainer::discriminator_update`]).
+//!
 //! With `bn_split`, every BatchNorm runs in [`BnMode::Split`]: the backbone at `|A|` images and
 //! the head at `|A|²` pair rows, which is what the reference's two-GPU `DataParallel` did (GPU 0
 //! held the base half, GPU 1 the web half, and running statistics came from GPU 0).
 
 use crate::head::{compute_dtype, Discriminator, PairOrder, SimHead};
 use crate::pairs;
+use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, D};
 use candle_nn::loss::cross_entropy;
 use simtrans_backbone::BnMode;
@@ -60,12 +69,46 @@ impl Forward {
 
     /// `L_sim − β·L_dom`; with β = 0 exactly `L_sim` (the discriminator is not evaluated).
     pub fn simnet_loss(&self, disc: &Discriminator, beta: f64) -> Result<Tensor> {
+        Ok(self.losses(disc, beta)?.total)
+    }
+
+    /// The step's losses: `L_sim`, `L_sim − β·L_dom`, and (β ≠ 0) `L_dom` with the domain
+    /// logits it came from.
+    pub fn losses(&self, disc: &Discriminator, beta: f64) -> Result<Losses> {
         let l_sim = self.sim_loss()?;
         if beta == 0.0 {
-            return Ok(l_sim);
+            return Ok(Losses {
+                total: l_sim.clone(),
+                l_sim,
+                dom: None,
+            });
         }
-        l_sim - (self.dom_loss(disc)? * beta)?
+        let d_logits = disc.forward(&self.diff_feat)?;
+        let l_dom = cross_entropy(&d_logits, &self.domains)?;
+        Ok(Losses {
+            total: (&l_sim - (&l_dom * beta)?)?,
+            l_sim,
+            dom: Some((l_dom, d_logits)),
+        })
     }
+}
+
+/// The losses of one step ([`Forward::losses`]).
+#[derive(Debug, Clone)]
+pub struct Losses {
+    /// `L_sim`.
+    pub l_sim: Tensor,
+    /// `L_sim − β·L_dom`, what the SimNet optimiser minimises.
+    pub total: Tensor,
+    /// `(L_dom, domain logits)` with the gradient flowing into the head; `None` when β = 0.
+    pub dom: Option<(Tensor, Tensor)>,
+}
+
+/// Whether [`Trainer::discriminator_step`] takes the discriminator's gradient from the SimNet
+/// backward pass (β ≠ 0); `SIMTRANS_DISC_REUSE=0` runs the separate pass, to compare.
+fn disc_reuse() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("SIMTRANS_DISC_REUSE").as_deref() != Ok("0"))
 }
 
 /// The targets of one step's pair rows, on the device: same-label targets of A's pairs and
@@ -214,14 +257,36 @@ impl Trainer {
         fwd: &Forward,
         disc: &Discriminator,
     ) -> crate::Result<(Tensor, Tensor)> {
-        let l_sim = fwd.sim_loss()?;
-        let total = if self.beta == 0.0 {
-            l_sim.clone()
-        } else {
-            (&l_sim - (fwd.dom_loss(disc)? * self.beta)?)?
-        };
-        self.sim_opt.step(&simtrans_core::grad::backward(&total)?)?;
-        Ok((l_sim, total))
+        let losses = fwd.losses(disc, self.beta)?;
+        self.sim_opt
+            .step(&simtrans_core::grad::backward(&losses.total)?)?;
+        Ok((losses.l_sim, losses.total))
+    }
+
+    /// The discriminator update after the SimNet update, from that update's `losses` and
+    /// backward pass `grads`: with β ≠ 0 the gradient of `L_dom` is `grads`' own, rescaled by
+    /// `−1/β` (see the module documentation), else [`Self::discriminator_update`]'s separate
+    /// pass. Returns `(L_dom, domain logits)`.
+    pub fn discriminator_step(
+        &mut self,
+        losses: &Losses,
+        mut grads: GradStore,
+        fwd: &Forward,
+        disc: &Discriminator,
+    ) -> crate::Result<(Tensor, Tensor)> {
+        match &losses.dom {
+            Some((l_dom, d_logits)) if disc_reuse() => {
+                let scale = -1.0 / self.beta;
+                for (_, var) in self.disc_opt.vars() {
+                    if let Some(g) = grads.remove(var.as_tensor()) {
+                        grads.insert(var.as_tensor(), (g * scale)?);
+                    }
+                }
+                self.disc_opt.step(&grads)?;
+                Ok((l_dom.detach(), d_logits.detach()))
+            }
+            _ => self.discriminator_update(fwd, disc),
+        }
     }
 
     /// The discriminator update: minimises `L_dom` on detached diff_feat over the
@@ -250,8 +315,11 @@ impl Trainer {
         images_b: &Tensor,
     ) -> crate::Result<StepStats> {
         let fwd = self.forward(net, head, images_a, labels_a, images_b)?;
-        let (l_sim, total) = self.simnet_update(&fwd, disc)?;
-        let (l_dom, d_logits) = self.discriminator_update(&fwd, disc)?;
+        let losses = fwd.losses(disc, self.beta)?;
+        let grads = simtrans_core::grad::backward(&losses.total)?;
+        self.sim_opt.step(&grads)?;
+        let (l_dom, d_logits) = self.discriminator_step(&losses, grads, &fwd, disc)?;
+        let (l_sim, total) = (&losses.l_sim, &losses.total);
 
         let mut counts = PairCounts::default();
         counts.add(&fwd.logits.narrow(0, 0, fwd.rows_a)?, &fwd.targets_a)?;

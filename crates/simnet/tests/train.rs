@@ -162,6 +162,58 @@ fn simnet_update_leaves_the_discriminator_alone_and_vice_versa() {
 }
 
 #[test]
+fn the_discriminator_step_reuses_the_simnet_backward_pass() {
+    // With β ≠ 0 the discriminator's gradient comes from the SimNet backward pass, rescaled by
+    // −1/β; the update must be the separate pass's on detached diff_feat, to rounding, over
+    // two steps (the second with momentum).
+    for beta in [0.1, 0.7] {
+        let (s1, s2) = (setup(HeadKind::Type4), setup(HeadKind::Type4));
+        let (mut t1, mut t2) = (trainer(&s1, beta, true), trainer(&s2, beta, true));
+        let disc0 = snapshot(&s1.disc_vm);
+        for _ in 0..2 {
+            let fwd = t1
+                .forward(&s1.net, &s1.head, &s1.images_a, &s1.labels_a, &s1.images_b)
+                .unwrap();
+            let losses = fwd.losses(&s1.disc, beta).unwrap();
+            let grads = losses.total.backward().unwrap();
+            t1.sim_opt.step(&grads).unwrap();
+            let (l_dom, _) = t1
+                .discriminator_step(&losses, grads, &fwd, &s1.disc)
+                .unwrap();
+
+            let fwd = t2
+                .forward(&s2.net, &s2.head, &s2.images_a, &s2.labels_a, &s2.images_b)
+                .unwrap();
+            t2.simnet_update(&fwd, &s2.disc).unwrap();
+            let (l_dom2, _) = t2.discriminator_update(&fwd, &s2.disc).unwrap();
+            let (a, b) = (
+                l_dom.to_scalar::<f32>().unwrap(),
+                l_dom2.to_scalar::<f32>().unwrap(),
+            );
+            assert!(
+                (a - b).abs() <= 1e-6 * b.abs(),
+                "β {beta}: L_dom {a} vs {b}"
+            );
+        }
+        let (got, want) = (snapshot(&s1.disc_vm), snapshot(&s2.disc_vm));
+        for (name, w) in &want {
+            let g = &got[name];
+            let scale = w.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+            let moved = w
+                .iter()
+                .zip(&disc0[name])
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            let diff = g.iter().zip(w).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                moved > 1e3 * diff,
+                "β {beta}: `{name}` moved {moved:e}, off by {diff:e}"
+            );
+            assert!(diff <= 1e-5 * scale, "β {beta}: `{name}` off by {diff:e}");
+        }
+    }
+}
+
+#[test]
 fn beta_zero_is_the_plain_similarity_step_and_beta_changes_it() {
     let run = |beta: f64, manual: bool| {
         let s = setup(HeadKind::Type4);
