@@ -7,7 +7,9 @@
 // windows it won, so it is deterministic and writes every input once.
 //
 // Ties go to the first maximum in row-major window order and a NaN wins (PyTorch's rules);
-// padding never wins. T is float or __nv_bfloat16; comparisons are in float.
+// padding never wins. T is float or __nv_bfloat16; comparisons are in float. Indices are
+// 32-bit where the tensor allows (I = int): with 64-bit divisions the backward of the ResNet-50
+// stem at 100 images took 0.78 ms on an H100 (run 14), bound by the integer arithmetic.
 
 #include <stdint.h>
 
@@ -16,14 +18,14 @@
 namespace {
 
 // One thread per output value of planes [planes, h, w] -> [planes, oh, ow].
-template <typename T>
-__device__ void pool_fwd(const T* x, T* y, uint8_t* arg, long long planes, int h, int w, int oh,
-                         int ow) {
-    const long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+template <typename T, typename I>
+__device__ void pool_fwd(const T* x, T* y, uint8_t* arg, I planes, int h, int w, int oh, int ow) {
+    const I k = (I)blockIdx.x * (I)blockDim.x + (I)threadIdx.x;
     if (k >= planes * oh * ow) return;
-    const int ox = (int)(k % ow), oy = (int)((k / ow) % oh);
-    const long long plane = k / ((long long)oh * ow);
-    const T* src = x + plane * h * w;
+    const I row = k / ow;
+    const int ox = (int)(k - row * ow), oy = (int)(row % oh);
+    const I plane = row / oh;
+    const T* src = x + (long long)plane * h * w;
     float best = 0.f;
     int won = -1;
     for (int ky = 0; ky < 3; ++ky) {
@@ -44,14 +46,15 @@ __device__ void pool_fwd(const T* x, T* y, uint8_t* arg, long long planes, int h
 }
 
 // One thread per input value: the sum of the output gradients of the windows it won.
-template <typename T>
-__device__ void pool_bwd(const T* dy, const uint8_t* arg, T* dx, long long planes, int h, int w,
-                         int oh, int ow) {
-    const long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+template <typename T, typename I>
+__device__ void pool_bwd(const T* dy, const uint8_t* arg, T* dx, I planes, int h, int w, int oh,
+                         int ow) {
+    const I k = (I)blockIdx.x * (I)blockDim.x + (I)threadIdx.x;
     if (k >= planes * h * w) return;
-    const int ix = (int)(k % w), iy = (int)((k / w) % h);
-    const long long plane = k / ((long long)h * w);
-    const long long base = plane * oh * ow;
+    const I row = k / w;
+    const int ix = (int)(k - row * w), iy = (int)(row % h);
+    const I plane = row / h;
+    const long long base = (long long)plane * oh * ow;
     float sum = 0.f;
     for (int ky = 0; ky < 3; ++ky) {
         const int t = iy + 1 - ky;
@@ -76,12 +79,18 @@ __device__ void pool_bwd(const T* dy, const uint8_t* arg, T* dx, long long plane
     extern "C" __global__ void max_pool_fwd_##NAME(const T* x, T* y, uint8_t* arg,              \
                                                     long long planes, int h, int w, int oh,     \
                                                     int ow) {                                   \
-        pool_fwd<T>(x, y, arg, planes, h, w, oh, ow);                                           \
+        if (planes * h * w < 0x7fff0000LL)                                                      \
+            pool_fwd<T, int>(x, y, arg, (int)planes, h, w, oh, ow);                             \
+        else                                                                                    \
+            pool_fwd<T, long long>(x, y, arg, planes, h, w, oh, ow);                            \
     }                                                                                           \
     extern "C" __global__ void max_pool_bwd_##NAME(const T* dy, const uint8_t* arg, T* dx,      \
                                                     long long planes, int h, int w, int oh,     \
                                                     int ow) {                                   \
-        pool_bwd<T>(dy, arg, dx, planes, h, w, oh, ow);                                         \
+        if (planes * h * w < 0x7fff0000LL)                                                      \
+            pool_bwd<T, int>(dy, arg, dx, (int)planes, h, w, oh, ow);                           \
+        else                                                                                    \
+            pool_bwd<T, long long>(dy, arg, dx, planes, h, w, oh, ow);                          \
     }
 
 POOL_KERNELS(f32, float)
