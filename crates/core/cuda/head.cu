@@ -23,6 +23,9 @@
 // mask from y (y > 0), as PyTorch's ReLU backward does from its output. The parameters'
 // gradients are column sums over the rows: partial sums per share of rows, then a finish.
 //
+// Bias: y = x + b over rows of h (a Linear's bias, which candle adds with a broadcasting op
+// at about 150 GB/s); its backward passes dy through and sums it over the rows for db.
+//
 // Data are f32 or bf16 (T); w, b, statistics and every gradient of a parameter are f32.
 
 #include <stdint.h>
@@ -168,7 +171,44 @@ __device__ void ln_param_grad(const T* x, const T* y, const T* dy, const float* 
     partial[((long long)s * 2 + 1) * h + k] = (float)db;
 }
 
+template <typename T, int VEC>
+__device__ void add_bias(const T* x, const float* b, T* y, long long n, int h) {
+    const int hv = h / VEC;
+    const long long total = n * hv;
+    for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < total;
+         t += (long long)gridDim.x * blockDim.x) {
+        const int kv = (int)(t % hv);
+        float v[VEC];
+        load<T, VEC>(x + t * VEC, v);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) v[e] = __fadd_rn(v[e], b[kv * VEC + e]);
+        store<T, VEC>(y + t * VEC, v);
+    }
+}
+
+// Block (kx, s) of grid (⌈h / blockDim⌉, S): for its columns k, the sum over share s of the
+// rows of g, into partial[s·h + k].
+template <typename T>
+__device__ void col_sum(const T* g, float* partial, int n, int h) {
+    const int k = blockIdx.x * blockDim.x + threadIdx.x;
+    if (k >= h) return;
+    const int s = blockIdx.y, shares = gridDim.y;
+    const long long r0 = (long long)n * s / shares, r1 = (long long)n * (s + 1) / shares;
+    double sum = 0.0;
+    for (long long r = r0; r < r1; ++r) sum += to_f(g[r * h + k]);
+    partial[(long long)s * h + k] = (float)sum;
+}
+
 }  // namespace
+
+// out[k] = Σ_s partial[s·h + k] over the S shares of col_sum.
+extern "C" __global__ void col_sum_finish(const float* partial, float* out, int shares, int h) {
+    const int k = blockIdx.x * blockDim.x + threadIdx.x;
+    if (k >= h) return;
+    double a = 0.0;
+    for (int s = 0; s < shares; ++s) a += partial[(long long)s * h + k];
+    out[k] = (float)a;
+}
 
 // Sums the S partial sums of ln_param_grad: dw[k], db[k].
 extern "C" __global__ void ln_param_finish(const float* partial, float* dw, float* db, int shares,
@@ -219,5 +259,20 @@ extern "C" __global__ void ln_param_finish(const float* partial, float* dw, floa
         ln_param_grad<T>(x, y, dy, mean, rstd, partial, n, h);                                  \
     }
 
+#define BIAS_KERNELS(NAME, T)                                                                   \
+    extern "C" __global__ void add_bias_##NAME(const T* x, const float* b, T* y, long long n,    \
+                                               int h) {                                         \
+        add_bias<T, 1>(x, b, y, n, h);                                                          \
+    }                                                                                           \
+    extern "C" __global__ void add_bias_##NAME##x4(const T* x, const float* b, T* y,             \
+                                                   long long n, int h) {                        \
+        add_bias<T, 4>(x, b, y, n, h);                                                          \
+    }                                                                                           \
+    extern "C" __global__ void col_sum_##NAME(const T* g, float* partial, int n, int h) {        \
+        col_sum<T>(g, partial, n, h);                                                           \
+    }
+
+BIAS_KERNELS(f32, float)
+BIAS_KERNELS(bf16, __nv_bfloat16)
 HEAD_KERNELS(f32, float)
 HEAD_KERNELS(bf16, __nv_bfloat16)

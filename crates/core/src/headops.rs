@@ -1,6 +1,6 @@
-//! The SimNet head's two fused operations, each differentiable: the first Linear on grids of
-//! pairs ([`pair_grid`]) and LayerNorm followed by ReLU ([`layer_norm_relu`], the
-//! discriminator's).
+//! The SimNet head's fused operations, each differentiable: the first Linear on grids of
+//! pairs ([`pair_grid`]), LayerNorm followed by ReLU ([`layer_norm_relu`], the
+//! discriminator's), and a Linear's bias ([`add_bias`]).
 //!
 //! Why they exist: written as candle ops, both cost far more than their arithmetic on a GPU.
 //! candle's broadcasting additions run at a small fraction of the memory bandwidth, and a
@@ -117,6 +117,21 @@ pub fn layer_norm_relu(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<T
         .broadcast_add(b)?
         .relu()?
         .to_dtype(x.dtype())
+}
+
+/// `x + bias` for `x` `[N, H]` and an f32 `bias` `[H]` (a Linear's), in x's dtype: as
+/// candle-nn's `Linear` adds it (the bias cast to x's dtype, then a broadcasting addition),
+/// or on CUDA one pass that adds in f32. Differentiable in both.
+pub fn add_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let (_, h) = x.dims2()?;
+    if bias.dims1()? != h {
+        bail!("add_bias: input {:?} with bias {:?}", x.dims(), bias.dims())
+    }
+    #[cfg(feature = "cuda")]
+    if on_kernels(x) {
+        return gpu::add_bias(x, bias);
+    }
+    x.broadcast_add(&bias.to_dtype(x.dtype())?)
 }
 
 #[cfg(feature = "cuda")]
@@ -276,6 +291,87 @@ mod gpu {
         };
         q.contiguous()?
             .apply_op2(&bias.to_dtype(DType::F32)?.contiguous()?, op)
+    }
+
+    struct AddBias;
+
+    impl CustomOp2 for AddBias {
+        fn name(&self) -> &'static str {
+            "simtrans-add-bias"
+        }
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            cpu_refused(self.name())
+        }
+        fn cuda_fwd(
+            &self,
+            x: &CudaStorage,
+            xl: &Layout,
+            b: &CudaStorage,
+            bl: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            if b.dtype() != DType::F32 {
+                bail!("add_bias: the bias must be f32, got {:?}", b.dtype())
+            }
+            let dev = x.device().clone();
+            let stream = dev.cuda_stream();
+            let (n, h) = (xl.dims()[0], xl.dims()[1]);
+            let mut y = alloc(&dev, x.dtype(), n * h)?;
+            {
+                let (px, _g1) = ptr(x, xl, &stream)?;
+                let (pb, _g2) = ptr(b, bl, &stream)?;
+                let (py, _g3) = ptr_mut(&mut y, &stream)?;
+                launch::add_bias_forward(&Cuda(&dev), x.dtype(), (px, pb, py), (n, h))?;
+            }
+            Ok((y, xl.shape().clone()))
+        }
+        fn bwd(
+            &self,
+            x: &Tensor,
+            b: &Tensor,
+            _res: &Tensor,
+            grad: &Tensor,
+        ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+            let db = b
+                .track_op()
+                .then(|| grad.contiguous()?.apply_op1_no_bwd(&ColumnSums))
+                .transpose()?;
+            Ok((x.track_op().then(|| grad.clone()), db))
+        }
+    }
+
+    /// `Σ_r g[r, k]` in f32: the bias's gradient.
+    struct ColumnSums;
+
+    impl CustomOp1 for ColumnSums {
+        fn name(&self) -> &'static str {
+            "simtrans-column-sums"
+        }
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            cpu_refused(self.name())
+        }
+        fn cuda_fwd(&self, g: &CudaStorage, gl: &Layout) -> Result<(CudaStorage, Shape)> {
+            let dev = g.device().clone();
+            let stream = dev.cuda_stream();
+            let (n, h) = (gl.dims()[0], gl.dims()[1]);
+            let mut db = alloc(&dev, DType::F32, h)?;
+            {
+                let (pg, _g1) = ptr(g, gl, &stream)?;
+                let (pd, _g2) = ptr_mut(&mut db, &stream)?;
+                launch::add_bias_backward(&Cuda(&dev), g.dtype(), (pg, pd), (n, h))?;
+            }
+            Ok((db, Shape::from(h)))
+        }
+    }
+
+    pub(super) fn add_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+        x.contiguous()?
+            .apply_op2(&bias.to_dtype(DType::F32)?.contiguous()?, AddBias)
     }
 
     /// Each row's mean and rstd, kept by the forward for the backward.

@@ -709,7 +709,7 @@ pub fn layer_norm_relu_forward<R: Runner>(
     )
 }
 
-/// Rows per share of the LayerNorm parameters' column sums.
+/// Rows per share of the column sums (the LayerNorm's parameters, a bias).
 const LN_ROWS_PER_SHARE: usize = 64;
 
 /// The backward of [`layer_norm_relu_forward`] from its input `x`, output `y` and output
@@ -766,6 +766,76 @@ pub fn layer_norm_relu_backward<R: Runner>(
         &[
             Arg::Ptr(pp),
             Arg::Ptr(dw),
+            Arg::Ptr(db),
+            Arg::I32(shares as i32),
+            Arg::I32(h as i32),
+        ],
+    )
+}
+
+/// `y = x + b` over `n` contiguous rows of `h` values (`b` f32): four values per access where
+/// `h` and the addresses allow it.
+pub fn add_bias_forward<R: Runner>(
+    run: &R,
+    dtype: DType,
+    (x, b, y): (u64, u64, u64),
+    (n, h): (usize, usize),
+) -> Result<()> {
+    if n * h == 0 {
+        return Ok(());
+    }
+    let bytes = 4 * dtype.size_in_bytes() as u64;
+    let wide = h % 4 == 0 && x % bytes == 0 && y % bytes == 0;
+    let (name, vec) = if wide {
+        (head_kernel(dtype, "add_bias_f32x4", "add_bias_bf16x4")?, 4)
+    } else {
+        (head_kernel(dtype, "add_bias_f32", "add_bias_bf16")?, 1)
+    };
+    run.launch(
+        Module::Head,
+        name,
+        launch_of((stride_blocks(n * h / vec), 1), THREADS),
+        &[
+            Arg::Ptr(x),
+            Arg::Ptr(b),
+            Arg::Ptr(y),
+            Arg::I64(n as i64),
+            Arg::I32(h as i32),
+        ],
+    )
+}
+
+/// The bias's gradient: `db[k] = Σ_r g[r, k]` (f32) over `n` contiguous rows of `h`.
+pub fn add_bias_backward<R: Runner>(
+    run: &R,
+    dtype: DType,
+    (g, db): (u64, u64),
+    (n, h): (usize, usize),
+) -> Result<()> {
+    if h == 0 {
+        return Ok(());
+    }
+    let shares = n.div_ceil(LN_ROWS_PER_SHARE).clamp(1, 65_535);
+    let mut partial = run.alloc(shares * h * 4)?;
+    let pp = run.addr(&mut partial);
+    let columns = h.div_ceil(THREADS as usize) as u32;
+    run.launch(
+        Module::Head,
+        head_kernel(dtype, "col_sum_f32", "col_sum_bf16")?,
+        launch_of((columns, shares as u32), THREADS),
+        &[
+            Arg::Ptr(g),
+            Arg::Ptr(pp),
+            Arg::I32(n as i32),
+            Arg::I32(h as i32),
+        ],
+    )?;
+    run.launch(
+        Module::Head,
+        "col_sum_finish",
+        launch_of((columns, 1), THREADS),
+        &[
+            Arg::Ptr(pp),
             Arg::Ptr(db),
             Arg::I32(shares as i32),
             Arg::I32(h as i32),

@@ -173,7 +173,8 @@ struct Kernel {
     KERNEL("head", pair_grid_##NAME), KERNEL("head", pair_grid_##NAME##v),               \
         KERNEL("head", pair_grid_rows_##NAME), KERNEL("head", pair_grid_cols_##NAME),     \
         KERNEL("head", ln_relu_fwd_##NAME), KERNEL("head", ln_relu_bwd_##NAME),           \
-        KERNEL("head", ln_param_grad_##NAME)
+        KERNEL("head", ln_param_grad_##NAME), KERNEL("head", add_bias_##NAME),            \
+        KERNEL("head", add_bias_##NAME##x4), KERNEL("head", col_sum_##NAME)
 
 // Every kernel of the .cu files, with its file's name.
 const Kernel KERNELS[] = {
@@ -187,6 +188,7 @@ const Kernel KERNELS[] = {
     HEAD_SET(f32),
     HEAD_SET(bf16),
     KERNEL("head", ln_param_finish),
+    KERNEL("head", col_sum_finish),
     KERNEL("pool", max_pool_fwd_f32),
     KERNEL("pool", max_pool_bwd_f32),
     KERNEL("pool", max_pool_fwd_bf16),

@@ -975,3 +975,37 @@ fn layer_norm_relu_matches_f64_forward_and_backward() -> R {
     }
     Ok(())
 }
+
+#[test]
+fn add_bias_matches_f64_forward_and_backward() -> R {
+    let mut rng = ChaCha8Rng::seed_from_u64(23);
+    // h with and without 4-value accesses; n above a share of 64 rows.
+    for ty in [Ty::F32, Ty::Bf16] {
+        for (n, h) in [(70, 12), (3, 10), (1, 4)] {
+            let x = ty.round(&randn(&mut rng, n * h, 2.0, 0.0));
+            let b: Vec<f64> = randn(&mut rng, h, 1.0, 0.0)
+                .iter()
+                .map(|&v| v as f32 as f64)
+                .collect();
+            let emu = Emu::new();
+            let (px, pb, py) = (ty.upload(&emu, &x), f32s(&emu, &b), ty.alloc(&emu, n * h));
+            launch::add_bias_forward(&emu, ty.dtype(), (px, pb, py), (n, h))?;
+            let want: Vec<f64> = (0..n * h).map(|i| x[i] + b[i % h]).collect();
+            let what = format!("{ty:?} n={n} h={h}");
+            check(
+                &format!("y {what}"),
+                &ty.download(&emu, py, n * h)?,
+                &want,
+                ty.tol(),
+            );
+            let g = ty.round(&randn(&mut rng, n * h, 1.0, 0.0));
+            let (pg, pdb) = (ty.upload(&emu, &g), emu.alloc_of::<f32>(h));
+            launch::add_bias_backward(&emu, ty.dtype(), (pg, pdb), (n, h))?;
+            let want: Vec<f64> = (0..h).map(|k| (0..n).map(|r| g[r * h + k]).sum()).collect();
+            check(&format!("db {what}"), &read_f32(&emu, pdb, h)?, &want, 1e-6);
+            let first = emu.launches()[0].0;
+            assert_eq!(first.ends_with("x4"), h % 4 == 0, "{what}: {first}");
+        }
+    }
+    Ok(())
+}

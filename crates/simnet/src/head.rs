@@ -115,13 +115,15 @@ pub fn compute_dtype(device: &Device) -> DType {
     }
 }
 
-/// `lin` applied to `x` in `dtype` (input, weight and bias cast to it).
+/// `lin` applied to `x` in `dtype` (input, weight and bias cast to it); the bias added by
+/// [`headops::add_bias`] (one pass on CUDA).
 fn linear_in(lin: &Linear, x: &Tensor, dtype: DType) -> Result<Tensor> {
-    if lin.weight().dtype() == dtype && x.dtype() == dtype {
-        return lin.forward(x);
+    let unbiased = Linear::new(lin.weight().to_dtype(dtype)?, None);
+    let y = unbiased.forward(&x.to_dtype(dtype)?)?;
+    match lin.bias() {
+        Some(b) => headops::add_bias(&y, b),
+        None => Ok(y),
     }
-    let bias = lin.bias().map(|b| b.to_dtype(dtype)).transpose()?;
-    Linear::new(lin.weight().to_dtype(dtype)?, bias).forward(&x.to_dtype(dtype)?)
 }
 
 /// A Linear followed by BatchNorm (one `nn.Sequential(Linear, BN, ReLU)` block of the reference).
