@@ -124,73 +124,103 @@ pub fn sgd_update(
     momentum: f64,
     weight_decay: f64,
 ) -> Result<Option<Tensor>> {
+    let mut bufs = sgd_update_many(&[(param, grad, buf)], lr, momentum, weight_decay)?;
+    Ok(bufs.pop().flatten())
+}
+
+/// [`sgd_update`] on many f32 CUDA variables of one device, eight per launch
+/// ([`crate::launch::sgd_steps`]): `(param, grad, momentum buffer)` each. Returns each one's
+/// momentum buffer as [`sgd_update`] does. Parameters with and without a buffer may mix; the
+/// buffers made here are fresh ones.
+pub fn sgd_update_many(
+    items: &[(&Tensor, &Tensor, Option<&Tensor>)],
+    lr: f64,
+    momentum: f64,
+    weight_decay: f64,
+) -> Result<Vec<Option<Tensor>>> {
     let _timer = crate::hostprof::Timer::start("sgd update");
-    let grad = grad.contiguous()?;
-    if param.dtype() != DType::F32 || grad.dtype() != DType::F32 || !param.is_contiguous() {
-        bail!("sgd_update needs contiguous f32 tensors")
-    }
-    if param.shape() != grad.shape() || buf.is_some_and(|b| b.shape() != param.shape()) {
-        bail!(
-            "sgd_update: parameter {:?}, gradient {:?}, momentum buffer {:?}",
-            param.shape(),
-            grad.shape(),
-            buf.map(|b| b.shape())
-        )
-    }
-    let n = param.elem_count();
-    let (ps, pl) = param.storage_and_layout();
-    let (gs, gl) = grad.storage_and_layout();
-    let (ps, gs) = (cuda_of(&ps)?, cuda_of(&gs)?);
-    let dev = ps.device().clone();
-    let stream = dev.cuda_stream();
-    let (pp, _g1) = ptr(ps, pl, &stream)?;
-    let (pg, _g2) = ptr(gs, gl, &stream)?;
-    // The momentum buffer: the one given, a fresh one (written by the kernel), or none.
-    let mut fresh_buf = None;
-    let fresh = momentum != 0.0 && buf.is_none();
-    if fresh {
-        fresh_buf = Some(unsafe { dev.alloc::<f32>(n) }?);
-    }
-    let locked = match buf {
-        Some(b) if momentum != 0.0 => Some(b.storage_and_layout()),
-        _ => None,
+    let Some((first, _, _)) = items.first() else {
+        return Ok(vec![]);
     };
-    let mut keep = Vec::new();
-    let pb = match (&locked, fresh_buf.as_mut()) {
-        (Some((bs, bl)), _) => {
-            let bs = cuda_of(bs)?;
-            if !bl.is_contiguous() {
-                bail!("sgd_update: the momentum buffer must be contiguous")
+    let candle_core::Device::Cuda(dev) = first.device() else {
+        bail!("sgd_update_many needs CUDA tensors")
+    };
+    let grads: Vec<Tensor> = items
+        .iter()
+        .map(|(_, g, _)| g.contiguous())
+        .collect::<Result<_>>()?;
+    // Every buffer before any launch: the given ones, or fresh ones the kernels write.
+    let mut bufs = Vec::with_capacity(items.len());
+    for ((p, g, b), g2) in items.iter().zip(&grads) {
+        if p.dtype() != DType::F32 || g2.dtype() != DType::F32 || !p.is_contiguous() {
+            bail!("sgd_update_many needs contiguous f32 tensors")
+        }
+        if p.shape() != g.shape() || b.is_some_and(|b| b.shape() != p.shape() || !b.is_contiguous())
+        {
+            bail!(
+                "sgd_update_many: parameter {:?}, gradient {:?}, momentum buffer {:?}",
+                p.shape(),
+                g.shape(),
+                b.map(|b| b.shape())
+            )
+        }
+        bufs.push(match (b, momentum != 0.0) {
+            (_, false) => (None, false),
+            (Some(b), true) => (Some((*b).clone()), false),
+            (None, true) => {
+                let fresh = unsafe { dev.alloc::<f32>(p.elem_count()) }?;
+                let t = Tensor::from_storage(
+                    Storage::Cuda(CudaStorage::wrap_cuda_slice(fresh, dev.clone())),
+                    p.shape().clone(),
+                    BackpropOp::none(),
+                    false,
+                );
+                (Some(t), true)
             }
-            let (p, g) = ptr(bs, bl, &stream)?;
-            keep.push(g);
-            p
-        }
-        (None, Some(f)) => {
-            let (p, g) = f.device_ptr_mut(&stream);
-            keep.push(g);
-            p
-        }
-        (None, None) => 0,
-    };
-    crate::launch::sgd_step(
-        &Cuda(&dev),
-        (pp, pg, pb),
-        n,
-        (lr, momentum, weight_decay),
-        fresh,
-    )?;
-    drop(keep);
-    if momentum == 0.0 {
-        return Ok(None);
+        });
     }
-    Ok(Some(match fresh_buf {
-        Some(b) => Tensor::from_storage(
-            Storage::Cuda(CudaStorage::wrap_cuda_slice(b, dev.clone())),
-            param.shape().clone(),
-            BackpropOp::none(),
-            false,
-        ),
-        None => buf.expect("a buffer was given").clone(),
-    }))
+    let stream = dev.cuda_stream();
+    for fresh in [false, true] {
+        let chosen: Vec<usize> = (0..items.len())
+            .filter(|&i| bufs[i].1 == fresh)
+            .collect();
+        if chosen.is_empty() {
+            continue;
+        }
+        let locked: Vec<_> = chosen
+            .iter()
+            .map(|&i| {
+                (
+                    items[i].0.storage_and_layout(),
+                    grads[i].storage_and_layout(),
+                    bufs[i].0.as_ref().map(|b| b.storage_and_layout()),
+                )
+            })
+            .collect();
+        let mut guards = Vec::with_capacity(3 * locked.len());
+        let mut tensors = Vec::with_capacity(locked.len());
+        for ((ps, pl), (gs, gl), b) in &locked {
+            let (pp, g1) = ptr(cuda_of(ps)?, pl, &stream)?;
+            let (pg, g2) = ptr(cuda_of(gs)?, gl, &stream)?;
+            guards.push(g1);
+            guards.push(g2);
+            let pb = match b {
+                Some((bs, bl)) => {
+                    let (pb, g3) = ptr(cuda_of(bs)?, bl, &stream)?;
+                    guards.push(g3);
+                    pb
+                }
+                None => 0,
+            };
+            tensors.push(crate::launch::SgdTensor {
+                p: pp,
+                g: pg,
+                buf: pb,
+                n: pl.shape().elem_count(),
+            });
+        }
+        crate::launch::sgd_steps(&Cuda(dev), &tensors, (lr, momentum, weight_decay), fresh)?;
+        drop(guards);
+    }
+    Ok(bufs.into_iter().map(|(b, _)| b).collect())
 }

@@ -487,6 +487,57 @@ pub fn sgd_step<R: Runner>(
     )
 }
 
+/// One tensor of [`sgd_steps`]: parameter, gradient and momentum buffer (0 for none)
+/// addresses, and its number of values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SgdTensor {
+    pub p: u64,
+    pub g: u64,
+    pub buf: u64,
+    pub n: usize,
+}
+
+/// [`sgd_step`] on many tensors, eight per launch (`sgd_step8`).
+pub fn sgd_steps<R: Runner>(
+    run: &R,
+    tensors: &[SgdTensor],
+    (lr, momentum, weight_decay): (f64, f64, f64),
+    fresh: bool,
+) -> Result<()> {
+    for group in tensors.chunks(8) {
+        let most = group.iter().map(|t| t.n).max().unwrap_or(0);
+        let blocks = most.div_ceil(THREADS as usize).clamp(1, 4096) as u32;
+        let mut args = Vec::with_capacity(36);
+        for i in 0..8 {
+            let t = group.get(i).copied().unwrap_or(SgdTensor {
+                p: 0,
+                g: 0,
+                buf: 0,
+                n: 0,
+            });
+            args.extend([
+                Arg::Ptr(t.p),
+                Arg::Ptr(t.g),
+                Arg::Ptr(t.buf),
+                Arg::I64(t.n as i64),
+            ]);
+        }
+        args.extend([
+            Arg::F32(lr as f32),
+            Arg::F32(momentum as f32),
+            Arg::F32(weight_decay as f32),
+            Arg::I32(fresh as i32),
+        ]);
+        run.launch(
+            Module::Sgd,
+            "sgd_step8",
+            launch_of((blocks, group.len() as u32), THREADS),
+            &args,
+        )?;
+    }
+    Ok(())
+}
+
 /// The output side of the stem's 3×3 / stride 2 / padding 1 max-pooling.
 pub fn pool_out(side: usize) -> usize {
     (side - 1) / 2 + 1

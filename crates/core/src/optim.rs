@@ -38,6 +38,8 @@ impl Sgd {
 
     /// One update from gradients; variables without a gradient are left alone.
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        let mut on_kernels = vec![];
         for (name, var) in &self.vars {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
@@ -48,18 +50,8 @@ impl Sgd {
                 && var.dtype() == candle_core::DType::F32
                 && var.as_tensor().is_contiguous()
             {
-                // The same update, in place in one kernel.
-                let buf = crate::kernels::sgd_update(
-                    var.as_tensor(),
-                    g,
-                    self.buffers.get(name),
-                    self.lr,
-                    self.momentum,
-                    self.weight_decay,
-                )?;
-                if let Some(buf) = buf {
-                    self.buffers.insert(name.clone(), buf);
-                }
+                // The same update, in place, eight variables per kernel (below).
+                on_kernels.push((name, var, g));
                 continue;
             }
             // Detached: the parameter is a variable, so arithmetic on it records a graph, and
@@ -80,6 +72,20 @@ impl Sgd {
                 d = buf;
             }
             var.set(&(p - (d * self.lr)?)?)?;
+        }
+        #[cfg(feature = "cuda")]
+        if !on_kernels.is_empty() {
+            let items: Vec<_> = on_kernels
+                .iter()
+                .map(|(name, var, g)| (var.as_tensor(), *g, self.buffers.get(*name)))
+                .collect();
+            let bufs =
+                crate::kernels::sgd_update_many(&items, self.lr, self.momentum, self.weight_decay)?;
+            for ((name, _, _), buf) in on_kernels.iter().zip(bufs) {
+                if let Some(buf) = buf {
+                    self.buffers.insert((*name).clone(), buf);
+                }
+            }
         }
         Ok(())
     }

@@ -194,6 +194,7 @@ const Kernel KERNELS[] = {
     KERNEL("pool", max_pool_fwd_bf16),
     KERNEL("pool", max_pool_bwd_bf16),
     KERNEL("sgd", sgd_step),
+    KERNEL("sgd", sgd_step8),
     KERNEL("selftest", selftest_divergent_sync),
     KERNEL("selftest", selftest_partial_shuffle),
     KERNEL("selftest", selftest_warp_sum),

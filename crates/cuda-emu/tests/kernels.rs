@@ -1009,3 +1009,62 @@ fn add_bias_matches_f64_forward_and_backward() -> R {
     }
     Ok(())
 }
+
+#[test]
+fn sgd_steps_eight_per_launch_are_bit_identical_to_the_cpu_optimiser() -> R {
+    let mut rng = ChaCha8Rng::seed_from_u64(24);
+    let sizes = [1usize, 7, 300, 64, 5, 1000, 2, 3, 9, 513, 17];
+    let (lr, mu, wd) = (0.05, 0.9, 5e-4);
+    let emu = Emu::new();
+    let mut vars = vec![];
+    let mut consts = vec![];
+    let mut tensors = vec![];
+    for (i, &n) in sizes.iter().enumerate() {
+        let p0: Vec<f32> = randn(&mut rng, n, 1.0, 0.0)
+            .iter()
+            .map(|&v| v as f32)
+            .collect();
+        let c: Vec<f32> = randn(&mut rng, n, 1.0, 0.0)
+            .iter()
+            .map(|&v| v as f32)
+            .collect();
+        vars.push((format!("p{i}"), Var::new(p0.as_slice(), &Device::Cpu)?));
+        consts.push(Tensor::new(c.as_slice(), &Device::Cpu)?);
+        tensors.push(launch::SgdTensor {
+            p: emu.upload(&p0),
+            g: emu.upload(&c),
+            buf: emu.alloc_of::<f32>(n),
+            n,
+        });
+    }
+    let mut opt = simtrans_core::optim::Sgd::new(vars.clone(), lr, mu, wd);
+    for step in 0..3 {
+        // loss = Σ_i Σ p_i·c_i: gradient c_i.
+        let mut loss = Tensor::new(0f32, &Device::Cpu)?;
+        for ((_, v), c) in vars.iter().zip(&consts) {
+            loss = (loss + (v.as_tensor() * c)?.sum_all()?)?;
+        }
+        opt.step(&loss.backward()?)?;
+        launch::sgd_steps(&emu, &tensors, (lr, mu, wd), step == 0)?;
+        for ((name, v), t) in vars.iter().zip(&tensors) {
+            let want = v.as_tensor().to_vec1::<f32>()?;
+            let got = emu.download::<f32>(t.p, t.n)?;
+            let differ = (0..t.n)
+                .filter(|&i| got[i].to_bits() != want[i].to_bits())
+                .count();
+            assert_eq!(
+                differ, 0,
+                "step {step}, {name}: {differ} of {} values differ",
+                t.n
+            );
+        }
+    }
+    // 11 tensors: two launches, of 8 and 3 tensors.
+    let launches: Vec<_> = emu
+        .launches()
+        .iter()
+        .map(|(n, at)| (*n, at.grid.1))
+        .collect();
+    assert_eq!(launches[..2], [("sgd_step8", 8), ("sgd_step8", 3)]);
+    Ok(())
+}
