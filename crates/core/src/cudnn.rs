@@ -582,8 +582,9 @@ pub(crate) fn ptr<'a>(
         CudaStorageSlice::F32(x) => at(x, start, stream),
         CudaStorageSlice::BF16(x) => at(x, start, stream),
         CudaStorageSlice::F16(x) => at(x, start, stream),
+        CudaStorageSlice::U32(x) => at(x, start, stream),
         _ => bail!(
-            "the cuDNN path supports f32, bf16 and f16, not {:?}",
+            "the cuDNN path supports f32, bf16, f16 (and u32 indices), not {:?}",
             s.dtype()
         ),
     })

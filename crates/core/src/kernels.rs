@@ -11,7 +11,6 @@
 
 use crate::cudnn::{cuda_of, ptr};
 use crate::launch::{Arg, Launch, Module, Runner};
-use candle_core::backend::BackendStorage;
 use candle_core::cuda::{CudaDevice, CudaStorage, DeviceId};
 use candle_core::op::BackpropOp;
 use candle_core::{bail, DType, Result, Storage, Tensor};
@@ -181,9 +180,7 @@ pub fn sgd_update_many(
     }
     let stream = dev.cuda_stream();
     for fresh in [false, true] {
-        let chosen: Vec<usize> = (0..items.len())
-            .filter(|&i| bufs[i].1 == fresh)
-            .collect();
+        let chosen: Vec<usize> = (0..items.len()).filter(|&i| bufs[i].1 == fresh).collect();
         if chosen.is_empty() {
             continue;
         }

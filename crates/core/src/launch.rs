@@ -893,3 +893,49 @@ pub fn add_bias_backward<R: Runner>(
         ],
     )
 }
+
+/// The mean cross-entropy of `n` rows of `c` f32 logits with u32 targets, into the f32 scalar
+/// `loss`: one block.
+pub fn cross_entropy_forward<R: Runner>(
+    run: &R,
+    (logits, target, loss): (u64, u64, u64),
+    (n, c): (usize, usize),
+) -> Result<()> {
+    if n == 0 || c == 0 {
+        bail!("cross-entropy of {n} rows of {c} classes")
+    }
+    run.launch(
+        Module::Head,
+        "cross_entropy_fwd",
+        launch_of((1, 1), 1024),
+        &[
+            Arg::Ptr(logits),
+            Arg::Ptr(target),
+            Arg::Ptr(loss),
+            Arg::I32(n as i32),
+            Arg::I32(c as i32),
+        ],
+    )
+}
+
+/// The backward of [`cross_entropy_forward`] for the loss's gradient at `g` (an f32 scalar on
+/// the device): `dlogits` `[n, c]` f32.
+pub fn cross_entropy_backward<R: Runner>(
+    run: &R,
+    (logits, target, g, dlogits): (u64, u64, u64, u64),
+    (n, c): (usize, usize),
+) -> Result<()> {
+    run.launch(
+        Module::Head,
+        "cross_entropy_bwd",
+        launch_of((n.div_ceil(THREADS as usize).max(1) as u32, 1), THREADS),
+        &[
+            Arg::Ptr(logits),
+            Arg::Ptr(target),
+            Arg::Ptr(g),
+            Arg::Ptr(dlogits),
+            Arg::I32(n as i32),
+            Arg::I32(c as i32),
+        ],
+    )
+}

@@ -189,6 +189,8 @@ const Kernel KERNELS[] = {
     HEAD_SET(bf16),
     KERNEL("head", ln_param_finish),
     KERNEL("head", col_sum_finish),
+    KERNEL("head", cross_entropy_fwd),
+    KERNEL("head", cross_entropy_bwd),
     KERNEL("pool", max_pool_fwd_f32),
     KERNEL("pool", max_pool_bwd_f32),
     KERNEL("pool", max_pool_fwd_bf16),

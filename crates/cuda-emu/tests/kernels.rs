@@ -1068,3 +1068,51 @@ fn sgd_steps_eight_per_launch_are_bit_identical_to_the_cpu_optimiser() -> R {
     assert_eq!(launches[..2], [("sgd_step8", 8), ("sgd_step8", 3)]);
     Ok(())
 }
+
+#[test]
+fn cross_entropy_matches_f64_forward_and_backward() -> R {
+    let mut rng = ChaCha8Rng::seed_from_u64(25);
+    // More rows than the block's threads; 2 classes (the SimNet's) and 5.
+    for (n, c) in [(2500, 2), (7, 5), (1, 2)] {
+        let logits: Vec<f64> = randn(&mut rng, n * c, 4.0, 0.0)
+            .iter()
+            .map(|&v| v as f32 as f64)
+            .collect();
+        let target: Vec<u32> = (0..n).map(|r| ((r * 7 + 3) % c) as u32).collect();
+        let emu = Emu::new();
+        let (pl, pt, ploss) = (
+            f32s(&emu, &logits),
+            emu.upload(&target),
+            emu.alloc_of::<f32>(1),
+        );
+        launch::cross_entropy_forward(&emu, (pl, pt, ploss), (n, c))?;
+        let mut want = 0.0;
+        let mut dwant = vec![];
+        let g = 0.75;
+        for r in 0..n {
+            let row = &logits[r * c..(r + 1) * c];
+            let m = row.iter().cloned().fold(f64::MIN, f64::max);
+            let lse = m + row.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
+            want += (lse - row[target[r] as usize]) / n as f64;
+            for (j, v) in row.iter().enumerate() {
+                let onehot = if j == target[r] as usize { 1.0 } else { 0.0 };
+                dwant.push(((v - lse).exp() - onehot) * g / n as f64);
+            }
+        }
+        check(
+            &format!("loss n={n} c={c}"),
+            &read_f32(&emu, ploss, 1)?,
+            &[want],
+            1e-5,
+        );
+        let (pg, pd) = (f32s(&emu, &[g]), emu.alloc_of::<f32>(n * c));
+        launch::cross_entropy_backward(&emu, (pl, pt, pg, pd), (n, c))?;
+        check(
+            &format!("dlogits n={n} c={c}"),
+            &read_f32(&emu, pd, n * c)?,
+            &dwant,
+            1e-5,
+        );
+    }
+    Ok(())
+}

@@ -24,8 +24,8 @@ use crate::head::{compute_dtype, Discriminator, PairOrder, SimHead};
 use crate::pairs;
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, D};
-use candle_nn::loss::cross_entropy;
 use simtrans_backbone::BnMode;
+use simtrans_core::headops::cross_entropy;
 use simtrans_core::headops::Grid;
 use simtrans_core::optim::Sgd;
 
