@@ -437,7 +437,7 @@ impl ResNet {
         let fused = fused_trunk(self, &x, mode)?;
         #[cfg(not(feature = "cuda"))]
         let fused = None;
-        let mut y = match fused {
+        let y = match fused {
             Some(y) => y,
             None => {
                 let mut y = self.stem(&x, mode)?;
@@ -447,10 +447,8 @@ impl ResNet {
                 y
             }
         };
-        if low {
-            y = y.to_dtype(DType::F32)?;
-        }
-        y.mean((2, 3))
+        // f32 features whatever the trunk's dtype.
+        simtrans_core::headops::global_avg_pool(&y)
     }
 
     /// `(logits [B, classes], features [B, D])`; an error for a network built without `fc`.

@@ -570,6 +570,16 @@ pub(crate) fn ptr<'a>(
     let Some((start, _)) = l.contiguous_offsets() else {
         bail!("the cuDNN path needs contiguous tensors")
     };
+    ptr_at(s, start, stream)
+}
+
+/// The device address of element `start` of a storage (any layout), with the guard that
+/// orders the access on `stream`.
+pub(crate) fn ptr_at<'a>(
+    s: &'a CudaStorage,
+    start: usize,
+    stream: &'a CudaStream,
+) -> Result<(u64, SyncOnDrop<'a>)> {
     fn at<'a, T>(
         s: &'a CudaSlice<T>,
         start: usize,

@@ -1,7 +1,8 @@
 //! The SimNet head's fused operations, each differentiable: the first Linear on grids of
 //! pairs ([`pair_grid`]), LayerNorm followed by ReLU ([`layer_norm_relu`], the
-//! discriminator's), a Linear's bias ([`add_bias`]) and the losses' cross-entropy
-//! ([`cross_entropy`]).
+//! discriminator's), a Linear's bias ([`add_bias`]), the losses' cross-entropy
+//! ([`cross_entropy`]), and the global average pooling that makes the features the head
+//! consumes ([`global_avg_pool`]).
 //!
 //! Why they exist: written as candle ops, both cost far more than their arithmetic on a GPU.
 //! candle's broadcasting additions run at a small fraction of the memory bandwidth, and a
@@ -146,12 +147,26 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     candle_nn::loss::cross_entropy(logits, targets)
 }
 
+/// The mean over the spatial positions of `x` `[B, C, H, W]`, as `[B, C]` in f32 (f64 for an
+/// f64 `x`): `x.to_dtype(f32).mean((2, 3))`, or on CUDA one kernel that reads x in its own
+/// layout (the trunk's channels-last output needs no copy) and one back. Differentiable.
+pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if on_kernels(x) && x.rank() == 4 {
+        return gpu::global_avg_pool(x);
+    }
+    match x.dtype() {
+        DType::F64 | DType::F32 => x.mean((2, 3)),
+        _ => x.to_dtype(DType::F32)?.mean((2, 3)),
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod gpu {
     //! The CUDA ops behind [`super::pair_grid`] and [`super::layer_norm_relu`].
 
     use super::Grid;
-    use crate::cudnn::{alloc, cpu_refused, cuda_of, ptr, ptr_mut, wrap};
+    use crate::cudnn::{alloc, cpu_refused, cuda_of, ptr, ptr_at, ptr_mut, wrap};
     use crate::kernels::Cuda;
     use crate::launch::{self, PairGrid};
     use candle_core::backend::BackendStorage;
@@ -460,6 +475,63 @@ mod gpu {
         logits
             .contiguous()?
             .apply_op2(&targets.contiguous()?, CrossEntropy)
+    }
+
+    struct AvgPool;
+
+    impl CustomOp1 for AvgPool {
+        fn name(&self) -> &'static str {
+            "simtrans-global-avg-pool"
+        }
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            cpu_refused(self.name())
+        }
+        fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
+            let (dims, st) = (xl.dims(), xl.stride());
+            let (b, c, h, w) = (dims[0], dims[1], dims[2], dims[3]);
+            if st[2] != w * st[3] && h > 1 {
+                bail!("global_avg_pool: a layout {st:?} whose H and W do not flatten")
+            }
+            let dev = x.device().clone();
+            let stream = dev.cuda_stream();
+            let mut y = alloc(&dev, DType::F32, b * c)?;
+            {
+                let (px, _g1) = ptr_at(x, xl.start_offset(), &stream)?;
+                let (py, _g2) = ptr_mut(&mut y, &stream)?;
+                launch::avg_pool_forward(
+                    &Cuda(&dev),
+                    x.dtype(),
+                    (px, py),
+                    (b, c, h * w),
+                    (st[0], st[1], st[3]),
+                )?;
+            }
+            Ok((y, Shape::from((b, c))))
+        }
+        fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+            let (b, c, h, w) = x.dims4()?;
+            let grad = grad.contiguous()?;
+            let dev = match grad.device() {
+                candle_core::Device::Cuda(d) => d.clone(),
+                _ => bail!("global_avg_pool backward: the gradient left the CUDA device"),
+            };
+            let stream = dev.cuda_stream();
+            let (gs, gl) = grad.storage_and_layout();
+            let mut dx = alloc(&dev, x.dtype(), b * c * h * w)?;
+            {
+                let (pg, _g1) = ptr(cuda_of(&gs)?, gl, &stream)?;
+                let (pd, _g2) = ptr_mut(&mut dx, &stream)?;
+                launch::avg_pool_backward(&Cuda(&dev), x.dtype(), (pg, pd), (b * c, h * w))?;
+            }
+            Ok(Some(wrap(dx, x.shape())))
+        }
+    }
+
+    pub(super) fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
+        let st = x.stride();
+        let flat = x.dim(2)? <= 1 || st[2] == x.dim(3)? * st[3];
+        let x = if flat { x.clone() } else { x.contiguous()? };
+        x.apply_op1(AvgPool)
     }
 
     /// Each row's mean and rstd, kept by the forward for the backward.

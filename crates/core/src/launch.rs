@@ -538,6 +538,66 @@ pub fn sgd_steps<R: Runner>(
     Ok(())
 }
 
+/// Global average pooling of `x` `[b, c, hw]` read at `b·sb + c·sc + i·shw` (elements) into
+/// the contiguous f32 `y` `[b, c]`.
+pub fn avg_pool_forward<R: Runner>(
+    run: &R,
+    dtype: DType,
+    (x, y): (u64, u64),
+    (b, c, hw): (usize, usize, usize),
+    (sb, sc, shw): (usize, usize, usize),
+) -> Result<()> {
+    let name = match dtype {
+        DType::F32 => "avg_pool_fwd_f32",
+        DType::BF16 => "avg_pool_fwd_bf16",
+        other => bail!("our average-pooling kernels take f32 or bf16, not {other:?}"),
+    };
+    run.launch(
+        Module::Pool,
+        name,
+        launch_of(
+            ((b * c).div_ceil(THREADS as usize).max(1) as u32, 1),
+            THREADS,
+        ),
+        &[
+            Arg::Ptr(x),
+            Arg::Ptr(y),
+            Arg::I32(b as i32),
+            Arg::I32(c as i32),
+            Arg::I32(hw as i32),
+            Arg::I64(sb as i64),
+            Arg::I64(sc as i64),
+            Arg::I64(shw as i64),
+        ],
+    )
+}
+
+/// The backward of [`avg_pool_forward`]: `dx` contiguous `[b·c, hw]` in `dtype`, each value
+/// its row's f32 `dy` over `hw`.
+pub fn avg_pool_backward<R: Runner>(
+    run: &R,
+    dtype: DType,
+    (dy, dx): (u64, u64),
+    (rows, hw): (usize, usize),
+) -> Result<()> {
+    let name = match dtype {
+        DType::F32 => "avg_pool_bwd_f32",
+        DType::BF16 => "avg_pool_bwd_bf16",
+        other => bail!("our average-pooling kernels take f32 or bf16, not {other:?}"),
+    };
+    run.launch(
+        Module::Pool,
+        name,
+        launch_of((stride_blocks(rows * hw), 1), THREADS),
+        &[
+            Arg::Ptr(dy),
+            Arg::Ptr(dx),
+            Arg::I64((rows * hw) as i64),
+            Arg::I32(hw as i32),
+        ],
+    )
+}
+
 /// The output side of the stem's 3×3 / stride 2 / padding 1 max-pooling.
 pub fn pool_out(side: usize) -> usize {
     (side - 1) / 2 + 1

@@ -1116,3 +1116,49 @@ fn cross_entropy_matches_f64_forward_and_backward() -> R {
     }
     Ok(())
 }
+
+#[test]
+fn global_average_pooling_reads_either_layout_and_spreads_its_gradient() -> R {
+    let mut rng = ChaCha8Rng::seed_from_u64(26);
+    let (b, c, hw) = (3, 5, 4);
+    for ty in [Ty::F32, Ty::Bf16] {
+        // The same values stored NCHW and NHWC.
+        let nchw = ty.round(&randn(&mut rng, b * c * hw, 2.0, 0.5));
+        let mut nhwc = vec![0.0; b * c * hw];
+        for n in 0..b {
+            for ch in 0..c {
+                for i in 0..hw {
+                    nhwc[(n * hw + i) * c + ch] = nchw[(n * c + ch) * hw + i];
+                }
+            }
+        }
+        let want: Vec<f64> = nchw
+            .chunks(hw)
+            .map(|v| v.iter().sum::<f64>() / hw as f64)
+            .collect();
+        let emu = Emu::new();
+        for (data, strides) in [(&nchw, (c * hw, hw, 1)), (&nhwc, (hw * c, 1, c))] {
+            let (px, py) = (ty.upload(&emu, data), emu.alloc_of::<f32>(b * c));
+            launch::avg_pool_forward(&emu, ty.dtype(), (px, py), (b, c, hw), strides)?;
+            check(
+                &format!("{ty:?} {strides:?}"),
+                &read_f32(&emu, py, b * c)?,
+                &want,
+                1e-6,
+            );
+        }
+        let dy = randn(&mut rng, b * c, 1.0, 0.0);
+        let (pdy, pdx) = (f32s(&emu, &dy), ty.alloc(&emu, b * c * hw));
+        launch::avg_pool_backward(&emu, ty.dtype(), (pdy, pdx), (b * c, hw))?;
+        let want: Vec<f64> = (0..b * c * hw)
+            .map(|k| dy[k / hw] as f32 as f64 / hw as f64)
+            .collect();
+        check(
+            &format!("{ty:?} dx"),
+            &ty.download(&emu, pdx, b * c * hw)?,
+            &want,
+            ty.tol(),
+        );
+    }
+    Ok(())
+}
