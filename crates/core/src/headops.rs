@@ -1,8 +1,9 @@
 //! The SimNet head's fused operations, each differentiable: the first Linear on grids of
 //! pairs ([`pair_grid`]), LayerNorm followed by ReLU ([`layer_norm_relu`], the
 //! discriminator's), a Linear's bias ([`add_bias`]), the losses' cross-entropy
-//! ([`cross_entropy`]), and the global average pooling that makes the features the head
-//! consumes ([`global_avg_pool`]).
+//! ([`cross_entropy`]), a Linear's weight transposed and cast for its product
+//! ([`transposed`]), and the global average pooling that makes the features the head consumes
+//! ([`global_avg_pool`]).
 //!
 //! Why they exist: written as candle ops, both cost far more than their arithmetic on a GPU.
 //! candle's broadcasting additions run at a small fraction of the memory bandwidth, and a
@@ -145,6 +146,22 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         return gpu::cross_entropy(logits, targets);
     }
     candle_nn::loss::cross_entropy(logits, targets)
+}
+
+/// `w` (contiguous, `rows·cols` values) read as `[rows, cols]`, transposed and cast to
+/// `dtype`: `[cols, rows]`, the right-hand side of a Linear's `x·Wᵀ`. Elsewhere the view
+/// `w.reshape((rows, cols)).to_dtype(dtype).t()`, as candle-nn's `Linear` uses it; on CUDA a
+/// contiguous copy, so that the product's gradient for it comes back contiguous and returns
+/// to `w` in one pass (`cuda/head.cu`'s transpose kernels). Differentiable in `w`.
+pub fn transposed(w: &Tensor, (rows, cols): (usize, usize), dtype: DType) -> Result<Tensor> {
+    if w.elem_count() != rows * cols {
+        bail!("transposed: {:?} is not [{rows}, {cols}]", w.dims())
+    }
+    #[cfg(feature = "cuda")]
+    if on_kernels(w) && matches!(dtype, DType::F32 | DType::BF16) {
+        return gpu::transposed(w, (rows, cols), dtype);
+    }
+    w.reshape((rows, cols))?.to_dtype(dtype)?.t()
 }
 
 /// The mean over the spatial positions of `x` `[B, C, H, W]`, as `[B, C]` in f32 (f64 for an
@@ -475,6 +492,55 @@ mod gpu {
         logits
             .contiguous()?
             .apply_op2(&targets.contiguous()?, CrossEntropy)
+    }
+
+    /// `[rows, cols]` → `[cols, rows]` in `to`.
+    struct Transpose {
+        rows: usize,
+        cols: usize,
+        to: DType,
+    }
+
+    impl CustomOp1 for Transpose {
+        fn name(&self) -> &'static str {
+            "simtrans-transpose"
+        }
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            cpu_refused(self.name())
+        }
+        fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
+            let dev = x.device().clone();
+            let stream = dev.cuda_stream();
+            let mut y = alloc(&dev, self.to, self.rows * self.cols)?;
+            {
+                let (px, _g1) = ptr(x, xl, &stream)?;
+                let (py, _g2) = ptr_mut(&mut y, &stream)?;
+                launch::transpose(
+                    &Cuda(&dev),
+                    (x.dtype(), self.to),
+                    (px, py),
+                    (self.rows, self.cols),
+                )?;
+            }
+            Ok((y, Shape::from((self.cols, self.rows))))
+        }
+        fn bwd(&self, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+            let back = Transpose {
+                rows: self.cols,
+                cols: self.rows,
+                to: w.dtype(),
+            };
+            let g = grad.contiguous()?.apply_op1_no_bwd(&back)?;
+            Ok(Some(g.reshape(w.shape())?))
+        }
+    }
+
+    pub(super) fn transposed(
+        w: &Tensor,
+        (rows, cols): (usize, usize),
+        to: DType,
+    ) -> Result<Tensor> {
+        w.contiguous()?.apply_op1(Transpose { rows, cols, to })
     }
 
     struct AvgPool;

@@ -999,3 +999,40 @@ pub fn cross_entropy_backward<R: Runner>(
         ],
     )
 }
+
+/// `y = xᵀ` for a contiguous `x` `[rows, cols]` in `from`, written contiguous `[cols, rows]`
+/// in `to` (f32 or bf16 each).
+pub fn transpose<R: Runner>(
+    run: &R,
+    (from, to): (DType, DType),
+    (x, y): (u64, u64),
+    (rows, cols): (usize, usize),
+) -> Result<()> {
+    let name = match (from, to) {
+        (DType::F32, DType::F32) => "transpose_f32_f32",
+        (DType::F32, DType::BF16) => "transpose_f32_bf16",
+        (DType::BF16, DType::F32) => "transpose_bf16_f32",
+        (DType::BF16, DType::BF16) => "transpose_bf16_bf16",
+        other => bail!("our transpose kernels take f32 and bf16, not {other:?}"),
+    };
+    if rows * cols == 0 {
+        return Ok(());
+    }
+    if rows.div_ceil(32) > 65_535 {
+        bail!("transpose of {rows} rows: more than 65,535 tiles of 32")
+    }
+    run.launch(
+        Module::Head,
+        name,
+        launch_of(
+            (cols.div_ceil(32) as u32, rows.div_ceil(32) as u32),
+            THREADS,
+        ),
+        &[
+            Arg::Ptr(x),
+            Arg::Ptr(y),
+            Arg::I32(rows as i32),
+            Arg::I32(cols as i32),
+        ],
+    )
+}

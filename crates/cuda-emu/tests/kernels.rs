@@ -1162,3 +1162,33 @@ fn global_average_pooling_reads_either_layout_and_spreads_its_gradient() -> R {
     }
     Ok(())
 }
+
+#[test]
+fn transpose_casts_every_tile_and_the_ragged_edges() -> R {
+    let mut rng = ChaCha8Rng::seed_from_u64(27);
+    for (from, to) in [
+        (Ty::F32, Ty::Bf16),
+        (Ty::Bf16, Ty::F32),
+        (Ty::F32, Ty::F32),
+        (Ty::Bf16, Ty::Bf16),
+    ] {
+        for (rows, cols) in [(70, 33), (32, 64), (1, 5)] {
+            let x = from.round(&randn(&mut rng, rows * cols, 3.0, 0.0));
+            let emu = Emu::new();
+            let (px, py) = (from.upload(&emu, &x), to.alloc(&emu, rows * cols));
+            launch::transpose(&emu, (from.dtype(), to.dtype()), (px, py), (rows, cols))?;
+            let want: Vec<f64> = (0..rows * cols)
+                .map(|k| x[(k % rows) * cols + k / rows])
+                .collect();
+            let got = to.download(&emu, py, rows * cols)?;
+            // Exact where no rounding happens, to bf16 rounding where one does.
+            check(
+                &format!("{from:?}→{to:?} {rows}×{cols}"),
+                &got,
+                &to.round(&want),
+                0.0,
+            );
+        }
+    }
+    Ok(())
+}

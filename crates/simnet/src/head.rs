@@ -23,7 +23,7 @@
 
 use crate::SimnetError;
 use candle_core::{DType, Device, Result, Tensor};
-use candle_nn::{Init, Linear, Module, VarBuilder};
+use candle_nn::{Init, Linear, VarBuilder};
 use simtrans_backbone::{BatchNorm, BnMode};
 use simtrans_core::device::{precision, Precision};
 use simtrans_core::headops::{self, Grid};
@@ -115,11 +115,14 @@ pub fn compute_dtype(device: &Device) -> DType {
     }
 }
 
-/// `lin` applied to `x` in `dtype` (input, weight and bias cast to it); the bias added by
-/// [`headops::add_bias`] (one pass on CUDA).
+/// `lin` applied to `x` (`[N, in]`) in `dtype` (input, weight and bias cast to it): candle-nn's
+/// `Linear` with its weight through [`headops::transposed`] and its bias through
+/// [`headops::add_bias`] (one pass each on CUDA).
 fn linear_in(lin: &Linear, x: &Tensor, dtype: DType) -> Result<Tensor> {
-    let unbiased = Linear::new(lin.weight().to_dtype(dtype)?, None);
-    let y = unbiased.forward(&x.to_dtype(dtype)?)?;
+    let (out, input) = lin.weight().dims2()?;
+    let y = x
+        .to_dtype(dtype)?
+        .matmul(&headops::transposed(lin.weight(), (out, input), dtype)?)?;
     match lin.bias() {
         Some(b) => headops::add_bias(&y, b),
         None => Ok(y),
@@ -265,7 +268,7 @@ impl SimHead {
         // q[i, 2k + s] = half s of unit k's weights · f_i: W [H, 2D] read as [2H, D].
         let q = features
             .to_dtype(dtype)?
-            .matmul(&w.reshape((2 * h, d))?.to_dtype(dtype)?.t()?)?;
+            .matmul(&headops::transposed(w, (2 * h, d), dtype)?)?;
         let slots = match order {
             PairOrder::RowFirst => (0, 1),
             PairOrder::ColFirst => (1, 0),
