@@ -22,7 +22,7 @@
 #
 #   scripts/gpu-bench.sh [BIN_DIR] [OUT_DIR]
 #   SECTIONS="tests table" scripts/gpu-bench.sh     # a subset (tests alt switches smoke table find quick cl host ab candle demo profile paper)
-#   SECTIONS=next scripts/gpu-bench.sh               # the next lease's one call: tests smoke quick ab (bf16 head) demo (bf16) profile (bf16 SimNet, similarity) paper (bf16, tf32)
+#   SECTIONS=next scripts/gpu-bench.sh               # the next lease's one call: tests smoke quick ab (head kernels, shared discriminator gradient, bf16) demo (bf16) profile (bf16 SimNet, similarity) paper (bf16, tf32)
 #
 # BIN_DIR holds `xtask`, `gpu-tests` and `gpu-tests-simnet` (plain or .xz), as
 # scripts/build-gpu-bins.sh leaves them;
@@ -62,19 +62,19 @@ cat "$OUT/gpu.txt" | tee -a "$LOG"
 
 cd "$WORK" || exit 1
 SECTIONS=${SECTIONS:-tests alt switches table candle demo paper}
-# The one call planned for the next lease (after session 7), in the order the sections run:
+# The one call planned for the next lease (after session 8), in the order the sections run:
 # correctness first (tests, every stage once), the tf32 and bf16 tables (with the phases of
-# the SimNet step and the similarity matrix), the bf16 head and discriminator against f32 ones
-# at bf16 (those two rows), the demo's accuracy at bf16 (two seeds), where the GPU time of
-# those two rows goes at bf16, then the paper configuration end to end at bf16 and tf32.
+# the SimNet step and the similarity matrix), at bf16 the head's kernels and the shared
+# discriminator gradient each switched off (the A/B of run 15, to see its SimNet figure
+# again: it was at parity with PyTorch bf16), the demo's accuracy at bf16 (two seeds), the bf16
+# SimNet step and similarity matrix under ncu, then the paper configuration at bf16 and tf32.
 if [ "$SECTIONS" = next ]; then
-  SECTIONS="tests smoke quick ab profile paper demo"
+  SECTIONS="tests smoke quick ab demo profile paper"
   PAPER_PRECISIONS=${PAPER_PRECISIONS:-bf16 tf32}
-  # The bf16 rows of BENCHMARKS.md's accuracy table predate the bf16 SimNet head.
   DEMO_PRECISIONS=${DEMO_PRECISIONS:-bf16}
-  AB=${AB:-SIMTRANS_HEAD_BF16=0}
+  AB=${AB:-SIMTRANS_HEAD_KERNELS=0 SIMTRANS_DISC_REUSE=0}
   AB_PRECISION=${AB_PRECISION:-bf16}
-  PROFILE=${PROFILE:-profile-similarity:bf16 profile-simnet:bf16}
+  PROFILE=${PROFILE:-profile-simnet:bf16 profile-similarity:bf16}
 fi
 # The defaults most recently changed, each switched back in turn when a test fails.
 BISECT=${BISECT:-SIMTRANS_HEAD_KERNELS=0 SIMTRANS_CUDNN_GRAPH=0 SIMTRANS_SIDE_GRADS=0 SIMTRANS_CHANNELS_LAST=0 SIMTRANS_RELU_RECOMPUTE=0 SIMTRANS_EVENT_TRACKING=1 SIMTRANS_LEAN_INFERENCE=0 SIMTRANS_OWN_BN=0 SIMTRANS_FUSED_CHAIN=0}
@@ -178,7 +178,9 @@ for p in tf32 bf16; do table "$p" "table-$p-nchw" SIMTRANS_CHANNELS_LAST=0; done
 fi
 
 # The A/B switches, one per table at AB_PRECISION (default tf32; AB="VAR=VALUE ..." picks any;
-# SIMTRANS_HEAD_BF16=0, the SimNet head and discriminator in f32 under bf16, only matters at bf16). By default the convolutions
+# SIMTRANS_HEAD_BF16=0, the SimNet head and discriminator in f32 under bf16, only matters at bf16;
+# SIMTRANS_HEAD_KERNELS=0 runs the head's, the discriminator's and the pooling's ops on candle's
+# ops; SIMTRANS_DISC_REUSE=0 gives the discriminator its own forward and backward pass). By default the convolutions
 # on cuDNN's legacy API, the ReLU masks read instead of recomputed, and cudarc's per-buffer
 # CUDA events kept. Runs 7 to 12 measured the others: SIMTRANS_OWN_BN=0 (cuDNN's BatchNorm),
 # SIMTRANS_FUSED_CHAIN=0 (one op per residual block), SIMTRANS_FUSED_BLOCKS=0 (layer by
