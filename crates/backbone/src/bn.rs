@@ -48,6 +48,16 @@ impl BnMode {
     }
 }
 
+/// Whether evaluation-mode BatchNorm of `x` runs on our kernels: a CUDA tensor in f32 or bf16,
+/// unless `SIMTRANS_OWN_BN=0` or `SIMTRANS_CUDNN=0`.
+#[cfg(feature = "cuda")]
+fn eval_on_kernels(x: &Tensor) -> bool {
+    simtrans_core::cudnn::enabled()
+        && simtrans_core::kernels::own_batch_norm()
+        && x.device().is_cuda()
+        && matches!(x.dtype(), DType::F32 | DType::BF16)
+}
+
 /// A BatchNorm over the channel dimension (dimension 1) of `[B, C]` or `[B, C, H, W]` inputs,
 /// with torchvision's parameter names: `weight`, `bias`, `running_mean`, `running_var`.
 #[derive(Debug, Clone)]
@@ -131,23 +141,10 @@ impl BatchNorm {
         mode: BnMode,
     ) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
-        if mode == BnMode::Eval
-            && simtrans_core::cudnn::enabled()
-            && simtrans_core::kernels::own_batch_norm()
-            && x.device().is_cuda()
-            && matches!(x.dtype(), DType::F32 | DType::BF16)
-            && x.rank() == 2
-            && x.dim(1)? == self.channels
+        if mode == BnMode::Eval && eval_on_kernels(x) && x.rank() == 2 && x.dim(1)? == self.channels
         {
             let mean = (self.running_mean.as_tensor().detach() - bias.detach())?;
-            return simtrans_core::cudnn::batch_norm_eval(
-                x,
-                &self.weight,
-                &self.bias,
-                (&mean, self.running_var.as_tensor()),
-                EPS,
-                true,
-            );
+            return self.eval_kernel(x, &mean, true);
         }
         self.forward_relu(&x.broadcast_add(&bias.to_dtype(x.dtype())?)?, mode)
     }
@@ -188,21 +185,9 @@ impl BatchNorm {
             );
         }
         #[cfg(feature = "cuda")]
-        if mode == BnMode::Eval
-            && simtrans_core::cudnn::enabled()
-            && simtrans_core::kernels::own_batch_norm()
-            && x.device().is_cuda()
-            && matches!(x.dtype(), DType::F32 | DType::BF16)
-        {
+        if mode == BnMode::Eval && eval_on_kernels(x) {
             // One pass each way on our kernels instead of candle's broadcast ops.
-            return simtrans_core::cudnn::batch_norm_eval(
-                x,
-                &self.weight,
-                &self.bias,
-                (self.running_mean.as_tensor(), self.running_var.as_tensor()),
-                EPS,
-                relu,
-            );
+            return self.eval_kernel(x, self.running_mean.as_tensor(), relu);
         }
         match mode {
             BnMode::Eval if relu => self.eval(x)?.relu(),
@@ -218,6 +203,19 @@ impl BatchNorm {
                 Tensor::cat(&[first, second], 0)
             }
         }
+    }
+
+    /// Evaluation mode on our kernels with running mean `mean` (the running variance's).
+    #[cfg(feature = "cuda")]
+    fn eval_kernel(&self, x: &Tensor, mean: &Tensor, relu: bool) -> Result<Tensor> {
+        simtrans_core::cudnn::batch_norm_eval(
+            x,
+            &self.weight,
+            &self.bias,
+            (mean, self.running_var.as_tensor()),
+            EPS,
+            relu,
+        )
     }
 
     /// Running statistics: `y = x·s + (b − μ·s)` with `s = w / √(σ² + ε)`.
