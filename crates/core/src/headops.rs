@@ -5,12 +5,14 @@
 //! ([`transposed`]), and the global average pooling that makes the features the head consumes
 //! ([`global_avg_pool`]).
 //!
-//! Why they exist: written as candle ops, both cost far more than their arithmetic on a GPU.
-//! candle's broadcasting additions run at a small fraction of the memory bandwidth, and a
-//! LayerNorm of eight ops reads and writes its `[N, H]` activations about twenty times,
-//! forward and backward (`cuda/head.cu` has the measurements). On CUDA devices (f32 or bf16)
-//! each is one op on our kernels, forward and backward; elsewhere each is the plain composition
-//! of candle ops that defines it, so the CPU path is the reference the GPU tests compare with.
+//! Why they exist: written as candle ops they cost far more than their arithmetic on a GPU.
+//! candle's broadcasting additions run at a small fraction of the memory bandwidth, the
+//! gradient of a transposed view comes back strided and is added into zeros, and a LayerNorm
+//! of eight ops reads and writes its `[N, H]` activations about twenty times, forward and
+//! backward (`cuda/head.cu` and `cuda/pool.cu` have the measurements; BENCHMARKS.md, runs 13 to
+//! 15, what they bought). On CUDA devices (f32 or bf16) each is one op on our kernels, forward
+//! and backward; elsewhere each is the plain composition of candle ops that defines it, so the
+//! CPU path is unchanged bit for bit and is the reference the GPU tests compare with.
 //! `SIMTRANS_HEAD_KERNELS=0` sends CUDA devices to the plain path too, to measure the
 //! difference.
 
@@ -38,8 +40,8 @@ impl Grid {
     }
 }
 
-/// Whether the CUDA kernels run ([`pair_grid`], [`layer_norm_relu`]) for `x`: a CUDA tensor
-/// in f32 or bf16, unless `SIMTRANS_HEAD_KERNELS=0`.
+/// Whether this module's ops run on our kernels for `x`: a CUDA tensor in f32 or bf16, unless
+/// `SIMTRANS_HEAD_KERNELS=0`.
 #[cfg(feature = "cuda")]
 fn on_kernels(x: &Tensor) -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -50,8 +52,9 @@ fn on_kernels(x: &Tensor) -> bool {
 /// The first Linear `W·[f_a ; f_b] + bias` on grids of pairs, from the projections `q`
 /// (`[N, 2H]`, `q[n, 2k + s] = (W_s·f_n)[k]` with `W_s` the `s`-th column half of the
 /// `[H, 2D]` weight, that is `f · W.reshape(2H, D)ᵀ`) and the f32 `bias` `[H]`: the grids'
-/// `[rows·cols, H]` outputs, concatenated, in q's dtype, each value `q_row + (q_col + bias)`. A pair's first image takes half
-/// `slots.0`, its second half `slots.1` (they must differ). Differentiable in `q` and `bias`.
+/// `[rows·cols, H]` outputs, concatenated, in q's dtype, each value `q_row + (q_col + bias)`.
+/// A pair's first image takes half `slots.0`, its second half `slots.1` (they must differ).
+/// Differentiable in `q` and `bias`.
 pub fn pair_grid(
     q: &Tensor,
     bias: &Tensor,
@@ -180,19 +183,28 @@ pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
 
 #[cfg(feature = "cuda")]
 mod gpu {
-    //! The CUDA ops behind [`super::pair_grid`] and [`super::layer_norm_relu`].
+    //! The CUDA ops behind this module's functions: each a candle custom op whose forward and
+    //! backward queue `crate::launch`'s sequences on the device's stream.
 
     use super::Grid;
     use crate::cudnn::{alloc, cpu_refused, cuda_of, ptr, ptr_at, ptr_mut, wrap};
     use crate::kernels::Cuda;
     use crate::launch::{self, PairGrid};
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda::CudaStorage;
+    use candle_core::cuda::{CudaDevice, CudaStorage};
     use candle_core::{
         bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
     };
     use cudarc::driver::{CudaSlice, DevicePtr};
     use std::sync::{Arc, Mutex};
+
+    /// The CUDA device `t` lives on (a backward pass builds its outputs there).
+    fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
+        match t.device() {
+            candle_core::Device::Cuda(d) => Ok(d.clone()),
+            other => bail!("a backward pass of our CUDA ops met a tensor on {other:?}"),
+        }
+    }
 
     /// The kernels' view of the grids: addresses of q (or dq) rows and of each output block.
     fn plan(
@@ -467,10 +479,7 @@ mod gpu {
             grad: &Tensor,
         ) -> Result<(Option<Tensor>, Option<Tensor>)> {
             let (n, c) = logits.dims2()?;
-            let dev = match logits.device() {
-                candle_core::Device::Cuda(d) => d.clone(),
-                _ => bail!("cross_entropy backward: the logits left the CUDA device"),
-            };
+            let dev = cuda_device(logits)?;
             let stream = dev.cuda_stream();
             let (logits, grad) = (logits.contiguous()?, grad.contiguous()?);
             let (ls, ll) = logits.storage_and_layout();
@@ -577,10 +586,7 @@ mod gpu {
         fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
             let (b, c, h, w) = x.dims4()?;
             let grad = grad.contiguous()?;
-            let dev = match grad.device() {
-                candle_core::Device::Cuda(d) => d.clone(),
-                _ => bail!("global_avg_pool backward: the gradient left the CUDA device"),
-            };
+            let dev = cuda_device(&grad)?;
             let stream = dev.cuda_stream();
             let (gs, gl) = grad.storage_and_layout();
             let mut dx = alloc(&dev, x.dtype(), b * c * h * w)?;
@@ -686,10 +692,7 @@ mod gpu {
                 res.contiguous()?,
                 grad.contiguous()?.to_dtype(x.dtype())?,
             );
-            let candle_core::Device::Cuda(dev) = x.device() else {
-                bail!("layer_norm_relu backward: the input left the CUDA device")
-            };
-            let dev = dev.clone();
+            let dev = cuda_device(&x)?;
             let stream = dev.cuda_stream();
             let (xs, xl) = x.storage_and_layout();
             let (ys, yl) = y.storage_and_layout();
