@@ -6,8 +6,9 @@
 //! `W·[a ; b] + bias = W_a·a + W_b·b + bias` with `W_a`, `W_b` the column halves of `W`: the
 //! per-image projections are computed once (one `[B, D]×[D, 2H]` product, with `W` viewed as
 //! `[2H, D]`) and added over the pair grid ([`headops::pair_grid`]), instead of one
-//! `[B², 2D]×[2D, H]` product, and the `B²` concatenations never exist. Everything after the first layer is row-wise except
-//! BatchNorm, whose statistics see all rows either way, so the result is exactly the reference's.
+//! `[B², 2D]×[2D, H]` product, and the `B²` concatenations never exist. Everything after the
+//! first layer is row-wise except BatchNorm, whose statistics see all rows either way, so the
+//! result is exactly the reference's.
 //!
 //! Parameter names follow the reference modules with its `DataParallel` wrappers removed:
 //!
@@ -98,11 +99,12 @@ pub fn linear(input: usize, output: usize, vb: VarBuilder) -> Result<Linear> {
 /// The dtype the head (and the discriminator's Linears) compute in on `device`: bf16 on CUDA
 /// under `run.precision = "bf16"`, as PyTorch's autocast runs `Linear` layers, else f32. The
 /// parameters stay f32 (their gradients come back through the casts), BatchNorm keeps f32
-/// statistics, and the logits and diff_feat leave the head in f32.
+/// statistics, the logits leave the head in f32 and diff_feat in this dtype.
 ///
 /// Why: type 4's head runs `Linear(2D→2D)` and `Linear(2D→D)` on every pair. For the 300-image
-/// similarity matrix of step 2 that is 90,000 rows and about 2.3 TFLOP, and in f32 it took as
-/// long as the 300 images' ResNet-50 features in bf16 (BENCHMARKS.md, run 12).
+/// similarity matrix of step 2 that is 90,000 rows and about 2.3 TFLOP. On its own it bought
+/// nothing measurable (run 13: the ops around the products bound the head); with the head's
+/// kernels (`simtrans_core::headops`) the bf16 similarity matrix took 8.9 ms (run 15).
 /// `SIMTRANS_HEAD_BF16=0` keeps the head and the discriminator in f32 under bf16, to measure
 /// the difference.
 pub fn compute_dtype(device: &Device) -> DType {
@@ -238,7 +240,14 @@ impl SimHead {
         order: PairOrder,
         dtype: DType,
     ) -> Result<Tensor> {
-        let r = rows.dim(0)?;
+        let (r, d) = rows.dims2()?;
+        let d2 = cols.dim(1)?;
+        if d != self.dim || d2 != self.dim {
+            candle_core::bail!(
+                "similarity head expects {}-d features, got rows of {d} and columns of {d2}",
+                self.dim
+            );
+        }
         let grid = Grid {
             rows: (0, r),
             cols: (r, cols.dim(0)?),
