@@ -25,8 +25,7 @@ use crate::pairs;
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, D};
 use simtrans_backbone::BnMode;
-use simtrans_core::headops::cross_entropy;
-use simtrans_core::headops::Grid;
+use simtrans_core::headops::{cross_entropy, Grid};
 use simtrans_core::optim::Sgd;
 
 /// Anything that turns a batch of images into `[B, D]` features with a BatchNorm mode.
