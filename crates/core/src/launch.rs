@@ -699,8 +699,9 @@ fn stride_blocks(total: usize) -> u32 {
     total.div_ceil(THREADS as usize).clamp(1, 65_535 * 4) as u32
 }
 
-/// The first Linear's output on each grid of pairs: `out[r·cols + c, k] = qr[r, 2k + row_slot]
-/// + qc[c, 2k + col_slot] + bias[k]` (`bias` f32, 0 for none). 16-byte loads of q (the `v`
+/// The first Linear's output on each grid of pairs:
+/// `out[r·cols + c, k] = qr[r, 2k + row_slot] + (qc[c, 2k + col_slot] + bias[k])` (`bias` f32,
+/// 0 for none). 16-byte loads of q (the `v`
 /// kernels, `8 / size` units per thread) where `h` and every address allow them.
 pub fn pair_grid_forward<R: Runner>(
     run: &R,
