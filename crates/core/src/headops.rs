@@ -206,6 +206,14 @@ mod gpu {
         }
     }
 
+    /// Refuses parameters (weights, biases) that are not f32, naming the op.
+    fn f32_params(op: &str, params: &[&CudaStorage]) -> Result<()> {
+        if let Some(p) = params.iter().find(|p| p.dtype() != DType::F32) {
+            bail!("{op}: its parameters must be f32, got {:?}", p.dtype())
+        }
+        Ok(())
+    }
+
     /// The kernels' view of the grids: addresses of q (or dq) rows and of each output block.
     fn plan(
         grids: &[Grid],
@@ -257,9 +265,7 @@ mod gpu {
             b: &CudaStorage,
             bl: &Layout,
         ) -> Result<(CudaStorage, Shape)> {
-            if b.dtype() != DType::F32 {
-                bail!("pair_grid: the bias must be f32, got {:?}", b.dtype())
-            }
+            f32_params("pair_grid", &[b])?;
             let dev = q.device().clone();
             let stream = dev.cuda_stream();
             let h = ql.dims()[1] / 2;
@@ -371,9 +377,7 @@ mod gpu {
             b: &CudaStorage,
             bl: &Layout,
         ) -> Result<(CudaStorage, Shape)> {
-            if b.dtype() != DType::F32 {
-                bail!("add_bias: the bias must be f32, got {:?}", b.dtype())
-            }
+            f32_params("add_bias", &[b])?;
             let dev = x.device().clone();
             let stream = dev.cuda_stream();
             let (n, h) = (xl.dims()[0], xl.dims()[1]);
@@ -614,17 +618,6 @@ mod gpu {
         stats: Mutex<Option<RowStats>>,
     }
 
-    fn f32_params(w: &CudaStorage, b: &CudaStorage) -> Result<()> {
-        if w.dtype() != DType::F32 || b.dtype() != DType::F32 {
-            bail!(
-                "layer_norm_relu: weight and bias must be f32, got {:?} and {:?}",
-                w.dtype(),
-                b.dtype()
-            )
-        }
-        Ok(())
-    }
-
     impl CustomOp3 for LayerNormRelu {
         fn name(&self) -> &'static str {
             "simtrans-layer-norm-relu"
@@ -649,7 +642,7 @@ mod gpu {
             b: &CudaStorage,
             bl: &Layout,
         ) -> Result<(CudaStorage, Shape)> {
-            f32_params(w, b)?;
+            f32_params("layer_norm_relu", &[w, b])?;
             let dev = x.device().clone();
             let stream = dev.cuda_stream();
             let (n, h) = (xl.dims()[0], xl.dims()[1]);

@@ -547,11 +547,11 @@ pub fn avg_pool_forward<R: Runner>(
     (b, c, hw): (usize, usize, usize),
     (sb, sc, shw): (usize, usize, usize),
 ) -> Result<()> {
-    let name = match dtype {
-        DType::F32 => "avg_pool_fwd_f32",
-        DType::BF16 => "avg_pool_fwd_bf16",
-        other => bail!("our average-pooling kernels take f32 or bf16, not {other:?}"),
-    };
+    let name = dtype_variant(
+        dtype,
+        ("avg_pool_fwd_f32", "avg_pool_fwd_bf16"),
+        "average-pooling",
+    )?;
     run.launch(
         Module::Pool,
         name,
@@ -580,11 +580,11 @@ pub fn avg_pool_backward<R: Runner>(
     (dy, dx): (u64, u64),
     (rows, hw): (usize, usize),
 ) -> Result<()> {
-    let name = match dtype {
-        DType::F32 => "avg_pool_bwd_f32",
-        DType::BF16 => "avg_pool_bwd_bf16",
-        other => bail!("our average-pooling kernels take f32 or bf16, not {other:?}"),
-    };
+    let name = dtype_variant(
+        dtype,
+        ("avg_pool_bwd_f32", "avg_pool_bwd_bf16"),
+        "average-pooling",
+    )?;
     run.launch(
         Module::Pool,
         name,
@@ -603,14 +603,27 @@ pub fn pool_out(side: usize) -> usize {
     (side - 1) / 2 + 1
 }
 
-fn pool_kernel(dtype: DType, pass: &str) -> Result<&'static str> {
-    Ok(match (pass, dtype) {
-        ("fwd", DType::F32) => "max_pool_fwd_f32",
-        ("fwd", DType::BF16) => "max_pool_fwd_bf16",
-        ("bwd", DType::F32) => "max_pool_bwd_f32",
-        ("bwd", DType::BF16) => "max_pool_bwd_bf16",
-        (_, other) => bail!("our max-pooling kernels take f32 or bf16, not {other:?}"),
+/// The f32 or bf16 variant of a kernel (`names`, in that order) for `dtype`; `kernels` says
+/// which kernels in the error for any other dtype.
+fn dtype_variant(
+    dtype: DType,
+    (f32_name, bf16_name): (&'static str, &'static str),
+    kernels: &str,
+) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => f32_name,
+        DType::BF16 => bf16_name,
+        other => bail!("our {kernels} kernels take f32 or bf16, not {other:?}"),
     })
+}
+
+fn pool_kernel(dtype: DType, pass: &str) -> Result<&'static str> {
+    let names = match pass {
+        "fwd" => ("max_pool_fwd_f32", "max_pool_fwd_bf16"),
+        "bwd" => ("max_pool_bwd_f32", "max_pool_bwd_bf16"),
+        other => bail!("max-pooling has passes fwd and bwd, not {other}"),
+    };
+    dtype_variant(dtype, names, "max-pooling")
 }
 
 /// One launch over `count` threads of a max-pooling kernel on `planes` planes of `h × w`.
@@ -687,11 +700,7 @@ fn head_kernel(
     f32_name: &'static str,
     bf16_name: &'static str,
 ) -> Result<&'static str> {
-    Ok(match dtype {
-        DType::F32 => f32_name,
-        DType::BF16 => bf16_name,
-        other => bail!("the SimNet head's kernels take f32 or bf16, not {other:?}"),
-    })
+    dtype_variant(dtype, (f32_name, bf16_name), "SimNet head's")
 }
 
 /// Blocks for a grid-stride loop over `total` items, at most 65,535·4.

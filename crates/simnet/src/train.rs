@@ -63,7 +63,13 @@ impl Forward {
 
     /// `L_dom` with the gradient flowing into the head (for the SimNet step).
     pub fn dom_loss(&self, disc: &Discriminator) -> Result<Tensor> {
-        cross_entropy(&disc.forward(&self.diff_feat)?, &self.domains)
+        Ok(self.dom(disc)?.0)
+    }
+
+    /// `(L_dom, domain logits)`, the gradient flowing into the head.
+    fn dom(&self, disc: &Discriminator) -> Result<(Tensor, Tensor)> {
+        let d_logits = disc.forward(&self.diff_feat)?;
+        Ok((cross_entropy(&d_logits, &self.domains)?, d_logits))
     }
 
     /// `L_sim − β·L_dom`; with β = 0 exactly `L_sim` (the discriminator is not evaluated).
@@ -82,8 +88,7 @@ impl Forward {
                 dom: None,
             });
         }
-        let d_logits = disc.forward(&self.diff_feat)?;
-        let l_dom = cross_entropy(&d_logits, &self.domains)?;
+        let (l_dom, d_logits) = self.dom(disc)?;
         Ok(Losses {
             total: (&l_sim - (&l_dom * beta)?)?,
             l_sim,
