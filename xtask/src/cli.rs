@@ -152,6 +152,7 @@ impl Common {
         for o in &self.overrides {
             config.set(o)?;
         }
+        config.validate()?;
         Ok(config)
     }
 

@@ -23,6 +23,10 @@ pub trait StageRunner {
     fn schema_version(&self, stage: Stage) -> u32;
     /// Hash of the data set's manifest (part of every key).
     fn manifest_hash(&self, config: &Config) -> String;
+    /// Checks and warnings logged before a node is built (never changes what it computes).
+    fn before(&self, _ctx: &StageContext) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// The classifier variants and what each reads.
@@ -138,7 +142,7 @@ impl Pipeline<'_> {
         let key = cache_key(
             node,
             seed,
-            &self.config.stage_inputs(node.stage),
+            &node_inputs(node, &self.config)?,
             &sums,
             &self.runner.manifest_hash(&self.config),
         );
@@ -206,6 +210,7 @@ impl Pipeline<'_> {
             }
         }
         tracing::info!("seed {seed}: running {node}");
+        self.runner.before(&ctx)?;
         let start = Instant::now();
         let out = self
             .runner
@@ -262,6 +267,18 @@ impl Pipeline<'_> {
         }
         Ok(outcomes)
     }
+}
+
+/// What a node's result depends on in the config: its stage's section, or for a classifier
+/// variant only the part of `[classifier]` that variant reads.
+pub fn node_inputs(node: &Node, config: &Config) -> Result<String> {
+    Ok(match (node.stage, node.variant.as_deref()) {
+        (Stage::Classifier, Some(v)) => {
+            let variant: simtrans_classifier::Variant = v.parse()?;
+            config.inputs_with(Stage::Classifier, variant.reads(&config.classifier))
+        }
+        (stage, _) => config.stage_inputs(stage),
+    })
 }
 
 /// The seeds of a run: `seed, seed+1, …`.

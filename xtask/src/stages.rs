@@ -33,4 +33,57 @@ impl StageRunner for RealStages {
     fn manifest_hash(&self, config: &Config) -> String {
         simtrans_data::manifest_hash(config.run.dataset)
     }
+
+    /// Before a classifier variant with the graph term trains, the transfer check of its seed's
+    /// denoise artifact: a warning when the SimNet's similarity would pull the novel categories
+    /// together (the report repeats it).
+    fn before(&self, ctx: &StageContext) -> Result<()> {
+        let Some(variant) = ctx.node.variant.as_deref() else {
+            return Ok(());
+        };
+        let variant: simtrans_classifier::Variant = variant.parse()?;
+        if ctx.node.stage != Stage::Classifier || !variant.switches().graph {
+            return Ok(());
+        }
+        let load = |name: &str, schema| {
+            simtrans_core::Artifact::load(
+                &ctx.seed_dir.join(format!("{name}.safetensors")),
+                &schema,
+                &candle_core::Device::Cpu,
+            )
+        };
+        let (Ok(denoise), Ok(data)) = (
+            load("denoise", simtrans_denoise::stage::schema()),
+            load("data", simtrans_data::DataIndex::schema()),
+        ) else {
+            tracing::info!(
+                "{}: no denoise artifact yet, so no transfer check",
+                ctx.node
+            );
+            return Ok(());
+        };
+        let data = simtrans_data::DataIndex::from_artifact(&data)?;
+        let c = &ctx.config.classifier;
+        let check = simtrans_denoise::stage::transfer_check(
+            &denoise,
+            &data,
+            simtrans_denoise::transfer::GraphSettings {
+                mu: c.mu,
+                eye: c.eye,
+                alpha: c.alpha,
+            },
+        )?;
+        match check.warning() {
+            Some(w) => tracing::warn!("seed {}: {}: {w}", ctx.seed, ctx.node),
+            None => tracing::info!(
+                "seed {}: transfer check: cross-category pairs get {:.0} % of a same-category pair's \
+                 adjacency (warning at {:.0} %); same-vs-cross AUC {}",
+                ctx.seed,
+                100.0 * check.cross_to_same,
+                100.0 * simtrans_denoise::transfer::WARN_RATIO,
+                check.auc.map_or("n/a".into(), |a| format!("{a:.3}"))
+            ),
+        }
+        Ok(())
+    }
 }

@@ -218,6 +218,22 @@ impl GraphReg {
         Ok(self.reg.loss(g, &a_hat)?.affine(self.alpha, 0.0)?)
     }
 
+    /// The two terms of a graph epoch's loss and the adjacency they used, kept apart for the
+    /// graph-term accounting of the report; [`GraphTerms::total`] is [`Self::total_loss`].
+    pub fn terms(
+        &self,
+        logits: &Tensor,
+        labels: &Tensor,
+        weights: &Tensor,
+        g: &Tensor,
+        a: &Tensor,
+    ) -> Result<GraphTerms> {
+        let ce = weighted_ce(logits, labels, weights)?;
+        let a_hat = adjacency(a, labels, self.mu, self.eye)?;
+        let reg = self.reg.loss(g, &a_hat)?.affine(self.alpha, 0.0)?;
+        Ok(GraphTerms { ce, reg, a_hat })
+    }
+
     /// The whole loss of a graph epoch: `mean_b(w_b · CE_b) + α · reg(g, Â)`.
     pub fn total_loss(
         &self,
@@ -229,6 +245,24 @@ impl GraphReg {
     ) -> Result<Tensor> {
         let ce = weighted_ce(logits, labels, weights)?;
         Ok((ce + self.loss(g, a, labels)?)?)
+    }
+}
+
+/// One graph batch's loss in its parts.
+#[derive(Debug, Clone)]
+pub struct GraphTerms {
+    /// `mean_b(w_b · CE_b)`.
+    pub ce: Tensor,
+    /// `α · reg(g, Â)`.
+    pub reg: Tensor,
+    /// `Â [B, B]` (detached).
+    pub a_hat: Tensor,
+}
+
+impl GraphTerms {
+    /// `ce + α · reg`, the loss that is differentiated.
+    pub fn total(&self) -> Result<Tensor> {
+        Ok((&self.ce + &self.reg)?)
     }
 }
 

@@ -6,8 +6,14 @@
 //! every epoch the model is checkpointed (resume after a kill) and measured on the novel test
 //! set — that number is logged and recorded as `top1_test_per_epoch`, labelled as the test set,
 //! and never used to choose the model: the artifact is the final epoch.
+//!
+//! Graph epochs also account for the graph term ([`GraphAccount`]): the mean weighted CE and
+//! `α·reg` apart, and the mean adjacency `Â` over pairs of the same and of different web labels
+//! (and true classes, where the data index knows them), logged per epoch and kept in the
+//! history as `graph_epochs`. The final model's per-image correctness on the test set
+//! (`test_ids`, `correct_final`) lets the eval stage bootstrap paired differences.
 
-use crate::losses::{weighted_ce, GraphReg};
+use crate::losses::{weighted_ce, GraphReg, GraphTerms};
 use crate::variants::{schedule, Phase, Variant};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarMap;
@@ -100,6 +106,15 @@ fn top1(labels: &[u32], preds: &[u32]) -> f64 {
     hits as f64 / labels.len().max(1) as f64
 }
 
+/// One batch's training loss, with its parts on graph epochs.
+#[derive(Debug)]
+pub struct BatchLoss {
+    /// What is differentiated.
+    pub loss: Tensor,
+    /// The weighted CE, `α·reg` and `Â` of a graph batch.
+    pub graph: Option<GraphTerms>,
+}
+
 /// The training loss of one batch: `mean(w·CE)`, plus on graph epochs `α·reg(g, Â)` with
 /// `A[i, j] = sim([f_j ; f_i])` computed by the frozen SimNet (eval mode, no gradient) on the
 /// same augmented images.
@@ -109,17 +124,95 @@ pub fn batch_loss(
     x: &Tensor,
     y: &Tensor,
     w: &Tensor,
-) -> anyhow::Result<Tensor> {
+) -> anyhow::Result<BatchLoss> {
     let (logits, g) = net.forward(x, BnMode::Train)?;
     Ok(match graph {
         Some((sim, reg)) => {
             // A constant of the loss, as in the reference (the SimNet is frozen).
             let f = sim.features(x)?;
             let a = sim.similarity_matrix(&f, &f)?.t()?.detach();
-            reg.total_loss(&logits, y, w, &g, &a)?
+            let terms = reg.terms(&logits, y, w, &g, &a)?;
+            BatchLoss {
+                loss: terms.total()?,
+                graph: Some(terms),
+            }
         }
-        None => weighted_ce(&logits, y, w)?,
+        None => BatchLoss {
+            loss: weighted_ce(&logits, y, w)?,
+            graph: None,
+        },
     })
+}
+
+/// Sums of `Â` and pair counts over one kind of pair (off the diagonal).
+#[derive(Debug, Default, Clone, Copy)]
+struct PairSum {
+    sum: f64,
+    pairs: u64,
+}
+
+impl PairSum {
+    fn mean(self) -> Option<f64> {
+        (self.pairs > 0).then(|| self.sum / self.pairs as f64)
+    }
+}
+
+/// One graph epoch's accounting of the graph term (see the module doc).
+#[derive(Debug, Default)]
+pub struct GraphAccount {
+    batches: usize,
+    ce: f64,
+    reg: f64,
+    /// Same web label, different web labels, same true class, different true classes.
+    pairs: [PairSum; 4],
+}
+
+impl GraphAccount {
+    /// Adds one batch: its CE and `α·reg`, `Â` as rows, the web labels and, where known, the
+    /// true classes (`None`: junk, a class of its own) of its images.
+    pub fn add(
+        &mut self,
+        ce: f64,
+        reg: f64,
+        a_hat: &[Vec<f32>],
+        web: &[u32],
+        truth: Option<&[Option<u32>]>,
+    ) {
+        self.batches += 1;
+        self.ce += ce;
+        self.reg += reg;
+        for (i, row) in a_hat.iter().enumerate() {
+            for (j, &a) in row.iter().enumerate() {
+                if i == j {
+                    continue;
+                }
+                let web_slot = usize::from(web[i] != web[j]);
+                self.pairs[web_slot].sum += a as f64;
+                self.pairs[web_slot].pairs += 1;
+                if let Some(t) = truth {
+                    let same = matches!((t[i], t[j]), (Some(x), Some(y)) if x == y);
+                    let slot = 2 + usize::from(!same);
+                    self.pairs[slot].sum += a as f64;
+                    self.pairs[slot].pairs += 1;
+                }
+            }
+        }
+    }
+
+    /// The epoch's record: means per batch and per pair.
+    pub fn record(&self, epoch: usize) -> serde_json::Value {
+        let n = self.batches.max(1) as f64;
+        let [same, cross, same_true, cross_true] = self.pairs.map(PairSum::mean);
+        serde_json::json!({
+            "epoch": epoch,
+            "ce": self.ce / n,
+            "alpha_reg": self.reg / n,
+            "a_hat_same_label": same,
+            "a_hat_cross_label": cross,
+            "a_hat_same_true_class": same_true,
+            "a_hat_cross_true_class": cross_true,
+        })
+    }
 }
 
 /// Runs steps 3a and 3b of the variant named by `ctx.node.variant`.
@@ -162,6 +255,11 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
         .map(|it| (it.id, data.local_label(it)))
         .collect();
     let test_ids: Vec<u32> = test.iter().map(|p| p.0).collect();
+    // True classes of the web images, where the data index knows every one.
+    let truth_of: Option<HashMap<u32, Option<u32>>> = web
+        .iter()
+        .all(|it| it.noise != NoiseKind::Unknown)
+        .then(|| web.iter().map(|it| (it.id, it.true_label)).collect());
     let test_labels: Vec<u32> = test.iter().map(|p| p.1).collect();
 
     let plans = schedule(variant, cfg, ctx.config.denoise.top_r)?;
@@ -191,7 +289,8 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
 
     // Resume.
     let checkpoints = ctx.checkpoints();
-    let mut history = serde_json::json!({ "train_loss": [], "top1_test_per_epoch": [] });
+    let mut history =
+        serde_json::json!({ "train_loss": [], "top1_test_per_epoch": [], "graph_epochs": [] });
     let mut start = 0;
     if let Some(r) = checkpoints.latest(&ctx.device)? {
         let data_map = varmap.data().lock().expect("varmap lock");
@@ -243,6 +342,7 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
         let prefetched =
             loader.prefetch(batches, seeds, Augment::Train, prefetch::DEPTH, &ctx.device);
         let mut loss_sum = 0.0;
+        let mut account = GraphAccount::default();
         for (b, item) in prefetched.enumerate() {
             let (ids, x) = item?;
             let y: Vec<u32> = ids.iter().map(|id| label_of[id]).collect();
@@ -250,10 +350,12 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
                 .iter()
                 .map(|id| weights.get(*id))
                 .collect::<simtrans_denoise::Result<_>>()?;
+            let web_labels = y.clone();
             let y = Tensor::new(y, &ctx.device)?;
             let w = Tensor::new(w, &ctx.device)?;
             let graph_net = simnet.as_ref().filter(|_| plan.graph_loss);
-            let loss = batch_loss(&net, graph_net.map(|s| (s, &graph)), &x, &y, &w)?;
+            let BatchLoss { loss, graph: terms } =
+                batch_loss(&net, graph_net.map(|s| (s, &graph)), &x, &y, &w)?;
             sgd.step(&simtrans_core::grad::backward(&loss)?)?;
             // Read after the update is queued: one wait for the device per step. A
             // non-finite loss still stops the stage before any checkpoint takes it in.
@@ -268,7 +370,20 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
                 .into());
             }
             loss_sum += l;
+            if let Some(t) = terms {
+                let truth: Option<Vec<Option<u32>>> = truth_of
+                    .as_ref()
+                    .map(|m| ids.iter().map(|id| m[id]).collect());
+                account.add(
+                    t.ce.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+                    t.reg.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+                    &t.a_hat.to_dtype(DType::F32)?.to_vec2::<f32>()?,
+                    &web_labels,
+                    truth.as_deref(),
+                );
+            }
         }
+        let graph_record = (account.batches > 0).then(|| account.record(e));
         let preds = predict(
             &net,
             &loader,
@@ -287,10 +402,26 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
             .as_array_mut()
             .expect("array")
             .push(acc.into());
-        ctx.log_json(&serde_json::json!({
+        let mut line = serde_json::json!({
             "epoch": e, "phase": format!("{:?}", plan.phase), "kind": format!("{:?}", plan.kind),
             "lr": plan.lr, "train_loss": mean_loss, "top1_test": acc,
-        }))?;
+        });
+        if let Some(r) = &graph_record {
+            line["graph"] = r.clone();
+            tracing::info!(
+                "{} epoch {e}: weighted CE {:.4}, α·reg {:.4}, mean Â same label {:.3} / cross label {:.3}",
+                ctx.node,
+                r["ce"].as_f64().unwrap_or(f64::NAN),
+                r["alpha_reg"].as_f64().unwrap_or(f64::NAN),
+                r["a_hat_same_label"].as_f64().unwrap_or(f64::NAN),
+                r["a_hat_cross_label"].as_f64().unwrap_or(f64::NAN),
+            );
+            history["graph_epochs"]
+                .as_array_mut()
+                .expect("array")
+                .push(r.clone());
+        }
+        ctx.log_json(&line)?;
         tracing::info!(
             "{} epoch {e}: loss {mean_loss:.4}, novel test top-1 {:.2} %",
             ctx.node,
@@ -337,6 +468,8 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
             "top1_test_selected": per_epoch.iter().cloned().fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x)))),
             "per_class_final": per_class,
             "confusion_final": conf,
+            "test_ids": test_ids,
+            "correct_final": test_labels.iter().zip(&preds).map(|(l, p)| u8::from(l == p)).collect::<Vec<u8>>(),
             "history": history,
         }),
         meta: BTreeMap::from([
@@ -354,6 +487,39 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
 mod tests {
     use super::*;
     use simtrans_backbone::Arch;
+
+    #[test]
+    fn graph_accounting_splits_pairs_by_web_label_and_true_class() {
+        let mut acc = GraphAccount::default();
+        // Three images: 0 and 1 found for category 0, 2 for category 1; image 1 is truly of
+        // class 1 and the diagonal is never counted.
+        let a_hat = vec![
+            vec![9.0, 0.2, 0.1],
+            vec![0.4, 9.0, 0.8],
+            vec![0.3, 0.6, 9.0],
+        ];
+        let truth = [Some(0), Some(1), Some(1)];
+        acc.add(1.0, 0.5, &a_hat, &[0, 0, 1], Some(&truth));
+        acc.add(3.0, 1.5, &a_hat, &[0, 0, 1], Some(&truth));
+        let r = acc.record(7);
+        assert_eq!(r["epoch"], 7);
+        assert!((r["ce"].as_f64().unwrap() - 2.0).abs() < 1e-12);
+        assert!((r["alpha_reg"].as_f64().unwrap() - 1.0).abs() < 1e-12);
+        let close = |k: &str, v: f64| (r[k].as_f64().unwrap() - v).abs() < 1e-6;
+        assert!(close("a_hat_same_label", (0.2 + 0.4) / 2.0), "{r}");
+        assert!(
+            close("a_hat_cross_label", (0.1 + 0.8 + 0.3 + 0.6) / 4.0),
+            "{r}"
+        );
+        assert!(close("a_hat_same_true_class", (0.8 + 0.6) / 2.0), "{r}");
+        assert!(
+            close("a_hat_cross_true_class", (0.2 + 0.1 + 0.4 + 0.3) / 4.0),
+            "{r}"
+        );
+        let mut unknown = GraphAccount::default();
+        unknown.add(1.0, 0.5, &a_hat, &[0, 0, 1], None);
+        assert!(unknown.record(0)["a_hat_same_true_class"].is_null());
+    }
     use simtrans_core::{Config, Preset};
     use simtrans_simnet::{SimNet, SimNetShape};
 
@@ -386,6 +552,13 @@ mod tests {
         let reg = GraphReg::from_config(&cfg.classifier).unwrap();
         let with_graph = batch_loss(&net, Some((&sim, &reg)), &x, &y, &w).unwrap();
         let plain = batch_loss(&net, None, &x, &y, &w).unwrap();
+        assert!(plain.graph.is_none());
+        let terms = with_graph.graph.as_ref().unwrap();
+        assert_eq!(terms.a_hat.dims(), &[6, 6]);
+        let parts = (terms.ce.to_scalar::<f32>().unwrap() + terms.reg.to_scalar::<f32>().unwrap())
+            - with_graph.loss.to_scalar::<f32>().unwrap();
+        assert!(parts.abs() < 1e-6, "the parts add up to the loss: {parts}");
+        let (with_graph, plain) = (with_graph.loss, plain.loss);
         let (a, b) = (
             with_graph.to_scalar::<f32>().unwrap(),
             plain.to_scalar::<f32>().unwrap(),

@@ -124,6 +124,27 @@ impl Variant {
         self.switches().graph
     }
 
+    /// The part of `[classifier]` this variant's training reads, as JSON: its cache key's
+    /// section. `variants` (which variants a run trains) is never part of it, the weight schemes
+    /// only where the variant weights, and the graph term's settings only where it has one, so
+    /// adding a variant or changing `alpha` retrains exactly the variants that read the change.
+    pub fn reads(self, cfg: &ClassifierConfig) -> serde_json::Value {
+        let mut section = serde_json::to_value(cfg).expect("the classifier config serialises");
+        let fields = section.as_object_mut().expect("a section is an object");
+        fields.remove("variants");
+        let s = self.switches();
+        if !(s.weighted_3a || s.weighted_3b) {
+            fields.remove("weights_3a");
+            fields.remove("weights_3b");
+        }
+        if !s.graph {
+            for f in ["alpha", "mu", "eye", "reg"] {
+                fields.remove(f);
+            }
+        }
+        section
+    }
+
     /// Parses a list of names (the `classifier.variants` setting), rejecting duplicates.
     pub fn parse_list<S: AsRef<str>>(names: &[S]) -> Result<Vec<Variant>> {
         let mut out: Vec<Variant> = Vec::with_capacity(names.len());
@@ -273,6 +294,29 @@ pub fn schedule(variant: Variant, cfg: &ClassifierConfig, top_r: f64) -> Result<
 mod tests {
     use super::*;
     use simtrans_core::Config;
+
+    #[test]
+    fn a_variant_reads_only_its_own_settings() {
+        let a = paper();
+        let mut b = a.clone();
+        b.variants.push("graph".into());
+        b.alpha = 0.5;
+        b.weights_3a = "avg1".into();
+        assert_eq!(Variant::Naive.reads(&a), Variant::Naive.reads(&b));
+        assert_eq!(Variant::Clean.reads(&a), Variant::Clean.reads(&b));
+        assert_ne!(Variant::Weighting.reads(&a), Variant::Weighting.reads(&b));
+        assert_ne!(Variant::Graph.reads(&a), Variant::Graph.reads(&b));
+        let mut c = a.clone();
+        c.alpha = 0.5;
+        assert_eq!(Variant::Weighting.reads(&a), Variant::Weighting.reads(&c));
+        assert_ne!(Variant::Full.reads(&a), Variant::Full.reads(&c));
+        // What every variant reads still keys every variant.
+        let mut d = a.clone();
+        d.epochs_3b += 1;
+        for v in Variant::ALL {
+            assert_ne!(v.reads(&a), v.reads(&d), "{v}");
+        }
+    }
 
     fn paper() -> ClassifierConfig {
         Config::preset(simtrans_core::Preset::Paper).classifier

@@ -175,6 +175,10 @@ pub struct DemoConfig {
     pub open_set_rate: f64,
     /// Fraction of each web set drawn from `run.junk_path` (needs that path).
     pub junk_rate: f64,
+    /// The closed-set donor of each novel class, in the order of `novel` (its confusable
+    /// partner, as on the web); empty: donors drawn uniformly from the other novel classes.
+    #[serde(default)]
+    pub closed_set_partner: Vec<String>,
 }
 
 /// Shared SGD and schedule settings of a training stage (the reference semantics).
@@ -256,6 +260,14 @@ pub struct DenoiseConfig {
     pub row_block: usize,
     /// Fraction R of a row averaged by the `avgR` weights.
     pub top_r: f64,
+    /// Web images (spread evenly over the novel categories) whose similarities to each other,
+    /// across categories, the transfer check measures: a `[M, M]` matrix in the artifact.
+    #[serde(default = "default_transfer_images")]
+    pub transfer_images: usize,
+}
+
+fn default_transfer_images() -> usize {
+    1024
 }
 
 /// Steps 3a/3b: the novel classifier and its baselines.
@@ -392,6 +404,7 @@ impl Config {
                 feature_batch: 100,
                 row_block: 32,
                 top_r: 0.5,
+                transfer_images: default_transfer_images(),
             },
             classifier: ClassifierConfig {
                 init: "imagenet".into(),
@@ -438,7 +451,9 @@ impl Config {
         c.classifier.epochs_3b = 6;
         c.classifier.batch_size = 32;
         c.classifier.graph_batch_size = 64;
-        c.classifier.optim = optim(0, 0.01, 2);
+        // Halved every epoch in 3a and again in 3b: each step ends at 1/32 of its start, so the
+        // final epoch is a settled model rather than one draw from a noisy trajectory.
+        c.classifier.optim = optim(0, 0.01, 1);
         c
     }
 
@@ -497,16 +512,27 @@ impl Config {
     /// the run-wide fields that change what it computes (never the device).
     pub fn stage_inputs(&self, stage: Stage) -> String {
         let section = match stage {
+            Stage::Data => serde_json::to_value(&self.data),
+            Stage::Backbone => serde_json::to_value(&self.backbone),
+            Stage::Simnet => serde_json::to_value(&self.simnet),
+            Stage::Denoise => serde_json::to_value(&self.denoise),
+            Stage::Classifier => serde_json::to_value(&self.classifier),
+            Stage::Eval => serde_json::to_value(&self.eval),
+        }
+        .expect("a config section serialises");
+        self.inputs_with(stage, section)
+    }
+
+    /// [`Self::stage_inputs`] with `section` standing for the stage's own section: the part of
+    /// it one node reads (a classifier variant reads only some of `[classifier]`).
+    pub fn inputs_with(&self, stage: Stage, section: serde_json::Value) -> String {
+        let section = match stage {
             Stage::Data => serde_json::json!({
-                "section": self.data,
+                "section": section,
                 "data_path": self.run.data_path,
                 "junk_path": self.run.junk_path,
             }),
-            Stage::Backbone => serde_json::json!({ "section": self.backbone }),
-            Stage::Simnet => serde_json::json!({ "section": self.simnet }),
-            Stage::Denoise => serde_json::json!({ "section": self.denoise }),
-            Stage::Classifier => serde_json::json!({ "section": self.classifier }),
-            Stage::Eval => serde_json::json!({ "section": self.eval }),
+            _ => serde_json::json!({ "section": section }),
         };
         let mut key = serde_json::json!({ "dataset": self.run.dataset, "inputs": section });
         // f32 is the exact path every earlier run used, so it adds nothing to the key and old
@@ -515,6 +541,185 @@ impl Config {
             key["precision"] = serde_json::json!(self.run.precision);
         }
         key.to_string()
+    }
+}
+
+impl Config {
+    /// Checks every field whose value no stage can work with, naming the first bad field and
+    /// what it accepts. The orchestrator calls it once on the resolved config, before any stage.
+    pub fn validate(&self) -> Result<()> {
+        let mut v = Validator::default();
+        let r = &self.run;
+        v.at_least("run.seeds", r.seeds, 1);
+        v.check(
+            "run.precision",
+            ["f32", "tf32", "bf16"].contains(&r.precision.as_str()),
+            &r.precision,
+            "one of f32, tf32, bf16",
+        );
+        let d = &self.data;
+        v.at_least("data.image_size", d.image_size, 1);
+        v.check(
+            "data.resize_ratio",
+            d.resize_ratio.is_finite() && d.resize_ratio >= 1.0,
+            d.resize_ratio,
+            "a number ≥ 1",
+        );
+        v.check(
+            "data.rotation_degrees",
+            d.rotation_degrees.is_finite() && d.rotation_degrees >= 0.0,
+            d.rotation_degrees,
+            "a number ≥ 0",
+        );
+        let [lo, hi] = d.crop_scale;
+        v.check(
+            "data.crop_scale",
+            lo > 0.0 && lo <= hi && hi <= 1.0,
+            format!("[{lo}, {hi}]"),
+            "[lo, hi] with 0 < lo ≤ hi ≤ 1",
+        );
+        v.check(
+            "data.std",
+            d.std.iter().all(|s| s.is_finite() && *s > 0.0),
+            format!("{:?}", d.std),
+            "three positive numbers",
+        );
+        let demo = &d.demo;
+        for (name, n) in [
+            ("data.demo.base_train_per_class", demo.base_train_per_class),
+            ("data.demo.web_per_class", demo.web_per_class),
+            ("data.demo.novel_test_per_class", demo.novel_test_per_class),
+        ] {
+            v.at_least(name, n, 1);
+        }
+        for (name, x) in [
+            ("data.demo.closed_set_rate", demo.closed_set_rate),
+            ("data.demo.open_set_rate", demo.open_set_rate),
+            ("data.demo.junk_rate", demo.junk_rate),
+        ] {
+            v.fraction(name, x);
+        }
+        v.at_least("backbone.batch_size", self.backbone.batch_size, 1);
+        v.optim("backbone.optim", &self.backbone.optim, true);
+        let s = &self.simnet;
+        for (name, n) in [
+            ("simnet.batch_a", s.batch_a),
+            ("simnet.classes_a", s.classes_a),
+            ("simnet.batch_b", s.batch_b),
+            ("simnet.classes_b", s.classes_b),
+            ("simnet.val_batches", s.val_batches),
+            ("simnet.val_classes", s.val_classes),
+            ("simnet.val_per_class", s.val_per_class),
+        ] {
+            v.at_least(name, n, 1);
+        }
+        v.check(
+            "simnet.beta",
+            s.beta.is_finite() && s.beta >= 0.0,
+            s.beta,
+            "a number ≥ 0 (0 switches the domain loss off)",
+        );
+        v.optim("simnet.optim", &s.optim, true);
+        let dn = &self.denoise;
+        v.at_least("denoise.feature_batch", dn.feature_batch, 1);
+        v.at_least("denoise.row_block", dn.row_block, 1);
+        v.at_least("denoise.transfer_images", dn.transfer_images, 2);
+        v.check(
+            "denoise.top_r",
+            dn.top_r > 0.0 && dn.top_r <= 1.0,
+            dn.top_r,
+            "a fraction in (0, 1]",
+        );
+        let c = &self.classifier;
+        v.check(
+            "classifier.epochs_3a",
+            c.epochs_3a + c.epochs_3b >= 1,
+            c.epochs_3a,
+            "epochs_3a + epochs_3b ≥ 1",
+        );
+        v.at_least("classifier.batch_size", c.batch_size, 1);
+        v.at_least("classifier.graph_batch_size", c.graph_batch_size, 2);
+        v.check(
+            "classifier.alpha",
+            c.alpha.is_finite() && c.alpha >= 0.0,
+            c.alpha,
+            "a number ≥ 0 (0 switches the graph term off)",
+        );
+        v.check(
+            "classifier.mu",
+            c.mu.is_finite() && c.mu != 0.0,
+            c.mu,
+            "a finite non-zero number (the paper uses -4)",
+        );
+        v.fraction("classifier.eye", c.eye);
+        v.optim("classifier.optim", &c.optim, false);
+        v.at_least("eval.batch_size", self.eval.batch_size, 1);
+        v.finish()
+    }
+}
+
+/// Collects the first invalid field of [`Config::validate`].
+#[derive(Default)]
+struct Validator {
+    error: Option<String>,
+}
+
+impl Validator {
+    fn check(&mut self, field: &str, ok: bool, value: impl std::fmt::Display, accepts: &str) {
+        if !ok && self.error.is_none() {
+            self.error = Some(format!(
+                "{field} = {value} is invalid: it must be {accepts}; fix it in the config file or with \
+                 `--set {field}=…`"
+            ));
+        }
+    }
+
+    fn at_least(&mut self, field: &str, value: usize, min: usize) {
+        self.check(field, value >= min, value, &format!("≥ {min}"));
+    }
+
+    fn fraction(&mut self, field: &str, x: f64) {
+        self.check(field, (0.0..=1.0).contains(&x), x, "a fraction in [0, 1]");
+    }
+
+    /// The schedule of a training stage; `epochs_required`: the section's own `epochs` is used
+    /// (the classifier counts its epochs in `epochs_3a`/`epochs_3b` instead).
+    fn optim(&mut self, section: &str, o: &OptimConfig, epochs_required: bool) {
+        if epochs_required {
+            self.at_least(&format!("{section}.epochs"), o.epochs, 1);
+        }
+        self.check(
+            &format!("{section}.lr"),
+            o.lr.is_finite() && o.lr > 0.0,
+            o.lr,
+            "a positive number",
+        );
+        self.check(
+            &format!("{section}.lr_decay"),
+            o.lr_decay > 0.0 && o.lr_decay <= 1.0,
+            o.lr_decay,
+            "a factor in (0, 1]",
+        );
+        self.at_least(&format!("{section}.lr_step"), o.lr_step, 1);
+        self.check(
+            &format!("{section}.momentum"),
+            (0.0..1.0).contains(&o.momentum),
+            o.momentum,
+            "in [0, 1)",
+        );
+        self.check(
+            &format!("{section}.weight_decay"),
+            o.weight_decay.is_finite() && o.weight_decay >= 0.0,
+            o.weight_decay,
+            "a number ≥ 0",
+        );
+    }
+
+    fn finish(self) -> Result<()> {
+        match self.error {
+            Some(e) => Err(CoreError::Config(e)),
+            None => Ok(()),
+        }
     }
 }
 
@@ -538,10 +743,11 @@ impl DemoConfig {
             base_train_per_class: 600,
             base_val_per_class: 50,
             web_per_class: 300,
-            novel_test_per_class: 200,
-            closed_set_rate: 0.40,
+            novel_test_per_class: 300,
+            closed_set_rate: 0.30,
             open_set_rate: 0.20,
             junk_rate: 0.0,
+            closed_set_partner: strings(&["Shirt", "Coat", "Ankle boot", "Sneaker"]),
         }
     }
 }
@@ -570,6 +776,47 @@ mod tests {
         assert!(!text.contains("precision"));
         let back: Config = toml::from_str(&text).unwrap();
         assert_eq!(back.run.precision, "f32");
+    }
+
+    #[test]
+    fn both_presets_are_valid() {
+        Config::preset(Preset::Demo).validate().unwrap();
+        Config::preset(Preset::Paper).validate().unwrap();
+    }
+
+    #[test]
+    fn validation_names_the_bad_field() {
+        for (assignment, field) in [
+            ("run.seeds=0", "run.seeds"),
+            ("run.precision=\"fp8\"", "run.precision"),
+            ("backbone.optim.lr=-1", "backbone.optim.lr"),
+            ("simnet.optim.epochs=0", "simnet.optim.epochs"),
+            ("simnet.optim.lr_step=0", "simnet.optim.lr_step"),
+            ("classifier.optim.lr_decay=1.5", "classifier.optim.lr_decay"),
+            ("classifier.optim.momentum=1.0", "classifier.optim.momentum"),
+            ("backbone.batch_size=0", "backbone.batch_size"),
+            (
+                "classifier.graph_batch_size=1",
+                "classifier.graph_batch_size",
+            ),
+            ("classifier.eye=2", "classifier.eye"),
+            ("classifier.alpha=-0.1", "classifier.alpha"),
+            ("classifier.mu=0", "classifier.mu"),
+            ("data.demo.closed_set_rate=1.2", "data.demo.closed_set_rate"),
+            ("data.crop_scale=[0.9, 0.5]", "data.crop_scale"),
+            ("denoise.top_r=0", "denoise.top_r"),
+            ("eval.batch_size=0", "eval.batch_size"),
+        ] {
+            let mut c = Config::preset(Preset::Demo);
+            c.set(assignment).unwrap();
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains(&format!("{field} = ")), "{assignment}: {err}");
+        }
+        let mut c = Config::preset(Preset::Demo);
+        c.set("classifier.epochs_3a=0").unwrap();
+        c.validate().unwrap();
+        c.set("classifier.epochs_3b=0").unwrap();
+        assert!(c.validate().is_err());
     }
 
     #[test]

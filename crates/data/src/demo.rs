@@ -21,8 +21,10 @@
 //! random. Hence the subset and the full files build the same benchmark (same pixels, same ids)
 //! whenever the recipe fits in the subset. Per web set of `W` images the noise counts are
 //! `round(W · rate)` for each kind (halves away from zero) and the rest are clean; each closed-set
-//! image comes from a novel class other than the set's own, drawn uniformly, and each open-set
-//! image from a base class, drawn uniformly. All draws come from
+//! image comes from the set's confusable partner when `closed_set_partner` names one per novel
+//! class (as web noise does: a search for "coat" returns shirts, not sneakers), else from a novel
+//! class other than the set's own, drawn uniformly; each open-set image comes from a base class,
+//! drawn uniformly. All draws come from
 //! `simtrans_core::seed::rng(seed, &["data", "demo", …], 0)`.
 //!
 //! # Item order (ids)
@@ -88,6 +90,9 @@ pub struct DemoSource {
     pub origin: String,
 }
 
+/// The `origin` of the subset compiled into the library.
+pub const EMBEDDED_ORIGIN: &str = "embedded Fashion-MNIST subset";
+
 /// The subset compiled into the library.
 pub fn embedded_source() -> Result<DemoSource> {
     let get = |i: usize| {
@@ -103,7 +108,7 @@ pub fn embedded_source() -> Result<DemoSource> {
             .iter()
             .map(|s| s.to_string())
             .collect(),
-        origin: "embedded Fashion-MNIST subset".into(),
+        origin: EMBEDDED_ORIGIN.into(),
     })
 }
 
@@ -302,14 +307,90 @@ fn by_class(set: &IdxImages, classes: usize) -> Vec<Vec<usize>> {
 /// The first `n` images of a class, or an error saying what the recipe asked for.
 fn head(pool: &[usize], n: usize, class: &str, file: &str, origin: &str) -> Result<Vec<usize>> {
     if pool.len() < n {
+        let more = if origin == EMBEDDED_ORIGIN {
+            ", or set run.data_path (--data-path) to the full Fashion-MNIST (Debian package \
+             dataset-fashion-mnist)"
+        } else {
+            ""
+        };
         return Err(DataError::Recipe(format!(
             "the recipe needs {n} images of class `{class}` from the {file} file of {origin}, which has only {}; \
-             lower the per-class counts or noise rates in [data.demo], or set run.data_path (--data-path) \
-             to the full Fashion-MNIST (Debian package dataset-fashion-mnist)",
+             lower the per-class counts or noise rates in [data.demo]{more}",
             pool.len()
         )));
     }
     Ok(pool[..n].to_vec())
+}
+
+/// The closed-set donor of each novel class when `data.demo.closed_set_partner` names one per
+/// class (in the order of `data.demo.novel`); `None` when the list is empty (donors uniform).
+fn closed_set_partners(
+    recipe: &DemoConfig,
+    names: &[String],
+    novel: &[u32],
+) -> Result<Option<Vec<u32>>> {
+    if recipe.closed_set_partner.is_empty() {
+        return Ok(None);
+    }
+    if recipe.closed_set_partner.len() != novel.len() {
+        return Err(DataError::Recipe(format!(
+            "data.demo.closed_set_partner names {} classes for {} novel classes; name one partner per \
+             novel class, in the order of data.demo.novel, or leave it empty for uniform donors",
+            recipe.closed_set_partner.len(),
+            novel.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(novel.len());
+    for (&c, p) in novel.iter().zip(&recipe.closed_set_partner) {
+        let id = names.iter().position(|n| n == p).map(|i| i as u32);
+        match id {
+            Some(id) if id != c && novel.contains(&id) => out.push(id),
+            _ => {
+                return Err(DataError::Recipe(format!(
+                    "data.demo.closed_set_partner: `{p}` (partner of `{}`) must be another novel class; \
+                     the novel classes are: {}",
+                    names[c as usize],
+                    recipe.novel.join(", ")
+                )))
+            }
+        }
+    }
+    Ok(Some(out))
+}
+
+/// Checks that every base and novel class has `data.demo.novel_test_per_class` test images,
+/// naming the smallest class and the largest value the source allows.
+fn check_test_pools(
+    recipe: &DemoConfig,
+    source: &DemoSource,
+    test_pool: &[Vec<usize>],
+    base: &[u32],
+    novel: &[u32],
+) -> Result<()> {
+    let want = recipe.novel_test_per_class;
+    let Some((smallest, have)) = base
+        .iter()
+        .chain(novel)
+        .map(|&c| (c, test_pool[c as usize].len()))
+        .min_by_key(|&(_, n)| n)
+    else {
+        return Ok(());
+    };
+    if have >= want {
+        return Ok(());
+    }
+    let more = if source.origin == EMBEDDED_ORIGIN {
+        " (or set run.data_path, --data-path, to the full Fashion-MNIST: Debian package \
+         dataset-fashion-mnist)"
+    } else {
+        ""
+    };
+    Err(DataError::Recipe(format!(
+        "data.demo.novel_test_per_class = {want}, but class `{}` has only {have} images in the test \
+         file of {} (the smallest class; the setting sizes the base test sets too): set it to at most \
+         {have}{more}",
+        source.class_names[smallest as usize], source.origin
+    )))
 }
 
 /// Builds the benchmark index of a recipe from a source (and junk images when the recipe has junk).
@@ -360,12 +441,17 @@ pub fn build(
         }
     };
 
+    let partners = closed_set_partners(recipe, names, &novel)?;
+
     // Draw the donor class of every noise slot, web set by web set.
     let mut rng = seed::rng(seed, &["data", "demo", "noise-sources"], 0);
     let mut donors: Vec<(Vec<u32>, Vec<u32>)> = Vec::new();
     let mut demand = vec![0usize; names.len()];
-    for &c in &novel {
-        let others: Vec<u32> = novel.iter().copied().filter(|&o| o != c).collect();
+    for (k, &c) in novel.iter().enumerate() {
+        let others: Vec<u32> = match &partners {
+            Some(p) => vec![p[k]],
+            None => novel.iter().copied().filter(|&o| o != c).collect(),
+        };
         let closed: Vec<u32> = (0..counts.closed_set)
             .map(|_| others[rng.random_range(0..others.len())])
             .collect();
@@ -435,21 +521,14 @@ pub fn build(
             }
         }
     }
-    let test_heads = |classes: &[u32]| -> Result<Vec<Vec<usize>>> {
+    check_test_pools(recipe, source, &test_pool, &base, &novel)?;
+    let test_heads = |classes: &[u32]| -> Vec<Vec<usize>> {
         classes
             .iter()
-            .map(|&c| {
-                head(
-                    &test_pool[c as usize],
-                    recipe.novel_test_per_class,
-                    &names[c as usize],
-                    "test",
-                    &source.origin,
-                )
-            })
+            .map(|&c| test_pool[c as usize][..recipe.novel_test_per_class].to_vec())
             .collect()
     };
-    for (&b, imgs) in base.iter().zip(test_heads(&base)?) {
+    for (&b, imgs) in base.iter().zip(test_heads(&base)) {
         for i in imgs {
             push(
                 &mut items,
@@ -516,7 +595,7 @@ pub fn build(
             push(&mut items, img, c, Split::NovelWeb, kind, truth);
         }
     }
-    for (&c, imgs) in novel.iter().zip(test_heads(&novel)?) {
+    for (&c, imgs) in novel.iter().zip(test_heads(&novel)) {
         for i in imgs {
             push(
                 &mut items,

@@ -102,9 +102,9 @@ fn default_recipe_from_the_embedded_subset_has_exact_counts_and_truth() {
     let counts = index.split_counts();
     assert_eq!(counts["base_train"], 6 * 600);
     assert_eq!(counts["base_val"], 6 * 50);
-    assert_eq!(counts["base_test"], 6 * 200);
+    assert_eq!(counts["base_test"], 6 * 300);
     assert_eq!(counts["novel_web"], 4 * 300);
-    assert_eq!(counts["novel_test"], 4 * 200);
+    assert_eq!(counts["novel_test"], 4 * 300);
     assert_eq!(
         index.base_names(),
         [
@@ -120,7 +120,14 @@ fn default_recipe_from_the_embedded_subset_has_exact_counts_and_truth() {
         index.novel_names(),
         ["Coat", "Shirt", "Sneaker", "Ankle boot"]
     );
-    // Exactly 120 clean, 120 closed-set, 60 open-set images in every web set.
+    // Exactly 150 clean, 90 closed-set (all from the class's confusable partner), 60
+    // open-set images in every web set.
+    let partner = |c: u32| {
+        let name = &index.class_names[c as usize];
+        let k = recipe.novel.iter().position(|n| n == name).unwrap();
+        let p = &recipe.closed_set_partner[k];
+        index.class_names.iter().position(|n| n == p).unwrap() as u32
+    };
     for &c in &index.novel_classes {
         let set: Vec<_> = index
             .items_in(Split::NovelWeb)
@@ -135,13 +142,13 @@ fn default_recipe_from_the_embedded_subset_has_exact_counts_and_truth() {
                 n(NoiseKind::OpenSet),
                 n(NoiseKind::Junk)
             ),
-            (120, 120, 60, 0)
+            (150, 90, 60, 0)
         );
         for i in &set {
             let t = i.true_label.unwrap();
             match i.noise {
                 NoiseKind::Clean => assert_eq!(t, c),
-                NoiseKind::ClosedSet => assert!(t != c && index.novel_classes.contains(&t)),
+                NoiseKind::ClosedSet => assert_eq!(t, partner(c)),
                 NoiseKind::OpenSet => assert!(index.base_classes.contains(&t)),
                 k => panic!("unexpected {k:?}"),
             }
@@ -264,6 +271,94 @@ fn the_subset_and_the_full_files_build_the_same_benchmark() {
 }
 
 #[test]
+fn too_few_test_images_name_the_smallest_class_and_the_setting() {
+    // Trouser (first base class to fall short) keeps 10 test images, Bag 8 (the smallest).
+    let mut source = synthetic(60, 12);
+    let labels = source.test.labels.as_mut().unwrap();
+    for (class, moved) in [(1u8, 2), (8, 4)] {
+        let mut left = moved;
+        for l in labels.iter_mut() {
+            if *l == class && left > 0 {
+                *l = 0;
+                left -= 1;
+            }
+        }
+    }
+    let recipe = DemoConfig {
+        novel_test_per_class: 9,
+        junk_rate: 0.0,
+        ..small_recipe()
+    };
+    let e = demo::build(&recipe, &source, None, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("data.demo.novel_test_per_class = 9")
+            && e.contains("`Bag` has only 8")
+            && e.contains("at most 8")
+            && e.contains("base test")
+            && !e.contains("fashion-mnist"),
+        "{e}"
+    );
+    // The embedded subset holds 300 test images a class, and says where more are.
+    let e = demo::build(
+        &DemoConfig {
+            novel_test_per_class: 301,
+            ..DemoConfig::default_recipe()
+        },
+        &demo::embedded_source().unwrap(),
+        None,
+        0,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("at most 300") && e.contains("dataset-fashion-mnist"),
+        "{e}"
+    );
+}
+
+#[test]
+fn closed_set_partners_must_be_other_novel_classes() {
+    let source = synthetic(60, 12);
+    for (partners, needle) in [
+        (vec!["Shirt"], "names 1 classes for 4"),
+        (
+            vec!["Coat", "Coat", "Ankle boot", "Sneaker"],
+            "`Coat` (partner of `Coat`)",
+        ),
+        (
+            vec!["Shirt", "Coat", "Bag", "Sneaker"],
+            "`Bag` (partner of `Sneaker`)",
+        ),
+    ] {
+        let recipe = DemoConfig {
+            junk_rate: 0.0,
+            closed_set_partner: partners.iter().map(|s| s.to_string()).collect(),
+            ..small_recipe()
+        };
+        let e = demo::build(&recipe, &source, None, 0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(needle), "{e}");
+    }
+    // An empty list draws donors uniformly from the other novel classes.
+    let recipe = DemoConfig {
+        junk_rate: 0.0,
+        closed_set_partner: vec![],
+        ..small_recipe()
+    };
+    let index = demo::build(&recipe, &source, None, 0).unwrap();
+    let donors: HashSet<u32> = index
+        .items_in(Split::NovelWeb)
+        .iter()
+        .filter(|i| i.noise == NoiseKind::ClosedSet)
+        .map(|i| i.true_label.unwrap())
+        .collect();
+    assert_eq!(donors.len(), 4);
+}
+
+#[test]
 fn bad_recipes_are_refused_with_a_reason() {
     let source = synthetic(60, 12);
     let err = |r: DemoConfig, junk: Option<&IdxImages>| {
@@ -277,8 +372,9 @@ fn bad_recipes_are_refused_with_a_reason() {
         },
         Some(&junk_source(50)),
     );
+    // Another source than the embedded subset: no advice to install Fashion-MNIST.
     assert!(
-        e.contains("has only 60") && e.contains("train file") && e.contains("--data-path"),
+        e.contains("has only 60") && e.contains("train file") && !e.contains("fashion-mnist"),
         "{e}"
     );
     let e = err(

@@ -9,7 +9,8 @@
 //!
 //! This crate holds the pure formulas as tensor functions (CPU and CUDA alike):
 //! [`weights`] (the weight schemes and `one_mean`), [`similarity`] (the row-block streaming of
-//! `S`) and [`auc`] (weight quality). [`stage`] ties them to the data and SimNet
+//! `S`), [`auc`] (weight quality) and [`transfer`] (whether the similarity transfers to the
+//! novel web images, without ground truth). [`stage`] ties them to the data and SimNet
 //! artifacts: it writes `denoise.safetensors` and looks weights up by image id for step 3.
 
 pub mod auc;
@@ -17,6 +18,7 @@ pub mod bench;
 pub mod error;
 pub mod similarity;
 pub mod stage;
+pub mod transfer;
 pub mod weights;
 
 pub use error::{DenoiseError, Result};

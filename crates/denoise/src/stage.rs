@@ -6,11 +6,18 @@
 //! ids and `S`, so that any weight scheme can be derived later ([`SampleWeights`]), plus the
 //! default schemes' weights for inspection. Where the noise of the web images is known, the
 //! ROC-AUC of each scheme's weights (clean = positive) goes into the metrics.
+//!
+//! For the transfer check ([`crate::transfer`]) it also keeps the similarities of a sample of
+//! web images across categories: `transfer.ids [M]` (the same number of images from every
+//! category, `denoise.transfer_images` in all, drawn with the node's seeded generator) and
+//! `transfer.S [M, M]`. [`transfer_check`] reads them back with the graph term's settings.
 
 use crate::auc::weight_auc;
 use crate::similarity::similarity_matrix;
+use crate::transfer::{GraphSettings, TransferCheck};
 use crate::weights::{weights, WeightScheme};
 use candle_core::{DType, Device, Tensor};
+use rand::seq::SliceRandom;
 use simtrans_core::{
     Artifact, ArtifactSchema, CoreError, Stage, StageContext, StageOutput, TensorSpec,
 };
@@ -18,8 +25,8 @@ use simtrans_data::{DataIndex, Loader, NoiseKind, Split};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-/// Layout version of `denoise.safetensors`.
-pub const SCHEMA_VERSION: u32 = 1;
+/// Layout version of `denoise.safetensors` (2: the transfer sample).
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// What `denoise.safetensors` must hold.
 pub fn schema() -> ArtifactSchema {
@@ -31,6 +38,8 @@ pub fn schema() -> ArtifactSchema {
             TensorSpec::new("class_offsets", DType::U32, &[None]),
             TensorSpec::new("S.*", DType::F32, &[None, None]),
             TensorSpec::new("weights.*", DType::F32, &[None]),
+            TensorSpec::new("transfer.ids", DType::U32, &[None]),
+            TensorSpec::new("transfer.S", DType::F32, &[None, None]),
         ],
     )
 }
@@ -83,6 +92,9 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
         .flat_map(|ids| ids.chunks(chunk).map(|c| c.to_vec()))
         .collect();
     let mut prefetched = loader.prefetch_test(batches, &ctx.device);
+    let per_sample = (cfg.transfer_images / per_class.len().max(1)).max(1);
+    let mut sample_rng = ctx.rng("transfer-sample", 0);
+    let (mut sample_ids, mut sample_feats) = (vec![], vec![]);
     let bar = simtrans_core::progress::bar(data.novel_classes.len() as u64, "denoise: categories");
     for (k, ids) in per_class.into_iter().enumerate() {
         let mut feats = vec![];
@@ -93,6 +105,13 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
             feats.push(simnet.features(&x)?);
         }
         let feats = Tensor::cat(&feats, 0)?;
+        let mut picks: Vec<u32> = (0..ids.len() as u32).collect();
+        picks.shuffle(&mut sample_rng);
+        picks.truncate(per_sample);
+        picks.sort_unstable();
+        sample_ids.extend(picks.iter().map(|&i| ids[i as usize]));
+        let picks = Tensor::new(picks, feats.device())?;
+        sample_feats.push(feats.index_select(&picks, 0)?);
         let s = similarity_matrix(&feats, cfg.row_block, |rows, all| {
             simnet.similarity_matrix(rows, all)
         })?
@@ -107,6 +126,20 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
         bar.inc(1);
     }
     bar.finish_and_clear();
+
+    // Similarities of the sample across categories, for the transfer check.
+    let sample_feats = Tensor::cat(&sample_feats, 0)?;
+    let sample_s = similarity_matrix(&sample_feats, cfg.row_block, |rows, all| {
+        simnet.similarity_matrix(rows, all)
+    })?
+    .to_dtype(DType::F32)?
+    .to_device(&Device::Cpu)?;
+    let m = sample_ids.len();
+    tensors.insert(
+        "transfer.ids".into(),
+        Tensor::from_vec(sample_ids, m, &Device::Cpu)?,
+    );
+    tensors.insert("transfer.S".into(), sample_s);
 
     // Weight quality where the noise ground truth is known.
     let mut auc = serde_json::Map::new();
@@ -153,6 +186,48 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
         metrics: serde_json::json!({ "web_images": n, "weights_auc": auc }),
         meta: BTreeMap::from([("top_r".to_string(), cfg.top_r.to_string())]),
     })
+}
+
+/// The transfer check of a denoise artifact: its cross-category sample, the web and (where
+/// every sampled image's is known) true labels from the data index, and the graph term's settings.
+pub fn transfer_check(
+    denoise: &Artifact,
+    data: &DataIndex,
+    graph: GraphSettings,
+) -> anyhow::Result<TransferCheck> {
+    let ids = denoise.tensor("transfer.ids")?.to_vec1::<u32>()?;
+    let s = denoise
+        .tensor("transfer.S")?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let items = ids
+        .iter()
+        .map(|&id| {
+            data.item(id).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "transfer sample image {id} is not in the data index; rebuild the denoise stage"
+                )
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let web: Vec<u32> = items.iter().map(|it| it.label).collect();
+    let truth: Option<Vec<Option<u32>>> = items
+        .iter()
+        .all(|it| it.noise != NoiseKind::Unknown)
+        .then(|| items.iter().map(|it| it.true_label).collect());
+    let web_items = data.items_in(Split::NovelWeb);
+    let sizes: Vec<usize> = data
+        .novel_classes
+        .iter()
+        .map(|&c| web_items.iter().filter(|it| it.label == c).count())
+        .collect();
+    Ok(crate::transfer::check(
+        &s,
+        &web,
+        truth.as_deref(),
+        &sizes,
+        graph,
+    )?)
 }
 
 /// Per-image weights of one scheme, looked up by stable image id.

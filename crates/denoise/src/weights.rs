@@ -7,7 +7,7 @@
 //!
 //! * `savg1`: `w_i = ½ (mean_j S[i, j] + mean_j S[j, i])` — row and column mean (step 3a's default);
 //! * `avg1`: `w_i = mean_j S[i, j]` — row mean only (step 3b's default);
-//! * `avgR` / `avg<R>`: the mean of the `k = ⌈R·L⌉` largest entries of row `i` (so `avg1` is the
+//! * `avgR` / `avg<R>`: the mean of the `k = ⌊R·L⌋` largest entries of row `i` (so `avg1` is the
 //!   special case R = 1);
 //! * `none`: all ones (the unweighted baselines).
 //!
@@ -15,10 +15,10 @@
 //! loss keeps the scale of the unweighted one and categories of different sizes count alike.
 //! No threshold is applied, as in the reference.
 //!
-//! **Rounding of `k`.** `k = ⌈R·L⌉`, computed as `ceil(R·L − 1e-9)` so that a product that is an
-//! integer up to floating-point error (for example `0.3 · 10 = 3.0000000000000004`) is not rounded
-//! up to the next integer, then clamped to `[1, L]`. So at least one entry is always averaged, and
-//! `R = 1` averages the whole row.
+//! **Rounding of `k`.** `k = ⌊R·L⌋`, the reference's `int(R·L)` (Python truncates the same f64
+//! product, so `0.3 · 10 = 3.0000000000000004` gives 3 and `0.5 · 9` gives 4), then clamped to
+//! `[1, L]` so that at least one entry is always averaged (the reference would divide by zero
+//! for `R·L < 1`); `R = 1` averages the whole row.
 //!
 //! Everything runs as tensor operations on the device of `S` (CPU or CUDA); the only host
 //! synchronisation is the scalar mean read by `one_mean` to reject degenerate categories. On CUDA,
@@ -97,9 +97,9 @@ impl fmt::Display for WeightScheme {
     }
 }
 
-/// The number of entries `⌈R·L⌉` averaged per row by `avgR` (see the module doc for the rounding).
+/// The number of entries `⌊R·L⌋` averaged per row by `avgR`, at least 1 (see the module doc).
 pub fn top_count(r: f64, l: usize) -> usize {
-    let k = (r * l as f64 - 1e-9).ceil();
+    let k = (r * l as f64).floor();
     (k.max(1.0) as usize).min(l.max(1))
 }
 
@@ -196,10 +196,11 @@ mod tests {
     }
 
     #[test]
-    fn top_count_rounds_up_but_not_on_float_noise() {
+    fn top_count_truncates_like_the_reference_with_a_floor_of_one() {
         assert_eq!(top_count(0.3, 10), 3);
-        assert_eq!(top_count(0.31, 10), 4);
-        assert_eq!(top_count(0.5, 7), 4);
+        assert_eq!(top_count(0.39, 10), 3);
+        assert_eq!(top_count(0.5, 9), 4);
+        assert_eq!(top_count(0.5, 7), 3);
         assert_eq!(top_count(0.01, 7), 1);
         assert_eq!(top_count(1.0, 7), 7);
     }
@@ -220,8 +221,8 @@ mod tests {
         for (a, b) in raw.iter().zip(want) {
             assert!((a - b).abs() < 1e-6, "{raw:?}");
         }
-        // Top ⌈0.5·3⌉ = 2 per row: (1+0.5)/2, (1+0.3)/2, (1+0.2)/2.
-        let top = raw_weights(&s, WeightScheme::AvgR(0.5))
+        // Top ⌊0.7·3⌋ = 2 per row: (1+0.5)/2, (1+0.3)/2, (1+0.2)/2.
+        let top = raw_weights(&s, WeightScheme::AvgR(0.7))
             .unwrap()
             .to_vec1::<f32>()
             .unwrap();

@@ -3,16 +3,15 @@
 Run from this folder: /root/golden-venv/bin/python make_golden.py  (writes denoise_golden.json).
 The formulas are written from SPEC.md (steps 2, 3a, 3b), independently of the Rust code:
 - savg1: w_i = (mean_j S_ij + mean_j S_ji) / 2; avg1: w_i = mean_j S_ij;
-- avgR: mean of the k = ceil(R*L) largest entries of row i, with R*L taken 1e-9 low so that a
-  product that is an integer up to float noise is not rounded up (0.3*10 = 3.0000000000000004
-  must give k = 3, not 4; the L = 10, R = 0.3 case below checks exactly this);
+- avgR: mean of the k = int(R*L) largest entries of row i, the reference's get_avg rule
+  (truncation of the f64 product: 0.3*10 = 3.0000000000000004 gives 3, 0.5*9 gives 4, 0.5*7
+  gives 3), with a floor of 1 that the reference lacks (it would average nothing); L = 9 and
+  L = 7 are the cases where R*L is fractional;
 - one_mean: w / mean(w);
 - AUC: the fraction of (clean, noisy) pairs where the clean weight is larger, ties counting 1/2,
   by brute force over all pairs (a different algorithm from the Rust mid-rank version).
 """
 import json
-import math
-
 import numpy as np
 
 rng = np.random.default_rng(20211206)
@@ -23,7 +22,7 @@ def one_mean(w):
 
 
 def top_mean(s, r):
-    k = min(s.shape[1], max(1, math.ceil(r * s.shape[1] - 1e-9)))
+    k = min(s.shape[1], max(1, int(r * s.shape[1])))
     return np.sort(s, axis=1)[:, ::-1][:, :k].mean(axis=1)
 
 
@@ -36,7 +35,7 @@ def auc(w, clean):
 
 
 cases = []
-for L in (10, 7):
+for L in (10, 7, 9):
     s = rng.uniform(0.0, 1.0, size=(L, L)).astype(np.float32)
     s64 = s.astype(np.float64)
     np.fill_diagonal(s64, 1.0)
