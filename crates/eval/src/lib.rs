@@ -5,7 +5,9 @@
 //! F1, weight-vs-noise ROC-AUC, wall times) into a [`summary::SeedResult`]. Over seeds,
 //! [`summary::summarise`] writes the stable `eval.json` and [`report::markdown`] the report.
 
+pub mod evidence;
 pub mod metrics;
 pub mod report;
 pub mod stage;
+pub mod stats;
 pub mod summary;

@@ -39,6 +39,7 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
         ..Default::default()
     };
     let mut tensors = BTreeMap::new();
+    let mut test_ids: Option<(String, serde_json::Value)> = None;
     for (name, path) in &ctx.upstream {
         let meta = Artifact::verify(path)?;
         let stage = name.split('-').next().unwrap_or(name).to_string();
@@ -53,6 +54,17 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
                 format!("confusion.{variant}"),
                 Tensor::from_vec(flat, (k, k), &Device::Cpu)?,
             );
+            // Paired comparisons need every variant's test images in one order.
+            match &test_ids {
+                Some((first, ids)) if *ids != m["test_ids"] => anyhow::bail!(
+                    "{} and {first} were measured on different test images; rebuild the classifier \
+                     stage (`cargo xtask stage classifier --run …`)",
+                    path.display()
+                ),
+                Some(_) => {}
+                None => test_ids = Some((path.display().to_string(), m["test_ids"].clone())),
+            }
+            let list = |v: &serde_json::Value| v.as_array().cloned().unwrap_or_default();
             result.variants.insert(
                 variant.to_string(),
                 VariantResult {
@@ -62,6 +74,14 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
                     per_class: serde_json::from_value(m["per_class_final"].clone())
                         .unwrap_or_default(),
                     confusion,
+                    correct: serde_json::from_value(m["correct_final"].clone())
+                        .unwrap_or_default(),
+                    top1_per_epoch: list(&m["history"]["top1_test_per_epoch"])
+                        .iter()
+                        .filter_map(|x| x.as_f64())
+                        .collect(),
+                    graph_epochs: serde_json::from_value(m["history"]["graph_epochs"].clone())
+                        .unwrap_or_default(),
                 },
             );
         } else if name == "simnet" {
@@ -80,11 +100,36 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
             }
         }
     }
+    result.transfer = transfer(ctx)?;
     Ok(StageOutput {
         tensors,
         metrics: serde_json::to_value(&result)?,
         meta: BTreeMap::new(),
     })
+}
+
+/// The transfer check of the seed's denoise artifact, with the graph term's settings of the
+/// config (`None` for a denoise artifact without the sample).
+fn transfer(ctx: &StageContext) -> anyhow::Result<Option<simtrans_denoise::transfer::TransferCheck>> {
+    let (Some(denoise), Some(data)) = (ctx.upstream.get("denoise"), ctx.upstream.get("data"))
+    else {
+        return Ok(None);
+    };
+    let denoise = Artifact::load(denoise, &simtrans_denoise::stage::schema(), &Device::Cpu)?;
+    let data = simtrans_data::DataIndex::from_artifact(&Artifact::load(
+        data,
+        &simtrans_data::DataIndex::schema(),
+        &Device::Cpu,
+    )?)?;
+    let c = &ctx.config.classifier;
+    let graph = simtrans_denoise::transfer::GraphSettings {
+        mu: c.mu,
+        eye: c.eye,
+        alpha: c.alpha,
+    };
+    Ok(Some(simtrans_denoise::stage::transfer_check(
+        &denoise, &data, graph,
+    )?))
 }
 
 /// Reads every seed's eval artifact and writes `eval.json`, `report.md` and PNGs in the run

@@ -5,7 +5,8 @@
 //! `dataset`, `preset`, `seeds`, `variants.<v>.{top1_final, top1_final_mean, top1_final_std,
 //! top1_test_selected_mean, paired_diff_vs_naive_mean, paired_diff_vs_naive_std}`, `gap_closed`,
 //! `simnet.pair_f1_base_val`, `weights_auc.{overall, closed_set, open_set}`, `wall_seconds.<stage>`,
-//! `novel_top1` and `baseline_top1`. Accuracies are fractions in [0, 1].
+//! `novel_top1` and `baseline_top1`, and the evidence keys of [`crate::evidence::add_evidence`].
+//! Accuracies are fractions in [0, 1].
 
 use crate::metrics::{mean, std};
 use serde::{Deserialize, Serialize};
@@ -13,7 +14,7 @@ use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 
 /// One classifier variant evaluated on the novel test set, one seed.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct VariantResult {
     /// Top-1 of the final epoch (the model the stage kept).
     pub top1_final: f64,
@@ -23,6 +24,15 @@ pub struct VariantResult {
     pub per_class: Vec<f64>,
     /// Confusion counts `[true][pred]` of the final model.
     pub confusion: Vec<Vec<u64>>,
+    /// Per test image (in the data index's novel-test order): 1 where the final model is right.
+    #[serde(default)]
+    pub correct: Vec<u8>,
+    /// Novel-test top-1 after every epoch (watched, never used for selection).
+    #[serde(default)]
+    pub top1_per_epoch: Vec<f64>,
+    /// The graph term's accounting per graph epoch (the classifier's `history.graph_epochs`).
+    #[serde(default)]
+    pub graph_epochs: Vec<BTreeMap<String, Value>>,
 }
 
 /// Everything measured for one seed.
@@ -38,6 +48,9 @@ pub struct SeedResult {
     pub weights_auc: BTreeMap<String, f64>,
     /// Wall time of each stage (classifier variants summed under `classifier`).
     pub wall_seconds: BTreeMap<String, f64>,
+    /// The transfer check of the seed's SimNet on its web images (`simtrans_denoise::transfer`).
+    #[serde(default)]
+    pub transfer: Option<simtrans_denoise::transfer::TransferCheck>,
 }
 
 fn opt_mean(xs: &[Option<f64>]) -> Value {
@@ -133,7 +146,7 @@ pub fn summarise(dataset: &str, preset: &str, results: &[SeedResult]) -> Value {
         let total: f64 = results.iter().filter_map(|r| r.wall_seconds.get(s)).sum();
         wall.insert(s.clone(), json!(total));
     }
-    json!({
+    let mut summary = json!({
         "dataset": dataset,
         "preset": preset,
         "seeds": seeds,
@@ -148,7 +161,9 @@ pub fn summarise(dataset: &str, preset: &str, results: &[SeedResult]) -> Value {
         "wall_seconds": wall,
         "novel_top1": mean_of("full").map_or(Value::Null, |x| json!(x)),
         "baseline_top1": mean_of("naive").map_or(Value::Null, |x| json!(x)),
-    })
+    });
+    crate::evidence::add_evidence(&mut summary, results);
+    summary
 }
 
 #[cfg(test)]
@@ -161,6 +176,7 @@ mod tests {
             top1_test_selected: Some(top1 + 0.01),
             per_class: vec![top1, top1],
             confusion: vec![vec![1, 0], vec![0, 1]],
+            ..Default::default()
         }
     }
 
