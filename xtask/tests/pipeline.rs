@@ -89,7 +89,16 @@ fn a_config_change_invalidates_exactly_its_stage_and_downstream() {
         ]
     );
 
+    // Only the variants with the graph term read alpha.
     changed.classifier.alpha = 0.5;
+    let fake = Fake::default();
+    let p = pipeline(dir.path(), changed.clone(), &fake);
+    let mut rebuilt = built(&p.reproduce(&[0], &none).unwrap());
+    rebuilt.sort();
+    assert_eq!(rebuilt, ["classifier-full", "classifier-graph", "eval"]);
+
+    // What every variant reads rebuilds every variant.
+    changed.classifier.epochs_3b += 2;
     let fake = Fake::default();
     let p = pipeline(dir.path(), changed, &fake);
     let mut rebuilt = built(&p.reproduce(&[0], &none).unwrap());
@@ -105,6 +114,27 @@ fn a_config_change_invalidates_exactly_its_stage_and_downstream() {
             "eval"
         ]
     );
+}
+
+#[test]
+fn adding_a_variant_trains_only_that_variant() {
+    let dir = tempfile::tempdir().unwrap();
+    let none = BTreeSet::new();
+    let fake = Fake::default();
+    let mut c = Config::preset(Preset::Demo);
+    c.classifier.variants = vec!["naive".into()];
+    pipeline(dir.path(), c.clone(), &fake)
+        .reproduce(&[0], &none)
+        .unwrap();
+    c.classifier.variants.push("full".into());
+    let fake = Fake::default();
+    let mut rebuilt = built(
+        &pipeline(dir.path(), c, &fake)
+            .reproduce(&[0], &none)
+            .unwrap(),
+    );
+    rebuilt.sort();
+    assert_eq!(rebuilt, ["classifier-full", "eval"]);
 }
 
 #[test]

@@ -243,8 +243,7 @@ impl GraphReg {
         g: &Tensor,
         a: &Tensor,
     ) -> Result<Tensor> {
-        let ce = weighted_ce(logits, labels, weights)?;
-        Ok((ce + self.loss(g, a, labels)?)?)
+        self.terms(logits, labels, weights, g, a)?.total()
     }
 }
 

@@ -112,7 +112,9 @@ fn variant_evidence(results: &[SeedResult], name: &str) -> Value {
     }
     let diffs: Vec<f64> = results
         .iter()
-        .filter_map(|r| Some(r.variants.get(name)?.top1_final - r.variants.get("naive")?.top1_final))
+        .filter_map(|r| {
+            Some(r.variants.get(name)?.top1_final - r.variants.get("naive")?.top1_final)
+        })
         .collect();
     let ci = t_interval(&diffs);
     let boots = bootstraps(results, name);
@@ -171,7 +173,10 @@ fn graph_terms(results: &[SeedResult], name: &str) -> Value {
     (0..first.len())
         .map(|e| {
             let mut row = Map::new();
-            row.insert("epoch".into(), first[e].get("epoch").cloned().unwrap_or(Value::Null));
+            row.insert(
+                "epoch".into(),
+                first[e].get("epoch").cloned().unwrap_or(Value::Null),
+            );
             for k in keys {
                 let xs: Vec<f64> = runs
                     .iter()
@@ -214,14 +219,15 @@ fn transfer(results: &[SeedResult]) -> Value {
         (!xs.is_empty()).then(|| xs.iter().sum::<f64>() / xs.len() as f64)
     };
     // Label-free figure against its truth, seed by seed.
-    let pairs = |free: &dyn Fn(&simtrans_denoise::transfer::TransferCheck) -> Option<f64>,
-                 truth: &dyn Fn(&simtrans_denoise::transfer::TransferCheck) -> Option<f64>| {
-        let (x, y): (Vec<f64>, Vec<f64>) = checks
-            .iter()
-            .filter_map(|(_, c)| Some((free(c)?, truth(c)?)))
-            .unzip();
-        json!({ "label_free": x, "truth": y, "pearson": pearson(&x, &y) })
-    };
+    let pairs =
+        |free: &dyn Fn(&simtrans_denoise::transfer::TransferCheck) -> Option<f64>,
+         truth: &dyn Fn(&simtrans_denoise::transfer::TransferCheck) -> Option<f64>| {
+            let (x, y): (Vec<f64>, Vec<f64>) = checks
+                .iter()
+                .filter_map(|(_, c)| Some((free(c)?, truth(c)?)))
+                .unzip();
+            json!({ "label_free": x, "truth": y, "pearson": pearson(&x, &y) })
+        };
     let truth_ratio = |c: &simtrans_denoise::transfer::TransferCheck| {
         let t = c.truth.as_ref()?;
         (t.same.mean_relax > 0.0).then(|| t.cross.mean_relax / t.same.mean_relax)
@@ -261,10 +267,8 @@ pub fn add_evidence(summary: &mut Value, results: &[SeedResult]) {
     let mut graph = Map::new();
     for name in &names {
         let ev = variant_evidence(results, name);
-        if let (Some(slot), Some(ev)) = (
-            summary["variants"][name].as_object_mut(),
-            ev.as_object(),
-        ) {
+        if let (Some(slot), Some(ev)) = (summary["variants"][name].as_object_mut(), ev.as_object())
+        {
             slot.extend(ev.clone());
         }
         let g = graph_terms(results, name);
@@ -302,7 +306,10 @@ mod tests {
                 .map(|(n, t)| {
                     let hits = (t * 100.0).round() as usize;
                     let correct = (0..100).map(|i| u8::from(i < hits)).collect();
-                    (n.to_string(), variant(*t, correct, vec![0.5, *t, *t - 0.01, *t]))
+                    (
+                        n.to_string(),
+                        variant(*t, correct, vec![0.5, *t, *t - 0.01, *t]),
+                    )
                 })
                 .collect(),
             ..Default::default()
@@ -313,9 +320,33 @@ mod tests {
     fn verdicts_intervals_and_interaction_from_paired_results() {
         // `weighting` beats naive by 3 to 5 points on every seed; `graph` is ±1 around it.
         let results = [
-            seed(0, &[("naive", 0.70), ("weighting", 0.74), ("graph", 0.71), ("full", 0.76)]),
-            seed(1, &[("naive", 0.60), ("weighting", 0.63), ("graph", 0.59), ("full", 0.62)]),
-            seed(2, &[("naive", 0.65), ("weighting", 0.70), ("graph", 0.66), ("full", 0.69)]),
+            seed(
+                0,
+                &[
+                    ("naive", 0.70),
+                    ("weighting", 0.74),
+                    ("graph", 0.71),
+                    ("full", 0.76),
+                ],
+            ),
+            seed(
+                1,
+                &[
+                    ("naive", 0.60),
+                    ("weighting", 0.63),
+                    ("graph", 0.59),
+                    ("full", 0.62),
+                ],
+            ),
+            seed(
+                2,
+                &[
+                    ("naive", 0.65),
+                    ("weighting", 0.70),
+                    ("graph", 0.66),
+                    ("full", 0.69),
+                ],
+            ),
         ];
         let mut summary = crate::summary::summarise("demo", "demo", &results);
         add_evidence(&mut summary, &results);
@@ -324,15 +355,29 @@ mod tests {
         // Differences 0.04, 0.03, 0.05: t-interval 0.04 ± 4.302653 · 0.01 / √3.
         let half = 4.302653 * 0.01 / 3f64.sqrt();
         let ci = &w["paired_diff_ci95"];
-        assert!((ci["lo"].as_f64().unwrap() - (0.04 - half)).abs() < 1e-6, "{ci}");
-        assert!((ci["hi"].as_f64().unwrap() - (0.04 + half)).abs() < 1e-6, "{ci}");
+        assert!(
+            (ci["lo"].as_f64().unwrap() - (0.04 - half)).abs() < 1e-6,
+            "{ci}"
+        );
+        assert!(
+            (ci["hi"].as_f64().unwrap() - (0.04 + half)).abs() < 1e-6,
+            "{ci}"
+        );
         assert_eq!(w["paired_bootstrap_ci95"].as_array().unwrap().len(), 3);
-        assert_eq!(summary["variants"]["graph"]["verdict"], json!("indistinguishable"));
+        assert_eq!(
+            summary["variants"]["graph"]["verdict"],
+            json!("indistinguishable")
+        );
         // Last three epochs t, t − 0.01, t: spread 0.01 on every seed.
         assert!((w["last3_spread_max"].as_f64().unwrap() - 0.01).abs() < 1e-12);
         // Interaction per seed: 0.76−0.74−0.71+0.70 = 0.01, 0.62−0.63−0.59+0.60 = 0, 0.69−0.70−0.66+0.65 = −0.02.
         let inter = &summary["interaction"];
-        let per: Vec<f64> = inter["per_seed"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+        let per: Vec<f64> = inter["per_seed"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
         for (a, b) in per.iter().zip([0.01, 0.0, -0.02]) {
             assert!((a - b).abs() < 1e-9, "{per:?}");
         }
@@ -357,7 +402,9 @@ mod tests {
         assert!((pearson(&[1.0, 2.0, 3.0], &[2.0, 4.0, 6.0]).unwrap() - 1.0).abs() < 1e-12);
         assert!((pearson(&[1.0, 2.0, 3.0], &[3.0, 2.0, 1.0]).unwrap() + 1.0).abs() < 1e-12);
         // x = 1..4, y = 1, 3, 2, 4: Σdx·dy = 4, Σdx² = Σdy² = 5, r = 0.8.
-        assert!((pearson(&[1.0, 2.0, 3.0, 4.0], &[1.0, 3.0, 2.0, 4.0]).unwrap() - 0.8).abs() < 1e-12);
+        assert!(
+            (pearson(&[1.0, 2.0, 3.0, 4.0], &[1.0, 3.0, 2.0, 4.0]).unwrap() - 0.8).abs() < 1e-12
+        );
         assert!(pearson(&[1.0, 2.0], &[1.0, 2.0]).is_none());
         assert!(pearson(&[1.0, 1.0, 1.0], &[1.0, 2.0, 3.0]).is_none());
     }

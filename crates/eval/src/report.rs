@@ -207,8 +207,7 @@ fn interval_text(v: &Value) -> Option<String> {
 }
 
 fn num(v: &Value, digits: usize) -> String {
-    v.as_f64()
-        .map_or("—".into(), |x| format!("{x:.digits$}"))
+    v.as_f64().map_or("—".into(), |x| format!("{x:.digits$}"))
 }
 
 /// The report's evidence: verdicts with confidence intervals, the interaction, how settled the
@@ -218,8 +217,11 @@ pub fn evidence_markdown(summary: &Value) -> String {
     let mut s = String::new();
     let order = ["weighting", "graph", "full", "clean"];
     let vars = summary["variants"].as_object();
-    let _ = writeln!(s, "## Did it help? Paired differences with 95 % confidence intervals
-");
+    let _ = writeln!(
+        s,
+        "## Did it help? Paired differences with 95 % confidence intervals
+"
+    );
     let _ = writeln!(
         s,
         "Points of top-1 against `naive` on the same seed. *Over seeds*: Student-t interval of the \
@@ -267,7 +269,9 @@ pub fn evidence_markdown(summary: &Value) -> String {
                 .as_f64()
                 .map_or("—".into(), points),
             interval_text(&v["paired_diff_ci95"])
-                .map_or("no interval over one seed".into(), |c| format!("95 % CI {c}")),
+                .map_or("no interval over one seed".into(), |c| format!(
+                    "95 % CI {c}"
+                )),
             v["verdict_basis"].as_str().unwrap_or("no basis")
         ));
     }
@@ -279,7 +283,9 @@ pub fn evidence_markdown(summary: &Value) -> String {
             "- Interaction, `full − weighting − graph + naive` (0 = the two components add up): \
              {} points ({}); {}.",
             inter["mean"].as_f64().map_or("—".into(), points),
-            interval_text(&inter["ci95"]).map_or("no interval over one seed".into(), |c| format!("95 % CI {c}")),
+            interval_text(&inter["ci95"]).map_or("no interval over one seed".into(), |c| format!(
+                "95 % CI {c}"
+            )),
             match inter["verdict"].as_str() {
                 Some("helped") => "the combination does better than the sum of its parts",
                 Some("hurt") => "the combination does worse than the sum of its parts",
@@ -292,7 +298,10 @@ pub fn evidence_markdown(summary: &Value) -> String {
         .map(|m| {
             m.iter()
                 .filter_map(|(n, v)| {
-                    Some(format!("`{n}` {:.2}", 100.0 * v["last3_spread_max"].as_f64()?))
+                    Some(format!(
+                        "`{n}` {:.2}",
+                        100.0 * v["last3_spread_max"].as_f64()?
+                    ))
                 })
                 .collect()
         })
@@ -318,7 +327,10 @@ fn transfer_markdown(t: &Value) -> String {
     if t.is_null() {
         return s;
     }
-    let _ = writeln!(s, "\n## Does the similarity transfer to the novel web images?\n");
+    let _ = writeln!(
+        s,
+        "\n## Does the similarity transfer to the novel web images?\n"
+    );
     let _ = writeln!(
         s,
         "Measured on a sample of web images across categories, with only the categories they were \
@@ -335,7 +347,10 @@ fn transfer_markdown(t: &Value) -> String {
     );
     for c in t["per_seed"].as_array().into_iter().flatten() {
         let tr = &c["truth"];
-        let true_ratio = match (tr["cross"]["mean_relax"].as_f64(), tr["same"]["mean_relax"].as_f64()) {
+        let true_ratio = match (
+            tr["cross"]["mean_relax"].as_f64(),
+            tr["same"]["mean_relax"].as_f64(),
+        ) {
             (Some(x), Some(y)) if y > 0.0 => format!("{:.2}", x / y),
             _ => "—".into(),
         };
@@ -348,7 +363,11 @@ fn transfer_markdown(t: &Value) -> String {
             num(&c["auc"], 3),
             num(&c["cross_to_same"], 2),
             num(&c["cross_share"], 2),
-            if c["warn"].as_bool() == Some(true) { "**yes**" } else { "no" },
+            if c["warn"].as_bool() == Some(true) {
+                "**yes**"
+            } else {
+                "no"
+            },
             num(&tr["auc"], 3),
             true_ratio,
             num(&tr["cross_share"], 2),
@@ -589,7 +608,10 @@ mod tests {
         let j = summarise("demo", "demo", &results);
         assert_eq!(j["variants"]["full"]["verdict"], serde_json::json!("hurt"));
         let md = markdown(&j, &results, &["Coat".into(), "Shirt".into()]);
-        assert!(md.contains("- `full` hurt: -5.00 points on average"), "{md}");
+        assert!(
+            md.contains("- `full` hurt: -5.00 points on average"),
+            "{md}"
+        );
         assert!(md.contains("**Warning** (3 seed(s))"), "{md}");
         assert!(md.contains("classifier.eye=0"), "{md}");
         assert!(md.contains("| 0 | 0.500 / 0.500 | 0.500 | 1.00 |"), "{md}");

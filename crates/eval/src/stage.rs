@@ -74,8 +74,7 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
                     per_class: serde_json::from_value(m["per_class_final"].clone())
                         .unwrap_or_default(),
                     confusion,
-                    correct: serde_json::from_value(m["correct_final"].clone())
-                        .unwrap_or_default(),
+                    correct: serde_json::from_value(m["correct_final"].clone()).unwrap_or_default(),
                     top1_per_epoch: list(&m["history"]["top1_test_per_epoch"])
                         .iter()
                         .filter_map(|x| x.as_f64())
@@ -110,7 +109,9 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
 
 /// The transfer check of the seed's denoise artifact, with the graph term's settings of the
 /// config (`None` for a denoise artifact without the sample).
-fn transfer(ctx: &StageContext) -> anyhow::Result<Option<simtrans_denoise::transfer::TransferCheck>> {
+fn transfer(
+    ctx: &StageContext,
+) -> anyhow::Result<Option<simtrans_denoise::transfer::TransferCheck>> {
     let (Some(denoise), Some(data)) = (ctx.upstream.get("denoise"), ctx.upstream.get("data"))
     else {
         return Ok(None);
@@ -192,6 +193,7 @@ pub fn write_report(
             first.seed,
             &first.variants.keys().cloned().collect::<Vec<_>>(),
         )?);
+        md.push_str(&graph_pictures(store, &summary)?);
         md.push_str(&weight_histogram(store, first.seed)?);
         md.push_str(&similarity_pictures(store, first.seed)?);
     }
@@ -241,6 +243,43 @@ fn curves(store: &RunStore, seed: u64, variants: &[String]) -> anyhow::Result<St
         header.join(" | "),
         "---|".repeat(epochs)
     ))
+}
+
+/// Per graph variant, the mean adjacency `Â` over same-label and cross-label pairs (and by true
+/// class where known) across the graph epochs, means over seeds (`graph_terms` of the summary).
+fn graph_pictures(store: &RunStore, summary: &serde_json::Value) -> anyhow::Result<String> {
+    let Some(vars) = summary["graph_terms"].as_object() else {
+        return Ok(String::new());
+    };
+    let keys = [
+        ("a_hat_same_label", "same web label"),
+        ("a_hat_cross_label", "different web labels"),
+        ("a_hat_same_true_class", "same true class"),
+        ("a_hat_cross_true_class", "different true classes"),
+    ];
+    let mut md = String::new();
+    for (name, rows) in vars {
+        let rows = rows.as_array().cloned().unwrap_or_default();
+        let mut series = vec![];
+        let mut legend = vec![];
+        for (k, label) in keys {
+            let s: Vec<f64> = rows.iter().filter_map(|r| r[k].as_f64()).collect();
+            if s.len() == rows.len() && !s.is_empty() {
+                legend.push(format!("{} = {label}", PALETTE[series.len()].1));
+                series.push(s);
+            }
+        }
+        if series.is_empty() {
+            continue;
+        }
+        let file = format!("graph-{name}.png");
+        line_chart_png(&series, 0.0, 1.0, &store.root.join(&file))?;
+        md.push_str(&format!(
+            "\n`{name}`: mean `Â` per graph epoch, y from 0 to 1; {}.\n\n![graph term of {name}]({file})\n",
+            legend.join(", ")
+        ));
+    }
+    Ok(md)
 }
 
 /// Histograms of the `savg1` weights of the web images, one per novel category, stacked by the

@@ -80,7 +80,12 @@ pub fn t_interval(xs: &[f64]) -> Option<Interval> {
 pub enum StatsError {
     /// The two models were not measured on the same number of images.
     #[error("paired bootstrap: {left} and {right} test images; both models must be measured on the same images")]
-    LengthMismatch { left: usize, right: usize },
+    LengthMismatch {
+        /// Images measured for the first model (`a`).
+        left: usize,
+        /// Images measured for the second model (`b`).
+        right: usize,
+    },
     /// Nothing to resample.
     #[error("paired bootstrap: no test images, or no resamples asked for")]
     Empty,
@@ -90,6 +95,7 @@ pub enum StatsError {
 struct SplitMix64(u64);
 
 impl SplitMix64 {
+    /// The next 64 pseudo-random bits.
     fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
@@ -100,7 +106,7 @@ impl SplitMix64 {
 
     /// Uniform in `0..n` (multiply-shift; the bias is below 2⁻³² for test-set sizes).
     fn below(&mut self, n: usize) -> usize {
-        ((self.next() >> 32) * n as u64 >> 32) as usize
+        (((self.next() >> 32) * n as u64) >> 32) as usize
     }
 }
 
@@ -202,7 +208,10 @@ mod tests {
         assert_eq!(t_quantile_975(10), 2.228139);
         assert_eq!(t_quantile_975(30), 2.042272);
         let t31 = t_quantile_975(31);
-        assert!(t31 < 2.042272 && t31 > 1.96 && (t31 - 2.039513).abs() < 1e-4, "{t31}");
+        assert!(
+            t31 < 2.042272 && t31 > 1.96 && (t31 - 2.039513).abs() < 1e-4,
+            "{t31}"
+        );
         assert!((t_quantile_975(100) - 1.983972).abs() < 1e-4);
         assert!((t_quantile_975(1_000_000) - 1.959964).abs() < 1e-5);
         assert!(t_quantile_975(0).is_infinite());

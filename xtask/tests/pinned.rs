@@ -1,0 +1,70 @@
+//! A tiny end-to-end CPU run whose results are pinned: any change that moves what the CPU path
+//! computes (a fused op's rounding, an order of operations, a data draw) fails here, so that
+//! it is made on purpose and the README's figures are refreshed with it.
+//!
+//! The pinned values are in `tests/pinned/demo-tiny.json`. When a change is meant to move them,
+//! run this test, check the printed values, and replace the file with them (the failure message
+//! prints the whole file). CPU results are deterministic for one binary on one machine; the
+//! matrix-multiply kernels are chosen by the processor's instruction set at run time, so a
+//! machine with another vector width may round differently (see README, "Results").
+
+use std::process::Command;
+
+mod common;
+
+/// On top of [`common::TINY`] (later `--set`s win): all five variants, fewer epochs.
+const PINNED: &[&str] = &[
+    "--ablations",
+    "--set=backbone.optim.epochs=2",
+    "--set=simnet.optim.epochs=2",
+    "--set=denoise.transfer_images=40",
+    "--set=classifier.epochs_3a=1",
+];
+
+/// What is pinned: every variant's final top-1, the SimNet's pair F1s, the weight AUC, the
+/// transfer check's AUC and the first graph epoch's loss terms of `full`.
+fn fingerprint(eval: &serde_json::Value) -> serde_json::Value {
+    let mut variants = serde_json::Map::new();
+    for (name, v) in eval["variants"].as_object().expect("variants") {
+        variants.insert(name.clone(), v["top1_final"].clone());
+    }
+    serde_json::json!({
+        "top1_final": variants,
+        "simnet": eval["simnet"],
+        "weights_auc_overall": eval["weights_auc"]["overall"],
+        "transfer_auc": eval["transfer"]["per_seed"][0]["auc"],
+        "full_first_graph_epoch": eval["graph_terms"]["full"][0],
+    })
+}
+
+#[test]
+fn a_tiny_demo_run_reproduces_its_pinned_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .arg("reproduce")
+        .args(common::TINY)
+        .args(PINNED)
+        .env("SIMTRANS_RUNS", dir.path())
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let eval: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("default/eval.json")).unwrap(),
+    )
+    .unwrap();
+    let got = fingerprint(&eval);
+    let pinned: serde_json::Value =
+        serde_json::from_str(include_str!("pinned/demo-tiny.json")).unwrap();
+    assert_eq!(
+        got,
+        pinned,
+        "the tiny demo run no longer reproduces its pinned results. If the change is meant to \
+         move them, replace xtask/tests/pinned/demo-tiny.json with:\n{}",
+        serde_json::to_string_pretty(&got).unwrap()
+    );
+}
