@@ -399,6 +399,39 @@ fn print_headline(summary: &serde_json::Value, store: &simtrans_core::RunStore) 
             summary["gap_closed"].as_f64().unwrap_or(0.0)
         );
     }
+    let full = &summary["variants"]["full"];
+    // The interval over seeds, else the one seed's bootstrap over the test images.
+    let ci = match &full["paired_diff_ci95"] {
+        serde_json::Value::Null => &full["paired_bootstrap_ci95"][0],
+        ci => ci,
+    };
+    if let (Some(d), Some(lo), Some(hi), Some(verdict)) = (
+        full["paired_diff_vs_naive_mean"].as_f64(),
+        ci["lo"].as_f64(),
+        ci["hi"].as_f64(),
+        full["verdict"].as_str(),
+    ) {
+        println!(
+            "  full − naive: {:+.2} points, 95 % CI {:+.2} to {:+.2} ({}): {}",
+            100.0 * d,
+            100.0 * lo,
+            100.0 * hi,
+            full["verdict_basis"].as_str().unwrap_or("?"),
+            match verdict {
+                "helped" => "SimTrans helped",
+                "hurt" => "SimTrans hurt",
+                _ => "cannot be told apart",
+            }
+        );
+    }
+    if let Some(warned) = summary["transfer"]["warned_seeds"].as_array() {
+        if !warned.is_empty() {
+            println!(
+                "  transfer check: the SimNet's similarity may not transfer (seeds {}); see the report",
+                summary["transfer"]["warned_seeds"]
+            );
+        }
+    }
     println!("report: {}", store.root.join("report.md").display());
 }
 
