@@ -45,34 +45,19 @@ impl StageRunner for RealStages {
         if ctx.node.stage != Stage::Classifier || !variant.switches().graph {
             return Ok(());
         }
-        let load = |name: &str, schema| {
-            simtrans_core::Artifact::load(
-                &ctx.seed_dir.join(format!("{name}.safetensors")),
-                &schema,
-                &candle_core::Device::Cpu,
-            )
-        };
-        let (Ok(denoise), Ok(data)) = (
-            load("denoise", simtrans_denoise::stage::schema()),
-            load("data", simtrans_data::DataIndex::schema()),
-        ) else {
+        let (denoise, data) = (
+            ctx.seed_dir.join("denoise.safetensors"),
+            ctx.seed_dir.join("data.safetensors"),
+        );
+        if !denoise.is_file() {
             tracing::info!(
                 "{}: no denoise artifact yet, so no transfer check",
                 ctx.node
             );
             return Ok(());
-        };
-        let data = simtrans_data::DataIndex::from_artifact(&data)?;
-        let c = &ctx.config.classifier;
-        let check = simtrans_denoise::stage::transfer_check(
-            &denoise,
-            &data,
-            simtrans_denoise::transfer::GraphSettings {
-                mu: c.mu,
-                eye: c.eye,
-                alpha: c.alpha,
-            },
-        )?;
+        }
+        let check =
+            simtrans_denoise::stage::transfer_check_files(&denoise, &data, &ctx.config.classifier)?;
         match check.warning() {
             Some(w) => tracing::warn!("seed {}: {}: {w}", ctx.seed, ctx.node),
             None => tracing::info!(

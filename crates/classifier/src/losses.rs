@@ -219,7 +219,8 @@ impl GraphReg {
     }
 
     /// The two terms of a graph epoch's loss and the adjacency they used, kept apart for the
-    /// graph-term accounting of the report; [`GraphTerms::total`] is [`Self::total_loss`].
+    /// graph-term accounting of the report; [`GraphTerms::total`] is the loss of a graph epoch,
+    /// `mean_b(w_b · CE_b) + α · reg(g, Â)`.
     pub fn terms(
         &self,
         logits: &Tensor,
@@ -232,18 +233,6 @@ impl GraphReg {
         let a_hat = adjacency(a, labels, self.mu, self.eye)?;
         let reg = self.reg.loss(g, &a_hat)?.affine(self.alpha, 0.0)?;
         Ok(GraphTerms { ce, reg, a_hat })
-    }
-
-    /// The whole loss of a graph epoch: `mean_b(w_b · CE_b) + α · reg(g, Â)`.
-    pub fn total_loss(
-        &self,
-        logits: &Tensor,
-        labels: &Tensor,
-        weights: &Tensor,
-        g: &Tensor,
-        a: &Tensor,
-    ) -> Result<Tensor> {
-        self.terms(logits, labels, weights, g, a)?.total()
     }
 }
 

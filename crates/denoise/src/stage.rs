@@ -230,6 +230,19 @@ pub fn transfer_check(
     )?)
 }
 
+/// [`transfer_check`] of the denoise and data artifacts at these paths, with the graph term's
+/// settings of `[classifier]`: what the orchestrator's warning and the eval stage both read.
+pub fn transfer_check_files(
+    denoise: &std::path::Path,
+    data: &std::path::Path,
+    classifier: &simtrans_core::config::ClassifierConfig,
+) -> anyhow::Result<TransferCheck> {
+    let denoise = Artifact::load(denoise, &schema(), &Device::Cpu)?;
+    let data =
+        DataIndex::from_artifact(&Artifact::load(data, &DataIndex::schema(), &Device::Cpu)?)?;
+    transfer_check(&denoise, &data, GraphSettings::from_config(classifier))
+}
+
 /// Per-image weights of one scheme, looked up by stable image id.
 #[derive(Debug, Clone)]
 pub struct SampleWeights {

@@ -49,6 +49,17 @@ pub struct GraphSettings {
     pub alpha: f64,
 }
 
+impl GraphSettings {
+    /// The settings of `[classifier]`.
+    pub fn from_config(c: &simtrans_core::config::ClassifierConfig) -> Self {
+        GraphSettings {
+            mu: c.mu,
+            eye: c.eye,
+            alpha: c.alpha,
+        }
+    }
+}
+
 /// `relax(s) = (e^{μs} − 1)/(e^{μ} − 1)`, the scalar form of step 3b's relax.
 pub fn relax(s: f64, mu: f64) -> f64 {
     (mu * s).exp_m1() / mu.exp_m1()

@@ -64,7 +64,6 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
                 Some(_) => {}
                 None => test_ids = Some((path.display().to_string(), m["test_ids"].clone())),
             }
-            let list = |v: &serde_json::Value| v.as_array().cloned().unwrap_or_default();
             result.variants.insert(
                 variant.to_string(),
                 VariantResult {
@@ -75,10 +74,10 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
                         .unwrap_or_default(),
                     confusion,
                     correct: serde_json::from_value(m["correct_final"].clone()).unwrap_or_default(),
-                    top1_per_epoch: list(&m["history"]["top1_test_per_epoch"])
-                        .iter()
-                        .filter_map(|x| x.as_f64())
-                        .collect(),
+                    top1_per_epoch: serde_json::from_value(
+                        m["history"]["top1_test_per_epoch"].clone(),
+                    )
+                    .unwrap_or_default(),
                     graph_epochs: serde_json::from_value(m["history"]["graph_epochs"].clone())
                         .unwrap_or_default(),
                 },
@@ -108,7 +107,7 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
 }
 
 /// The transfer check of the seed's denoise artifact, with the graph term's settings of the
-/// config (`None` for a denoise artifact without the sample).
+/// config (`None` when the node has no denoise upstream).
 fn transfer(
     ctx: &StageContext,
 ) -> anyhow::Result<Option<simtrans_denoise::transfer::TransferCheck>> {
@@ -116,20 +115,10 @@ fn transfer(
     else {
         return Ok(None);
     };
-    let denoise = Artifact::load(denoise, &simtrans_denoise::stage::schema(), &Device::Cpu)?;
-    let data = simtrans_data::DataIndex::from_artifact(&Artifact::load(
+    Ok(Some(simtrans_denoise::stage::transfer_check_files(
+        denoise,
         data,
-        &simtrans_data::DataIndex::schema(),
-        &Device::Cpu,
-    )?)?;
-    let c = &ctx.config.classifier;
-    let graph = simtrans_denoise::transfer::GraphSettings {
-        mu: c.mu,
-        eye: c.eye,
-        alpha: c.alpha,
-    };
-    Ok(Some(simtrans_denoise::stage::transfer_check(
-        &denoise, &data, graph,
+        &ctx.config.classifier,
     )?))
 }
 
