@@ -33,11 +33,13 @@ fn init_logging(common: Option<&Common>) {
         .init();
 }
 
-/// The configured device, with the configured GPU precision set for the process.
+/// The configured device, with the configured GPU precision and `[gpu]` settings installed for
+/// the process.
 fn device_of(config: &simtrans_core::Config) -> Result<candle_core::Device> {
-    use simtrans_core::device::{self, Precision};
-    device::set_precision(Precision::parse(&config.run.precision)?);
-    Ok(device::parse(&config.run.device)?)
+    use simtrans_core::device::{set_precision, Precision};
+    set_precision(Precision::parse(&config.run.precision)?);
+    simtrans_ops::gpu::configure(&config.gpu);
+    Ok(simtrans_ops::gpu::open(&config.run.device)?)
 }
 
 fn pipeline<'a>(common: &Common, runner: &'a RealStages) -> Result<Pipeline<'a>> {
@@ -117,7 +119,7 @@ fn run(cli: Cli) -> Result<()> {
                 start.elapsed().as_secs_f64(),
                 stages.join(", ")
             );
-            if let Some(bytes) = simtrans_core::device::memory_in_use(&p.device)? {
+            if let Some(bytes) = simtrans_ops::gpu::memory_in_use(&p.device)? {
                 // With the memory pool keeping freed memory: the run's high-water mark.
                 println!(
                     "smoke: GPU memory in use at the end: {:.2} GiB",
@@ -197,10 +199,10 @@ fn bench(what: &str, common: &Common) -> Result<()> {
     }
     // Fixed workloads to run under a kernel profiler (`ncu --profile-from-start off`,
     // scripts/gpu-bench.sh): the table's rows of the same names, run once to warm up, then
-    // once more inside the profiled range ([`simtrans_core::device::profiled`]).
+    // once more inside the profiled range ([`simtrans_ops::gpu::profiled`]).
     let profiled = |work: &dyn Fn() -> Result<serde_json::Value>| -> Result<serde_json::Value> {
         work()?;
-        simtrans_core::device::profiled(&device, work)
+        simtrans_ops::gpu::profiled(&device, work)
     };
     if what == "profile" {
         // Three ResNet-50 training steps at 224 px, batch 64 (one untimed, one timed, one

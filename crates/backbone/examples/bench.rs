@@ -4,7 +4,7 @@
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let device = simtrans_core::device::parse(args.get(1).map(String::as_str).unwrap_or("cpu"))?;
+    let device = simtrans_ops::gpu::open(args.get(1).map(String::as_str).unwrap_or("cpu"))?;
     let steps = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(5);
     let widths: Vec<usize> = args.iter().skip(3).filter_map(|s| s.parse().ok()).collect();
     let reports = if widths.is_empty() {

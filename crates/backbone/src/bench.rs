@@ -6,11 +6,12 @@
 
 use crate::error::Result;
 use crate::resnet::{arch_name, Arch, ResNet, DTYPE};
-use crate::{trainable_vars, BnMode};
+use crate::trainable_vars;
 use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
-use simtrans_core::hostprof::Phases;
-use simtrans_core::optim::Sgd;
+use simtrans_ops::hostprof::Phases;
+use simtrans_ops::optim::Sgd;
+use simtrans_ops::BnMode;
 use std::time::Instant;
 
 /// What one bench run measured.
@@ -33,7 +34,7 @@ pub struct BenchReport {
     /// The device, as candle names it.
     pub device: String,
     /// Bytes in use on the GPU after the warm-up step and after the timed steps
-    /// ([`simtrans_core::device::memory_in_use`]); `None` on the CPU.
+    /// ([`simtrans_ops::gpu::memory_in_use`]); `None` on the CPU.
     pub device_memory: Option<[u64; 2]>,
     /// Where a step's time goes: forward, backward and optimiser, from extra steps with a device
     /// synchronisation between phases.
@@ -61,26 +62,26 @@ pub fn bench(
     let mut step = || -> Result<()> {
         let (logits, _) = net.forward(&x, BnMode::Train)?;
         let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
-        sgd.step(&simtrans_core::grad::backward(&loss)?)?;
+        sgd.step(&simtrans_ops::grad::backward(&loss)?)?;
         // Reading the loss waits for asynchronous devices.
         loss.to_scalar::<f32>()?;
         Ok(())
     };
     step()?;
-    let memory_warm = simtrans_core::device::memory_in_use(device)?;
+    let memory_warm = simtrans_ops::gpu::memory_in_use(device)?;
     let start = Instant::now();
     for _ in 0..steps {
         step()?;
     }
     let seconds = start.elapsed().as_secs_f64();
-    let memory_timed = simtrans_core::device::memory_in_use(device)?;
+    let memory_timed = simtrans_ops::gpu::memory_in_use(device)?;
     let mut phases = Phases::new(&["forward", "backward", "optimiser"]);
     for _ in 0..steps.clamp(1, 3) {
         let loss = phases.time(0, device, || {
             let (logits, _) = net.forward(&x, BnMode::Train)?;
             candle_nn::loss::cross_entropy(&logits, &y)
         })?;
-        let grads = phases.time(1, device, || simtrans_core::grad::backward(&loss))?;
+        let grads = phases.time(1, device, || simtrans_ops::grad::backward(&loss))?;
         phases.time(2, device, || sgd.step(&grads))?;
     }
     Ok(BenchReport {

@@ -10,18 +10,15 @@
 //! crates can compose them with their own layers; loading and the stage return [`Result`].
 
 pub mod bench;
-pub mod bn;
-pub mod conv;
 pub mod error;
 pub mod resnet;
 pub mod stage;
 pub mod weights;
 
 pub use bench::{bench, bench_default, bench_files, BenchReport, FilesReport};
-pub use bn::{BatchNorm, BnMode};
 pub use error::{BackboneError, Result};
 pub use resnet::{Arch, ResNet};
-pub use stage::{load_model, run, schema};
+pub use stage::{artifact_arch, load_model, run, schema, SCHEMA_VERSION};
 pub use weights::{fetch, load_state_dict};
 
 use candle_core::Var;

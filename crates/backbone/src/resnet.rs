@@ -14,11 +14,11 @@
 //! (uniform in ±1/√fan-in for weight and bias). Draws come from the VarBuilder, which in this
 //! project is [`simtrans_core::seed::var_builder`] (candle's CPU generator cannot be seeded).
 
-use crate::bn::{BatchNorm, BnMode};
 use candle_core::{bail, DType, Result, Tensor};
 use candle_nn::init::{FanInOut, NormalOrUniform};
 use candle_nn::{Init, Module, VarBuilder};
 pub use simtrans_core::config::Arch;
+use simtrans_ops::bn::{BatchNorm, BnMode};
 
 /// torchvision's convolution initialisation.
 const CONV_INIT: Init = Init::Kaiming {
@@ -70,7 +70,7 @@ impl Conv {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        crate::conv::conv2d(x, &self.weight, self.padding, self.stride)
+        simtrans_ops::conv::conv2d(x, &self.weight, self.padding, self.stride)
     }
 }
 
@@ -180,17 +180,17 @@ impl Block {
 }
 
 /// The trunk on a CUDA device with fused ops: the stem as its own ops, then all residual
-/// blocks as one op ([`simtrans_core::cudnn::residual_blocks`]), or one op per block with
+/// blocks as one op ([`simtrans_ops::cudnn::residual_blocks`]), or one op per block with
 /// `SIMTRANS_FUSED_CHAIN=0`. `None` where the layer-by-layer path applies (no CUDA,
 /// `SIMTRANS_CUDNN=0` or `SIMTRANS_FUSED_BLOCKS=0`, evaluation mode without our BatchNorm
 /// kernels, or a BatchNorm with fewer than two values per channel, which the layer-by-layer
 /// path reports).
 #[cfg(feature = "cuda")]
 fn fused_trunk(net: &ResNet, x: &Tensor, mode: BnMode) -> Result<Option<Tensor>> {
-    use simtrans_core::cudnn::{self, BlockUnit, BlockUnits, Norm};
+    use simtrans_ops::cudnn::{self, BlockUnit, BlockUnits, Norm};
     let norm = match mode {
         // Evaluation mode needs our BatchNorm kernels (cuDNN's has no backward there).
-        BnMode::Eval if !simtrans_core::kernels::own_batch_norm() => return Ok(None),
+        BnMode::Eval if !simtrans_ops::kernels::own_batch_norm() => return Ok(None),
         BnMode::Eval => Norm::Running,
         _ => Norm::Batch(mode.split()),
     };
@@ -224,7 +224,7 @@ fn fused_trunk(net: &ResNet, x: &Tensor, mode: BnMode) -> Result<Option<Tensor>>
         return Ok(None);
     }
     if net.max_pool {
-        use simtrans_core::launch::pool_out;
+        use simtrans_ops::launch::pool_out;
         (h, w) = (pool_out(h), pool_out(w));
     }
     let mut units = Vec::new();
@@ -243,7 +243,7 @@ fn fused_trunk(net: &ResNet, x: &Tensor, mode: BnMode) -> Result<Option<Tensor>>
         let shortcut = block.down.as_ref().map(|d| unit(&d.conv, &d.bn, false));
         units.push(BlockUnits { main, shortcut });
     }
-    let (eps, momentum) = (crate::bn::EPS, crate::bn::MOMENTUM);
+    let (eps, momentum) = (simtrans_ops::bn::EPS, simtrans_ops::bn::MOMENTUM);
     let per_op = if cudnn::fused_chain() { units.len() } else { 1 };
     let mut y = net.stem(x, mode)?;
     for u in units.chunks(per_op.max(1)) {
@@ -258,15 +258,15 @@ fn fused_trunk(net: &ResNet, x: &Tensor, mode: BnMode) -> Result<Option<Tensor>>
 /// pass is exact. Where several inputs of a window tie for the maximum, candle's `maximum`
 /// shares the gradient between them, whereas PyTorch gives it to one; after a ReLU the only
 /// common ties are zeros, whose gradient the ReLU discards anyway. On CUDA devices our kernel
-/// (`simtrans_core::cudnn::max_pool_3x3_s2_p1`) runs instead and, like PyTorch, gives the
+/// (`simtrans_ops::cudnn::max_pool_3x3_s2_p1`) runs instead and, like PyTorch, gives the
 /// gradient to the first of the tied inputs.
 pub fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if simtrans_core::cudnn::enabled()
+    if simtrans_ops::cudnn::enabled()
         && x.device().is_cuda()
         && matches!(x.dtype(), DType::F32 | DType::BF16)
     {
-        return simtrans_core::cudnn::max_pool_3x3_s2_p1(x);
+        return simtrans_ops::cudnn::max_pool_3x3_s2_p1(x);
     }
     let (b, c, h, w) = x.dims4()?;
     let (ho, wo) = ((h - 1) / 2 + 1, (w - 1) / 2 + 1);
@@ -291,8 +291,8 @@ pub fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
 /// `relu(a + b)`, a residual block's tail: one fused op on CUDA devices.
 pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if simtrans_core::cudnn::enabled() && a.device().is_cuda() {
-        return simtrans_core::cudnn::add_relu(a, b);
+    if simtrans_ops::cudnn::enabled() && a.device().is_cuda() {
+        return simtrans_ops::cudnn::add_relu(a, b);
     }
     (a + b)?.relu()
 }
@@ -448,7 +448,7 @@ impl ResNet {
             }
         };
         // f32 features whatever the trunk's dtype.
-        simtrans_core::headops::global_avg_pool(&y)
+        simtrans_ops::headops::global_avg_pool(&y)
     }
 
     /// `(logits [B, classes], features [B, D])`; an error for a network built without `fc`.

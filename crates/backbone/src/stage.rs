@@ -21,16 +21,18 @@
 
 use crate::error::{BackboneError, Result};
 use crate::resnet::{arch_name, parse_arch, Arch, ResNet, DTYPE};
+use crate::trainable_vars;
 use crate::weights::{load_tensors, LoadError};
-use crate::{trainable_vars, BnMode};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarMap;
 use rand::Rng;
 use simtrans_core::artifact::{Artifact, ArtifactSchema, TensorSpec};
-use simtrans_core::optim::{step_lr, Sgd};
+use simtrans_core::checkpoint::varmap_tensors;
 use simtrans_core::stage::{Stage, StageContext, StageOutput};
 use simtrans_core::CoreError;
 use simtrans_data::{prefetch, sampler, Augment, DataIndex, Loader, Split};
+use simtrans_ops::optim::{step_lr, Sgd};
+use simtrans_ops::BnMode;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -145,16 +147,6 @@ pub fn load_model(
     Ok((net, varmap))
 }
 
-/// Every variable of a map by name, copied (so later training does not alter them).
-pub fn varmap_tensors(varmap: &VarMap) -> Result<BTreeMap<String, Tensor>> {
-    let data = varmap.data().lock().expect("varmap lock");
-    let mut out = BTreeMap::new();
-    for (k, v) in data.iter() {
-        out.insert(k.clone(), v.as_tensor().copy()?);
-    }
-    Ok(out)
-}
-
 /// Top-1 accuracy of `net` (eval mode, test transform) on `(id, local label)` pairs.
 pub fn accuracy(
     net: &ResNet,
@@ -175,7 +167,7 @@ pub fn accuracy(
     let batches = loader.prefetch_test(ids, device);
     for (chunk, item) in chunks.into_iter().zip(batches) {
         let (_, x) = item?;
-        let (logits, _) = simtrans_core::grad::inference(|| net.forward(&x, BnMode::Eval))?;
+        let (logits, _) = simtrans_ops::grad::inference(|| net.forward(&x, BnMode::Eval))?;
         let pred = logits
             .argmax(D::Minus1)?
             .to_dtype(DType::U32)?
@@ -252,7 +244,7 @@ pub fn train_epoch(
             .eq(&y)?
             .to_dtype(DType::F32)?
             .sum_all()?;
-        sgd.step(&simtrans_core::grad::backward(&loss)?)?;
+        sgd.step(&simtrans_ops::grad::backward(&loss)?)?;
         let value = loss.to_scalar::<f32>()? as f64;
         if !value.is_finite() {
             return Err(CoreError::NonFinite {

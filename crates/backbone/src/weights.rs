@@ -271,8 +271,8 @@ mod tests {
             .unwrap(),
             (),
         );
-        let a = net.forward(&x, crate::BnMode::Eval).unwrap().0;
-        let b = net_src.forward(&x, crate::BnMode::Eval).unwrap().0;
+        let a = net.forward(&x, simtrans_ops::BnMode::Eval).unwrap().0;
+        let b = net_src.forward(&x, simtrans_ops::BnMode::Eval).unwrap().0;
         assert_eq!(a.to_vec2::<f32>().unwrap(), b.to_vec2::<f32>().unwrap());
 
         // Other class count: fails listing fc, loads with fc skipped.

@@ -11,7 +11,8 @@
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use simtrans_backbone::{resnet::max_pool_3x3_s2_p1, Arch, BatchNorm, BnMode, ResNet};
+use simtrans_backbone::{resnet::max_pool_3x3_s2_p1, Arch, ResNet};
+use simtrans_ops::{BatchNorm, BnMode};
 use std::collections::HashMap;
 
 struct Golden(HashMap<String, serde_json::Value>);

@@ -2,11 +2,12 @@
 //! from it, exact resume from a checkpoint, divergence detection and configuration errors.
 
 use candle_core::{Device, Tensor};
-use simtrans_backbone::{load_model, BackboneError, BnMode};
+use simtrans_backbone::{load_model, BackboneError};
 use simtrans_core::{
     Artifact, ArtifactMeta, Config, CoreError, Node, Preset, Stage, StageContext, StageOutput,
 };
 use simtrans_data::{DataIndex, DatasetKind, Images, Item, Split};
+use simtrans_ops::BnMode;
 use std::collections::BTreeMap;
 use std::path::Path;
 

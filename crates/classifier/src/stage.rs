@@ -18,13 +18,14 @@ use crate::variants::{schedule, Phase, Variant};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarMap;
 use rand::RngCore;
-use simtrans_backbone::stage::varmap_tensors;
-use simtrans_backbone::{trainable_vars, BnMode, ResNet};
+use simtrans_backbone::{trainable_vars, ResNet};
+use simtrans_core::checkpoint::varmap_tensors;
 use simtrans_core::config::Selection;
-use simtrans_core::optim::Sgd;
 use simtrans_core::{ArtifactSchema, CoreError, Stage, StageContext, StageOutput, TensorSpec};
 use simtrans_data::{prefetch, sampler, Augment, DataIndex, Loader, NoiseKind, Split};
 use simtrans_denoise::{SampleWeights, WeightScheme};
+use simtrans_ops::optim::Sgd;
+use simtrans_ops::BnMode;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -81,7 +82,7 @@ pub fn predict(
     let chunks: Vec<Vec<u32>> = ids.chunks(batch.max(1)).map(|c| c.to_vec()).collect();
     for item in loader.prefetch_test(chunks, device) {
         let (_, x) = item?;
-        let (logits, _) = simtrans_core::grad::inference(|| net.forward(&x, BnMode::Eval))?;
+        let (logits, _) = simtrans_ops::grad::inference(|| net.forward(&x, BnMode::Eval))?;
         preds.extend(
             logits
                 .argmax(D::Minus1)?
@@ -264,7 +265,7 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
 
     let plans = schedule(variant, cfg, ctx.config.denoise.top_r)?;
     let denoise = if plans.iter().any(|p| p.weights != WeightScheme::None) {
-        Some(ctx.load_upstream("denoise", &simtrans_denoise::stage::schema())?)
+        Some(ctx.load_upstream("denoise", &simtrans_denoise::schema())?)
     } else {
         None
     };
@@ -356,7 +357,7 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
             let graph_net = simnet.as_ref().filter(|_| plan.graph_loss);
             let BatchLoss { loss, graph: terms } =
                 batch_loss(&net, graph_net.map(|s| (s, &graph)), &x, &y, &w)?;
-            sgd.step(&simtrans_core::grad::backward(&loss)?)?;
+            sgd.step(&simtrans_ops::grad::backward(&loss)?)?;
             // Read after the update is queued: one wait for the device per step. A
             // non-finite loss still stops the stage before any checkpoint takes it in.
             let l = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;

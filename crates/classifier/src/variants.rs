@@ -34,8 +34,8 @@ use std::fmt;
 use std::str::FromStr;
 
 use simtrans_core::config::ClassifierConfig;
-use simtrans_core::optim::step_lr;
 use simtrans_denoise::WeightScheme;
+use simtrans_ops::optim::step_lr;
 
 use crate::error::{ClassifierError, Result};
 

@@ -9,7 +9,7 @@
 
 use crate::error::{CoreError, Result};
 use crate::hash::Hasher;
-use crate::stage::Stage;
+use crate::node::Stage;
 use candle_core::{DType, Device, Tensor};
 use safetensors::tensor::{Dtype as StDtype, SafeTensors, View};
 use std::borrow::Cow;

@@ -11,6 +11,17 @@ use candle_core::{Device, Tensor};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+/// Every variable of a map by name, copied (so later training does not alter them): what a
+/// checkpoint or an artifact saves of a network.
+pub fn varmap_tensors(varmap: &candle_nn::VarMap) -> candle_core::Result<BTreeMap<String, Tensor>> {
+    let data = varmap.data().lock().expect("varmap lock");
+    let mut out = BTreeMap::new();
+    for (k, v) in data.iter() {
+        out.insert(k.clone(), v.as_tensor().copy()?);
+    }
+    Ok(out)
+}
+
 /// The checkpoint folder of one node.
 #[derive(Debug, Clone)]
 pub struct Checkpoints {

@@ -6,7 +6,7 @@
 //! exactly what a run did. The resolved config is written beside the artifacts of every run.
 
 use crate::error::{CoreError, Result};
-use crate::stage::Stage;
+use crate::node::Stage;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -312,6 +312,70 @@ pub struct EvalConfig {
     pub batch_size: usize,
 }
 
+/// Which of the CUDA path's implementations run; the CPU ignores this section.
+///
+/// Each field is one of the A/B choices the GPU work measured (BENCHMARKS.md has each table);
+/// the defaults are the measured best, and `false` selects the slower alternative, kept to
+/// measure the difference again on another GPU (`--set gpu.channels_last=false`) or to rule a
+/// fused path out when results differ. The alternatives compute the same function, but sum in
+/// another order, so on a GPU a non-default value is part of the training stages' cache keys
+/// (absent from them otherwise, so older caches stay valid).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GpuConfig {
+    /// Convolutions and training-mode BatchNorm on cuDNN; `false`: candle's own CUDA
+    /// convolution and the tensor-op BatchNorm (the "before" figures).
+    pub cudnn: bool,
+    /// Convolutions through cuDNN's backend API (execution plans); `false`: the legacy calls.
+    pub cudnn_graph: bool,
+    /// Convolution algorithms chosen by running them (PyTorch's `cudnn.benchmark`; faster, and
+    /// the choice may differ between runs); `false` (the default): cuDNN's heuristics, the same
+    /// algorithms every run.
+    pub cudnn_find: bool,
+    /// BatchNorm on this project's kernels; `false`: cuDNN's in training, candle's tensor ops in
+    /// evaluation.
+    pub own_batch_norm: bool,
+    /// Residual blocks as fused ops; `false`: layer by layer.
+    pub fused_blocks: bool,
+    /// All residual blocks of a network as one op; `false`: one op per block.
+    pub fused_chain: bool,
+    /// The fused chain reads its parameters in place and hands their gradients over
+    /// (`simtrans_ops::grad`); `false`: packs them with `cat` every step.
+    pub side_grads: bool,
+    /// The fused chain channels-last (NHWC) inside; `false`: channels-first.
+    pub channels_last: bool,
+    /// Inference keeps nothing for a backward pass; `false`: as a training-time forward.
+    pub lean_inference: bool,
+    /// The SimNet head's, the discriminator's and the pooling's ops on this project's kernels;
+    /// `false`: candle's ops.
+    pub head_kernels: bool,
+    /// Under `run.precision = "bf16"`, the SimNet head and discriminator in bf16 too; `false`:
+    /// in f32.
+    pub head_bf16: bool,
+    /// The discriminator's gradient taken from the SimNet backward pass; `false`: its own
+    /// forward and backward pass.
+    pub disc_reuse: bool,
+}
+
+impl Default for GpuConfig {
+    fn default() -> Self {
+        GpuConfig {
+            cudnn: true,
+            cudnn_graph: true,
+            cudnn_find: false,
+            own_batch_norm: true,
+            fused_blocks: true,
+            fused_chain: true,
+            side_grads: true,
+            channels_last: true,
+            lean_inference: true,
+            head_kernels: true,
+            head_bf16: true,
+            disc_reuse: true,
+        }
+    }
+}
+
 /// A whole run's configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -323,6 +387,9 @@ pub struct Config {
     pub denoise: DenoiseConfig,
     pub classifier: ClassifierConfig,
     pub eval: EvalConfig,
+    /// Missing from configs written before it existed: the defaults.
+    #[serde(default)]
+    pub gpu: GpuConfig,
 }
 
 const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
@@ -423,6 +490,7 @@ impl Config {
                 optim: optim(0, 1e-4, 20),
             },
             eval: EvalConfig { batch_size: 100 },
+            gpu: GpuConfig::default(),
         }
     }
 
@@ -544,6 +612,11 @@ impl Config {
         // caches stay valid; a reduced precision changes what the networks compute.
         if stage != Stage::Data && self.run.precision != "f32" {
             key["precision"] = serde_json::json!(self.run.precision);
+        }
+        // Likewise the GPU path's implementation choices, only where they differ from the
+        // defaults every earlier run used.
+        if stage != Stage::Data && self.gpu != GpuConfig::default() {
+            key["gpu"] = serde_json::to_value(&self.gpu).expect("the gpu section serialises");
         }
         key.to_string()
     }

@@ -1,4 +1,4 @@
-//! The names of the pipeline stages and what a stage receives and returns.
+//! What a stage receives and returns.
 //!
 //! A stage is a function from a [`StageContext`] (config, device, seed, where its upstream
 //! artifacts are, where to keep checkpoints) to a [`StageOutput`] (tensors and metrics). The
@@ -9,106 +9,10 @@ use crate::artifact::{Artifact, ArtifactSchema};
 use crate::checkpoint::Checkpoints;
 use crate::config::Config;
 use crate::error::{CoreError, Result};
+pub use crate::node::{Node, Stage};
 use candle_core::{Device, Tensor};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-
-/// A pipeline stage.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Stage {
-    Data,
-    Backbone,
-    Simnet,
-    Denoise,
-    Classifier,
-    Eval,
-}
-
-impl Stage {
-    /// Every stage in pipeline order.
-    pub const ALL: [Stage; 6] = [
-        Stage::Data,
-        Stage::Backbone,
-        Stage::Simnet,
-        Stage::Denoise,
-        Stage::Classifier,
-        Stage::Eval,
-    ];
-
-    /// The stage's name on the command line and in file names.
-    pub fn name(self) -> &'static str {
-        match self {
-            Stage::Data => "data",
-            Stage::Backbone => "backbone",
-            Stage::Simnet => "simnet",
-            Stage::Denoise => "denoise",
-            Stage::Classifier => "classifier",
-            Stage::Eval => "eval",
-        }
-    }
-}
-
-impl std::fmt::Display for Stage {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl std::str::FromStr for Stage {
-    type Err = CoreError;
-    fn from_str(s: &str) -> Result<Self> {
-        Stage::ALL
-            .into_iter()
-            .find(|st| st.name() == s)
-            .ok_or_else(|| {
-                let names: Vec<&str> = Stage::ALL.iter().map(|s| s.name()).collect();
-                CoreError::Unknown(format!(
-                    "unknown stage `{s}`; the stages are: {}",
-                    names.join(", ")
-                ))
-            })
-    }
-}
-
-/// One artifact-producing node of the graph: a stage, and for stages that train several
-/// variants (the classifier), which one.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Node {
-    pub stage: Stage,
-    pub variant: Option<String>,
-}
-
-impl Node {
-    /// The node of a single-artifact stage.
-    pub fn stage(stage: Stage) -> Self {
-        Node {
-            stage,
-            variant: None,
-        }
-    }
-
-    /// A variant of a stage.
-    pub fn variant(stage: Stage, variant: impl Into<String>) -> Self {
-        Node {
-            stage,
-            variant: Some(variant.into()),
-        }
-    }
-
-    /// File-name form: `simnet`, `classifier-full`.
-    pub fn name(&self) -> String {
-        match &self.variant {
-            None => self.stage.name().to_string(),
-            Some(v) => format!("{}-{}", self.stage.name(), v),
-        }
-    }
-}
-
-impl std::fmt::Display for Node {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.name())
-    }
-}
 
 /// Everything a stage needs to run.
 #[derive(Debug, Clone)]
@@ -182,27 +86,4 @@ pub struct StageOutput {
     pub metrics: serde_json::Value,
     /// Extra string metadata (class names, architecture, …).
     pub meta: BTreeMap<String, String>,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn unknown_stage_lists_the_stages() {
-        let err = "nosuch".parse::<Stage>().unwrap_err().to_string();
-        for s in Stage::ALL {
-            assert!(err.contains(s.name()), "{err}");
-        }
-        assert_eq!("denoise".parse::<Stage>().unwrap(), Stage::Denoise);
-    }
-
-    #[test]
-    fn node_names() {
-        assert_eq!(Node::stage(Stage::Simnet).name(), "simnet");
-        assert_eq!(
-            Node::variant(Stage::Classifier, "full").name(),
-            "classifier-full"
-        );
-    }
 }

@@ -10,7 +10,7 @@ use crate::artifact::{write_atomic, Artifact, ArtifactMeta};
 use crate::config::Config;
 use crate::error::{CoreError, Result};
 use crate::hash::Hasher;
-use crate::stage::Node;
+use crate::node::Node;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -145,7 +145,7 @@ pub fn cache_key(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stage::Stage;
+    use crate::node::Stage;
 
     #[test]
     fn freshness_follows_the_key() {

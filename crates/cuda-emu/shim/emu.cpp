@@ -1,4 +1,4 @@
-// Runs the kernels of crates/core/cuda/*.cu on the CPU, for tests (crates/cuda-emu).
+// Runs the kernels of crates/kernels/src/*.cu on the CPU, for tests (crates/cuda-emu).
 //
 // The .cu files are included unchanged after emu.h, which stands in for the CUDA built-ins.
 // `emu_launch` runs one launch: every block in turn, each block's threads as fibers

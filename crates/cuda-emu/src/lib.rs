@@ -1,7 +1,7 @@
-//! Runs this project's own CUDA kernels (`crates/core/cuda/*.cu`) on the CPU, for tests.
+//! Runs this project's own CUDA kernels (`crates/kernels/src/*.cu`) on the CPU, for tests.
 //!
 //! Why it exists: a GPU is lent to few sessions and never to CI, yet the kernels and the host
-//! code that launches them ([`simtrans_core::launch`]) change often. `build.rs` compiles the
+//! code that launches them ([`simtrans_ops::launch`]) change often. `build.rs` compiles the
 //! `.cu` files unchanged as C++ against `shim/emu.h`, which stands in for CUDA's built-ins;
 //! [`Emu`] implements [`Runner`], so the very launch sequences the GPU runs (grid, block,
 //! argument list, kernel order) run here on host memory, and the tests compare their results
@@ -18,7 +18,7 @@
 //! each operation rounds alone), so results agree with the GPU's to rounding, not bit for bit.
 
 use candle_core::{bail, Result};
-use simtrans_core::launch::{Arg, Launch, Module, Runner};
+use simtrans_ops::launch::{Arg, Launch, Module, Runner};
 use std::cell::RefCell;
 use std::ffi::{c_char, c_int, c_void, CString};
 
@@ -170,7 +170,7 @@ impl Runner for Emu {
 }
 
 impl Emu {
-    /// Runs kernel `name` of `crates/core/cuda/{file}.cu`, or of `shim/selftest.cu` (the
+    /// Runs kernel `name` of `crates/kernels/src/{file}.cu`, or of `shim/selftest.cu` (the
     /// emulator's own test kernels) when `file` is `"selftest"`.
     pub fn launch_in(
         &self,

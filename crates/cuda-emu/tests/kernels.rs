@@ -1,4 +1,4 @@
-//! Our CUDA kernels, launched by the host code the GPU runs (`simtrans_core::launch`), on the
+//! Our CUDA kernels, launched by the host code the GPU runs (`simtrans_ops::launch`), on the
 //! CPU emulator, against references computed here in f64: BatchNorm forward and backward
 //! (batch and running statistics, with and without ReLU and residual, the ReLU's mask read or
 //! recomputed, both layouts and vector widths, f32 and bf16), the stem's max-pooling with its
@@ -8,8 +8,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use half::bf16;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use simtrans_core::launch::{self, BnRange, Relu, Stats};
 use simtrans_cuda_emu::Emu;
+use simtrans_ops::launch::{self, BnRange, Relu, Stats};
 
 type R = anyhow::Result<()>;
 
@@ -637,7 +637,7 @@ fn sgd_step_is_bit_identical_to_the_cpu_optimiser() -> R {
     // The CPU optimiser, three steps of loss = Σ p·c (gradient c).
     let var = Var::new(p0.as_slice(), &Device::Cpu)?;
     let ct = Tensor::new(c.as_slice(), &Device::Cpu)?;
-    let mut opt = simtrans_core::optim::Sgd::new(vec![("p".into(), var.clone())], lr, mu, wd);
+    let mut opt = simtrans_ops::optim::Sgd::new(vec![("p".into(), var.clone())], lr, mu, wd);
     // The same on the emulator: the first step makes the momentum buffer.
     let emu = Emu::new();
     let (pp, pg, pbuf) = (emu.upload(&p0), emu.upload(&c), emu.alloc_of::<f32>(n));
@@ -665,7 +665,7 @@ fn sgd_step_is_bit_identical_to_the_cpu_optimiser() -> R {
 
 #[test]
 fn launches_with_wrong_arguments_fail_with_a_message() {
-    use simtrans_core::launch::{Arg, Launch, Module, Runner};
+    use simtrans_ops::launch::{Arg, Launch, Module, Runner};
     let emu = Emu::new();
     let at = Launch {
         grid: (1, 1),
@@ -713,7 +713,7 @@ fn a_kernel_writing_past_its_buffer_is_caught() {
 
 #[test]
 fn the_emulator_reports_broken_synchronisation() -> R {
-    use simtrans_core::launch::{Arg, Launch};
+    use simtrans_ops::launch::{Arg, Launch};
     let emu = Emu::new();
     let at = Launch {
         grid: (2, 1),
@@ -1037,7 +1037,7 @@ fn sgd_steps_eight_per_launch_are_bit_identical_to_the_cpu_optimiser() -> R {
             n,
         });
     }
-    let mut opt = simtrans_core::optim::Sgd::new(vars.clone(), lr, mu, wd);
+    let mut opt = simtrans_ops::optim::Sgd::new(vars.clone(), lr, mu, wd);
     for step in 0..3 {
         // loss = Σ_i Σ p_i·c_i: gradient c_i.
         let mut loss = Tensor::new(0f32, &Device::Cpu)?;

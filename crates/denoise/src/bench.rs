@@ -5,8 +5,8 @@
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
-use simtrans_core::hostprof::Phases;
 use simtrans_core::Config;
+use simtrans_ops::hostprof::Phases;
 use simtrans_simnet::{head::HeadKind, SimNet, SimNetShape};
 
 /// What one bench run measured.

@@ -22,5 +22,5 @@ pub mod transfer;
 pub mod weights;
 
 pub use error::{DenoiseError, Result};
-pub use stage::SampleWeights;
+pub use stage::{schema, transfer_check, transfer_check_files, SampleWeights, SCHEMA_VERSION};
 pub use weights::WeightScheme;

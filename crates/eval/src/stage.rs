@@ -115,7 +115,7 @@ fn transfer(
     else {
         return Ok(None);
     };
-    Ok(Some(simtrans_denoise::stage::transfer_check_files(
+    Ok(Some(simtrans_denoise::transfer_check_files(
         denoise,
         data,
         &ctx.config.classifier,

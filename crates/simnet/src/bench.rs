@@ -12,8 +12,8 @@ use crate::{SimNet, SimNetShape};
 use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 use simtrans_backbone::resnet::{arch_name, Arch};
-use simtrans_core::hostprof::Phases;
-use simtrans_core::optim::Sgd;
+use simtrans_ops::hostprof::Phases;
+use simtrans_ops::optim::Sgd;
 use std::time::Instant;
 
 /// What one bench run measured.
@@ -38,7 +38,7 @@ pub struct BenchReport {
     /// The device, as candle names it.
     pub device: String,
     /// Bytes in use on the GPU after the warm-up step and after the timed steps
-    /// ([`simtrans_core::device::memory_in_use`]); `None` on the CPU.
+    /// ([`simtrans_ops::gpu::memory_in_use`]); `None` on the CPU.
     pub device_memory: Option<[u64; 2]>,
     /// Where a step's time goes, from extra steps with a device synchronisation between
     /// phases: the backbone's forward pass, the head and the losses (the discriminator's
@@ -97,13 +97,13 @@ pub fn bench(
     let labels: Vec<u32> = (0..na as u32).map(|i| i % 10).collect();
     // `step` reads its losses back, which waits for the device.
     trainer.step(&net.backbone, &net.head, &net.disc, &a, &labels, &b)?;
-    let memory_warm = simtrans_core::device::memory_in_use(device)?;
+    let memory_warm = simtrans_ops::gpu::memory_in_use(device)?;
     let start = Instant::now();
     for _ in 0..steps {
         trainer.step(&net.backbone, &net.head, &net.disc, &a, &labels, &b)?;
     }
     let seconds = start.elapsed().as_secs_f64();
-    let memory_timed = simtrans_core::device::memory_in_use(device)?;
+    let memory_timed = simtrans_ops::gpu::memory_in_use(device)?;
     let mut phases = Phases::new(&[
         "backbone forward",
         "head and losses",
@@ -123,7 +123,7 @@ pub fn bench(
             let losses = fwd.losses(&net.disc, trainer.beta)?;
             candle_core::Result::Ok((fwd, losses))
         })?;
-        let grads = phases.time(2, device, || simtrans_core::grad::backward(&losses.total))?;
+        let grads = phases.time(2, device, || simtrans_ops::grad::backward(&losses.total))?;
         phases.time(3, device, || trainer.sim_opt.step(&grads))?;
         phases.time(4, device, || {
             trainer.discriminator_step(&losses, grads, &fwd, &net.disc)

@@ -25,9 +25,9 @@
 use crate::SimnetError;
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{Init, Linear, VarBuilder};
-use simtrans_backbone::{BatchNorm, BnMode};
 use simtrans_core::device::{precision, Precision};
-use simtrans_core::headops::{self, Grid};
+use simtrans_ops::headops::{self, Grid};
+use simtrans_ops::{BatchNorm, BnMode};
 
 /// Which head architecture.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,13 +104,12 @@ pub fn linear(input: usize, output: usize, vb: VarBuilder) -> Result<Linear> {
 /// Why: type 4's head runs `Linear(2D→2D)` and `Linear(2D→D)` on every pair. For the 300-image
 /// similarity matrix of step 2 that is 90,000 rows and about 2.3 TFLOP. On its own it bought
 /// nothing measurable (run 13: the ops around the products bound the head); with the head's
-/// kernels (`simtrans_core::headops`) the bf16 similarity matrix took 8.9 ms (run 15).
-/// `SIMTRANS_HEAD_BF16=0` keeps the head and the discriminator in f32 under bf16, to measure
+/// kernels (`simtrans_ops::headops`) the bf16 similarity matrix took 8.9 ms (run 15).
+/// `gpu.head_bf16 = false` keeps the head and the discriminator in f32 under bf16, to measure
 /// the difference.
 pub fn compute_dtype(device: &Device) -> DType {
-    static LOW: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let low = *LOW.get_or_init(|| std::env::var("SIMTRANS_HEAD_BF16").as_deref() != Ok("0"));
-    if low && device.is_cuda() && precision() == Precision::Bf16 {
+    if simtrans_ops::gpu::settings().head_bf16 && device.is_cuda() && precision() == Precision::Bf16
+    {
         DType::BF16
     } else {
         DType::F32

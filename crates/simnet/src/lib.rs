@@ -20,7 +20,6 @@ pub mod stage;
 pub mod train;
 
 pub use model::{from_reference, schema, SimNet, SimNetShape};
-pub use simtrans_backbone::{BatchNorm, BnMode};
 pub use stage::run;
 
 /// Errors of the SimNet stage.

@@ -11,8 +11,9 @@ use crate::head::{similarity, Discriminator, HeadKind, PairOrder, SimHead};
 use crate::{Result, SimnetError};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
-use simtrans_backbone::{Arch, BnMode, ResNet};
+use simtrans_backbone::{Arch, ResNet};
 use simtrans_core::{Artifact, ArtifactSchema, Stage, TensorSpec};
+use simtrans_ops::BnMode;
 use std::collections::BTreeMap;
 
 /// Version of the `simnet` artifact layout.
@@ -168,13 +169,13 @@ impl SimNet {
         self.backbone.feature_dim()
     }
 
-    /// Pooled backbone features in eval mode, for inference ([`simtrans_core::grad::inference`]:
+    /// Pooled backbone features in eval mode, for inference ([`simtrans_ops::grad::inference`]:
     /// on CUDA the fused trunk keeps nothing for a backward pass) and detached from autograd,
     /// so that a caller collecting the features of many batches does not keep every batch's
     /// activations alive through their graphs (candle's ops hold their inputs for a backward
     /// pass).
     pub fn features(&self, images: &Tensor) -> Result<Tensor> {
-        let f = simtrans_core::grad::inference(|| self.backbone.features(images, BnMode::Eval))?;
+        let f = simtrans_ops::grad::inference(|| self.backbone.features(images, BnMode::Eval))?;
         Ok(f.detach())
     }
 

@@ -23,12 +23,13 @@ use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
-use simtrans_backbone::{Arch, BnMode};
+use simtrans_backbone::Arch;
 use simtrans_core::config::Selection;
 use simtrans_core::config::{DataConfig, SimnetConfig};
-use simtrans_core::optim::{step_lr, Sgd};
 use simtrans_core::{Artifact, CoreError, StageContext, StageOutput};
 use simtrans_data::{prefetch, sampler, Augment, DataIndex, Loader, Split};
+use simtrans_ops::optim::{step_lr, Sgd};
+use simtrans_ops::BnMode;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -161,7 +162,7 @@ impl TrainData for IndexData {
 /// The backbone artifact's network: its tensors (torchvision names) and the `arch` and
 /// `small_width` recorded in its metadata.
 pub fn backbone_init(artifact: &Artifact) -> Result<BackboneInit> {
-    let (arch, small_width) = simtrans_backbone::stage::artifact_arch(artifact)?;
+    let (arch, small_width) = simtrans_backbone::artifact_arch(artifact)?;
     Ok(BackboneInit {
         arch,
         small_width,

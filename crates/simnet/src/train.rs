@@ -13,7 +13,7 @@
 //! discriminator's forward on diff_feat is the same whether diff_feat is detached or not (step 4
 //! leaves θ_D unchanged). [`Trainer::step`] therefore rescales that gradient by `−1/β` instead of
 //! running the discriminator forward and backward again: the same update to rounding (the
-//! reference runs the second pass). With β = 0, or `SIMTRANS_DISC_REUSE=0`, it runs the second
+//! reference runs the second pass). With β = 0, or `gpu.disc_reuse = false`, it runs the second
 //! pass ([`Trainer::discriminator_update`]).
 //!
 //! With `bn_split`, every BatchNorm runs in [`BnMode::Split`]: the backbone at `|A|` images and
@@ -24,9 +24,9 @@ use crate::head::{compute_dtype, Discriminator, PairOrder, SimHead};
 use crate::pairs;
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, D};
-use simtrans_backbone::BnMode;
-use simtrans_core::headops::{cross_entropy, Grid};
-use simtrans_core::optim::Sgd;
+use simtrans_ops::headops::{cross_entropy, Grid};
+use simtrans_ops::optim::Sgd;
+use simtrans_ops::BnMode;
 
 /// Anything that turns a batch of images into `[B, D]` features with a BatchNorm mode.
 pub trait FeatureNet {
@@ -109,10 +109,9 @@ pub struct Losses {
 }
 
 /// Whether [`Trainer::discriminator_step`] takes the discriminator's gradient from the SimNet
-/// backward pass (β ≠ 0); `SIMTRANS_DISC_REUSE=0` runs the separate pass, to compare.
+/// backward pass (β ≠ 0); `gpu.disc_reuse = false` runs the separate pass, to compare.
 fn disc_reuse() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("SIMTRANS_DISC_REUSE").as_deref() != Ok("0"))
+    simtrans_ops::gpu::settings().disc_reuse
 }
 
 /// The targets of one step's pair rows, on the device: same-label targets of A's pairs and
@@ -263,7 +262,7 @@ impl Trainer {
     ) -> crate::Result<(Tensor, Tensor)> {
         let losses = fwd.losses(disc, self.beta)?;
         self.sim_opt
-            .step(&simtrans_core::grad::backward(&losses.total)?)?;
+            .step(&simtrans_ops::grad::backward(&losses.total)?)?;
         Ok((losses.l_sim, losses.total))
     }
 
@@ -302,8 +301,7 @@ impl Trainer {
     ) -> crate::Result<(Tensor, Tensor)> {
         let d_logits = disc.forward(&fwd.diff_feat.detach())?;
         let l_dom = cross_entropy(&d_logits, &fwd.domains)?;
-        self.disc_opt
-            .step(&simtrans_core::grad::backward(&l_dom)?)?;
+        self.disc_opt.step(&simtrans_ops::grad::backward(&l_dom)?)?;
         Ok((l_dom, d_logits))
     }
 
@@ -320,7 +318,7 @@ impl Trainer {
     ) -> crate::Result<StepStats> {
         let fwd = self.forward(net, head, images_a, labels_a, images_b)?;
         let losses = fwd.losses(disc, self.beta)?;
-        let grads = simtrans_core::grad::backward(&losses.total)?;
+        let grads = simtrans_ops::grad::backward(&losses.total)?;
         self.sim_opt.step(&grads)?;
         let (l_dom, d_logits) = self.discriminator_step(&losses, grads, &fwd, disc)?;
         let (l_sim, total) = (&losses.l_sim, &losses.total);

@@ -6,10 +6,10 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use common::*;
+use simtrans_ops::BnMode;
 use simtrans_simnet::head::{similarity, Discriminator, HeadKind, PairOrder, SimHead};
 use simtrans_simnet::pairs;
 use simtrans_simnet::train::head_forward;
-use simtrans_simnet::BnMode;
 
 #[test]
 fn pair_enumeration_matches_the_reference_order() {

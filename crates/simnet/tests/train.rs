@@ -6,11 +6,11 @@ mod common;
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{Module, VarBuilder, VarMap};
 use common::*;
-use simtrans_core::optim::Sgd;
+use simtrans_ops::optim::Sgd;
+use simtrans_ops::{BatchNorm, BnMode};
 use simtrans_simnet::head::{linear, Discriminator, HeadKind, PairOrder, SimHead};
 use simtrans_simnet::pairs;
 use simtrans_simnet::train::{FeatureNet, Trainer};
-use simtrans_simnet::{BatchNorm, BnMode};
 use std::collections::BTreeMap;
 
 /// A stand-in backbone: Linear → BatchNorm → ReLU, so that `bn_split` matters in it too.

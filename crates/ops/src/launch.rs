@@ -1,4 +1,4 @@
-//! The host side of this project's own CUDA kernels (`cuda/*.cu`): which kernel runs on which
+//! The host side of this project's own CUDA kernels (`kernels/src/*.cu`): which kernel runs on which
 //! grid with which arguments, in which order.
 //!
 //! Why it is apart from `kernels` (CUDA builds only): the sequences here are written against the
@@ -38,13 +38,13 @@ pub struct Launch {
 /// The source file, and so the compiled module, a kernel lives in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Module {
-    /// `cuda/bn.cu`.
+    /// `kernels/src/bn.cu`.
     Bn,
-    /// `cuda/head.cu`.
+    /// `kernels/src/head.cu`.
     Head,
-    /// `cuda/pool.cu`.
+    /// `kernels/src/pool.cu`.
     Pool,
-    /// `cuda/sgd.cu`.
+    /// `kernels/src/sgd.cu`.
     Sgd,
 }
 
@@ -459,7 +459,7 @@ pub fn bn_backward<R: Runner>(
     )
 }
 
-/// PyTorch's SGD step on `n` f32 values in place, in one pass (`cuda/sgd.cu`): `d = g + λ·p`;
+/// PyTorch's SGD step on `n` f32 values in place, in one pass (`kernels/src/sgd.cu`): `d = g + λ·p`;
 /// with momentum μ, `buf ← μ·buf + d` (`buf ← d` when `fresh`) and `d = buf`; then
 /// `p ← p − lr·d`. `buf` is 0 without momentum.
 pub fn sgd_step<R: Runner>(
@@ -683,7 +683,7 @@ pub fn max_pool_backward<R: Runner>(
 
 /// One grid of pairs for [`pair_grid_forward`] and [`pair_grid_backward`]: `rows × cols` pairs
 /// of the images at `qr` (`rows` of them) with those at `qc` (`cols`), output row
-/// `r·cols + c`. `qr`, `qc` are addresses of `[images, 2h]` projections (see `cuda/head.cu`);
+/// `r·cols + c`. `qr`, `qc` are addresses of `[images, 2h]` projections (see `kernels/src/head.cu`);
 /// `out` (forward) is where the grid's `[rows·cols, h]` output starts, `g` (backward) its
 /// gradient.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,8 +5,8 @@
 //! `d = g + λ·p`; `buf = d` on the first step, else `buf = μ·buf + d`; `p ← p − lr·buf`.
 //! The reference rebuilt its optimiser every epoch, which zeroes the buffers: [`Sgd::reset_momentum`].
 
-use crate::error::{CoreError, Result};
 use candle_core::{backprop::GradStore, Tensor, Var};
+use simtrans_core::error::{CoreError, Result};
 use std::collections::BTreeMap;
 
 /// Stochastic gradient descent with momentum and coupled weight decay.

@@ -1,13 +1,14 @@
 //! This crate's own CUDA kernels (built with `--features cuda`), for the steps where cuDNN's
 //! API costs extra passes or calls: BatchNorm with the ReLU and the residual addition folded
-//! in (`cuda/bn.cu`), the SGD update in one pass (`cuda/sgd.cu`) and the stem's max-pooling
-//! with a gather backward (`cuda/pool.cu`); each file's header says what was measured.
+//! in (`kernels/src/bn.cu`), the SGD update in one pass (`kernels/src/sgd.cu`) and the stem's max-pooling
+//! with a gather backward (`kernels/src/pool.cu`); each file's header says what was measured.
 //!
-//! `build.rs` compiles `cuda/*.cu` to PTX, embedded here; the driver compiles it for the GPU at
+//! `simtrans-kernels` compiles `kernels/src/*.cu` to PTX and embeds it; the driver compiles it for the GPU at
 //! the first launch. Which kernel runs when, on which grid, is [`crate::launch`]'s (written
 //! once for the GPU and the CPU emulator of the tests); here is [`Cuda`], which queues those
 //! launches on a device's stream, and the SGD update on candle tensors.
-//! `SIMTRANS_OWN_BN=0` sends training-mode BatchNorm back to cuDNN, to measure the difference.
+//! `gpu.own_batch_norm = false` sends training-mode BatchNorm back to cuDNN, to measure the
+//! difference.
 
 use crate::cudnn::{cuda_of, ptr};
 use crate::launch::{Arg, Launch, Module, Runner};
@@ -15,32 +16,16 @@ use candle_core::cuda::{CudaDevice, CudaStorage, DeviceId};
 use candle_core::op::BackpropOp;
 use candle_core::{bail, DType, Result, Storage, Tensor};
 use cudarc::driver::{CudaFunction, CudaSlice, DevicePtrMut, LaunchConfig, PushKernelArg};
+use simtrans_kernels::{BN, HEAD, POOL, SGD};
 use std::cell::RefCell;
 use std::collections::HashMap;
 
-/// (module name, PTX) of each compiled file.
-const BN: (&str, &str) = (
-    "simtrans_bn",
-    include_str!(concat!(env!("OUT_DIR"), "/bn.ptx")),
-);
-const HEAD: (&str, &str) = (
-    "simtrans_head",
-    include_str!(concat!(env!("OUT_DIR"), "/head.ptx")),
-);
-const SGD: (&str, &str) = (
-    "simtrans_sgd",
-    include_str!(concat!(env!("OUT_DIR"), "/sgd.ptx")),
-);
-const POOL: (&str, &str) = (
-    "simtrans_pool",
-    include_str!(concat!(env!("OUT_DIR"), "/pool.ptx")),
-);
+use simtrans_kernels::{BN, HEAD, POOL, SGD};
 
-/// Whether BatchNorm runs on these kernels: yes unless `SIMTRANS_OWN_BN=0`, which gives
-/// training mode back to cuDNN and evaluation mode back to candle's tensor ops.
+/// Whether BatchNorm runs on these kernels: yes unless `gpu.own_batch_norm = false`, which
+/// gives training mode back to cuDNN and evaluation mode back to candle's tensor ops.
 pub fn own_batch_norm() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| crate::cudnn::env_switch("SIMTRANS_OWN_BN", true))
+    crate::gpu::settings().own_batch_norm
 }
 
 fn err(e: impl std::fmt::Debug) -> candle_core::Error {
@@ -111,7 +96,7 @@ impl Runner for Cuda<'_> {
 }
 
 /// PyTorch's SGD step for one f32 CUDA variable `p` with gradient `g`, in place on the device
-/// and in one pass (`cuda/sgd.cu`): `d = g + λ·p`; with momentum μ, `buf ← μ·buf + d`
+/// and in one pass (`kernels/src/sgd.cu`): `d = g + λ·p`; with momentum μ, `buf ← μ·buf + d`
 /// (`buf ← d` on the first step, when `buf` is `None`) and `d = buf`; then `p ← p − lr·d`.
 /// Returns the momentum buffer (the one passed in, updated in place, or a new one; `None`
 /// without momentum).

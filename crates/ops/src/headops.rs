@@ -9,11 +9,11 @@
 //! candle's broadcasting additions run at a small fraction of the memory bandwidth, the
 //! gradient of a transposed view comes back strided and is added into zeros, and a LayerNorm
 //! of eight ops reads and writes its `[N, H]` activations about twenty times, forward and
-//! backward (`cuda/head.cu` and `cuda/pool.cu` have the measurements; BENCHMARKS.md, runs 13 to
+//! backward (`kernels/src/head.cu` and `kernels/src/pool.cu` have the measurements; BENCHMARKS.md, runs 13 to
 //! 15, what they bought). On CUDA devices (f32 or bf16) each is one op on our kernels, forward
 //! and backward; elsewhere each is the plain composition of candle ops that defines it, so the
 //! CPU path is unchanged bit for bit and is the reference the GPU tests compare with.
-//! `SIMTRANS_HEAD_KERNELS=0` sends CUDA devices to the plain path too, to measure the
+//! `gpu.head_kernels = false` sends CUDA devices to the plain path too, to measure the
 //! difference.
 
 use candle_core::{bail, DType, Result, Tensor, D};
@@ -41,12 +41,12 @@ impl Grid {
 }
 
 /// Whether this module's ops run on our kernels for `x`: a CUDA tensor in f32 or bf16, unless
-/// `SIMTRANS_HEAD_KERNELS=0`.
+/// `gpu.head_kernels = false`.
 #[cfg(feature = "cuda")]
 fn on_kernels(x: &Tensor) -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let on = *ON.get_or_init(|| crate::cudnn::env_switch("SIMTRANS_HEAD_KERNELS", true));
-    on && x.device().is_cuda() && matches!(x.dtype(), DType::F32 | DType::BF16)
+    crate::gpu::settings().head_kernels
+        && x.device().is_cuda()
+        && matches!(x.dtype(), DType::F32 | DType::BF16)
 }
 
 /// The first Linear `W·[f_a ; f_b] + bias` on grids of pairs, from the projections `q`
@@ -155,7 +155,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 /// `dtype`: `[cols, rows]`, the right-hand side of a Linear's `x·Wᵀ`. Elsewhere the view
 /// `w.reshape((rows, cols)).to_dtype(dtype).t()`, as candle-nn's `Linear` uses it; on CUDA a
 /// contiguous copy, so that the product's gradient for it comes back contiguous and returns
-/// to `w` in one pass (`cuda/head.cu`'s transpose kernels). Differentiable in `w`.
+/// to `w` in one pass (`kernels/src/head.cu`'s transpose kernels). Differentiable in `w`.
 pub fn transposed(w: &Tensor, (rows, cols): (usize, usize), dtype: DType) -> Result<Tensor> {
     if w.elem_count() != rows * cols {
         bail!("transposed: {:?} is not [{rows}, {cols}]", w.dims())

@@ -3,7 +3,7 @@
 //! It is `loss.backward()`, plus what issue #9's CUDA path needs. On a CUDA build the fused
 //! residual chain (`cudnn::residual_blocks`) reads its parameters in place, outside candle's
 //! graph, and hands their gradients over here as views of its own buffers. With
-//! `SIMTRANS_SIDE_GRADS=0` it packs its parameters with candle's `cat` every step instead
+//! `gpu.side_grads = false` it packs its parameters with candle's `cat` every step instead
 //! (about 160 copies in a ResNet-50), and candle's `cat` backward zero-fills and adds a
 //! gradient per parameter, twice for the 4-D weights: several hundred launches per step. On an
 //! H100 the hand-over took ResNet-50 TF32 training at batch 8 from 482 to 938 images/s
@@ -79,8 +79,8 @@ pub fn hand_over(param: &Tensor, grad: Tensor) -> Result<()> {
         }
         None => candle_core::bail!(
             "a fused op that hands its parameters' gradients over (the CUDA default; \
-             SIMTRANS_SIDE_GRADS=0 turns it off) needs its backward pass through \
-             simtrans_core::grad::backward, not Tensor::backward"
+             gpu.side_grads = false turns it off) needs its backward pass through \
+             simtrans_ops::grad::backward, not Tensor::backward"
         ),
     })
 }

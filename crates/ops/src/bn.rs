@@ -10,7 +10,7 @@
 //! mean and the *biased* batch variance normalise, and the running estimates move towards the
 //! batch mean and the *unbiased* batch variance. Running statistics are variables of the
 //! [`VarMap`](candle_nn::VarMap) (so they are saved with the model) but are never trained:
-//! [`crate::trainable_vars`] leaves them out and the forward pass never differentiates them.
+//! `simtrans_backbone::trainable_vars` leaves them out and the forward pass never differentiates them.
 
 use candle_core::{bail, DType, Result, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
@@ -49,11 +49,11 @@ impl BnMode {
 }
 
 /// Whether evaluation-mode BatchNorm of `x` runs on our kernels: a CUDA tensor in f32 or bf16,
-/// unless `SIMTRANS_OWN_BN=0` or `SIMTRANS_CUDNN=0`.
+/// unless `gpu.own_batch_norm = false` or `gpu.cudnn = false`.
 #[cfg(feature = "cuda")]
 fn eval_on_kernels(x: &Tensor) -> bool {
-    simtrans_core::cudnn::enabled()
-        && simtrans_core::kernels::own_batch_norm()
+    simtrans_ops::cudnn::enabled()
+        && simtrans_ops::kernels::own_batch_norm()
         && x.device().is_cuda()
         && matches!(x.dtype(), DType::F32 | DType::BF16)
 }
@@ -161,7 +161,7 @@ impl BatchNorm {
         let batch = x.dim(0)?;
         #[cfg(feature = "cuda")]
         if mode.is_training()
-            && simtrans_core::cudnn::enabled()
+            && simtrans_ops::cudnn::enabled()
             && x.device().is_cuda()
             && matches!(x.dtype(), DType::F32 | DType::BF16)
         {
@@ -173,7 +173,7 @@ impl BatchNorm {
                     x.dims()
                 )
             }
-            return simtrans_core::cudnn::batch_norm_train(
+            return simtrans_ops::cudnn::batch_norm_train(
                 x,
                 &self.weight,
                 &self.bias,
@@ -208,7 +208,7 @@ impl BatchNorm {
     /// Evaluation mode on our kernels with running mean `mean` (the running variance's).
     #[cfg(feature = "cuda")]
     fn eval_kernel(&self, x: &Tensor, mean: &Tensor, relu: bool) -> Result<Tensor> {
-        simtrans_core::cudnn::batch_norm_eval(
+        simtrans_ops::cudnn::batch_norm_eval(
             x,
             &self.weight,
             &self.bias,

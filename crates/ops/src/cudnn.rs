@@ -9,14 +9,14 @@
 //! - [`conv2d`]: forward, backward-data and backward-filter convolutions (NCHW, f32 or bf16
 //!   data with f32 accumulation). Each runs on an execution plan of cuDNN's backend API,
 //!   built once per geometry from cuDNN's heuristics (as PyTorch without `benchmark=True`);
-//!   the legacy calls remain for `SIMTRANS_CUDNN_GRAPH=0`, measured algorithm choice and any
+//!   the legacy calls remain for `gpu.cudnn_graph = false`, measured algorithm choice and any
 //!   geometry without a plan. [`Precision::F32`] excludes tensor-core (TF32) engines, so the
 //!   result matches the CPU to rounding; `tf32` and `bf16` allow them.
 //! - [`batch_norm_train`] and [`batch_norm_eval`]: one fused forward (training mode also moves
 //!   the running statistics: momentum, unbiased variance, PyTorch's rule) and one fused
 //!   backward giving all three gradients, optionally with the ReLU that follows folded in (one
 //!   autograd node instead of two). They run on our own kernels ([`crate::kernels`]), which
-//!   make fewer passes than cuDNN's BatchNorm; `SIMTRANS_OWN_BN=0` gives training mode back to
+//!   make fewer passes than cuDNN's BatchNorm; `gpu.own_batch_norm = false` gives training mode back to
 //!   cuDNN.
 //! - [`residual_blocks`]: a run of whole ResNet blocks as one op, so candle's autograd sees
 //!   one node instead of about ten per block.
@@ -26,8 +26,7 @@
 //! Each is a candle custom op, so autograd, the optimiser and every other op see ordinary
 //! tensors that stay on the device. The ops refuse the CPU; callers dispatch on the device.
 
-use crate::device::{precision, Precision};
-use crate::{hostprof, kernels, launch};
+use crate::{gpu, hostprof, kernels, launch};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda::{CudaDevice, CudaStorage, CudaStorageSlice};
 use candle_core::op::BackpropOp;
@@ -37,6 +36,7 @@ use candle_core::{
 };
 use cudarc::cudnn::{result as dnn, sys};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
+use simtrans_core::device::{precision, Precision};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -45,36 +45,25 @@ use std::sync::{Arc, Mutex};
 
 mod graph;
 
-/// Whether CUDA tensors take this path: yes unless the environment sets `SIMTRANS_CUDNN=0`,
-/// which falls back to candle's own convolution and the tensor-op BatchNorm (to measure the
-/// difference on the same machine, as `scripts/gpu-bench.sh` does).
+/// Whether CUDA tensors take this path: yes unless `gpu.cudnn = false`, which falls back to
+/// candle's own convolution and the tensor-op BatchNorm (to measure the difference on the same
+/// machine, as `scripts/gpu-bench.sh` does).
 pub fn enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| env_switch("SIMTRANS_CUDNN", true))
+    gpu::settings().cudnn
 }
 
 /// Stops cudarc from making two CUDA events with every buffer of `dev` and destroying them
-/// with it (unless `SIMTRANS_EVENT_TRACKING=1`, to measure the difference). cudarc waits on
+/// with it (keeping them cost 400 against 332 images/s in BENCHMARKS.md's run 10, at batch 8,
+/// where the host bounds the step; the switch that kept them is gone). cudarc waits on
 /// those events only while a context runs several streams; candle's device runs one, its
 /// per-thread stream, and nothing in this project makes another, so they are never used, yet
 /// each buffer — every op's output and every scratch buffer, many hundreds per training step —
 /// pays four driver calls for them. Buffers made before this call keep theirs.
 pub fn untrack_events(dev: &candle_core::Device) {
     if let candle_core::Device::Cuda(d) = dev {
-        if !env_switch("SIMTRANS_EVENT_TRACKING", false) {
-            // SAFETY: the events order work between streams of one context; every buffer of
-            // this device is used on its one stream, where work runs in order anyway.
-            unsafe { d.disable_event_tracking() }
-        }
-    }
-}
-
-/// An A/B switch from the environment: `1` on, `0` off, anything else (or unset) `default`.
-pub(crate) fn env_switch(var: &str, default: bool) -> bool {
-    match std::env::var(var).as_deref() {
-        Ok("1") => true,
-        Ok("0") => false,
-        _ => default,
+        // SAFETY: the events order work between streams of one context; every buffer of
+        // this device is used on its one stream, where work runs in order anyway.
+        unsafe { d.disable_event_tracking() }
     }
 }
 
@@ -146,11 +135,11 @@ fn handle(dev: &CudaDevice) -> Result<Rc<Handle>> {
 /// Tells the device's stream-ordered memory pool (which candle allocates from) to keep freed
 /// memory instead of returning it to the driver at every synchronisation, its default: a
 /// training step reads its loss back, so otherwise every step would map its working memory
-/// afresh. PyTorch's caching allocator behaves like this too. `SIMTRANS_POOL_RELEASE=1`
-/// keeps the driver's default, to measure the difference.
+/// afresh. PyTorch's caching allocator behaves like this too (the driver's default measured 307
+/// against 234 images/s at batch 8 in BENCHMARKS.md's run 7; the switch that kept it is gone).
 fn keep_freed_memory(ctx: &cudarc::driver::CudaContext) -> Result<()> {
     use cudarc::driver::sys as drv;
-    if env_switch("SIMTRANS_POOL_RELEASE", false) || !ctx.has_async_alloc() {
+    if !ctx.has_async_alloc() {
         return Ok(());
     }
     let mut pool: drv::CUmemoryPool = std::ptr::null_mut();
@@ -350,7 +339,7 @@ fn math_type(p: Precision, dtype: DType) -> sys::cudnnMathType_t {
 }
 
 /// Whether convolutions run on cached plans of cuDNN's backend API (the default) rather than
-/// its legacy calls (`SIMTRANS_CUDNN_GRAPH=0`). The legacy calls cost about 105 µs of host
+/// its legacy calls (`gpu.cudnn_graph = false`). The legacy calls cost about 105 µs of host
 /// time each on an H100 with cuDNN 9, a cached plan's execution about 30 µs, which doubled
 /// ResNet-50 training at batch 8 (BENCHMARKS.md, run 11). Measured algorithm choice
 /// ([`find_mode`]) keeps the legacy calls.
@@ -365,12 +354,11 @@ pub fn graph_fallbacks() -> Vec<String> {
     graph::fallbacks()
 }
 
-/// Whether convolution algorithms are chosen by running them (`SIMTRANS_CUDNN_FIND=1`,
+/// Whether convolution algorithms are chosen by running them (`gpu.cudnn_find = true`,
 /// PyTorch's `cudnn.benchmark = True`: faster, and the choice may differ between runs) rather
 /// than by cuDNN's heuristics (the default: the same algorithms every run).
 pub fn find_mode() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| env_switch("SIMTRANS_CUDNN_FIND", false))
+    gpu::settings().cudnn_find
 }
 
 /// The descriptors of a geometry, made once per thread (a ResNet step makes about 160
@@ -979,7 +967,7 @@ impl BnSpec {
 
     /// `y = BatchNorm(x)` (`+ residual` unless it is 0, then ReLU when `relu`); the running
     /// statistics at `running` (0, 0 for none) move from the first range. Returns the saved
-    /// statistics. Runs on our own kernels ([`kernels`]) unless `SIMTRANS_OWN_BN=0`.
+    /// statistics. Runs on our own kernels ([`kernels`]) unless `gpu.own_batch_norm = false`.
     #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
@@ -1064,7 +1052,7 @@ impl BnSpec {
         if !own && (self.stats == launch::Stats::Running || self.channels_last) {
             bail!(
                 "BatchNorm in evaluation mode or channels-last runs on our kernels only \
-                 (SIMTRANS_OWN_BN=0 is set)"
+                 (gpu.own_batch_norm = false)"
             )
         }
         Ok(own)
@@ -1179,12 +1167,10 @@ impl BnSpec {
 }
 
 /// The mask source of a ReLU after a BatchNorm without a residual, whose output is at `y`:
-/// recomputed from the input on our kernels (one tensor less to read), else `y`; also `y`
-/// with `SIMTRANS_RELU_RECOMPUTE=0`, to measure the difference.
+/// recomputed from the input on our kernels (one tensor less to read), else `y`. (Reading `y`
+/// on our kernels too measured the same or slower, BENCHMARKS.md run 10; that switch is gone.)
 fn relu_mask(y: u64) -> launch::Relu {
-    static RECOMPUTE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let recompute = *RECOMPUTE.get_or_init(|| env_switch("SIMTRANS_RELU_RECOMPUTE", true));
-    if recompute && kernels::own_batch_norm() {
+    if kernels::own_batch_norm() {
         launch::Relu::Recompute
     } else {
         launch::Relu::Output(y)
@@ -1682,23 +1668,21 @@ pub fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
 }
 
 /// Whether residual blocks run fused ([`residual_blocks`]); yes unless
-/// `SIMTRANS_FUSED_BLOCKS=0` (then each layer is its own op, for the A/B measurement).
+/// `gpu.fused_blocks = false` (then each layer is its own op, for the A/B measurement).
 pub fn fused_blocks() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| env_switch("SIMTRANS_FUSED_BLOCKS", true))
+    gpu::settings().fused_blocks
 }
 
 /// Whether the fused chain reads its parameters in place (no packing) and hands their
-/// gradients to [`crate::grad::backward`] directly; yes unless `SIMTRANS_SIDE_GRADS=0`
+/// gradients to [`crate::grad::backward`] directly; yes unless `gpu.side_grads = false`
 /// (packed parameters). Measured on an H100 (BENCHMARKS.md, run 11): ResNet-50 TF32 training
 /// at batch 8 went from 482 to 938 images/s, where the host's issuing bounds the step.
 pub fn side_grads() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| env_switch("SIMTRANS_SIDE_GRADS", true))
+    gpu::settings().side_grads
 }
 
 /// Whether the fused residual blocks run channels-last (NHWC) inside; yes unless
-/// `SIMTRANS_CHANNELS_LAST=0`, and only with our BatchNorm kernels. cuDNN's tensor-core
+/// `gpu.channels_last = false`, and only with our BatchNorm kernels. cuDNN's tensor-core
 /// convolutions work on NHWC data; given NCHW, they transpose their inputs and outputs at
 /// every call (13 % of a ResNet-50 step's GPU time at batch 64 with TF32, runs 7 and 10 in
 /// BENCHMARKS.md). Channels-last, the chain's input and output are transposed once, and the
@@ -1706,23 +1690,20 @@ pub fn side_grads() -> bool {
 /// batches of 64 and 128 gained in every run. At batch 8, where the host bounds the step, the
 /// runs disagree (run 12: 820 against 1010 channels-first; runs 10 and 11 the other way).
 pub fn channels_last() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| env_switch("SIMTRANS_CHANNELS_LAST", true))
+    gpu::settings().channels_last
 }
 
 /// Whether the fused chain keeps nothing for a backward pass inside
-/// [`crate::grad::inference`]; yes unless `SIMTRANS_LEAN_INFERENCE=0` (then inference runs as
+/// [`crate::grad::inference`]; yes unless `gpu.lean_inference = false` (then inference runs as
 /// training-time forwards do, to rule it out when results differ).
 pub fn lean_inference() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| env_switch("SIMTRANS_LEAN_INFERENCE", true))
+    gpu::settings().lean_inference
 }
 
 /// Whether all the residual blocks of a network run as one op; yes unless
-/// `SIMTRANS_FUSED_CHAIN=0` (then one op per block, for the A/B measurement).
+/// `gpu.fused_chain = false` (then one op per block, for the A/B measurement).
 pub fn fused_chain() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| env_switch("SIMTRANS_FUSED_CHAIN", true))
+    gpu::settings().fused_chain
 }
 
 /// One convolution + training-mode BatchNorm (+ ReLU) of a residual block, by reference to the

@@ -15,8 +15,8 @@
 // variance is exact to f32 rounding whatever the mean. VEC consecutive values (one channel
 // with HW % VEC == 0 in NCHW; VEC channels with C % VEC == 0 in NHWC) move as one load.
 //
-// Compiled to PTX by crates/core/build.rs with `--features cuda`; launched from
-// crates/core/src/kernels.rs, which documents each kernel's contract.
+// Compiled to PTX by crates/kernels/build.rs with `--features cuda`; launched from
+// crates/ops/src/kernels.rs, which documents each kernel's contract.
 
 #include <stdint.h>
 

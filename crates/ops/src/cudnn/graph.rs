@@ -13,15 +13,15 @@
 //! kernels at run time (seconds per geometry on first use), and for f32 data at
 //! [`Precision::F32`] none on tensor cores (TF32), so the f32 path stays exact to rounding as
 //! with the legacy API's FMA math. Where no engine can be planned, [`plan`] says so once
-//! and the caller keeps the legacy call for that geometry. `SIMTRANS_CUDNN_GRAPH=0` uses the
+//! and the caller keeps the legacy call for that geometry. `gpu.cudnn_graph = false` uses the
 //! legacy API everywhere, to measure the difference.
 
-use super::{env_switch, err, Geom, Handle};
-use crate::device::Precision;
+use super::{err, Geom, Handle};
 use crate::hostprof;
 use candle_core::cuda::CudaDevice;
 use candle_core::{bail, DType, Result};
 use cudarc::cudnn::sys;
+use simtrans_core::device::Precision;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -30,10 +30,9 @@ use sys::cudnnBackendAttributeName_t as A;
 use sys::cudnnBackendAttributeType_t as T;
 use sys::cudnnBackendDescriptorType_t as D;
 
-/// Whether convolutions go through the backend API (`SIMTRANS_CUDNN_GRAPH=0` turns it off).
+/// Whether convolutions go through the backend API (`gpu.cudnn_graph = false` turns it off).
 pub(super) fn enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| env_switch("SIMTRANS_CUDNN_GRAPH", true))
+    crate::gpu::settings().cudnn_graph
 }
 
 /// A backend descriptor, destroyed when dropped.

@@ -1,5 +1,5 @@
-//! Compiles this crate's own CUDA kernels (`cuda/*.cu`) to PTX when the `cuda` feature is on;
-//! `src/kernels.rs` embeds the PTX, which the driver compiles for the GPU at first use. Without
+//! Compiles this crate's CUDA kernels (`src/*.cu`) to PTX when the `cuda` feature is on;
+//! `src/lib.rs` embeds the PTX, which the driver compiles for the GPU at first use. Without
 //! the feature (the CPU build and CI) this does nothing and needs no CUDA toolchain.
 //!
 //! nvcc is `$NVCC`, else `$CUDA_ROOT/bin/nvcc`, else `nvcc` on the PATH (the toolchain of
@@ -11,7 +11,7 @@ use std::process::Command;
 
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");
-    println!("cargo::rerun-if-changed=cuda");
+    println!("cargo::rerun-if-changed=src");
     println!("cargo::rerun-if-env-changed=NVCC");
     println!("cargo::rerun-if-env-changed=CUDA_ROOT");
     println!("cargo::rerun-if-env-changed=CUDA_COMPUTE_CAP");
@@ -29,9 +29,9 @@ fn main() {
     }
 }
 
-/// `cuda/{name}.cu` → `$OUT_DIR/{name}.ptx`.
+/// `src/{name}.cu` → `$OUT_DIR/{name}.ptx`.
 fn compile(nvcc: &Path, cap: &str, out: &Path, name: &str) {
-    let src = format!("cuda/{name}.cu");
+    let src = format!("src/{name}.cu");
     let ptx = out.join(format!("{name}.ptx"));
     let status = Command::new(nvcc)
         .args([
