@@ -28,6 +28,7 @@ use candle_nn::VarMap;
 use rand::Rng;
 use simtrans_core::artifact::{Artifact, ArtifactSchema, TensorSpec};
 use simtrans_core::checkpoint::varmap_tensors;
+use simtrans_core::config::BackboneConfig;
 use simtrans_core::stage::{Stage, StageContext, StageOutput};
 use simtrans_core::CoreError;
 use simtrans_data::{prefetch, sampler, Augment, DataIndex, Loader, Split};
@@ -269,87 +270,21 @@ pub fn run(ctx: &StageContext) -> Result<StageOutput> {
     let cfg = &ctx.config.backbone;
     let oc = &cfg.optim;
     let device = &ctx.device;
-    let data = ctx.load_upstream("data", &DataIndex::schema())?;
-    let index = Arc::new(DataIndex::from_artifact(&data)?);
-    let (train_split, classes) = match cfg.pretrain_on.as_str() {
-        "base" => (Split::BaseTrain, index.base_classes.clone()),
-        "noisy_novel" => (Split::NovelWeb, index.novel_classes.clone()),
-        other => {
-            return Err(BackboneError::Config(format!(
-                "pretrain_on = `{other}`; use `base` (clean base classes) or `noisy_novel` (web images of the novel classes)"
-            )))
-        }
-    };
-    let pairs = |split: Split| -> Vec<(u32, u32)> {
-        index
-            .items_in(split)
-            .into_iter()
-            .map(|it| (it.id, index.local_label(it)))
-            .collect()
-    };
-    let train = pairs(train_split);
-    // Clean held-out images of the classes being learnt exist only for the base classes; the
-    // novel test set is never used for anything but the final evaluation.
-    let val = if train_split == Split::BaseTrain {
-        pairs(Split::BaseVal)
-    } else {
-        vec![]
-    };
-    if train.len() < 2 || cfg.batch_size < 2 {
-        return Err(BackboneError::Config(format!(
-            "step 0 needs at least 2 training images ({} in split {:?}) and batch_size >= 2 (is {})",
-            train.len(),
-            train_split,
-            cfg.batch_size
-        )));
-    }
-    let labels: HashMap<u32, u32> = train.iter().copied().collect();
-    let ids: Vec<u32> = train.iter().map(|p| p.0).collect();
+    let index = Arc::new(DataIndex::from_artifact(
+        &ctx.load_upstream("data", &DataIndex::schema())?,
+    )?);
+    let sets = Sets::new(&index, cfg)?;
     let loader = Loader::new(index.clone(), &ctx.config.data);
-
-    let varmap = VarMap::new();
-    let vb = simtrans_core::seed::var_builder(&varmap, ctx.seed, "backbone", DTYPE, device);
-    let net = ResNet::new(cfg.arch, cfg.small_width, Some(classes.len()), vb)?;
-    if let Some(path) = crate::weights::resolve(&cfg.weights, cfg.arch)? {
-        crate::weights::load_state_dict(&varmap, &path, &["fc."])?;
-        tracing::info!("backbone starts from {}", path.display());
-    }
+    let (varmap, net) = init_model(ctx, sets.classes.len())?;
     let mut sgd = Sgd::new(trainable_vars(&varmap), oc.lr, oc.momentum, oc.weight_decay);
-
-    let checkpoints = ctx.checkpoints();
-    let mut start = 0;
-    let mut history: Vec<serde_json::Value> = vec![];
-    if let Some(r) = checkpoints.latest(device)? {
-        let model: HashMap<String, Tensor> = r
-            .tensors
-            .iter()
-            .filter_map(|(k, v)| k.strip_prefix("model.").map(|k| (k.to_string(), v.clone())))
-            .collect();
-        load_tensors(&varmap, &model, &[]).map_err(|e| match e {
-            LoadError::Problems(p) => BackboneError::StateDict {
-                path: checkpoints.dir.clone(),
-                problems: p,
-            },
-            LoadError::Candle(e) => e.into(),
-        })?;
-        sgd.load_state(&r.tensors)?;
-        start = r.epochs_done;
-        history = r
-            .metrics
-            .get("history")
-            .and_then(|h| h.as_array())
-            .cloned()
-            .unwrap_or_default();
-        tracing::info!("backbone resumes after epoch {start}");
-    }
-
+    let (mut history, start) = resume(ctx, &varmap, &mut sgd)?;
     for epoch in start..oc.epochs {
         if oc.reset_momentum {
             sgd.reset_momentum();
         }
         sgd.lr = step_lr(oc.lr, oc.lr_decay, oc.lr_step, epoch);
         let batches = sampler::shuffled_batches(
-            &ids,
+            &sets.ids,
             cfg.batch_size,
             false,
             &mut ctx.rng("batches", epoch as u64),
@@ -361,48 +296,171 @@ pub fn run(ctx: &StageContext) -> Result<StageOutput> {
             batches.len() as u64,
             format!("backbone epoch {}", epoch + 1),
         );
+        let checkpoint_dir = ctx.checkpoints().dir;
         let work = Epoch {
             index: epoch,
             batches,
             seeds,
-            labels: &labels,
-            checkpoint_dir: &checkpoints.dir,
+            labels: &sets.labels,
+            checkpoint_dir: &checkpoint_dir,
         };
         let stats = train_epoch(&net, &mut sgd, &loader, work, device, |step| {
             bar.set_position(step as u64 + 1)
         })?;
-        let (loss_sum, correct, seen) = (stats.loss_sum, stats.correct, stats.seen);
         bar.finish_and_clear();
-        let val_acc = accuracy(&net, &loader, &val, cfg.batch_size, device)?;
+        let val_acc = accuracy(&net, &loader, &sets.val, cfg.batch_size, device)?;
         let record = serde_json::json!({
             "epoch": epoch + 1,
             "lr": sgd.lr,
-            "train_loss": loss_sum / seen.max(1) as f64,
-            "train_acc": correct as f64 / seen.max(1) as f64,
+            "train_loss": stats.loss_sum / stats.seen.max(1) as f64,
+            "train_acc": stats.correct as f64 / stats.seen.max(1) as f64,
             "val_acc": if val_acc.is_nan() { serde_json::Value::Null } else { val_acc.into() },
         });
         tracing::info!("backbone {record}");
         ctx.log_json(&record)?;
         history.push(record);
-        let mut state: BTreeMap<String, Tensor> = varmap_tensors(&varmap)?
-            .into_iter()
-            .map(|(k, v)| (format!("model.{k}"), v))
-            .collect();
-        state.extend(sgd.state());
-        checkpoints.save(
-            epoch + 1,
-            state,
-            BTreeMap::new(),
-            serde_json::json!({ "history": history }),
-        )?;
+        save_checkpoint(ctx, epoch, &varmap, &sgd, &history)?;
     }
+    output(cfg, &sets.classes, &net, &varmap, history)
+}
 
+/// The images step 0 trains and validates on.
+struct Sets {
+    /// The classes it learns (base, or the novel classes of `pretrain_on = "noisy_novel"`).
+    classes: Vec<u32>,
+    /// The training images and each one's label.
+    ids: Vec<u32>,
+    labels: HashMap<u32, u32>,
+    /// Clean held-out images of those classes with their labels: the base validation split,
+    /// none for the novel classes (their test set is for the final evaluation only).
+    val: Vec<(u32, u32)>,
+}
+
+impl Sets {
+    fn new(index: &DataIndex, cfg: &BackboneConfig) -> Result<Self> {
+        let (train_split, classes) = match cfg.pretrain_on.as_str() {
+            "base" => (Split::BaseTrain, index.base_classes.clone()),
+            "noisy_novel" => (Split::NovelWeb, index.novel_classes.clone()),
+            other => {
+                return Err(BackboneError::Config(format!(
+                    "pretrain_on = `{other}`; use `base` (clean base classes) or `noisy_novel` (web images of the novel classes)"
+                )))
+            }
+        };
+        let pairs = |split: Split| -> Vec<(u32, u32)> {
+            index
+                .items_in(split)
+                .into_iter()
+                .map(|it| (it.id, index.local_label(it)))
+                .collect()
+        };
+        let train = pairs(train_split);
+        let val = if train_split == Split::BaseTrain {
+            pairs(Split::BaseVal)
+        } else {
+            vec![]
+        };
+        if train.len() < 2 || cfg.batch_size < 2 {
+            return Err(BackboneError::Config(format!(
+                "step 0 needs at least 2 training images ({} in split {:?}) and batch_size >= 2 (is {})",
+                train.len(),
+                train_split,
+                cfg.batch_size
+            )));
+        }
+        Ok(Sets {
+            classes,
+            ids: train.iter().map(|p| p.0).collect(),
+            labels: train.iter().copied().collect(),
+            val,
+        })
+    }
+}
+
+/// The seeded network, started from the configured pretrained weights (its `fc` excepted)
+/// where `backbone.weights` names some.
+fn init_model(ctx: &StageContext, num_classes: usize) -> Result<(VarMap, ResNet)> {
+    let cfg = &ctx.config.backbone;
+    let varmap = VarMap::new();
+    let vb = simtrans_core::seed::var_builder(&varmap, ctx.seed, "backbone", DTYPE, &ctx.device);
+    let net = ResNet::new(cfg.arch, cfg.small_width, Some(num_classes), vb)?;
+    if let Some(path) = crate::weights::resolve(&cfg.weights, cfg.arch)? {
+        crate::weights::load_state_dict(&varmap, &path, &["fc."])?;
+        tracing::info!("backbone starts from {}", path.display());
+    }
+    Ok((varmap, net))
+}
+
+/// The newest checkpoint of this node, restored into the model and the optimiser: the history
+/// so far and the first epoch still to train (none and 0 without one).
+fn resume(
+    ctx: &StageContext,
+    varmap: &VarMap,
+    sgd: &mut Sgd,
+) -> Result<(Vec<serde_json::Value>, usize)> {
+    let checkpoints = ctx.checkpoints();
+    let Some(r) = checkpoints.latest(&ctx.device)? else {
+        return Ok((vec![], 0));
+    };
+    let model: HashMap<String, Tensor> = r
+        .tensors
+        .iter()
+        .filter_map(|(k, v)| k.strip_prefix("model.").map(|k| (k.to_string(), v.clone())))
+        .collect();
+    load_tensors(varmap, &model, &[]).map_err(|e| match e {
+        LoadError::Problems(p) => BackboneError::StateDict {
+            path: checkpoints.dir.clone(),
+            problems: p,
+        },
+        LoadError::Candle(e) => e.into(),
+    })?;
+    sgd.load_state(&r.tensors)?;
+    let history = r
+        .metrics
+        .get("history")
+        .and_then(|h| h.as_array())
+        .cloned()
+        .unwrap_or_default();
+    tracing::info!("backbone resumes after epoch {}", r.epochs_done);
+    Ok((history, r.epochs_done))
+}
+
+/// The checkpoint after `epoch`: the model, the optimiser state and the history.
+fn save_checkpoint(
+    ctx: &StageContext,
+    epoch: usize,
+    varmap: &VarMap,
+    sgd: &Sgd,
+    history: &[serde_json::Value],
+) -> Result<()> {
+    let mut state: BTreeMap<String, Tensor> = varmap_tensors(varmap)?
+        .into_iter()
+        .map(|(k, v)| (format!("model.{k}"), v))
+        .collect();
+    state.extend(sgd.state());
+    ctx.checkpoints().save(
+        epoch + 1,
+        state,
+        BTreeMap::new(),
+        serde_json::json!({ "history": history }),
+    )?;
+    Ok(())
+}
+
+/// The artifact: the trained weights, how to rebuild the network, and the metrics.
+fn output(
+    cfg: &BackboneConfig,
+    classes: &[u32],
+    net: &ResNet,
+    varmap: &VarMap,
+    history: Vec<serde_json::Value>,
+) -> Result<StageOutput> {
     let last = history.last().cloned().unwrap_or(serde_json::Value::Null);
     let metrics = serde_json::json!({
         "train_loss": last.get("train_loss"),
         "train_acc": last.get("train_acc"),
         "val_acc": last.get("val_acc"),
-        "epochs": oc.epochs,
+        "epochs": cfg.optim.epochs,
         "history": history,
     });
     let mut out_meta = BTreeMap::new();
@@ -417,7 +475,7 @@ pub fn run(ctx: &StageContext) -> Result<StageOutput> {
     out_meta.insert(meta::PRETRAIN_ON.into(), cfg.pretrain_on.clone());
     out_meta.insert(meta::WEIGHTS.into(), cfg.weights.clone());
     Ok(StageOutput {
-        tensors: varmap_tensors(&varmap)?,
+        tensors: varmap_tensors(varmap)?,
         metrics,
         meta: out_meta,
     })

@@ -14,7 +14,7 @@
 //! (`test_ids`, `correct_final`) lets the eval stage bootstrap paired differences.
 
 use crate::losses::{weighted_ce, GraphReg, GraphTerms};
-use crate::variants::{schedule, Phase, Variant};
+use crate::variants::{schedule, EpochPlan, Phase, Variant};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarMap;
 use rand::RngCore;
@@ -219,67 +219,16 @@ impl GraphAccount {
 /// Runs steps 3a and 3b of the variant named by `ctx.node.variant`.
 pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
     let cfg = &ctx.config.classifier;
-    let variant: Variant = ctx
-        .node
-        .variant
-        .as_deref()
-        .ok_or_else(|| anyhow::anyhow!("the classifier stage needs a variant"))?
-        .parse()?;
-    if cfg.select == Selection::Val {
-        anyhow::bail!(
-            "classifier.select = \"val\" needs a clean novel validation split, which weak-shot data do not have; \
-             use \"final\" (the test-selected epoch is recorded separately, labelled as such)"
-        );
-    }
+    let variant = variant_of(ctx)?;
     let data = Arc::new(DataIndex::from_artifact(
         &ctx.load_upstream("data", &DataIndex::schema())?,
     )?);
     let loader = Loader::new(data.clone(), &ctx.config.data);
-    let n_classes = data.novel_classes.len();
-    let sw = variant.switches();
-
-    // The training set: novel web images with the label they were found under.
-    let web = data.items_in(Split::NovelWeb);
-    if sw.clean_only && web.iter().any(|it| it.noise == NoiseKind::Unknown) {
-        anyhow::bail!("variant `clean` needs the noise ground truth of every web image; this data set has none");
-    }
-    let train: Vec<(u32, u32)> = web
-        .iter()
-        .filter(|it| !sw.clean_only || it.noise == NoiseKind::Clean)
-        .map(|it| (it.id, data.local_label(it)))
-        .collect();
-    let train_ids: Vec<u32> = train.iter().map(|p| p.0).collect();
-    let label_of: HashMap<u32, u32> = train.iter().copied().collect();
-    let test: Vec<(u32, u32)> = data
-        .items_in(Split::NovelTest)
-        .iter()
-        .map(|it| (it.id, data.local_label(it)))
-        .collect();
-    let test_ids: Vec<u32> = test.iter().map(|p| p.0).collect();
-    // True classes of the web images, where the data index knows every one.
-    let truth_of: Option<HashMap<u32, Option<u32>>> = web
-        .iter()
-        .all(|it| it.noise != NoiseKind::Unknown)
-        .then(|| web.iter().map(|it| (it.id, it.true_label)).collect());
-    let test_labels: Vec<u32> = test.iter().map(|p| p.1).collect();
-
+    let sets = Sets::new(&data, variant)?;
     let plans = schedule(variant, cfg, ctx.config.denoise.top_r)?;
-    let denoise = if plans.iter().any(|p| p.weights != WeightScheme::None) {
-        Some(ctx.load_upstream("denoise", &simtrans_denoise::schema())?)
-    } else {
-        None
-    };
-    let simnet = if plans.iter().any(|p| p.graph_loss) {
-        Some(simtrans_simnet::SimNet::load(
-            &ctx.load_upstream("simnet", &simtrans_simnet::schema())?,
-            &ctx.device,
-        )?)
-    } else {
-        None
-    };
+    let upstream = Upstream::load(ctx, &plans)?;
     let graph = GraphReg::from_config(cfg)?;
-
-    let (varmap, net) = init_model(ctx, n_classes)?;
+    let (varmap, net) = init_model(ctx, data.novel_classes.len())?;
     let ocfg = &cfg.optim;
     let mut sgd = Sgd::new(
         trainable_vars(&varmap),
@@ -287,92 +236,251 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
         ocfg.momentum,
         ocfg.weight_decay,
     );
-
-    // Resume.
-    let checkpoints = ctx.checkpoints();
-    let mut history =
-        serde_json::json!({ "train_loss": [], "top1_test_per_epoch": [], "graph_epochs": [] });
-    let mut start = 0;
-    if let Some(r) = checkpoints.latest(&ctx.device)? {
-        let data_map = varmap.data().lock().expect("varmap lock");
-        for (name, var) in data_map.iter() {
-            let t = r.tensors.get(&format!("model.{name}")).ok_or_else(|| {
-                anyhow::anyhow!(
-                    "checkpoint in {} lacks `model.{name}`; delete it",
-                    checkpoints.dir.display()
-                )
-            })?;
-            var.set(t)?;
-        }
-        drop(data_map);
-        sgd.load_state(&r.tensors)?;
-        history = r.metrics;
-        start = r.epochs_done;
-        tracing::info!("{}: resuming after epoch {start}", ctx.node);
-    }
+    let (mut history, start) = resume(ctx, &varmap, &mut sgd)?;
 
     let mut weight_cache: BTreeMap<String, SampleWeights> = BTreeMap::new();
     let mut final_preds: Option<Vec<u32>> = None;
     let bar = simtrans_core::progress::bar(plans.len() as u64, format!("{}", ctx.node));
     bar.set_position(start as u64);
     for plan in plans.iter().skip(start) {
-        let e = plan.global_epoch;
         let first_of_3b = plan.phase == Phase::Step3b && plan.epoch == 0;
         if ocfg.reset_momentum || first_of_3b {
             sgd.reset_momentum();
         }
         sgd.lr = plan.lr;
-        let key = plan.weights.name();
-        if !weight_cache.contains_key(&key) {
-            let w = match (plan.weights, &denoise) {
+        let weights = upstream.weights(plan.weights, &mut weight_cache)?;
+        let simnet = upstream.simnet.as_ref().filter(|_| plan.graph_loss);
+        let epoch = EpochRun {
+            ctx,
+            loader: &loader,
+            sets: &sets,
+            net: &net,
+            graph: simnet.map(|s| (s, &graph)),
+            weights,
+        };
+        let (mean_loss, account) = epoch.train(plan, &mut sgd)?;
+        let preds = predict(
+            &net,
+            &loader,
+            &sets.test_ids,
+            ctx.config.eval.batch_size,
+            &ctx.device,
+        )?;
+        let acc = top1(&sets.test_labels, &preds);
+        final_preds = Some(preds);
+        log_epoch(ctx, &mut history, plan, mean_loss, acc, &account)?;
+        save_checkpoint(ctx, plan.global_epoch, &varmap, &sgd, &history)?;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+
+    // The last epoch's predictions, unless every epoch was restored from a checkpoint.
+    let preds = match final_preds {
+        Some(p) => p,
+        None => predict(
+            &net,
+            &loader,
+            &sets.test_ids,
+            ctx.config.eval.batch_size,
+            &ctx.device,
+        )?,
+    };
+    output(variant, &data, &sets, &varmap, &preds, history)
+}
+
+/// The variant this node trains; `select = "val"` refused (weak-shot data have no clean novel
+/// validation split).
+fn variant_of(ctx: &StageContext) -> anyhow::Result<Variant> {
+    let variant: Variant = ctx
+        .node
+        .variant
+        .as_deref()
+        .ok_or_else(|| anyhow::anyhow!("the classifier stage needs a variant"))?
+        .parse()?;
+    if ctx.config.classifier.select == Selection::Val {
+        anyhow::bail!(
+            "classifier.select = \"val\" needs a clean novel validation split, which weak-shot data do not have; \
+             use \"final\" (the test-selected epoch is recorded separately, labelled as such)"
+        );
+    }
+    Ok(variant)
+}
+
+/// The images a variant trains and is tested on.
+struct Sets {
+    /// The novel web images it trains on (all, or the clean ones for `clean`).
+    train_ids: Vec<u32>,
+    /// Each training image's label: the category it was found under.
+    label_of: HashMap<u32, u32>,
+    /// The clean novel test images and their labels.
+    test_ids: Vec<u32>,
+    test_labels: Vec<u32>,
+    /// The true class of every web image, where the data index knows every one.
+    truth_of: Option<HashMap<u32, Option<u32>>>,
+}
+
+impl Sets {
+    fn new(data: &DataIndex, variant: Variant) -> anyhow::Result<Self> {
+        let clean_only = variant.switches().clean_only;
+        let web = data.items_in(Split::NovelWeb);
+        if clean_only && web.iter().any(|it| it.noise == NoiseKind::Unknown) {
+            anyhow::bail!("variant `clean` needs the noise ground truth of every web image; this data set has none");
+        }
+        let train: Vec<(u32, u32)> = web
+            .iter()
+            .filter(|it| !clean_only || it.noise == NoiseKind::Clean)
+            .map(|it| (it.id, data.local_label(it)))
+            .collect();
+        let test: Vec<(u32, u32)> = data
+            .items_in(Split::NovelTest)
+            .iter()
+            .map(|it| (it.id, data.local_label(it)))
+            .collect();
+        Ok(Sets {
+            train_ids: train.iter().map(|p| p.0).collect(),
+            label_of: train.iter().copied().collect(),
+            test_ids: test.iter().map(|p| p.0).collect(),
+            test_labels: test.iter().map(|p| p.1).collect(),
+            truth_of: web
+                .iter()
+                .all(|it| it.noise != NoiseKind::Unknown)
+                .then(|| web.iter().map(|it| (it.id, it.true_label)).collect()),
+        })
+    }
+}
+
+/// The upstream artifacts the variant's plans read: the denoise weights if any plan weights
+/// its loss, SimNet if any plan has a graph term.
+struct Upstream {
+    denoise: Option<simtrans_core::Artifact>,
+    simnet: Option<simtrans_simnet::SimNet>,
+}
+
+impl Upstream {
+    fn load(ctx: &StageContext, plans: &[EpochPlan]) -> anyhow::Result<Self> {
+        let denoise = if plans.iter().any(|p| p.weights != WeightScheme::None) {
+            Some(ctx.load_upstream("denoise", &simtrans_denoise::schema())?)
+        } else {
+            None
+        };
+        let simnet = if plans.iter().any(|p| p.graph_loss) {
+            Some(simtrans_simnet::SimNet::load(
+                &ctx.load_upstream("simnet", &simtrans_simnet::schema())?,
+                &ctx.device,
+            )?)
+        } else {
+            None
+        };
+        Ok(Upstream { denoise, simnet })
+    }
+
+    /// The sample weights of `scheme`, read from the denoise artifact once per scheme.
+    fn weights<'c>(
+        &self,
+        scheme: WeightScheme,
+        cache: &'c mut BTreeMap<String, SampleWeights>,
+    ) -> anyhow::Result<&'c SampleWeights> {
+        let key = scheme.name();
+        if !cache.contains_key(&key) {
+            let w = match (scheme, &self.denoise) {
                 (WeightScheme::None, _) => SampleWeights::uniform(),
                 (scheme, Some(a)) => SampleWeights::from_artifact(a, scheme)?,
                 (_, None) => unreachable!("denoise is loaded whenever a plan uses weights"),
             };
-            weight_cache.insert(key.clone(), w);
+            cache.insert(key.clone(), w);
         }
-        let weights = &weight_cache[&key];
+        Ok(&cache[&key])
+    }
+}
 
+/// The newest checkpoint of this node, restored into the model and the optimiser: the history
+/// so far and the first epoch still to train (an empty history and 0 without one).
+fn resume(
+    ctx: &StageContext,
+    varmap: &VarMap,
+    sgd: &mut Sgd,
+) -> anyhow::Result<(serde_json::Value, usize)> {
+    let checkpoints = ctx.checkpoints();
+    let Some(r) = checkpoints.latest(&ctx.device)? else {
+        return Ok((
+            serde_json::json!({ "train_loss": [], "top1_test_per_epoch": [], "graph_epochs": [] }),
+            0,
+        ));
+    };
+    let data_map = varmap.data().lock().expect("varmap lock");
+    for (name, var) in data_map.iter() {
+        let t = r.tensors.get(&format!("model.{name}")).ok_or_else(|| {
+            anyhow::anyhow!(
+                "checkpoint in {} lacks `model.{name}`; delete it",
+                checkpoints.dir.display()
+            )
+        })?;
+        var.set(t)?;
+    }
+    drop(data_map);
+    sgd.load_state(&r.tensors)?;
+    tracing::info!("{}: resuming after epoch {}", ctx.node, r.epochs_done);
+    Ok((r.metrics, r.epochs_done))
+}
+
+/// What one epoch trains with.
+struct EpochRun<'a> {
+    ctx: &'a StageContext,
+    loader: &'a Loader,
+    sets: &'a Sets,
+    net: &'a ResNet,
+    /// SimNet and the graph term, on graph epochs.
+    graph: Option<(&'a simtrans_simnet::SimNet, &'a GraphReg)>,
+    /// The epoch's sample weights.
+    weights: &'a SampleWeights,
+}
+
+impl EpochRun<'_> {
+    /// One epoch of SGD steps over the seeded shuffled batches of the training set, decoded
+    /// ahead: the mean loss per batch, and the graph terms' accounting on graph epochs. A
+    /// non-finite loss stops the stage before any checkpoint takes it in.
+    fn train(&self, plan: &EpochPlan, sgd: &mut Sgd) -> anyhow::Result<(f64, GraphAccount)> {
+        let (ctx, e) = (self.ctx, plan.global_epoch);
         let mut rng = ctx.rng("batches", e as u64);
-        let batches = sampler::shuffled_batches(&train_ids, plan.batch_size, false, &mut rng);
+        let batches =
+            sampler::shuffled_batches(&self.sets.train_ids, plan.batch_size, false, &mut rng);
         let epoch_seed = ctx.rng("augment", e as u64).next_u64();
         let seeds = (0..batches.len() as u64)
             .map(|b| epoch_seed ^ b.wrapping_mul(0x9E37_79B9_7F4A_7C15))
             .collect();
         let count = batches.len();
         let prefetched =
-            loader.prefetch(batches, seeds, Augment::Train, prefetch::DEPTH, &ctx.device);
+            self.loader
+                .prefetch(batches, seeds, Augment::Train, prefetch::DEPTH, &ctx.device);
         let mut loss_sum = 0.0;
         let mut account = GraphAccount::default();
         for (b, item) in prefetched.enumerate() {
             let (ids, x) = item?;
-            let y: Vec<u32> = ids.iter().map(|id| label_of[id]).collect();
+            let web_labels: Vec<u32> = ids.iter().map(|id| self.sets.label_of[id]).collect();
             let w: Vec<f32> = ids
                 .iter()
-                .map(|id| weights.get(*id))
+                .map(|id| self.weights.get(*id))
                 .collect::<simtrans_denoise::Result<_>>()?;
-            let web_labels = y.clone();
-            let y = Tensor::new(y, &ctx.device)?;
+            let y = Tensor::new(web_labels.as_slice(), &ctx.device)?;
             let w = Tensor::new(w, &ctx.device)?;
-            let graph_net = simnet.as_ref().filter(|_| plan.graph_loss);
-            let BatchLoss { loss, graph: terms } =
-                batch_loss(&net, graph_net.map(|s| (s, &graph)), &x, &y, &w)?;
+            let BatchLoss { loss, graph: terms } = batch_loss(self.net, self.graph, &x, &y, &w)?;
             sgd.step(&simtrans_ops::grad::backward(&loss)?)?;
-            // Read after the update is queued: one wait for the device per step. A
-            // non-finite loss still stops the stage before any checkpoint takes it in.
+            // Read after the update is queued: one wait for the device per step.
             let l = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             if !l.is_finite() {
                 return Err(CoreError::NonFinite {
                     what: "classifier loss".into(),
                     epoch: e,
                     step: b,
-                    checkpoint_dir: checkpoints.dir.clone(),
+                    checkpoint_dir: ctx.checkpoints().dir,
                 }
                 .into());
             }
             loss_sum += l;
             if let Some(t) = terms {
-                let truth: Option<Vec<Option<u32>>> = truth_of
+                let truth: Option<Vec<Option<u32>>> = self
+                    .sets
+                    .truth_of
                     .as_ref()
                     .map(|m| ids.iter().map(|id| m[id]).collect());
                 account.add(
@@ -384,72 +492,81 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
                 );
             }
         }
-        let graph_record = (account.batches > 0).then(|| account.record(e));
-        let preds = predict(
-            &net,
-            &loader,
-            &test_ids,
-            ctx.config.eval.batch_size,
-            &ctx.device,
-        )?;
-        let acc = top1(&test_labels, &preds);
-        final_preds = Some(preds);
-        let mean_loss = loss_sum / count.max(1) as f64;
-        history["train_loss"]
-            .as_array_mut()
-            .expect("array")
-            .push(mean_loss.into());
-        history["top1_test_per_epoch"]
-            .as_array_mut()
-            .expect("array")
-            .push(acc.into());
-        let mut line = serde_json::json!({
-            "epoch": e, "phase": format!("{:?}", plan.phase), "kind": format!("{:?}", plan.kind),
-            "lr": plan.lr, "train_loss": mean_loss, "top1_test": acc,
-        });
-        if let Some(r) = &graph_record {
-            line["graph"] = r.clone();
-            tracing::info!(
-                "{} epoch {e}: weighted CE {:.4}, α·reg {:.4}, mean Â same label {:.3} / cross label {:.3}",
-                ctx.node,
-                r["ce"].as_f64().unwrap_or(f64::NAN),
-                r["alpha_reg"].as_f64().unwrap_or(f64::NAN),
-                r["a_hat_same_label"].as_f64().unwrap_or(f64::NAN),
-                r["a_hat_cross_label"].as_f64().unwrap_or(f64::NAN),
-            );
-            history["graph_epochs"]
-                .as_array_mut()
-                .expect("array")
-                .push(r.clone());
-        }
-        ctx.log_json(&line)?;
-        tracing::info!(
-            "{} epoch {e}: loss {mean_loss:.4}, novel test top-1 {:.2} %",
-            ctx.node,
-            100.0 * acc
-        );
-        let mut state: BTreeMap<String, Tensor> = varmap_tensors(&varmap)?
-            .into_iter()
-            .map(|(n, t)| (format!("model.{n}"), t))
-            .collect();
-        state.extend(sgd.state());
-        checkpoints.save(e + 1, state, BTreeMap::new(), history.clone())?;
-        bar.inc(1);
+        Ok((loss_sum / count.max(1) as f64, account))
     }
-    bar.finish_and_clear();
+}
 
-    // The last epoch's predictions, unless every epoch was restored from a checkpoint.
-    let preds = match final_preds {
-        Some(p) => p,
-        None => predict(
-            &net,
-            &loader,
-            &test_ids,
-            ctx.config.eval.batch_size,
-            &ctx.device,
-        )?,
+/// Records an epoch in the history, the JSONL log and the console.
+fn log_epoch(
+    ctx: &StageContext,
+    history: &mut serde_json::Value,
+    plan: &EpochPlan,
+    mean_loss: f64,
+    acc: f64,
+    account: &GraphAccount,
+) -> anyhow::Result<()> {
+    let e = plan.global_epoch;
+    let push = |history: &mut serde_json::Value, key: &str, v: serde_json::Value| {
+        history[key].as_array_mut().expect("array").push(v);
     };
-    let conf = confusion(n_classes, &test_labels, &preds);
+    push(history, "train_loss", mean_loss.into());
+    push(history, "top1_test_per_epoch", acc.into());
+    let mut line = serde_json::json!({
+        "epoch": e, "phase": format!("{:?}", plan.phase), "kind": format!("{:?}", plan.kind),
+        "lr": plan.lr, "train_loss": mean_loss, "top1_test": acc,
+    });
+    if account.batches > 0 {
+        let r = account.record(e);
+        tracing::info!(
+            "{} epoch {e}: weighted CE {:.4}, α·reg {:.4}, mean Â same label {:.3} / cross label {:.3}",
+            ctx.node,
+            r["ce"].as_f64().unwrap_or(f64::NAN),
+            r["alpha_reg"].as_f64().unwrap_or(f64::NAN),
+            r["a_hat_same_label"].as_f64().unwrap_or(f64::NAN),
+            r["a_hat_cross_label"].as_f64().unwrap_or(f64::NAN),
+        );
+        line["graph"] = r.clone();
+        push(history, "graph_epochs", r);
+    }
+    ctx.log_json(&line)?;
+    tracing::info!(
+        "{} epoch {e}: loss {mean_loss:.4}, novel test top-1 {:.2} %",
+        ctx.node,
+        100.0 * acc
+    );
+    Ok(())
+}
+
+/// The checkpoint after global epoch `e`: the model, the optimiser state and the history.
+fn save_checkpoint(
+    ctx: &StageContext,
+    e: usize,
+    varmap: &VarMap,
+    sgd: &Sgd,
+    history: &serde_json::Value,
+) -> anyhow::Result<()> {
+    let mut state: BTreeMap<String, Tensor> = varmap_tensors(varmap)?
+        .into_iter()
+        .map(|(n, t)| (format!("model.{n}"), t))
+        .collect();
+    state.extend(sgd.state());
+    ctx.checkpoints()
+        .save(e + 1, state, BTreeMap::new(), history.clone())?;
+    Ok(())
+}
+
+/// The artifact: the final weights, the final epoch's test results and the history.
+fn output(
+    variant: Variant,
+    data: &DataIndex,
+    sets: &Sets,
+    varmap: &VarMap,
+    preds: &[u32],
+    history: serde_json::Value,
+) -> anyhow::Result<StageOutput> {
+    let n_classes = data.novel_classes.len();
+    let test_labels = &sets.test_labels;
+    let conf = confusion(n_classes, test_labels, preds);
     let per_class: Vec<f64> = conf
         .iter()
         .enumerate()
@@ -459,18 +576,17 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
         .as_array()
         .map(|a| a.iter().filter_map(|v| v.as_f64()).collect())
         .unwrap_or_default();
-    let tensors = varmap_tensors(&varmap)?;
     Ok(StageOutput {
-        tensors,
+        tensors: varmap_tensors(varmap)?,
         metrics: serde_json::json!({
             "variant": variant.name(),
-            "train_images": train_ids.len(),
-            "top1_final": top1(&test_labels, &preds),
+            "train_images": sets.train_ids.len(),
+            "top1_final": top1(test_labels, preds),
             "top1_test_selected": per_epoch.iter().cloned().fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x)))),
             "per_class_final": per_class,
             "confusion_final": conf,
-            "test_ids": test_ids,
-            "correct_final": test_labels.iter().zip(&preds).map(|(l, p)| u8::from(l == p)).collect::<Vec<u8>>(),
+            "test_ids": sets.test_ids,
+            "correct_final": test_labels.iter().zip(preds).map(|(l, p)| u8::from(l == p)).collect::<Vec<u8>>(),
             "history": history,
         }),
         meta: BTreeMap::from([

@@ -2391,16 +2391,107 @@ pub fn residual_blocks(
     } else {
         x.contiguous()?
     };
-    let mut weights = Vec::new();
-    let mut bn_params = Vec::new();
-    let mut running = Vec::new();
     // Handing the gradients over needs the op in candle's graph through its input. Inference
     // reads the parameters in place too, and hands nothing over.
     let inference = crate::grad::in_inference() && lean_inference();
     let side = (side_grads() && x.track_op()) || inference;
-    let mut side_units = Vec::new();
-    let (mut w_off, mut bn_off, mut index) = (0, 0, 0);
-    let mut plan = |u: &BlockUnit, input: [usize; 4]| -> Result<UnitPlan> {
+    let mut planner = ChainPlanner {
+        norm,
+        eps,
+        momentum,
+        nhwc,
+        side,
+        dtype: x.dtype(),
+        weights: Vec::new(),
+        bn_params: Vec::new(),
+        running: Vec::new(),
+        side_units: Vec::new(),
+        w_off: 0,
+        bn_off: 0,
+        index: 0,
+    };
+    let mut plans = Vec::with_capacity(blocks.len());
+    for block in blocks {
+        let (plan, y_dims) = planner.block(block, x_dims)?;
+        plans.push(plan);
+        x_dims = y_dims;
+    }
+    let y = planner.apply(&x, plans, !inference)?;
+    if nhwc {
+        y.permute((0, 3, 1, 2))?.contiguous()
+    } else {
+        Ok(y)
+    }
+}
+
+/// Plans the units of [`residual_blocks`] in order (each block's main path, then its
+/// shortcut), collecting the tensors the chain reads: in place ([`side_grads`]) or packed.
+struct ChainPlanner {
+    norm: Norm,
+    eps: f64,
+    momentum: f64,
+    nhwc: bool,
+    /// Whether the parameters are read in place (else packed into two tensors).
+    side: bool,
+    /// The chain's data type (the input's).
+    dtype: DType,
+    weights: Vec<Tensor>,
+    bn_params: Vec<Tensor>,
+    running: Vec<(Tensor, Tensor)>,
+    side_units: Vec<UnitTensors>,
+    /// Offsets into the packed weights and BatchNorm parameters, and the unit count so far.
+    w_off: usize,
+    bn_off: usize,
+    index: usize,
+}
+
+impl ChainPlanner {
+    /// One block on input dimensions `x_dims`: its plan and its output dimensions.
+    fn block(&mut self, block: &BlockUnits, x_dims: [usize; 4]) -> Result<(BlockPlan, [usize; 4])> {
+        let (main, shortcut) = (&block.main, block.shortcut.as_ref());
+        if main.is_empty()
+            || main.last().is_some_and(|u| u.relu)
+            || shortcut.is_some_and(|u| u.relu)
+        {
+            bail!(
+                "residual_blocks: a non-empty main path whose last unit and shortcut have no ReLU"
+            )
+        }
+        // Units are planned (and their running statistics listed) in this order.
+        let first_running = self.index;
+        let mut main_plans = Vec::new();
+        let mut input = x_dims;
+        for u in main {
+            let p = self.unit(u, input)?;
+            input = p.g.y_dims();
+            main_plans.push(p);
+        }
+        let shortcut = match shortcut {
+            Some(u) => {
+                let p = self.unit(u, x_dims)?;
+                if p.g.y_dims() != input {
+                    bail!(
+                        "residual_blocks: shortcut gives {:?}, main path {input:?}",
+                        p.g.y_dims()
+                    )
+                }
+                Some(p)
+            }
+            None if x_dims != input => {
+                bail!("residual_blocks: identity shortcut of {x_dims:?} onto {input:?}")
+            }
+            None => None,
+        };
+        let plan = BlockPlan {
+            main: main_plans,
+            shortcut,
+            running: first_running,
+        };
+        Ok((plan, input))
+    }
+
+    /// One unit on `input` dimensions, its tensors listed for the chain.
+    fn unit(&mut self, u: &BlockUnit, input: [usize; 4]) -> Result<UnitPlan> {
         let (o, c, kh, kw) = u.weight.dims4()?;
         if c != input[1] {
             bail!(
@@ -2418,110 +2509,66 @@ pub fn residual_blocks(
             kw,
             pad: u.padding,
             stride: u.stride,
-            nhwc,
+            nhwc: self.nhwc,
         };
         let p = UnitPlan {
-            index,
+            index: self.index,
             g,
             relu: u.relu,
-            w_off,
-            bn_off,
-            bn: match norm {
-                Norm::Batch(split) => BnSpec::new(g.y_dims(), split, eps, momentum)?,
-                Norm::Running => BnSpec::eval(g.y_dims(), eps),
+            w_off: self.w_off,
+            bn_off: self.bn_off,
+            bn: match self.norm {
+                Norm::Batch(split) => BnSpec::new(g.y_dims(), split, self.eps, self.momentum)?,
+                Norm::Running => BnSpec::eval(g.y_dims(), self.eps),
             }
-            .with_channels_last(nhwc),
+            .with_channels_last(self.nhwc),
         };
-        index += 1;
-        w_off += u.weight.elem_count();
-        bn_off += 2 * o;
+        self.index += 1;
+        self.w_off += u.weight.elem_count();
+        self.bn_off += 2 * o;
         // The weight as the chain reads it: a copy only where the dtype or layout differs, and
         // one copy where both do (the cast reads the permuted view).
-        let w = if nhwc {
+        let w = if self.nhwc {
             u.weight.permute((0, 2, 3, 1))?
         } else {
             u.weight.clone()
         };
-        let w = w.to_dtype(x.dtype())?;
-        if side {
-            side_units.push(UnitTensors {
+        let w = w.to_dtype(self.dtype)?;
+        if self.side {
+            self.side_units.push(UnitTensors {
                 weight: w.detach().contiguous()?,
                 bn: [u.bn[0].clone(), u.bn[1].clone()],
                 variable: u.weight.clone(),
             });
         } else {
-            weights.push(w.flatten_all()?);
-            bn_params.push(u.bn[0].flatten_all()?);
-            bn_params.push(u.bn[1].flatten_all()?);
+            self.weights.push(w.flatten_all()?);
+            self.bn_params.push(u.bn[0].flatten_all()?);
+            self.bn_params.push(u.bn[1].flatten_all()?);
         }
-        running.push((u.bn[2].clone(), u.bn[3].clone()));
+        self.running.push((u.bn[2].clone(), u.bn[3].clone()));
         Ok(p)
-    };
-    let mut units_before = 0;
-    let mut plans = Vec::with_capacity(blocks.len());
-    for block in blocks {
-        let (main, shortcut) = (&block.main, block.shortcut.as_ref());
-        if main.is_empty()
-            || main.last().is_some_and(|u| u.relu)
-            || shortcut.is_some_and(|u| u.relu)
-        {
-            bail!(
-                "residual_blocks: a non-empty main path whose last unit and shortcut have no ReLU"
-            )
-        }
-        // Units are planned (and their running statistics listed) in this order.
-        let first_running = units_before;
-        units_before += main.len() + shortcut.is_some() as usize;
-        let mut main_plans = Vec::new();
-        let mut input = x_dims;
-        for u in main {
-            let p = plan(u, input)?;
-            input = p.g.y_dims();
-            main_plans.push(p);
-        }
-        let shortcut = match shortcut {
-            Some(u) => {
-                let p = plan(u, x_dims)?;
-                if p.g.y_dims() != input {
-                    bail!(
-                        "residual_blocks: shortcut gives {:?}, main path {input:?}",
-                        p.g.y_dims()
-                    )
-                }
-                Some(p)
-            }
-            None if x_dims != input => {
-                bail!("residual_blocks: identity shortcut of {x_dims:?} onto {input:?}")
-            }
-            None => None,
-        };
-        plans.push(BlockPlan {
-            main: main_plans,
-            shortcut,
-            running: first_running,
-        });
-        x_dims = input;
     }
-    let chain = ResChain {
-        blocks: plans,
-        running,
-        saved: Mutex::new(Vec::new()),
-        packed_len: (w_off, bn_off),
-        keep: !inference,
-        nhwc,
-    };
-    let y = if side {
-        let units = side_units;
-        x.apply_op1(SideChain { chain, units })?
-    } else {
-        let (w, p) = hostprof::timed("fused chain, packing", || -> Result<_> {
-            Ok((Tensor::cat(&weights, 0)?, Tensor::cat(&bn_params, 0)?))
-        })?;
-        x.apply_op3(&w, &p, chain)?
-    };
-    if nhwc {
-        y.permute((0, 3, 1, 2))?.contiguous()
-    } else {
-        Ok(y)
+
+    /// The planned chain applied to `x` as one autograd op; `keep`: keep what a backward pass
+    /// needs.
+    fn apply(self, x: &Tensor, blocks: Vec<BlockPlan>, keep: bool) -> Result<Tensor> {
+        let chain = ResChain {
+            blocks,
+            running: self.running,
+            saved: Mutex::new(Vec::new()),
+            packed_len: (self.w_off, self.bn_off),
+            keep,
+            nhwc: self.nhwc,
+        };
+        if self.side {
+            let units = self.side_units;
+            x.apply_op1(SideChain { chain, units })
+        } else {
+            let (weights, bn_params) = (self.weights, self.bn_params);
+            let (w, p) = hostprof::timed("fused chain, packing", || -> Result<_> {
+                Ok((Tensor::cat(&weights, 0)?, Tensor::cat(&bn_params, 0)?))
+            })?;
+            x.apply_op3(&w, &p, chain)
+        }
     }
 }

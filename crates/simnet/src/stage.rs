@@ -236,9 +236,48 @@ pub fn train(
     init: &BackboneInit,
 ) -> Result<StageOutput> {
     let cfg = &ctx.config.simnet;
-    let oc = &cfg.optim;
-    let device = &ctx.device;
-    let kind = HeadKind::from_config(cfg.head)?;
+    check_batches(cfg)?;
+    let net = build_net(ctx, init, HeadKind::from_config(cfg.head)?)?;
+    let mut trainer = Trainer {
+        sim_opt: optimiser(&net.simnet_vars, cfg),
+        disc_opt: optimiser(&net.disc_vars, cfg),
+        beta: cfg.beta,
+        bn_split: cfg.bn_split,
+    };
+    let (val_batches, test_batches) = validation_batches(ctx, data)?;
+    let mut progress = resume(ctx, &net, &mut trainer)?;
+    for epoch in progress.start..cfg.optim.epochs {
+        let lr = schedule(&mut trainer, cfg, epoch);
+        let sums = train_epoch(ctx, data, &net, &mut trainer, epoch)?;
+        let score = |b: &Batches| -> Result<Option<f64>> {
+            if b.is_empty() {
+                return Ok(None);
+            }
+            Ok(Some(pair_f1(&net, data, b, &ctx.device)?.f1()))
+        };
+        let (f1_val, f1_test) = (score(&val_batches)?, score(&test_batches)?);
+        let record = sums.record(epoch, lr, f1_val, f1_test);
+        tracing::info!(
+            epoch,
+            f1_val,
+            f1_test,
+            l_sim = sums.l_sim / sums.done as f64,
+            "simnet epoch done"
+        );
+        ctx.log_json(&record)?;
+        progress.history.push(record);
+        if let (Selection::Val, Some(f1)) = (cfg.select, f1_val) {
+            if progress.best.as_ref().is_none_or(|(_, f, _)| f1 > *f) {
+                progress.best = Some((epoch, f1, net.tensors()?));
+            }
+        }
+        save_checkpoint(ctx, epoch, &net, &trainer, &progress)?;
+    }
+    finish(ctx, &net, progress.history, progress.best)
+}
+
+/// The batch sizes and epochs a SimNet training can work with.
+fn check_batches(cfg: &SimnetConfig) -> Result<()> {
     if cfg.batch_a < 2 || cfg.batch_b < 2 {
         return Err(SimnetError::Config(format!(
             "batch_a = {} and batch_b = {} must both be at least 2 (BatchNorm needs two images per domain)",
@@ -251,13 +290,17 @@ pub fn train(
             cfg.batch_a, cfg.batch_b
         )));
     }
-    if oc.epochs == 0 {
+    if cfg.optim.epochs == 0 {
         return Err(SimnetError::Config(
             "simnet.optim.epochs must be at least 1".into(),
         ));
     }
+    Ok(())
+}
 
-    // The backbone's weights (classifier dropped), then the seeded head and discriminator.
+/// The backbone's weights (classifier dropped), then the seeded head and discriminator; an
+/// error if the artifact does not fill the whole trunk.
+fn build_net(ctx: &StageContext, init: &BackboneInit, head: HeadKind) -> Result<SimNet> {
     let simnet_vars = VarMap::new();
     let backbone: BTreeMap<String, Tensor> = init
         .tensors
@@ -265,14 +308,14 @@ pub fn train(
         .filter(|(k, _)| !k.starts_with("fc."))
         .map(|(k, v)| (format!("backbone.{k}"), v.clone()))
         .collect();
-    insert_vars(&simnet_vars, &backbone, &["backbone."], device)?;
+    insert_vars(&simnet_vars, &backbone, &["backbone."], &ctx.device)?;
     let loaded = simnet_vars.all_vars().len();
     let shape = SimNetShape {
         arch: init.arch,
         small_width: init.small_width,
-        head: kind,
+        head,
     };
-    let net = SimNet::build(shape, simnet_vars, VarMap::new(), ctx.seed, device)?;
+    let net = SimNet::build(shape, simnet_vars, VarMap::new(), ctx.seed, &ctx.device)?;
     let backbone_vars = net
         .simnet_vars
         .data()
@@ -287,183 +330,225 @@ pub fn train(
             init.arch, ctx.rebuild_hint
         )));
     }
+    Ok(net)
+}
 
-    let mut trainer = Trainer {
-        sim_opt: Sgd::new(
-            simtrans_backbone::trainable_vars(&net.simnet_vars),
-            oc.lr,
-            oc.momentum,
-            oc.weight_decay,
-        ),
-        disc_opt: Sgd::new(
-            simtrans_backbone::trainable_vars(&net.disc_vars),
-            oc.lr,
-            oc.momentum,
-            oc.weight_decay,
-        ),
-        beta: cfg.beta,
-        bn_split: cfg.bn_split,
-    };
-    // Fixed validation batches: every epoch is scored on the same pairs.
-    let val_batches = data.eval_batches(EvalSet::BaseVal, &mut ctx.rng("validation-base", 0))?;
-    let test_batches =
-        data.eval_batches(EvalSet::NovelTest, &mut ctx.rng("validation-novel", 0))?;
-    if val_batches.is_empty() && cfg.select == Selection::Val {
+/// The reference's SGD over a map's trainable variables.
+fn optimiser(vars: &VarMap, cfg: &SimnetConfig) -> Sgd {
+    let oc = &cfg.optim;
+    Sgd::new(
+        simtrans_backbone::trainable_vars(vars),
+        oc.lr,
+        oc.momentum,
+        oc.weight_decay,
+    )
+}
+
+/// Fixed validation batches (base validation, novel test): every epoch is scored on the same
+/// pairs.
+fn validation_batches(ctx: &StageContext, data: &impl TrainData) -> Result<(Batches, Batches)> {
+    let val = data.eval_batches(EvalSet::BaseVal, &mut ctx.rng("validation-base", 0))?;
+    let test = data.eval_batches(EvalSet::NovelTest, &mut ctx.rng("validation-novel", 0))?;
+    if val.is_empty() && ctx.config.simnet.select == Selection::Val {
         return Err(SimnetError::Config(
             "simnet.select = \"val\" needs base validation images, and the data index has none; use select = \"final\" or give the data set a base validation split".into(),
         ));
     }
-    if val_batches.is_empty() || test_batches.is_empty() {
+    if val.is_empty() || test.is_empty() {
         tracing::warn!(
-            base_val = val_batches.len(),
-            novel_test = test_batches.len(),
+            base_val = val.len(),
+            novel_test = test.len(),
             "a SimNet validation set is empty; its F1 is reported as null"
         );
     }
+    Ok((val, test))
+}
 
+/// What the epochs so far have left: their records, the best epoch by validation F1 (with its
+/// weights) and the first epoch still to train.
+#[derive(Default)]
+struct Progress {
+    history: Vec<serde_json::Value>,
+    best: Option<(usize, f64, BTreeMap<String, Tensor>)>,
+    start: usize,
+}
+
+/// The newest checkpoint of this node, restored into `net` and the optimisers; nothing done
+/// yet if there is none.
+fn resume(ctx: &StageContext, net: &SimNet, trainer: &mut Trainer) -> Result<Progress> {
     let ck = ctx.checkpoints();
-    let mut history: Vec<serde_json::Value> = Vec::new();
-    let mut best: Option<(usize, f64, BTreeMap<String, Tensor>)> = None;
-    let mut start = 0;
-    if let Some(r) = ck.latest(device)? {
-        net.set_tensors(&r.tensors, "model.")?;
-        trainer.sim_opt.load_state(&strip(&r.tensors, "opt.sim."))?;
-        trainer
-            .disc_opt
-            .load_state(&strip(&r.tensors, "opt.disc."))?;
-        history = r.metrics["history"].as_array().cloned().unwrap_or_default();
-        if let (Some(e), Some(f)) = (r.extra.get("best_epoch"), r.extra.get("best_f1_val")) {
-            let parse_err = || {
-                SimnetError::Artifact(format!(
-                    "checkpoint in {} has a bad best_epoch",
-                    ck.dir.display()
-                ))
-            };
-            best = Some((
-                e.parse().map_err(|_| parse_err())?,
-                f.parse().map_err(|_| parse_err())?,
-                strip(&r.tensors, "best."),
-            ));
-        }
-        start = r.epochs_done;
-        tracing::info!(epochs_done = start, "simnet resumes from its checkpoint");
-    }
-
-    for epoch in start..oc.epochs {
-        let lr = step_lr(oc.lr, oc.lr_decay, oc.lr_step, epoch);
-        trainer.sim_opt.lr = lr;
-        trainer.disc_opt.lr = lr;
-        if oc.reset_momentum {
-            trainer.sim_opt.reset_momentum();
-            trainer.disc_opt.reset_momentum();
-        }
-        let (batches_a, batches_b) = data.epoch_batches(&mut ctx.rng("batches", epoch as u64))?;
-        let mut aug = ctx.rng("augment", epoch as u64);
-        let steps = batches_a.len().min(batches_b.len());
-        let bar = simtrans_core::progress::bar(steps as u64, format!("simnet epoch {epoch}"));
-        let (mut l_sim, mut l_dom, mut dom_acc, mut done, mut skipped) =
-            (0f64, 0f64, 0f64, 0usize, 0usize);
-        let mut train_counts = PairCounts::default();
-        // The usable pairs of batches and their two augmentation seeds, in order; their
-        // images are decoded ahead, source then target.
-        let mut jobs = vec![];
-        let mut usable = vec![];
-        for (step, (ids_a, ids_b)) in batches_a.iter().zip(&batches_b).enumerate() {
-            if ids_a.len() != ids_b.len() || ids_a.len() < 2 {
-                skipped += 1;
-                continue;
-            }
-            let (seed_a, seed_b): (u64, u64) = (aug.random(), aug.random());
-            jobs.push((ids_a.clone(), seed_a));
-            jobs.push((ids_b.clone(), seed_b));
-            usable.push(step);
-        }
-        let mut images = data.images_ahead(jobs, true, device);
-        let mut next_images = || {
-            images.next().unwrap_or_else(|| {
-                Err(simtrans_data::DataError::Invalid(
-                    "the image stream ended before the epoch's last batch".into(),
-                )
-                .into())
-            })
+    let Some(r) = ck.latest(&ctx.device)? else {
+        return Ok(Progress::default());
+    };
+    net.set_tensors(&r.tensors, "model.")?;
+    trainer.sim_opt.load_state(&strip(&r.tensors, "opt.sim."))?;
+    trainer
+        .disc_opt
+        .load_state(&strip(&r.tensors, "opt.disc."))?;
+    let mut best = None;
+    if let (Some(e), Some(f)) = (r.extra.get("best_epoch"), r.extra.get("best_f1_val")) {
+        let parse_err = || {
+            SimnetError::Artifact(format!(
+                "checkpoint in {} has a bad best_epoch",
+                ck.dir.display()
+            ))
         };
-        for step in usable {
-            bar.set_position(step as u64 + 1);
-            let ids_a = &batches_a[step];
-            let xa = next_images()?;
-            let xb = next_images()?;
-            let labels_a: Vec<u32> = ids_a.iter().map(|&id| data.label(id)).collect();
-            let st = trainer.step(&net.backbone, &net.head, &net.disc, &xa, &labels_a, &xb)?;
-            if !st.total.is_finite() || !st.l_dom.is_finite() {
-                return Err(CoreError::NonFinite {
-                    what: "the SimNet loss".into(),
-                    epoch,
-                    step,
-                    checkpoint_dir: ck.dir.clone(),
-                }
-                .into());
-            }
-            l_sim += st.l_sim as f64;
-            l_dom += st.l_dom as f64;
-            dom_acc += st.domain_acc as f64;
-            train_counts.merge(&st.counts);
-            done += 1;
-        }
-        bar.finish_and_clear();
-        if done == 0 {
-            return Err(SimnetError::Config(format!(
-                "epoch {epoch} had no usable pair of batches ({} source, {} target, {skipped} skipped: a batch pair of unequal sizes or of fewer than 2 images is skipped); lower simnet.batch_a and simnet.batch_b",
-                batches_a.len(),
-                batches_b.len()
-            )));
-        }
-        let score = |b: &Batches| -> Result<Option<f64>> {
-            if b.is_empty() {
-                return Ok(None);
-            }
-            Ok(Some(pair_f1(&net, data, b, device)?.f1()))
-        };
-        let f1_val = score(&val_batches)?;
-        let f1_test = score(&test_batches)?;
-        let n = done as f64;
-        let record = serde_json::json!({
-            "epoch": epoch, "lr": lr, "steps": done, "skipped": skipped,
-            "l_sim": l_sim / n, "l_dom": l_dom / n, "domain_acc": dom_acc / n,
-            "f1_train": train_counts.f1(), "f1_val": f1_val, "f1_test": f1_test,
-        });
-        tracing::info!(
-            epoch,
-            f1_val,
-            f1_test,
-            l_sim = l_sim / n,
-            "simnet epoch done"
-        );
-        ctx.log_json(&record)?;
-        history.push(record);
-
-        if let (Selection::Val, Some(f1)) = (cfg.select, f1_val) {
-            if best.as_ref().is_none_or(|(_, f, _)| f1 > *f) {
-                best = Some((epoch, f1, net.tensors()?));
-            }
-        }
-        let mut state: BTreeMap<String, Tensor> = prefixed(net.tensors()?, "model.").collect();
-        state.extend(prefixed(trainer.sim_opt.state(), "opt.sim."));
-        state.extend(prefixed(trainer.disc_opt.state(), "opt.disc."));
-        let mut extra = BTreeMap::new();
-        if let Some((e, f, t)) = &best {
-            state.extend(prefixed(t.clone(), "best."));
-            extra.insert("best_epoch".to_string(), e.to_string());
-            extra.insert("best_f1_val".to_string(), f.to_string());
-        }
-        ck.save(
-            epoch + 1,
-            state,
-            extra,
-            serde_json::json!({ "history": history }),
-        )?;
+        best = Some((
+            e.parse().map_err(|_| parse_err())?,
+            f.parse().map_err(|_| parse_err())?,
+            strip(&r.tensors, "best."),
+        ));
     }
+    tracing::info!(
+        epochs_done = r.epochs_done,
+        "simnet resumes from its checkpoint"
+    );
+    Ok(Progress {
+        history: r.metrics["history"].as_array().cloned().unwrap_or_default(),
+        best,
+        start: r.epochs_done,
+    })
+}
 
-    finish(ctx, &net, history, best)
+/// Sets this epoch's learning rate (and resets the momentum where the reference did); returns
+/// the rate.
+fn schedule(trainer: &mut Trainer, cfg: &SimnetConfig, epoch: usize) -> f64 {
+    let oc = &cfg.optim;
+    let lr = step_lr(oc.lr, oc.lr_decay, oc.lr_step, epoch);
+    trainer.sim_opt.lr = lr;
+    trainer.disc_opt.lr = lr;
+    if oc.reset_momentum {
+        trainer.sim_opt.reset_momentum();
+        trainer.disc_opt.reset_momentum();
+    }
+    lr
+}
+
+/// One epoch's training sums.
+#[derive(Default)]
+struct EpochSums {
+    l_sim: f64,
+    l_dom: f64,
+    dom_acc: f64,
+    /// Steps trained, and batch pairs skipped (unequal sizes or fewer than 2 images).
+    done: usize,
+    skipped: usize,
+    counts: PairCounts,
+}
+
+impl EpochSums {
+    /// The epoch's log record: means per step, and the validation F1s.
+    fn record(
+        &self,
+        epoch: usize,
+        lr: f64,
+        f1_val: Option<f64>,
+        f1_test: Option<f64>,
+    ) -> serde_json::Value {
+        let n = self.done as f64;
+        serde_json::json!({
+            "epoch": epoch, "lr": lr, "steps": self.done, "skipped": self.skipped,
+            "l_sim": self.l_sim / n, "l_dom": self.l_dom / n, "domain_acc": self.dom_acc / n,
+            "f1_train": self.counts.f1(), "f1_val": f1_val, "f1_test": f1_test,
+        })
+    }
+}
+
+/// One epoch of steps over the epoch's seeded pairs of batches, their images decoded ahead
+/// (source then target); an error on a non-finite loss or if no pair of batches was usable.
+fn train_epoch(
+    ctx: &StageContext,
+    data: &impl TrainData,
+    net: &SimNet,
+    trainer: &mut Trainer,
+    epoch: usize,
+) -> Result<EpochSums> {
+    let (batches_a, batches_b) = data.epoch_batches(&mut ctx.rng("batches", epoch as u64))?;
+    let mut aug = ctx.rng("augment", epoch as u64);
+    let steps = batches_a.len().min(batches_b.len());
+    let bar = simtrans_core::progress::bar(steps as u64, format!("simnet epoch {epoch}"));
+    let mut sums = EpochSums::default();
+    // The usable pairs of batches and their two augmentation seeds, in order.
+    let mut jobs = vec![];
+    let mut usable = vec![];
+    for (step, (ids_a, ids_b)) in batches_a.iter().zip(&batches_b).enumerate() {
+        if ids_a.len() != ids_b.len() || ids_a.len() < 2 {
+            sums.skipped += 1;
+            continue;
+        }
+        let (seed_a, seed_b): (u64, u64) = (aug.random(), aug.random());
+        jobs.push((ids_a.clone(), seed_a));
+        jobs.push((ids_b.clone(), seed_b));
+        usable.push(step);
+    }
+    let mut images = data.images_ahead(jobs, true, &ctx.device);
+    let mut next_images = || {
+        images.next().unwrap_or_else(|| {
+            Err(simtrans_data::DataError::Invalid(
+                "the image stream ended before the epoch's last batch".into(),
+            )
+            .into())
+        })
+    };
+    for step in usable {
+        bar.set_position(step as u64 + 1);
+        let ids_a = &batches_a[step];
+        let xa = next_images()?;
+        let xb = next_images()?;
+        let labels_a: Vec<u32> = ids_a.iter().map(|&id| data.label(id)).collect();
+        let st = trainer.step(&net.backbone, &net.head, &net.disc, &xa, &labels_a, &xb)?;
+        if !st.total.is_finite() || !st.l_dom.is_finite() {
+            return Err(CoreError::NonFinite {
+                what: "the SimNet loss".into(),
+                epoch,
+                step,
+                checkpoint_dir: ctx.checkpoints().dir,
+            }
+            .into());
+        }
+        sums.l_sim += st.l_sim as f64;
+        sums.l_dom += st.l_dom as f64;
+        sums.dom_acc += st.domain_acc as f64;
+        sums.counts.merge(&st.counts);
+        sums.done += 1;
+    }
+    bar.finish_and_clear();
+    if sums.done == 0 {
+        return Err(SimnetError::Config(format!(
+            "epoch {epoch} had no usable pair of batches ({} source, {} target, {} skipped: a batch pair of unequal sizes or of fewer than 2 images is skipped); lower simnet.batch_a and simnet.batch_b",
+            batches_a.len(),
+            batches_b.len(),
+            sums.skipped
+        )));
+    }
+    Ok(sums)
+}
+
+/// The checkpoint after `epoch`: weights, optimiser state, the best epoch so far and the
+/// history.
+fn save_checkpoint(
+    ctx: &StageContext,
+    epoch: usize,
+    net: &SimNet,
+    trainer: &Trainer,
+    progress: &Progress,
+) -> Result<()> {
+    let mut state: BTreeMap<String, Tensor> = prefixed(net.tensors()?, "model.").collect();
+    state.extend(prefixed(trainer.sim_opt.state(), "opt.sim."));
+    state.extend(prefixed(trainer.disc_opt.state(), "opt.disc."));
+    let mut extra = BTreeMap::new();
+    if let Some((e, f, t)) = &progress.best {
+        state.extend(prefixed(t.clone(), "best."));
+        extra.insert("best_epoch".to_string(), e.to_string());
+        extra.insert("best_f1_val".to_string(), f.to_string());
+    }
+    ctx.checkpoints().save(
+        epoch + 1,
+        state,
+        extra,
+        serde_json::json!({ "history": progress.history }),
+    )?;
+    Ok(())
 }
 
 /// The artifact: the selected weights, how to rebuild them, and the metrics.
