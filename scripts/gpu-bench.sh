@@ -1,18 +1,16 @@
 #!/usr/bin/env bash
 # Every GPU check of issue #9 in one run, for a machine with an NVIDIA GPU and no network:
 #   1. (section `tests`) the GPU-against-CPU tests of crates/backbone/tests/gpu.rs (f32,
-#      TF32, bf16) and crates/simnet/tests/gpu.rs (the SimNet head); a failed test runs again
-#      with each recently changed default switched back in turn (1x, $BISECT, BISECT_LIMIT
-#      seconds in all per binary), to name the culprit in the same call;
-#      (`alt`) the whole steps layer by layer (1b) and on cuDNN's BatchNorm (1c,
-#      SIMTRANS_OWN_BN=0); (`switches`) with the chain's parameters packed (1d,
-#      SIMTRANS_SIDE_GRADS=0) and with the chain channels-first (1e, SIMTRANS_CHANNELS_LAST=0);
+#      TF32, bf16; the whole steps on every path of the `[gpu]` config: fused, layer by layer,
+#      cuDNN's BatchNorm, packed parameters, channels-first) and crates/simnet/tests/gpu.rs
+#      (the SimNet head). They are `#[ignore]`d in the CPU suite; here they run with
+#      `--include-ignored`, and a failure names the path and precision;
 #      (`smoke`) every stage of the demo once on the GPU (tf32, one seed), and the input
 #      pipeline alone (`xtask bench data`);
 #   2. the workloads of BENCHMARKS.md's table (`xtask bench table`) at f32, tf32 and bf16
 #      (sections `find`, `ab`, `cl` and `host`: with measured algorithm choice, one A/B switch
 #      at a time, tf32 and bf16 channels-first, and tf32 with the host's calls timed by kind);
-#   3. candle's own CUDA convolution and BatchNorm (SIMTRANS_CUDNN=0): the "before" figures;
+#   3. candle's own CUDA convolution and BatchNorm (gpu.cudnn=false): the "before" figures;
 #   4. the demo pipeline end to end on the GPU (`xtask reproduce --device cuda`) at each
 #      precision (DEMO_PRECISIONS), for the accuracy cost of tf32 and bf16; each run
 #      time-limited (DEMO_LIMIT);
@@ -21,7 +19,7 @@
 #      per stage (`xtask smoke`), at PAPER_PRECISIONS (default bf16).
 #
 #   scripts/gpu-bench.sh [BIN_DIR] [OUT_DIR]
-#   SECTIONS="tests table" scripts/gpu-bench.sh     # a subset (tests alt switches smoke table find quick cl host ab candle demo profile paper)
+#   SECTIONS="tests table" scripts/gpu-bench.sh     # a subset (tests smoke table find quick cl host ab candle demo profile paper)
 #   SECTIONS=next scripts/gpu-bench.sh               # the next lease's one call: tests smoke quick ab (head kernels, shared discriminator gradient, bf16) demo (bf16) profile (bf16 SimNet, similarity) paper (bf16, tf32)
 #
 # BIN_DIR holds `xtask`, `gpu-tests` and `gpu-tests-simnet` (plain or .xz), as
@@ -61,7 +59,7 @@ date -u +%FT%TZ >>"$OUT/gpu.txt"
 cat "$OUT/gpu.txt" | tee -a "$LOG"
 
 cd "$WORK" || exit 1
-SECTIONS=${SECTIONS:-tests alt switches table candle demo paper}
+SECTIONS=${SECTIONS:-tests table candle demo paper}
 # The one call planned for the next lease (after session 8), in the order the sections run:
 # correctness first (tests, every stage once), the tf32 and bf16 tables (with the phases of
 # the SimNet step and the similarity matrix), at bf16 the head's kernels and the shared
@@ -72,12 +70,10 @@ if [ "$SECTIONS" = next ]; then
   SECTIONS="tests smoke quick ab demo profile paper"
   PAPER_PRECISIONS=${PAPER_PRECISIONS:-bf16 tf32}
   DEMO_PRECISIONS=${DEMO_PRECISIONS:-bf16}
-  AB=${AB:-SIMTRANS_HEAD_KERNELS=0 SIMTRANS_DISC_REUSE=0}
+  AB=${AB:-gpu.head_kernels=false gpu.disc_reuse=false}
   AB_PRECISION=${AB_PRECISION:-bf16}
   PROFILE=${PROFILE:-profile-simnet:bf16 profile-similarity:bf16}
 fi
-# The defaults most recently changed, each switched back in turn when a test fails.
-BISECT=${BISECT:-SIMTRANS_HEAD_KERNELS=0 SIMTRANS_CUDNN_GRAPH=0 SIMTRANS_SIDE_GRADS=0 SIMTRANS_CHANNELS_LAST=0 SIMTRANS_RELU_RECOMPUTE=0 SIMTRANS_EVENT_TRACKING=1 SIMTRANS_LEAN_INFERENCE=0 SIMTRANS_OWN_BN=0 SIMTRANS_FUSED_CHAIN=0}
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 
 # Every JSON result goes into one file (the device tool returns at most 8 files), rebuilt after
@@ -92,11 +88,16 @@ pathlib.Path(sys.argv[2]).write_text(json.dumps(out, indent=1))
 PY
 }
 
-# One row set of the table: `table PRECISION RUN [VAR=VALUE ...]` (the variables switch an A/B).
+# One row set of the table: `table PRECISION RUN [SETTING ...]`, each SETTING a config override
+# (`gpu.channels_last=false`, passed as `--set`) or, in capitals, an environment variable
+# (`SIMTRANS_HOST_PROFILE=1`).
 table() {
-  local p=$1 run=$2
+  local p=$1 run=$2 envs=() sets=()
   shift 2
-  env "$@" timeout 150 ./xtask bench table --device cuda --precision "$p" --runs-dir "$WORK/runs" --run "$run" 2>&1 | tee -a "$LOG"
+  for a in "$@"; do
+    if [[ $a == [A-Z]*=* ]]; then envs+=("$a"); else sets+=(--set "$a"); fi
+  done
+  env "${envs[@]}" timeout 150 ./xtask bench table --device cuda --precision "$p" "${sets[@]}" --runs-dir "$WORK/runs" --run "$run" 2>&1 | tee -a "$LOG"
   collect
 }
 
@@ -104,39 +105,9 @@ if want tests; then
 for bin in gpu-tests gpu-tests-simnet; do
 [ -x "./$bin" ] || { say "1. $bin missing"; continue; }
 say "1. GPU against CPU ($bin)"
-SIMTRANS_REQUIRE_GPU=1 timeout 300 "./$bin" --test-threads 1 --nocapture 2>&1 | tee "$WORK/tests.txt" | tee -a "$LOG"
-rc=${PIPESTATUS[0]}
-# The failed tests, from libtest's closing list (with --nocapture a test's own output splits
-# its "test NAME ... FAILED" line).
-failed=$(awk '/^failures:$/{f=1;next} /^test result:/{f=0} f && /^    [A-Za-z0-9_:]+$/{print $1}' \
-  "$WORK/tests.txt" | sort -u | tr '\n' ' ')
-if [ "$rc" != 0 ]; then
-  # Which recently changed default is to blame: each failed test again with one switch turned
-  # back (every test, if the run crashed before listing any), within BISECT_LIMIT seconds.
-  say "1x. $bin exit $rc, failed: ${failed:-none listed}; again with one default switched back at a time: $BISECT"
-  bisect_start=$SECONDS
-  exact=${failed:+--exact}
-  for switch in $BISECT; do
-    left=$((${BISECT_LIMIT:-300} - SECONDS + bisect_start))
-    [ "$left" -gt 10 ] || { say "1x. out of time (BISECT_LIMIT), $switch and after skipped"; break; }
-    env "$switch" SIMTRANS_REQUIRE_GPU=1 timeout "$left" "./$bin" --test-threads 1 $exact $failed >"$WORK/bisect.txt" 2>&1
-    say "1x. $switch: exit $? ($(grep -c '\.\.\. ok$' "$WORK/bisect.txt") ok, $(grep -c '\.\.\. FAILED$' "$WORK/bisect.txt") failed)"
-    cat "$WORK/bisect.txt" >>"$LOG"
-  done
-fi
+timeout 600 "./$bin" --include-ignored --test-threads 1 --nocapture 2>&1 | tee "$WORK/tests.txt" | tee -a "$LOG"
+say "1. $bin: exit ${PIPESTATUS[0]}"
 done
-fi
-if want alt; then
-say "1b. whole-network steps with the layer-by-layer path (SIMTRANS_FUSED_BLOCKS=0)"
-SIMTRANS_FUSED_BLOCKS=0 SIMTRANS_REQUIRE_GPU=1 timeout 300 ./gpu-tests resnet_training_step --nocapture 2>&1 | tee -a "$LOG"
-say "1c. BatchNorm and whole steps on cuDNN's BatchNorm instead of ours (SIMTRANS_OWN_BN=0)"
-SIMTRANS_OWN_BN=0 SIMTRANS_REQUIRE_GPU=1 timeout 300 ./gpu-tests --test-threads 1 --nocapture batchnorm resnet_training_step 2>&1 | tee -a "$LOG"
-fi
-if want switches; then
-say "1d. whole steps with the chain's parameters packed (SIMTRANS_SIDE_GRADS=0)"
-SIMTRANS_SIDE_GRADS=0 SIMTRANS_REQUIRE_GPU=1 timeout 300 ./gpu-tests resnet_training_step --nocapture 2>&1 | tee -a "$LOG"
-say "1e. whole steps with the chain channels-first (SIMTRANS_CHANNELS_LAST=0)"
-SIMTRANS_CHANNELS_LAST=0 SIMTRANS_REQUIRE_GPU=1 timeout 300 ./gpu-tests resnet_training_step --nocapture 2>&1 | tee -a "$LOG"
 fi
 
 if want smoke; then
@@ -157,8 +128,8 @@ for p in f32 tf32 bf16; do table "$p" "table-$p"; done
 fi
 
 if want find; then
-say "2f. tf32 and bf16 with measured algorithms (SIMTRANS_CUDNN_FIND=1)"
-for p in tf32 bf16; do table "$p" "table-$p-find" SIMTRANS_CUDNN_FIND=1; done
+say "2f. tf32 and bf16 with measured algorithms (gpu.cudnn_find=true)"
+for p in tf32 bf16; do table "$p" "table-$p-find" gpu.cudnn_find=true; done
 fi
 
 if want quick; then
@@ -169,36 +140,35 @@ fi
 if want host; then
 say "2h. tf32 with the host's calls timed by kind (SIMTRANS_HOST_PROFILE=1), in place and packed"
 table tf32 table-tf32-host SIMTRANS_HOST_PROFILE=1
-table tf32 table-tf32-host-packed SIMTRANS_HOST_PROFILE=1 SIMTRANS_SIDE_GRADS=0
+table tf32 table-tf32-host-packed SIMTRANS_HOST_PROFILE=1 gpu.side_grads=false
 fi
 
 if want cl; then
-say "2c. tf32 and bf16 with the chain channels-first (SIMTRANS_CHANNELS_LAST=0)"
-for p in tf32 bf16; do table "$p" "table-$p-nchw" SIMTRANS_CHANNELS_LAST=0; done
+say "2c. tf32 and bf16 with the chain channels-first (gpu.channels_last=false)"
+for p in tf32 bf16; do table "$p" "table-$p-nchw" gpu.channels_last=false; done
 fi
 
-# The A/B switches, one per table at AB_PRECISION (default tf32; AB="VAR=VALUE ..." picks any;
-# SIMTRANS_HEAD_BF16=0, the SimNet head and discriminator in f32 under bf16, only matters at bf16;
-# SIMTRANS_HEAD_KERNELS=0 runs the head's, the discriminator's and the pooling's ops on candle's
-# ops; SIMTRANS_DISC_REUSE=0 gives the discriminator its own forward and backward pass). By default the convolutions
-# on cuDNN's legacy API, the ReLU masks read instead of recomputed, and cudarc's per-buffer
-# CUDA events kept. Runs 7 to 12 measured the others: SIMTRANS_OWN_BN=0 (cuDNN's BatchNorm),
-# SIMTRANS_FUSED_CHAIN=0 (one op per residual block), SIMTRANS_FUSED_BLOCKS=0 (layer by
-# layer), SIMTRANS_POOL_RELEASE=1 (the driver's default memory pool), SIMTRANS_SIDE_GRADS=0
-# and SIMTRANS_CHANNELS_LAST=0 (the `host` and `cl` sections).
-AB=${AB:-SIMTRANS_CUDNN_GRAPH=0 SIMTRANS_RELU_RECOMPUTE=0 SIMTRANS_EVENT_TRACKING=1}
+# The A/B switches of the `[gpu]` config, one per table at AB_PRECISION (default tf32;
+# AB="gpu.FIELD=false ..." picks any; gpu.head_bf16=false, the SimNet head and discriminator
+# in f32 under bf16, only matters at bf16; gpu.head_kernels=false runs the head's, the
+# discriminator's and the pooling's ops on candle's ops; gpu.disc_reuse=false gives the
+# discriminator its own forward and backward pass). By default the convolutions on cuDNN's
+# legacy API. Runs 7 to 12 measured the others: gpu.own_batch_norm=false (cuDNN's BatchNorm),
+# gpu.fused_chain=false (one op per residual block), gpu.fused_blocks=false (layer by layer),
+# gpu.side_grads=false and gpu.channels_last=false (the `host` and `cl` sections).
+AB=${AB:-gpu.cudnn_graph=false}
 ABP=${AB_PRECISION:-tf32}
 if want ab; then
 say "2b. $ABP A/B, one switch each: $AB"
 for switch in $AB; do
-  name=$(echo "${switch#SIMTRANS_}" | tr 'A-Z_=' 'a-z--')
+  name=$(echo "${switch#gpu.}" | tr '_=.' '---')
   table "$ABP" "table-$ABP-$name" "$switch"
 done
 fi
 
 if want candle; then
-say "3. candle's own CUDA convolution and BatchNorm (SIMTRANS_CUDNN=0)"
-SIMTRANS_CUDNN=0 timeout 120 ./xtask bench backbone --device cuda --runs-dir "$WORK/runs" --run candle 2>&1 | tee -a "$LOG"
+say "3. candle's own CUDA convolution and BatchNorm (gpu.cudnn=false)"
+timeout 120 ./xtask bench backbone --device cuda --set gpu.cudnn=false --runs-dir "$WORK/runs" --run candle 2>&1 | tee -a "$LOG"
 collect
 fi
 
