@@ -153,10 +153,11 @@ fi
 # in f32 under bf16, only matters at bf16; gpu.head_kernels=false runs the head's, the
 # discriminator's and the pooling's ops on candle's ops; gpu.disc_reuse=false gives the
 # discriminator its own forward and backward pass). By default the convolutions on cuDNN's
-# legacy API. Runs 7 to 12 measured the others: gpu.own_batch_norm=false (cuDNN's BatchNorm),
+# legacy API, the ReLU masks read instead of recomputed, and cudarc's per-buffer CUDA events
+# kept. Runs 7 to 12 measured the others: gpu.own_batch_norm=false (cuDNN's BatchNorm),
 # gpu.fused_chain=false (one op per residual block), gpu.fused_blocks=false (layer by layer),
 # gpu.side_grads=false and gpu.channels_last=false (the `host` and `cl` sections).
-AB=${AB:-gpu.cudnn_graph=false}
+AB=${AB:-gpu.cudnn_graph=false gpu.relu_recompute=false gpu.event_tracking=true}
 ABP=${AB_PRECISION:-tf32}
 if want ab; then
 say "2b. $ABP A/B, one switch each: $AB"

@@ -346,6 +346,12 @@ pub struct GpuConfig {
     pub channels_last: bool,
     /// Inference keeps nothing for a backward pass; `false`: as a training-time forward.
     pub lean_inference: bool,
+    /// The ReLU mask after a BatchNorm recomputed from its input on our kernels; `false`: read
+    /// from its output (BENCHMARKS.md, run 10: within that run's spread).
+    pub relu_recompute: bool,
+    /// cudarc's two CUDA events per buffer kept (`false`, the default: not made; run 10:
+    /// within that run's spread).
+    pub event_tracking: bool,
     /// The SimNet head's, the discriminator's and the pooling's ops on this project's kernels;
     /// `false`: candle's ops.
     pub head_kernels: bool,
@@ -369,6 +375,8 @@ impl Default for GpuConfig {
             side_grads: true,
             channels_last: true,
             lean_inference: true,
+            relu_recompute: true,
+            event_tracking: false,
             head_kernels: true,
             head_bf16: true,
             disc_reuse: true,

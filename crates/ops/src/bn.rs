@@ -52,8 +52,8 @@ impl BnMode {
 /// unless `gpu.own_batch_norm = false` or `gpu.cudnn = false`.
 #[cfg(feature = "cuda")]
 fn eval_on_kernels(x: &Tensor) -> bool {
-    simtrans_ops::cudnn::enabled()
-        && simtrans_ops::kernels::own_batch_norm()
+    crate::cudnn::enabled()
+        && crate::kernels::own_batch_norm()
         && x.device().is_cuda()
         && matches!(x.dtype(), DType::F32 | DType::BF16)
 }
@@ -161,7 +161,7 @@ impl BatchNorm {
         let batch = x.dim(0)?;
         #[cfg(feature = "cuda")]
         if mode.is_training()
-            && simtrans_ops::cudnn::enabled()
+            && crate::cudnn::enabled()
             && x.device().is_cuda()
             && matches!(x.dtype(), DType::F32 | DType::BF16)
         {
@@ -173,7 +173,7 @@ impl BatchNorm {
                     x.dims()
                 )
             }
-            return simtrans_ops::cudnn::batch_norm_train(
+            return crate::cudnn::batch_norm_train(
                 x,
                 &self.weight,
                 &self.bias,
@@ -208,7 +208,7 @@ impl BatchNorm {
     /// Evaluation mode on our kernels with running mean `mean` (the running variance's).
     #[cfg(feature = "cuda")]
     fn eval_kernel(&self, x: &Tensor, mean: &Tensor, relu: bool) -> Result<Tensor> {
-        simtrans_ops::cudnn::batch_norm_eval(
+        crate::cudnn::batch_norm_eval(
             x,
             &self.weight,
             &self.bias,

@@ -1,5 +1,5 @@
 //! A fast trainable 2-D convolution for the CPU (im2col, one GEMM, col2im), and the one
-//! entry point every network uses, which sends CUDA tensors to `simtrans_ops::cudnn` (built
+//! entry point every network uses, which sends CUDA tensors to `crate::cudnn` (built
 //! with `--features cuda`).
 //!
 //! candle's CPU `conv2d` is fine forward, but its backward goes through `conv_transpose2d` and
@@ -166,11 +166,11 @@ impl CustomOp1 for Fold {
 /// bf16 activations train f32 master weights), candle's `conv2d` elsewhere.
 pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if simtrans_ops::cudnn::enabled()
+    if crate::cudnn::enabled()
         && x.device().is_cuda()
         && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16)
     {
-        return simtrans_ops::cudnn::conv2d(x, &w.to_dtype(x.dtype())?, padding, stride);
+        return crate::cudnn::conv2d(x, &w.to_dtype(x.dtype())?, padding, stride);
     }
     let cpu_float = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
     if !cpu_float {

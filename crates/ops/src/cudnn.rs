@@ -26,10 +26,10 @@
 //! Each is a candle custom op, so autograd, the optimiser and every other op see ordinary
 //! tensors that stay on the device. The ops refuse the CPU; callers dispatch on the device.
 
+use crate::storage::{alloc, cpu_refused, cuda_of, ptr, ptr_mut, wrap};
 use crate::{gpu, hostprof, kernels, launch};
 use candle_core::backend::BackendStorage;
-use candle_core::cuda::{CudaDevice, CudaStorage, CudaStorageSlice};
-use candle_core::op::BackpropOp;
+use candle_core::cuda::{CudaDevice, CudaStorage};
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage,
     StorageRef, Tensor,
@@ -50,21 +50,6 @@ mod graph;
 /// machine, as `scripts/gpu-bench.sh` does).
 pub fn enabled() -> bool {
     gpu::settings().cudnn
-}
-
-/// Stops cudarc from making two CUDA events with every buffer of `dev` and destroying them
-/// with it (keeping them cost 400 against 332 images/s in BENCHMARKS.md's run 10, at batch 8,
-/// where the host bounds the step; the switch that kept them is gone). cudarc waits on
-/// those events only while a context runs several streams; candle's device runs one, its
-/// per-thread stream, and nothing in this project makes another, so they are never used, yet
-/// each buffer — every op's output and every scratch buffer, many hundreds per training step —
-/// pays four driver calls for them. Buffers made before this call keep theirs.
-pub fn untrack_events(dev: &candle_core::Device) {
-    if let candle_core::Device::Cuda(d) = dev {
-        // SAFETY: the events order work between streams of one context; every buffer of
-        // this device is used on its one stream, where work runs in order anyway.
-        unsafe { d.disable_event_tracking() }
-    }
 }
 
 /// An owned cuDNN object of raw type `$raw`, destroyed with `$destroy` when dropped. A failure
@@ -135,8 +120,10 @@ fn handle(dev: &CudaDevice) -> Result<Rc<Handle>> {
 /// Tells the device's stream-ordered memory pool (which candle allocates from) to keep freed
 /// memory instead of returning it to the driver at every synchronisation, its default: a
 /// training step reads its loss back, so otherwise every step would map its working memory
-/// afresh. PyTorch's caching allocator behaves like this too (the driver's default measured 307
-/// against 234 images/s at batch 8 in BENCHMARKS.md's run 7; the switch that kept it is gone).
+/// afresh. PyTorch's caching allocator behaves like this too. Measured in BENCHMARKS.md's run 7
+/// (tf32, batch 8 / 64 / 128 / SimNet / similarity matrix): the driver's default gave 307 / 1651
+/// / 2039 / 1349 / 3236 images/s against 386 / 1782 / 2042 / 1357 / 4377 this way, so the
+/// switch that kept the default is gone.
 fn keep_freed_memory(ctx: &cudarc::driver::CudaContext) -> Result<()> {
     use cudarc::driver::sys as drv;
     if !ctx.has_async_alloc() {
@@ -548,71 +535,6 @@ fn algorithm(pass: u8, h: &Handle, d: &Descs, g: &Geom, dtype: DType) -> Result<
     Ok(chosen)
 }
 
-/// The device address of a contiguous tensor's first element (its storage plus the layout's
-/// offset), with the guard that orders the access on `stream`.
-pub(crate) fn ptr<'a>(
-    s: &'a CudaStorage,
-    l: &Layout,
-    stream: &'a CudaStream,
-) -> Result<(u64, SyncOnDrop<'a>)> {
-    let Some((start, _)) = l.contiguous_offsets() else {
-        bail!("the cuDNN path needs contiguous tensors")
-    };
-    ptr_at(s, start, stream)
-}
-
-/// The device address of element `start` of a storage (any layout), with the guard that
-/// orders the access on `stream`.
-pub(crate) fn ptr_at<'a>(
-    s: &'a CudaStorage,
-    start: usize,
-    stream: &'a CudaStream,
-) -> Result<(u64, SyncOnDrop<'a>)> {
-    fn at<'a, T>(
-        s: &'a CudaSlice<T>,
-        start: usize,
-        stream: &'a CudaStream,
-    ) -> (u64, SyncOnDrop<'a>) {
-        let (p, g) = s.device_ptr(stream);
-        (p + (start * std::mem::size_of::<T>()) as u64, g)
-    }
-    Ok(match &s.slice {
-        CudaStorageSlice::F32(x) => at(x, start, stream),
-        CudaStorageSlice::BF16(x) => at(x, start, stream),
-        CudaStorageSlice::F16(x) => at(x, start, stream),
-        CudaStorageSlice::U32(x) => at(x, start, stream),
-        _ => bail!(
-            "the cuDNN path supports f32, bf16, f16 (and u32 indices), not {:?}",
-            s.dtype()
-        ),
-    })
-}
-
-/// A fresh buffer of `n` elements of `dtype` and its address.
-pub(crate) fn alloc(dev: &CudaDevice, dtype: DType, n: usize) -> Result<CudaStorage> {
-    let _timer = hostprof::Timer::start("alloc");
-    let d = dev.clone();
-    Ok(match dtype {
-        DType::F32 => CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<f32>(n) }?, d),
-        DType::BF16 => CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<half::bf16>(n) }?, d),
-        DType::F16 => CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<half::f16>(n) }?, d),
-        other => bail!("the cuDNN path supports f32, bf16 and f16, not {other:?}"),
-    })
-}
-
-pub(crate) fn ptr_mut<'a>(
-    s: &'a mut CudaStorage,
-    stream: &'a CudaStream,
-) -> Result<(u64, SyncOnDrop<'a>)> {
-    let dtype = s.dtype();
-    Ok(match &mut s.slice {
-        CudaStorageSlice::F32(x) => x.device_ptr_mut(stream),
-        CudaStorageSlice::BF16(x) => x.device_ptr_mut(stream),
-        CudaStorageSlice::F16(x) => x.device_ptr_mut(stream),
-        _ => bail!("the cuDNN path supports f32, bf16 and f16, not {dtype:?}"),
-    })
-}
-
 /// One convolution pass on raw device addresses: `a` and `b` are the two inputs of the pass
 /// (forward: x, w; backward-data: dy, w; backward-filter: x, dy), `out` receives the result,
 /// or has it added when `accumulate`.
@@ -755,10 +677,6 @@ fn conv_pass(
         conv_raw(&dev, &h, pass, g, dtype, (pa, pb, po), false)?;
     }
     Ok((out, Shape::from(out_dims.to_vec())))
-}
-
-pub(crate) fn cpu_refused(name: &str) -> Result<(CpuStorage, Shape)> {
-    bail!("{name} is the cuDNN kernel and runs on CUDA devices only")
 }
 
 /// `conv(x, w)`, differentiable in both arguments.
@@ -1167,10 +1085,10 @@ impl BnSpec {
 }
 
 /// The mask source of a ReLU after a BatchNorm without a residual, whose output is at `y`:
-/// recomputed from the input on our kernels (one tensor less to read), else `y`. (Reading `y`
-/// on our kernels too measured the same or slower, BENCHMARKS.md run 10; that switch is gone.)
+/// recomputed from the input on our kernels (one tensor less to read), else `y`; also `y`
+/// with `gpu.relu_recompute = false`, to measure the difference.
 fn relu_mask(y: u64) -> launch::Relu {
-    if kernels::own_batch_norm() {
+    if gpu::settings().relu_recompute && kernels::own_batch_norm() {
         launch::Relu::Recompute
     } else {
         launch::Relu::Output(y)
@@ -1241,13 +1159,6 @@ struct BnOp {
     saved: Mutex<Stats>,
 }
 
-pub(crate) fn cuda_of(s: &Storage) -> Result<&CudaStorage> {
-    match s {
-        Storage::Cuda(s) => Ok(s),
-        _ => bail!("the cuDNN path needs every tensor on the CUDA device"),
-    }
-}
-
 fn f32_param_ptr<'a>(
     s: &'a CudaStorage,
     l: &Layout,
@@ -1260,10 +1171,6 @@ fn f32_param_ptr<'a>(
         )
     }
     ptr(s, l, stream)
-}
-
-pub(crate) fn wrap(s: CudaStorage, shape: &Shape) -> Tensor {
-    Tensor::from_storage(Storage::Cuda(s), shape.clone(), BackpropOp::none(), false)
 }
 
 impl CustomOp3 for BnOp {

@@ -31,12 +31,30 @@ pub fn settings() -> GpuConfig {
 
 /// Opens the device `name` names (`cpu`, `cuda`, `cuda:N`; see
 /// [`simtrans_core::device::parse`]), on CUDA without cudarc's per-buffer events
-/// (`cudnn::untrack_events`).
+/// ([`untrack_events`]); [`configure`] first.
 pub fn open(name: &str) -> simtrans_core::Result<Device> {
     let device = simtrans_core::device::parse(name)?;
     #[cfg(feature = "cuda")]
-    crate::cudnn::untrack_events(&device);
+    untrack_events(&device);
     Ok(device)
+}
+
+/// Stops cudarc from making two CUDA events with every buffer of `dev` and destroying them
+/// with it (unless `gpu.event_tracking = true`, to measure the difference). cudarc waits on
+/// those events only while a context runs several streams; candle's device runs one, its
+/// per-thread stream, and nothing in this project makes another, so they are never used, yet
+/// each buffer — every op's output and every scratch buffer, many hundreds per training step —
+/// pays four driver calls for them. Buffers made before this call keep theirs.
+#[cfg(feature = "cuda")]
+fn untrack_events(dev: &candle_core::Device) {
+    if let candle_core::Device::Cuda(d) = dev {
+        if settings().event_tracking {
+            return;
+        }
+        // SAFETY: the events order work between streams of one context; every buffer of
+        // this device is used on its one stream, where work runs in order anyway.
+        unsafe { d.disable_event_tracking() }
+    }
 }
 
 /// Makes `d`'s CUDA context current on this thread, for driver calls that act on the current

@@ -80,7 +80,7 @@ pub fn hand_over(param: &Tensor, grad: Tensor) -> Result<()> {
         None => candle_core::bail!(
             "a fused op that hands its parameters' gradients over (the CUDA default; \
              gpu.side_grads = false turns it off) needs its backward pass through \
-             simtrans_ops::grad::backward, not Tensor::backward"
+             crate::grad::backward, not Tensor::backward"
         ),
     })
 }

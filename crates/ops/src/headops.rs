@@ -187,9 +187,9 @@ mod gpu {
     //! backward queue `crate::launch`'s sequences on the device's stream.
 
     use super::Grid;
-    use crate::cudnn::{alloc, cpu_refused, cuda_of, ptr, ptr_at, ptr_mut, wrap};
     use crate::kernels::Cuda;
     use crate::launch::{self, PairGrid};
+    use crate::storage::{alloc, cpu_refused, cuda_of, ptr, ptr_at, ptr_mut, wrap};
     use candle_core::backend::BackendStorage;
     use candle_core::cuda::{CudaDevice, CudaStorage};
     use candle_core::{

@@ -10,8 +10,8 @@
 //! `gpu.own_batch_norm = false` sends training-mode BatchNorm back to cuDNN, to measure the
 //! difference.
 
-use crate::cudnn::{cuda_of, ptr};
 use crate::launch::{Arg, Launch, Module, Runner};
+use crate::storage::{cuda_of, ptr};
 use candle_core::cuda::{CudaDevice, CudaStorage, DeviceId};
 use candle_core::op::BackpropOp;
 use candle_core::{bail, DType, Result, Storage, Tensor};
@@ -19,8 +19,6 @@ use cudarc::driver::{CudaFunction, CudaSlice, DevicePtrMut, LaunchConfig, PushKe
 use simtrans_kernels::{BN, HEAD, POOL, SGD};
 use std::cell::RefCell;
 use std::collections::HashMap;
-
-use simtrans_kernels::{BN, HEAD, POOL, SGD};
 
 /// Whether BatchNorm runs on these kernels: yes unless `gpu.own_batch_norm = false`, which
 /// gives training mode back to cuDNN and evaluation mode back to candle's tensor ops.

@@ -34,6 +34,8 @@ pub mod hostprof;
 pub mod kernels;
 pub mod launch;
 pub mod optim;
+#[cfg(feature = "cuda")]
+mod storage;
 
 pub use bn::{BatchNorm, BnMode};
 pub use optim::Sgd;
