@@ -7,7 +7,6 @@
 use crate::summary::SeedResult;
 use serde_json::Value;
 use std::fmt::Write as _;
-use std::path::Path;
 
 fn pct(v: &Value) -> String {
     v.as_f64()
@@ -444,103 +443,6 @@ fn graph_terms_markdown(g: &Value) -> String {
     s
 }
 
-/// Writes a grey-scale heat map (white = 1, black = 0 after scaling by the maximum) with
-/// `cell`×`cell` pixels per entry.
-pub fn heatmap_png(values: &[Vec<f64>], cell: u32, path: &Path) -> std::io::Result<()> {
-    let rows = values.len() as u32;
-    let cols = values.first().map_or(0, |r| r.len()) as u32;
-    let max = values.iter().flatten().fold(0f64, |m, &x| m.max(x));
-    let scale = if max > 0.0 { 255.0 / max } else { 0.0 };
-    let img = image::GrayImage::from_fn(cols * cell, rows * cell, |x, y| {
-        let v = values[(y / cell) as usize][(x / cell) as usize];
-        image::Luma([(v * scale).round().clamp(0.0, 255.0) as u8])
-    });
-    img.save(path).map_err(std::io::Error::other)
-}
-
-/// Colours of the series in the report's pictures (named in the Markdown beside each picture).
-pub const PALETTE: [([u8; 3], &str); 6] = [
-    ([46, 160, 67], "green"),
-    ([215, 58, 73], "red"),
-    ([3, 102, 214], "blue"),
-    ([111, 66, 193], "purple"),
-    ([227, 98, 9], "orange"),
-    ([106, 115, 125], "grey"),
-];
-
-/// A stacked histogram: `series[k]` are the values of group k, drawn in `PALETTE[k]`, over
-/// `bins` equal bins of `[lo, hi]` (values outside are clamped into the end bins).
-pub fn stacked_histogram_png(
-    series: &[Vec<f64>],
-    bins: usize,
-    lo: f64,
-    hi: f64,
-    path: &Path,
-) -> std::io::Result<()> {
-    let (w, h, bar) = (bins as u32 * 12, 200u32, 12u32);
-    let mut counts = vec![vec![0u32; bins]; series.len()];
-    for (k, values) in series.iter().enumerate() {
-        for &v in values {
-            let b = (((v - lo) / (hi - lo)) * bins as f64)
-                .floor()
-                .clamp(0.0, bins as f64 - 1.0) as usize;
-            counts[k][b] += 1;
-        }
-    }
-    let tallest = (0..bins)
-        .map(|b| counts.iter().map(|c| c[b]).sum::<u32>())
-        .max()
-        .unwrap_or(1)
-        .max(1);
-    let mut img = image::RgbImage::from_pixel(w, h, image::Rgb([255, 255, 255]));
-    for b in 0..bins {
-        let mut y = h;
-        for (k, c) in counts.iter().enumerate() {
-            let px = (c[b] as f64 / tallest as f64 * (h as f64 - 4.0)).round() as u32;
-            let colour = image::Rgb(PALETTE[k % PALETTE.len()].0);
-            for yy in y.saturating_sub(px)..y {
-                for xx in b as u32 * bar + 1..(b as u32 + 1) * bar - 1 {
-                    img.put_pixel(xx, yy, colour);
-                }
-            }
-            y = y.saturating_sub(px);
-        }
-    }
-    img.save(path).map_err(std::io::Error::other)
-}
-
-/// Line chart of several series sharing the x axis (index) and a y range `[lo, hi]`.
-pub fn line_chart_png(series: &[Vec<f64>], lo: f64, hi: f64, path: &Path) -> std::io::Result<()> {
-    let (w, h) = (480u32, 240u32);
-    let n = series.iter().map(|s| s.len()).max().unwrap_or(0).max(2);
-    let mut img = image::RgbImage::from_pixel(w, h, image::Rgb([255, 255, 255]));
-    let point = |i: usize, v: f64| {
-        let x = 8.0 + i as f64 / (n - 1) as f64 * (w as f64 - 16.0);
-        let y = (h as f64 - 8.0) - ((v - lo) / (hi - lo)).clamp(0.0, 1.0) * (h as f64 - 16.0);
-        (x, y)
-    };
-    for (k, s) in series.iter().enumerate() {
-        let colour = image::Rgb(PALETTE[k % PALETTE.len()].0);
-        for pair in s.windows(2).enumerate() {
-            let (i, vals) = pair;
-            let (x0, y0) = point(i, vals[0]);
-            let (x1, y1) = point(i + 1, vals[1]);
-            let steps = ((x1 - x0).abs().max((y1 - y0).abs()) as usize).max(1);
-            for t in 0..=steps {
-                let f = t as f64 / steps as f64;
-                let (x, y) = (x0 + f * (x1 - x0), y0 + f * (y1 - y0));
-                for (dx, dy) in [(0, 0), (1, 0), (0, 1)] {
-                    let (px, py) = (x as u32 + dx, y as u32 + dy);
-                    if px < w && py < h {
-                        img.put_pixel(px, py, colour);
-                    }
-                }
-            }
-        }
-    }
-    img.save(path).map_err(std::io::Error::other)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -664,36 +566,5 @@ mod tests {
         let at: Vec<usize> = rows.iter().map(|r| md.find(r).expect(r)).collect();
         assert!(at[0] < at[1] && at[1] < at[2], "{md}");
         assert_eq!(top_confusions(&confusion, 2), [(3, 7, 5), (20, 0, 3)]);
-    }
-
-    #[test]
-    fn histogram_stacks_groups_and_chart_draws_lines() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("h.png");
-        // Bin 0 holds one value of group 0 under one of group 1; bin 1 two of group 0.
-        stacked_histogram_png(&[vec![0.1, 0.6, 0.7], vec![0.2]], 2, 0.0, 1.0, &p).unwrap();
-        let img = image::open(&p).unwrap().to_rgb8();
-        assert_eq!(img.dimensions(), (24, 200));
-        assert_eq!(img.get_pixel(6, 199).0, PALETTE[0].0);
-        assert_eq!(img.get_pixel(6, 100).0, PALETTE[1].0);
-        assert_eq!(img.get_pixel(6, 2).0, [255, 255, 255]);
-        assert_eq!(img.get_pixel(18, 10).0, PALETTE[0].0);
-        let c = dir.path().join("c.png");
-        line_chart_png(&[vec![0.0, 1.0]], 0.0, 1.0, &c).unwrap();
-        let img = image::open(&c).unwrap().to_rgb8();
-        assert_eq!(img.get_pixel(8, 232).0, PALETTE[0].0);
-        assert_eq!(img.get_pixel(240, 120).0, PALETTE[0].0);
-    }
-
-    #[test]
-    fn heatmap_scales_to_the_maximum() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("h.png");
-        heatmap_png(&[vec![0.0, 0.5], vec![1.0, 0.25]], 2, &p).unwrap();
-        let img = image::open(&p).unwrap().to_luma8();
-        assert_eq!(img.dimensions(), (4, 4));
-        assert_eq!(img.get_pixel(0, 0)[0], 0);
-        assert_eq!(img.get_pixel(0, 2)[0], 255);
-        assert_eq!(img.get_pixel(3, 0)[0], 128);
     }
 }

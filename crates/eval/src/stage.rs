@@ -6,7 +6,8 @@
 //! metrics with the confusion matrices as tensors. [`write_report`] then reads the eval artifacts
 //! of every seed and writes `eval.json`, `report.md` and the pictures.
 
-use crate::report::{heatmap_png, line_chart_png, markdown, stacked_histogram_png, PALETTE};
+use crate::figures::{roc_curve, save, Heatmap, Histogram, Line, Lines};
+use crate::report::markdown;
 use crate::summary::{summarise, SeedResult, VariantResult};
 use candle_core::{DType, Device, Tensor};
 use simtrans_core::artifact::write_atomic;
@@ -14,7 +15,6 @@ use simtrans_core::{
     Artifact, ArtifactSchema, Config, Node, RunStore, Stage, StageContext, StageOutput, TensorSpec,
 };
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
 /// Layout version of `eval.safetensors`.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -162,76 +162,459 @@ pub fn write_report(
     )?;
     let mut md = markdown(&summary, &results, &class_names);
     if let Some(first) = results.first() {
+        let pictures = Pictures {
+            store,
+            config,
+            results: &results,
+            class_names: &class_names,
+        };
+        pictures.confusions(first)?;
+        md.push_str(&pictures.curves()?);
+        md.push_str(&pictures.simnet_f1()?);
+        md.push_str(&graph_pictures(store, &summary)?);
+        md.push_str(&pictures.weights(first.seed)?);
+        md.push_str(&pictures.similarities(first.seed)?);
+    }
+    write_atomic(&store.root.join("report.md"), md.as_bytes())?;
+    Ok(summary)
+}
+
+/// What the report's figures are drawn from; each method writes its figures (PNG and SVG)
+/// into the run folder and returns the Markdown that shows them.
+struct Pictures<'a> {
+    store: &'a RunStore,
+    config: &'a Config,
+    results: &'a [SeedResult],
+    class_names: &'a [String],
+}
+
+/// The mean over seeds of each epoch's value, with the min–max band (epochs that some seeds
+/// lack are left out).
+fn mean_with_band(per_seed: &[Vec<f64>]) -> Line {
+    let epochs = per_seed.iter().map(Vec::len).min().unwrap_or(0);
+    let mut line = Line {
+        markers: true,
+        ..Line::default()
+    };
+    for e in 0..epochs {
+        let v: Vec<f64> = per_seed.iter().map(|s| s[e]).collect();
+        let mean = v.iter().sum::<f64>() / v.len() as f64;
+        let (lo, hi) = v
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| {
+                (a.min(x), b.max(x))
+            });
+        line.points.push((e as f64, mean));
+        if per_seed.len() > 1 {
+            line.band.push((e as f64, lo, hi));
+        }
+    }
+    line
+}
+
+impl Pictures<'_> {
+    fn class(&self, k: usize) -> String {
+        self.class_names
+            .get(k)
+            .cloned()
+            .unwrap_or_else(|| format!("category {k}"))
+    }
+
+    fn seeds_text(&self) -> String {
+        match self.results.len() {
+            1 => format!("seed {}", self.results[0].seed),
+            n => format!("mean over {n} seeds, band: min–max"),
+        }
+    }
+
+    /// One confusion matrix per variant of the first seed, class names on both axes.
+    fn confusions(&self, first: &SeedResult) -> anyhow::Result<()> {
         for (name, v) in &first.variants {
             let rows: Vec<Vec<f64>> = v
                 .confusion
                 .iter()
                 .map(|r| r.iter().map(|&c| c as f64).collect())
                 .collect();
-            // 24 pixels per entry, fewer for many classes: at most 1200 pixels a side up to
-            // 600 classes, 2 per entry beyond.
-            let cell = (1200 / rows.len().max(1)).clamp(2, 24) as u32;
-            heatmap_png(
-                &rows,
-                cell,
-                &store.root.join(format!("confusion-{name}.png")),
+            let small = rows.len() <= MAX_NAMED_CLASSES;
+            let figure = Heatmap {
+                title: format!("Confusion of `{name}` (seed {}, final epoch)", first.seed),
+                x_label: "predicted class".into(),
+                y_label: "true class".into(),
+                values: rows,
+                value_label: "test images".into(),
+                names: small.then(|| self.class_names.to_vec()),
+                annotate: small,
+                ..Heatmap::default()
+            };
+            save(
+                &figure,
+                &self.store.root.join(format!("confusion-{name}.png")),
             )?;
         }
-        md.push_str(&curves(
-            store,
-            first.seed,
-            &first.variants.keys().cloned().collect::<Vec<_>>(),
-        )?);
-        md.push_str(&graph_pictures(store, &summary)?);
-        md.push_str(&weight_histogram(store, first.seed)?);
-        md.push_str(&similarity_pictures(store, first.seed)?);
+        Ok(())
     }
-    write_atomic(&store.root.join("report.md"), md.as_bytes())?;
-    Ok(summary)
+
+    /// The graph epochs of a variant that has them (global epoch numbers), from the first seed.
+    fn graph_epochs(&self) -> Vec<f64> {
+        let Some(first) = self.results.first() else {
+            return vec![];
+        };
+        first
+            .variants
+            .values()
+            .find(|v| !v.graph_epochs.is_empty())
+            .map(|v| {
+                v.graph_epochs
+                    .iter()
+                    .filter_map(|r| r.get("epoch").and_then(|e| e.as_f64()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// A training-curve figure's shared frame: the 3a/3b boundary marked, graph epochs shaded.
+    fn epoch_frame(&self, title: String, y_label: &str) -> Lines {
+        let c = &self.config.classifier;
+        Lines {
+            title,
+            x_label: format!(
+                "epoch (step 3a: 0–{}, step 3b: {}–{})",
+                c.epochs_3a.saturating_sub(1),
+                c.epochs_3a,
+                c.epochs_3a + c.epochs_3b - 1
+            ),
+            y_label: y_label.into(),
+            spans: self
+                .graph_epochs()
+                .iter()
+                .map(|&e| (e - 0.5, e + 0.5))
+                .collect(),
+            span_label: "graph epoch of 3b".into(),
+            marks: vec![(c.epochs_3a as f64 - 0.5, "step 3b".into())],
+            x_integer: true,
+            headroom: 0.5,
+            ..Lines::default()
+        }
+    }
+
+    /// Novel-test top-1 per epoch of each variant, and the training loss per epoch (with the
+    /// graph epochs' weighted CE and α·reg apart).
+    fn curves(&self) -> anyhow::Result<String> {
+        let variants: Vec<String> = self.results[0].variants.keys().cloned().collect();
+        let mut top1 = self.epoch_frame(
+            format!("Novel test top-1 per epoch ({})", self.seeds_text()),
+            "top-1 on the novel test images (%)",
+        );
+        for v in &variants {
+            let per_seed: Vec<Vec<f64>> = self
+                .results
+                .iter()
+                .filter_map(|r| r.variants.get(v))
+                .map(|r| r.top1_per_epoch.iter().map(|a| 100.0 * a).collect())
+                .collect();
+            let line = mean_with_band(&per_seed);
+            if !line.points.is_empty() {
+                top1.lines.push(Line {
+                    name: v.clone(),
+                    ..line
+                });
+            }
+        }
+        if top1.lines.is_empty() {
+            return Ok(String::new());
+        }
+        save(&top1, &self.store.root.join("curves-top1.png"))?;
+
+        let mut loss = self.epoch_frame(
+            format!("Training loss per epoch ({})", self.seeds_text()),
+            "mean loss per batch",
+        );
+        for v in &variants {
+            let histories: Vec<serde_json::Value> = self
+                .results
+                .iter()
+                .filter_map(|r| {
+                    let node = Node::variant(Stage::Classifier, v);
+                    Artifact::verify(&self.store.artifact_path(r.seed, &node)).ok()
+                })
+                .map(|meta| meta.metrics["history"].clone())
+                .collect();
+            let series = |key: &str| -> Vec<Vec<f64>> {
+                histories
+                    .iter()
+                    .map(|h| {
+                        h[key]
+                            .as_array()
+                            .map(|a| a.iter().filter_map(|x| x.as_f64()).collect())
+                            .unwrap_or_default()
+                    })
+                    .collect()
+            };
+            let total = mean_with_band(&series("train_loss"));
+            if !total.points.is_empty() {
+                loss.lines.push(Line {
+                    name: format!("{v}: total"),
+                    ..total
+                });
+            }
+            // The graph epochs' two terms, where this variant has them.
+            for (key, what) in [("ce", "weighted CE"), ("alpha_reg", "α·reg")] {
+                let points: Vec<(f64, f64)> = histories
+                    .first()
+                    .and_then(|h| h["graph_epochs"].as_array().cloned())
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|r| Some((r["epoch"].as_f64()?, r[key].as_f64()?)))
+                    .collect();
+                if !points.is_empty() {
+                    loss.lines.push(Line {
+                        name: format!("{v}: {what} (graph epochs, seed {})", self.results[0].seed),
+                        points,
+                        band: vec![],
+                        markers: true,
+                    });
+                }
+            }
+        }
+        let loss_md = if loss.lines.is_empty() {
+            String::new()
+        } else {
+            save(&loss, &self.store.root.join("curves-loss.png"))?;
+            "\n![training loss per epoch](curves-loss.png)\n".into()
+        };
+        Ok(format!(
+            "\n## Training curves\n\nNovel-test top-1 after each epoch, watched only (never used to select). \
+             The vertical line is the start of step 3b; shaded epochs are its graph epochs (batch \
+             `graph_batch_size`, graph term on for `graph` and `full`). Each figure is also an SVG \
+             beside the PNG.\n\n![novel test top-1 per epoch](curves-top1.png)\n{loss_md}"
+        ))
+    }
+
+    /// SimNet's pair F1 of "similar" per epoch on the base validation pairs and the novel test
+    /// pairs.
+    fn simnet_f1(&self) -> anyhow::Result<String> {
+        let histories: Vec<Vec<serde_json::Value>> = self
+            .results
+            .iter()
+            .filter_map(|r| {
+                let node = Node::stage(Stage::Simnet);
+                Artifact::verify(&self.store.artifact_path(r.seed, &node)).ok()
+            })
+            .map(|meta| {
+                meta.metrics["history"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .collect();
+        let mut figure = Lines {
+            title: format!("SimNet pair F1 per epoch ({})", self.seeds_text()),
+            x_label: "SimNet epoch (step 1)".into(),
+            y_label: "F1 of \"same category\" pairs".into(),
+            y_range: Some((0.0, 1.0)),
+            x_integer: true,
+            ..Lines::default()
+        };
+        for (key, name) in [
+            ("f1_val", "base validation pairs"),
+            ("f1_test", "novel test pairs (transfer)"),
+        ] {
+            let per_seed: Vec<Vec<f64>> = histories
+                .iter()
+                .map(|h| h.iter().filter_map(|r| r[key].as_f64()).collect())
+                .collect();
+            let line = mean_with_band(&per_seed);
+            if !line.points.is_empty() {
+                figure.lines.push(Line {
+                    name: name.into(),
+                    ..line
+                });
+            }
+        }
+        if figure.lines.is_empty() {
+            return Ok(String::new());
+        }
+        save(&figure, &self.store.root.join("simnet-f1.png"))?;
+        Ok("\n## SimNet\n\n![SimNet pair F1 per epoch](simnet-f1.png)\n".into())
+    }
+
+    /// The denoise artifact of `seed` with the data index's noise ground truth per web image
+    /// (`None` where the data set records none).
+    fn denoise_of(&self, seed: u64) -> anyhow::Result<Option<WebWeights>> {
+        let denoise = self.store.artifact_path(seed, &Node::stage(Stage::Denoise));
+        let data = self.store.artifact_path(seed, &Node::stage(Stage::Data));
+        let (Ok(d), Ok(x)) = (
+            Artifact::load(&denoise, &ArtifactSchema::any(), &Device::Cpu),
+            Artifact::load(&data, &ArtifactSchema::any(), &Device::Cpu),
+        ) else {
+            return Ok(None);
+        };
+        let (Some(ids), Some(offsets), Some(w), Some(noise)) = (
+            d.tensors.get("ids"),
+            d.tensors.get("class_offsets"),
+            d.tensors.get("weights.savg1"),
+            x.tensors.get("noise"),
+        ) else {
+            return Ok(None);
+        };
+        let ids = ids.to_vec1::<u32>()?;
+        let noise = noise.to_vec1::<u8>()?;
+        Ok(Some(WebWeights {
+            kind: ids
+                .iter()
+                .map(|&id| noise.get(id as usize).copied().unwrap_or(4).min(4) as usize)
+                .collect(),
+            offsets: offsets.to_vec1::<u32>()?,
+            weights: w.to_vec1::<f32>()?.into_iter().map(f64::from).collect(),
+            artifact: d,
+        }))
+    }
+
+    /// Per novel category, a histogram of the `savg1` weights by recorded noise kind; and the
+    /// ROC curves of the weights against that ground truth, over all categories.
+    fn weights(&self, seed: u64) -> anyhow::Result<String> {
+        let Some(web) = self.denoise_of(seed)? else {
+            return Ok(String::new());
+        };
+        let mut md = format!(
+            "\n## Sample weights (seed {seed})\n\n`savg1` weights of each novel category's web images \
+             (mean 1 per category), by the noise kind the data set recorded.\n\n"
+        );
+        for (k, pair) in web.offsets.windows(2).enumerate() {
+            if k == MAX_PICTURED_CATEGORIES {
+                md.push_str(&format!(
+                    "\n\n(The first {MAX_PICTURED_CATEGORIES} categories only; every weight is in the denoise artifact.)"
+                ));
+                break;
+            }
+            let mut groups: Vec<(String, Vec<f64>)> =
+                KINDS.iter().map(|n| (n.to_string(), vec![])).collect();
+            for i in pair[0] as usize..pair[1] as usize {
+                groups[web.kind[i]].1.push(web.weights[i]);
+            }
+            let figure = Histogram {
+                title: format!("Weights of the web images of {}", self.class(k)),
+                x_label: "savg1 weight (1 = the category's mean)".into(),
+                y_label: "web images".into(),
+                range: (0.0, 2.0),
+                bins: 30,
+                groups,
+            };
+            let file = format!("weights-{k}.png");
+            save(&figure, &self.store.root.join(&file))?;
+            md.push_str(&format!("![weights of {}]({file}) ", self.class(k)));
+        }
+        let mut roc = Lines {
+            title: format!("Do the weights find the clean images? (seed {seed}, all categories)"),
+            x_label: "false-positive rate (noisy images kept)".into(),
+            y_label: "true-positive rate (clean images kept)".into(),
+            x_range: Some((0.0, 1.0)),
+            y_range: Some((0.0, 1.0)),
+            diagonal: true,
+            ..Lines::default()
+        };
+        let clean = 0;
+        for (kind, name) in KINDS.iter().enumerate().take(4).skip(1) {
+            let pick: Vec<usize> = (0..web.kind.len())
+                .filter(|&i| web.kind[i] == clean || web.kind[i] == kind)
+                .collect();
+            let scores: Vec<f64> = pick.iter().map(|&i| web.weights[i]).collect();
+            let positive: Vec<bool> = pick.iter().map(|&i| web.kind[i] == clean).collect();
+            if let Some((points, auc)) = roc_curve(&scores, &positive) {
+                roc.lines.push(Line {
+                    name: format!("clean vs {name}: AUC {auc:.3}"),
+                    points,
+                    ..Line::default()
+                });
+            }
+        }
+        if !roc.lines.is_empty() {
+            save(&roc, &self.store.root.join("weights-roc.png"))?;
+            md.push_str("\n\n![ROC of the weights](weights-roc.png)");
+        }
+        md.push('\n');
+        Ok(md)
+    }
+
+    /// Heat maps of each novel category's similarity matrix, the web images ordered by recorded
+    /// noise kind (then by weight, highest first), the kinds' blocks marked.
+    fn similarities(&self, seed: u64) -> anyhow::Result<String> {
+        let Some(web) = self.denoise_of(seed)? else {
+            return Ok(String::new());
+        };
+        let mut md = format!(
+            "\n## Similarity matrices (seed {seed})\n\nEach novel category's web images, grouped by the \
+             noise kind the data set recorded and by weight within a group (highest first). If the \
+             similarity transfers, the clean block (top left) is the brightest.\n\n"
+        );
+        let mut k = 0;
+        while let Some(s) = web.artifact.tensors.get(&format!("S.{k}")) {
+            if k == MAX_PICTURED_CATEGORIES || k + 1 >= web.offsets.len() {
+                md.push_str(&format!(
+                    "\n\n(The first {k} categories only; every matrix is in the denoise artifact.)"
+                ));
+                break;
+            }
+            let s: Vec<Vec<f32>> = s.to_dtype(DType::F32)?.to_vec2()?;
+            let first = web.offsets[k] as usize;
+            let kind = |i: usize| web.kind.get(first + i).copied().unwrap_or(4);
+            let weight = |i: usize| web.weights.get(first + i).copied().unwrap_or(0.0);
+            let mut order: Vec<usize> = (0..s.len()).collect();
+            order.sort_by(|&i, &j| kind(i).cmp(&kind(j)).then(weight(j).total_cmp(&weight(i))));
+            let sorted: Vec<Vec<f64>> = order
+                .iter()
+                .map(|&i| order.iter().map(|&j| s[i][j] as f64).collect())
+                .collect();
+            let side = sorted.len().div_ceil(MAX_PICTURE_SIDE);
+            let mut blocks: Vec<(usize, String)> = vec![];
+            for (pos, &i) in order.iter().enumerate() {
+                if blocks.last().is_none_or(|b| b.1 != KINDS[kind(i)]) {
+                    blocks.push((pos / side, KINDS[kind(i)].to_string()));
+                }
+            }
+            if blocks.len() == 1 && blocks[0].1 == "unknown" {
+                blocks.clear();
+            }
+            let figure = Heatmap {
+                title: format!("Similarity of the web images of {}", self.class(k)),
+                x_label: format!("web image (grouped by noise kind){}", block_note(side)),
+                y_label: "web image".into(),
+                values: block_means(&sorted, side),
+                value_label: "SimNet similarity S (P(same category))".into(),
+                value_range: Some((0.0, 1.0)),
+                blocks,
+                ..Heatmap::default()
+            };
+            let file = format!("similarity-{k}.png");
+            save(&figure, &self.store.root.join(&file))?;
+            md.push_str(&format!("![similarity of {}]({file}) ", self.class(k)));
+            k += 1;
+        }
+        md.push('\n');
+        Ok(md)
+    }
 }
 
-/// Novel-test top-1 after every epoch of each variant (the test set is only watched, never
-/// used for selection).
-fn curves(store: &RunStore, seed: u64, variants: &[String]) -> anyhow::Result<String> {
-    let mut series = vec![];
-    let mut legend = vec![];
-    let mut table = String::new();
-    for (k, v) in variants.iter().enumerate() {
-        let path = store.artifact_path(seed, &Node::variant(Stage::Classifier, v));
-        let Ok(meta) = Artifact::verify(&path) else {
-            continue;
-        };
-        let acc: Vec<f64> = meta.metrics["history"]["top1_test_per_epoch"]
-            .as_array()
-            .map(|a| a.iter().filter_map(|x| x.as_f64()).collect())
-            .unwrap_or_default();
-        legend.push(format!("{} = `{v}`", PALETTE[k % PALETTE.len()].1));
-        let cells: Vec<String> = acc.iter().map(|a| format!("{:.1}", 100.0 * a)).collect();
-        table.push_str(&format!("| `{v}` | {} |\n", cells.join(" | ")));
-        series.push(acc);
+/// The noise kinds as the data index records them (`NoiseKind` as u8), in that order.
+const KINDS: [&str; 5] = ["clean", "closed-set", "open-set", "junk", "unknown"];
+/// Confusion matrices up to this many classes get names and counts on the figure.
+const MAX_NAMED_CLASSES: usize = 30;
+
+fn block_note(side: usize) -> String {
+    if side > 1 {
+        format!(", means of {side}×{side} blocks")
+    } else {
+        String::new()
     }
-    if series.is_empty() {
-        return Ok(String::new());
-    }
-    let lo = series.iter().flatten().fold(1.0f64, |m, &x| m.min(x));
-    let hi = series.iter().flatten().fold(0.0f64, |m, &x| m.max(x));
-    line_chart_png(
-        &series,
-        lo,
-        hi.max(lo + 1e-9),
-        &store.root.join("curves-top1.png"),
-    )?;
-    let epochs = series.iter().map(|s| s.len()).max().unwrap_or(0);
-    let header: Vec<String> = (0..epochs).map(|e| e.to_string()).collect();
-    Ok(format!(
-        "\n## Training curves (seed {seed})\n\nNovel-test top-1 after each epoch (3a epochs, then 3b), watched only; \
-         y from {:.1} % to {:.1} %; {}.\n\n![curves](curves-top1.png)\n\n| variant | {} |\n|---|{}\n{table}",
-        100.0 * lo,
-        100.0 * hi,
-        legend.join(", "),
-        header.join(" | "),
-        "---|".repeat(epochs)
-    ))
+}
+
+/// The web images of one seed's denoise artifact: per image (in the artifact's order) its
+/// recorded noise kind (an index of [`KINDS`]) and `savg1` weight, the categories' offsets.
+struct WebWeights {
+    kind: Vec<usize>,
+    weights: Vec<f64>,
+    offsets: Vec<u32>,
+    artifact: Artifact,
 }
 
 /// Per graph variant, the mean adjacency `Â` over same-label and cross-label pairs (and by true
@@ -241,87 +624,43 @@ fn graph_pictures(store: &RunStore, summary: &serde_json::Value) -> anyhow::Resu
         return Ok(String::new());
     };
     let keys = [
-        ("a_hat_same_label", "same web label"),
-        ("a_hat_cross_label", "different web labels"),
-        ("a_hat_same_true_class", "same true class"),
-        ("a_hat_cross_true_class", "different true classes"),
+        ("a_hat_same_label", "pairs of the same web label"),
+        ("a_hat_cross_label", "pairs of different web labels"),
+        ("a_hat_same_true_class", "pairs of the same true class"),
+        ("a_hat_cross_true_class", "pairs of different true classes"),
     ];
     let mut md = String::new();
     for (name, rows) in vars {
         let rows = rows.as_array().cloned().unwrap_or_default();
-        let mut series = vec![];
-        let mut legend = vec![];
+        let mut figure = Lines {
+            title: format!("Graph adjacency of `{name}` (mean over seeds)"),
+            x_label: "epoch (graph epochs of step 3b)".into(),
+            y_label: "mean Â of a pair".into(),
+            x_integer: true,
+            headroom: 0.6,
+            ..Lines::default()
+        };
         for (k, label) in keys {
-            let s: Vec<f64> = rows.iter().filter_map(|r| r[k].as_f64()).collect();
-            if s.len() == rows.len() && !s.is_empty() {
-                legend.push(format!("{} = {label}", PALETTE[series.len()].1));
-                series.push(s);
+            let points: Vec<(f64, f64)> = rows
+                .iter()
+                .filter_map(|r| Some((r["epoch"].as_f64()?, r[k].as_f64()?)))
+                .collect();
+            if points.len() == rows.len() && !points.is_empty() {
+                figure.lines.push(Line {
+                    name: label.into(),
+                    points,
+                    band: vec![],
+                    markers: true,
+                });
             }
         }
-        if series.is_empty() {
+        if figure.lines.is_empty() {
             continue;
         }
         let file = format!("graph-{name}.png");
-        line_chart_png(&series, 0.0, 1.0, &store.root.join(&file))?;
-        md.push_str(&format!(
-            "\n`{name}`: mean `Â` per graph epoch, y from 0 to 1; {}.\n\n![graph term of {name}]({file})\n",
-            legend.join(", ")
-        ));
+        save(&figure, &store.root.join(&file))?;
+        md.push_str(&format!("\n![graph term of {name}]({file})\n"));
     }
-    Ok(md)
-}
-
-/// Histograms of the `savg1` weights of the web images, one per novel category, stacked by the
-/// recorded noise kind.
-fn weight_histogram(store: &RunStore, seed: u64) -> anyhow::Result<String> {
-    let denoise = store.artifact_path(seed, &Node::stage(Stage::Denoise));
-    let data = store.artifact_path(seed, &Node::stage(Stage::Data));
-    let (Ok(d), Ok(x)) = (
-        Artifact::load(&denoise, &ArtifactSchema::any(), &Device::Cpu),
-        Artifact::load(&data, &ArtifactSchema::any(), &Device::Cpu),
-    ) else {
-        return Ok(String::new());
-    };
-    let (Some(ids), Some(offsets), Some(w), Some(noise)) = (
-        d.tensors.get("ids"),
-        d.tensors.get("class_offsets"),
-        d.tensors.get("weights.savg1"),
-        x.tensors.get("noise"),
-    ) else {
-        return Ok(String::new());
-    };
-    let ids = ids.to_vec1::<u32>()?;
-    let offsets = offsets.to_vec1::<u32>()?;
-    let w = w.to_vec1::<f32>()?;
-    let noise = noise.to_vec1::<u8>()?;
-    let kinds = ["clean", "closed-set", "open-set", "junk", "unknown"];
-    let legend: Vec<String> = kinds
-        .iter()
-        .enumerate()
-        .map(|(k, name)| format!("{} = {name}", PALETTE[k].1))
-        .collect();
-    let mut md = format!(
-        "\n## Sample weights (seed {seed})\n\n`savg1` weights of each novel category's web images (mean 1 per \
-         category), 30 bins over [0, 2], stacked by recorded noise: {}.\n\n",
-        legend.join(", ")
-    );
-    for (k, pair) in offsets.windows(2).enumerate() {
-        if k == MAX_PICTURED_CATEGORIES {
-            md.push_str(&format!(
-                "\n\n(The first {MAX_PICTURED_CATEGORIES} categories only; every weight is in the denoise artifact.)"
-            ));
-            break;
-        }
-        let mut series = vec![vec![]; kinds.len()];
-        for i in pair[0] as usize..pair[1] as usize {
-            let kind = noise.get(ids[i] as usize).copied().unwrap_or(4).min(4) as usize;
-            series[kind].push(w[i] as f64);
-        }
-        let file = format!("weights-{k}.png");
-        stacked_histogram_png(&series, 30, 0.0, 2.0, &store.root.join(&file))?;
-        md.push_str(&format!("![category {k}]({file}) "));
-    }
-    md.push('\n');
     Ok(md)
 }
 
@@ -350,51 +689,6 @@ fn block_means(m: &[Vec<f64>], side: usize) -> Vec<Vec<f64>> {
                 .collect()
         })
         .collect()
-}
-
-/// Heat maps of each novel category's similarity matrix, rows and columns ordered by weight
-/// (highest first), from the denoise artifact of one seed.
-fn similarity_pictures(store: &RunStore, seed: u64) -> anyhow::Result<String> {
-    let path: PathBuf = store.artifact_path(seed, &Node::stage(Stage::Denoise));
-    let Ok(a) = Artifact::load(&path, &ArtifactSchema::any(), &Device::Cpu) else {
-        return Ok(String::new());
-    };
-    let mut md = format!(
-        "\n## Similarity matrices (seed {seed})\n\nEach novel category's web images, ordered by their `savg1` weight \
-         (highest first, top-left); bright = similar. Clean images should form the bright top-left block.\n\n"
-    );
-    let mut k = 0;
-    while let Some(s) = a.tensors.get(&format!("S.{k}")) {
-        if k == MAX_PICTURED_CATEGORIES {
-            md.push_str(&format!(
-                "\n\n(The first {MAX_PICTURED_CATEGORIES} categories only; every matrix is in the denoise artifact.)"
-            ));
-            break;
-        }
-        let s: Vec<Vec<f32>> = s.to_dtype(DType::F32)?.to_vec2()?;
-        let w: Vec<f64> = s
-            .iter()
-            .enumerate()
-            .map(|(i, row)| {
-                let r: f64 = row.iter().map(|&x| x as f64).sum();
-                let c: f64 = s.iter().map(|row| row[i] as f64).sum();
-                r + c
-            })
-            .collect();
-        let mut order: Vec<usize> = (0..s.len()).collect();
-        order.sort_by(|&i, &j| w[j].total_cmp(&w[i]));
-        let sorted: Vec<Vec<f64>> = order
-            .iter()
-            .map(|&i| order.iter().map(|&j| s[i][j] as f64).collect())
-            .collect();
-        let file = format!("similarity-{k}.png");
-        let side = sorted.len().div_ceil(MAX_PICTURE_SIDE);
-        heatmap_png(&block_means(&sorted, side), 2, &store.root.join(&file))?;
-        md.push_str(&format!("![category {k}]({file}) "));
-        k += 1;
-    }
-    md.push('\n');
-    Ok(md)
 }
 
 #[cfg(test)]
