@@ -36,7 +36,7 @@ pub enum Command {
     Eval(Common),
     /// Rewrite eval.json and report.md from the eval artifacts of a run.
     Report(Common),
-    /// Measure throughput: data, backbone, simnet, denoise, table (the GPU table of
+    /// Measure throughput: data, backbone, classifier, simnet, denoise, table (the GPU table of
     /// BENCHMARKS.md: ResNet-50 at 224 px, slow on a CPU), profile (three ResNet-50 steps at
     /// batch 64, to run under a kernel profiler), profile-simnet and profile-similarity (the
     /// table's SimNet step and similarity matrix, likewise) or all (table only on CUDA).

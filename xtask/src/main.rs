@@ -177,6 +177,17 @@ fn bench(what: &str, common: &Common) -> Result<()> {
         );
         out.insert("denoise".into(), serde_json::to_value(&r)?);
     }
+    if all || what == "classifier" {
+        // Steps 3a/3b of the configured networks: classification, and graph (with the SimNet).
+        let reports = simtrans_classifier::bench::bench(&config, &device, 3)?;
+        for r in &reports {
+            println!(
+                "classifier: {} step, {} {} px batch {}: {:.1} training images/s on {}",
+                r.step, r.arch, r.image_size, r.batch_size, r.images_per_second, r.device
+            );
+        }
+        out.insert("classifier".into(), serde_json::to_value(&reports)?);
+    }
     if all || what == "simnet" {
         // The configured network; 8 + 8 images (128 pairs) keeps the demo figure quick on a CPU.
         let b = &config.backbone;
@@ -256,7 +267,7 @@ fn bench(what: &str, common: &Common) -> Result<()> {
 
     if out.is_empty() {
         bail!(
-            "unknown benchmark `{what}`; the benchmarks are: data, backbone, simnet, denoise, table, \
+            "unknown benchmark `{what}`; the benchmarks are: data, backbone, classifier, simnet, denoise, table, \
              profile, profile-simnet, profile-similarity, all"
         );
     }

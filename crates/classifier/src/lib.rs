@@ -11,6 +11,7 @@
 //! ablation variants, their switches and the epoch schedule). The stage `run` function that
 //! trains the network lives beside them once the data, backbone and SimNet crates are ready.
 
+pub mod bench;
 pub mod error;
 pub mod losses;
 pub mod stage;
