@@ -4,12 +4,10 @@
 //!
 //! The pinned values are in `tests/pinned/demo-tiny.json`. When a change is meant to move them,
 //! run this test, check the printed values, and replace the file with them (the failure message
-//! prints the whole file). CPU results are deterministic for one binary on one machine; the
-//! matrix-multiply kernels are chosen by the processor's instruction set at run time, so a
-//! machine with another vector width rounds differently (see README, "Results"): on an AMD EPYC
-//! with AVX-512 (2026-12-03) the binaries before and after that day's refactor agreed with each
-//! other, and both moved the graph epoch's means and the transfer AUC of this file (written on
-//! another machine) by 1–2·10⁻⁶ relative, every accuracy unchanged.
+//! prints the whole file). CPU results are deterministic for one binary on one machine, but
+//! not across machines (README, "Why earlier versions of this README printed other numbers"):
+//! on an AMD EPYC with AVX-512 (2026-12-03) the binary of f4793c4, which passed CI with it, moved
+//! the graph epoch's means and the transfer AUC by 1–2·10⁻⁶ relative, every accuracy unchanged.
 //! So accuracies (counts of correct test images) must match exactly, and every other number to
 //! [`REL_TOL`] relative: far above that rounding, far below what a change of formula, data draw
 //! or schedule moves.

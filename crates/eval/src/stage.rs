@@ -165,6 +165,7 @@ pub fn write_report(
         let pictures = Pictures {
             store,
             config,
+            summary: &summary,
             results: &results,
             class_names: &class_names,
         };
@@ -184,6 +185,8 @@ pub fn write_report(
 struct Pictures<'a> {
     store: &'a RunStore,
     config: &'a Config,
+    /// `eval.json`'s content.
+    summary: &'a serde_json::Value,
     results: &'a [SeedResult],
     class_names: &'a [String],
 }
@@ -357,23 +360,24 @@ impl Pictures<'_> {
                     ..total
                 });
             }
-            // The graph epochs' two terms, where this variant has them.
-            for (key, what) in [("ce", "weighted CE"), ("alpha_reg", "α·reg")] {
-                let points: Vec<(f64, f64)> = histories
-                    .first()
-                    .and_then(|h| h["graph_epochs"].as_array().cloned())
-                    .unwrap_or_default()
-                    .iter()
-                    .filter_map(|r| Some((r["epoch"].as_f64()?, r[key].as_f64()?)))
-                    .collect();
-                if !points.is_empty() {
-                    loss.lines.push(Line {
-                        name: format!("{v}: {what} (graph epochs, seed {})", self.results[0].seed),
-                        points,
-                        band: vec![],
-                        markers: true,
-                    });
-                }
+        }
+        // The graph epochs' two terms of SimTrans, means over seeds.
+        let full_terms = self.summary["graph_terms"]["full"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        for (key, what) in [("ce", "weighted CE"), ("alpha_reg", "α·reg")] {
+            let points: Vec<(f64, f64)> = full_terms
+                .iter()
+                .filter_map(|r| Some((r["epoch"].as_f64()?, r[key].as_f64()?)))
+                .collect();
+            if !points.is_empty() {
+                loss.lines.push(Line {
+                    name: format!("full: {what} of its graph epochs"),
+                    points,
+                    band: vec![],
+                    markers: true,
+                });
             }
         }
         let loss_md = if loss.lines.is_empty() {
