@@ -120,13 +120,11 @@ pub fn profiled<T, E: From<candle_core::Error>>(
     work()
 }
 
-/// What a GPU test's `#[ignore]` says: the test harness reports such tests as ignored, and
-/// `scripts/gpu-bench.sh` runs them with `--include-ignored` on a GPU.
-pub const NEEDS_GPU: &str = "needs a CUDA build and a GPU (scripts/gpu-bench.sh runs it)";
-
-/// For GPU tests (which are `#[ignore]`d, see [`NEEDS_GPU`]): the first CUDA device, opened
-/// as the stages open it. Asked for on a machine or a build without one, it panics saying
-/// why, so an ignored test run by hand never passes without having checked anything.
+/// For GPU tests: the first CUDA device, opened
+/// as the stages open it. GPU tests are `#[ignore = "needs a CUDA build and a GPU …"]`, so the
+/// test runner reports them as ignored, and `scripts/gpu-bench.sh` runs them with
+/// `--include-ignored`; asked for on a machine or a build without a GPU, this panics saying
+/// why, so such a test never passes without having checked anything.
 pub fn test_device(test: &str) -> Device {
     #[cfg(feature = "cuda")]
     let why = match open("cuda") {
