@@ -314,10 +314,11 @@ pub struct EvalConfig {
 
 /// Which of the CUDA path's implementations run; the CPU ignores this section.
 ///
-/// Each field is one of the A/B choices the GPU work measured (BENCHMARKS.md has each table);
-/// the defaults are the measured best, and `false` selects the slower alternative, kept to
-/// measure the difference again on another GPU (`--set gpu.channels_last=false`) or to rule a
-/// fused path out when results differ. The alternatives compute the same function, but sum in
+/// Each field is one of the A/B choices the GPU work measured (BENCHMARKS.md has each table).
+/// The defaults are the measured best, or where a measurement did not settle it the choice in
+/// use since; the other value selects the alternative, kept to measure the difference again on
+/// another GPU (`--set gpu.channels_last=false`) or to rule a fused path out when results
+/// differ. The alternatives compute the same function, but sum in
 /// another order, so on a GPU a non-default value is part of the training stages' cache keys
 /// (absent from them otherwise, so older caches stay valid).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -939,6 +940,35 @@ mod tests {
         assert!(err.contains("bn_split"), "{err}");
         let err = c.set("simnet.head=\"four\"").unwrap_err().to_string();
         assert!(err.contains("simnet.head"), "{err}");
+    }
+
+    #[test]
+    fn a_non_default_gpu_section_keys_the_training_stages_only() {
+        let c = Config::preset(Preset::Demo);
+        let mut g = c.clone();
+        g.gpu.channels_last = false;
+        assert_eq!(
+            c.stage_inputs(Stage::Data),
+            g.stage_inputs(Stage::Data),
+            "data does not run on the GPU path"
+        );
+        for st in [
+            Stage::Backbone,
+            Stage::Simnet,
+            Stage::Denoise,
+            Stage::Classifier,
+        ] {
+            assert_ne!(c.stage_inputs(st), g.stage_inputs(st), "{st}");
+            assert!(
+                !c.stage_inputs(st).contains("\"gpu\""),
+                "defaults add nothing: {st}"
+            );
+        }
+        // A config written before the section existed reads as the defaults.
+        let mut old: toml::Value = toml::Value::try_from(&c).unwrap();
+        old.as_table_mut().unwrap().remove("gpu");
+        let back: Config = old.try_into().unwrap();
+        assert_eq!(back.gpu, GpuConfig::default());
     }
 
     #[test]
