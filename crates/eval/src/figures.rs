@@ -514,13 +514,12 @@ impl Figure for Heatmap {
 
 /// The ROC curve of `scores` against `positive` (higher score = more likely positive): points
 /// `(false-positive rate, true-positive rate)` from (0, 0) to (1, 1), ties taken together, and
-/// the area under it (trapezoids, which count a tie as half). `None` without both classes.
-pub fn roc_curve(scores: &[f64], positive: &[bool]) -> Option<(Vec<(f64, f64)>, f64)> {
+/// the area under it, `simtrans_denoise::auc::roc_auc` (the AUC `eval.json` reports; ties count
+/// one half, as the curve's trapezoids do). `None` without both classes.
+pub fn roc_curve(scores: &[f32], positive: &[bool]) -> Option<(Vec<(f64, f64)>, f64)> {
+    let auc = simtrans_denoise::auc::roc_auc(scores, positive).ok()??;
     let p = positive.iter().filter(|&&b| b).count();
     let n = positive.len() - p;
-    if p == 0 || n == 0 {
-        return None;
-    }
     let mut order: Vec<usize> = (0..scores.len()).collect();
     order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
     let mut points = vec![(0.0, 0.0)];
@@ -538,10 +537,6 @@ pub fn roc_curve(scores: &[f64], positive: &[bool]) -> Option<(Vec<(f64, f64)>, 
         }
         points.push((fp as f64 / n as f64, tp as f64 / p as f64));
     }
-    let auc = points
-        .windows(2)
-        .map(|w| (w[1].0 - w[0].0) * (w[1].1 + w[0].1) / 2.0)
-        .sum();
     Some((points, auc))
 }
 
@@ -690,5 +685,16 @@ mod tests {
         let (_, worst) = roc_curve(&[0.1, 0.9], &[true, false]).unwrap();
         assert_eq!(worst, 0.0);
         assert!(roc_curve(&[0.1], &[true]).is_none());
+        // The reported area is the curve's: trapezoids under the points, ties included.
+        let (points, auc) = roc_curve(
+            &[0.9, 0.7, 0.7, 0.4, 0.4, 0.2],
+            &[true, false, true, true, false, false],
+        )
+        .unwrap();
+        let area: f64 = points
+            .windows(2)
+            .map(|w| (w[1].0 - w[0].0) * (w[1].1 + w[0].1) / 2.0)
+            .sum();
+        assert!((area - auc).abs() < 1e-12, "{area} vs {auc}");
     }
 }

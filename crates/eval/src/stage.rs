@@ -14,6 +14,7 @@ use simtrans_core::artifact::write_atomic;
 use simtrans_core::{
     Artifact, ArtifactSchema, Config, Node, RunStore, Stage, StageContext, StageOutput, TensorSpec,
 };
+use simtrans_data::NoiseKind;
 use std::collections::BTreeMap;
 
 /// Layout version of `eval.safetensors`.
@@ -173,8 +174,10 @@ pub fn write_report(
         md.push_str(&pictures.curves()?);
         md.push_str(&pictures.simnet_f1()?);
         md.push_str(&graph_pictures(store, &summary)?);
-        md.push_str(&pictures.weights(first.seed)?);
-        md.push_str(&pictures.similarities(first.seed)?);
+        if let Some(web) = pictures.web_weights(first.seed)? {
+            md.push_str(&pictures.weights(first.seed, &web)?);
+            md.push_str(&pictures.similarities(first.seed, &web)?);
+        }
     }
     write_atomic(&store.root.join("report.md"), md.as_bytes())?;
     Ok(summary)
@@ -201,7 +204,7 @@ fn mean_with_band(per_seed: &[Vec<f64>]) -> Line {
     };
     for e in 0..epochs {
         let v: Vec<f64> = per_seed.iter().map(|s| s[e]).collect();
-        let mean = v.iter().sum::<f64>() / v.len() as f64;
+        let mean = crate::metrics::mean(&v);
         let (lo, hi) = v
             .iter()
             .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| {
@@ -223,10 +226,19 @@ impl Pictures<'_> {
             .unwrap_or_else(|| format!("category {k}"))
     }
 
+    /// Which seeds a curve stands for: `seed 0`, or `mean over 5 seeds`.
     fn seeds_text(&self) -> String {
         match self.results.len() {
             1 => format!("seed {}", self.results[0].seed),
-            n => format!("mean over {n} seeds, band: min–max"),
+            n => format!("mean over {n} seeds"),
+        }
+    }
+
+    /// [`Self::seeds_text`] for a figure, which draws the seeds' min–max band around the mean.
+    fn seeds_caption(&self) -> String {
+        match self.results.len() {
+            1 => self.seeds_text(),
+            _ => format!("{}, band: min–max", self.seeds_text()),
         }
     }
 
@@ -305,7 +317,7 @@ impl Pictures<'_> {
     fn curves(&self) -> anyhow::Result<String> {
         let variants: Vec<String> = self.results[0].variants.keys().cloned().collect();
         let mut top1 = self.epoch_frame(
-            format!("Novel test top-1 per epoch ({})", self.seeds_text()),
+            format!("Novel test top-1 per epoch ({})", self.seeds_caption()),
             "top-1 on the novel test images (%)",
         );
         for v in &variants {
@@ -327,9 +339,24 @@ impl Pictures<'_> {
             return Ok(String::new());
         }
         save(&top1, &self.store.root.join("curves-top1.png"))?;
+        // The figure's curves as numbers.
+        let epochs = top1.lines.iter().map(|l| l.points.len()).max().unwrap_or(0);
+        let mut table = format!(
+            "\n| variant (top-1 %, {}) | {} |\n|---|{}\n",
+            self.seeds_text(),
+            (0..epochs)
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join(" | "),
+            "---|".repeat(epochs)
+        );
+        for line in &top1.lines {
+            let cells: Vec<String> = line.points.iter().map(|p| format!("{:.1}", p.1)).collect();
+            table.push_str(&format!("| `{}` | {} |\n", line.name, cells.join(" | ")));
+        }
 
         let mut loss = self.epoch_frame(
-            format!("Training loss per epoch ({})", self.seeds_text()),
+            format!("Training loss per epoch ({})", self.seeds_caption()),
             "mean loss per batch",
         );
         for v in &variants {
@@ -390,7 +417,7 @@ impl Pictures<'_> {
             "\n## Training curves\n\nNovel-test top-1 after each epoch, watched only (never used to select). \
              The vertical line is the start of step 3b; shaded epochs are its graph epochs (batch \
              `graph_batch_size`, graph term on for `graph` and `full`). Each figure is also an SVG \
-             beside the PNG.\n\n![novel test top-1 per epoch](curves-top1.png)\n{loss_md}"
+             beside the PNG.\n\n![novel test top-1 per epoch](curves-top1.png)\n{table}{loss_md}"
         ))
     }
 
@@ -412,7 +439,7 @@ impl Pictures<'_> {
             })
             .collect();
         let mut figure = Lines {
-            title: format!("SimNet pair F1 per epoch ({})", self.seeds_text()),
+            title: format!("SimNet pair F1 per epoch ({})", self.seeds_caption()),
             x_label: "SimNet epoch (step 1)".into(),
             y_label: "F1 of \"same category\" pairs".into(),
             y_range: Some((0.0, 1.0)),
@@ -443,8 +470,8 @@ impl Pictures<'_> {
     }
 
     /// The denoise artifact of `seed` with the data index's noise ground truth per web image
-    /// (`None` where the data set records none).
-    fn denoise_of(&self, seed: u64) -> anyhow::Result<Option<WebWeights>> {
+    /// (`None` where either artifact or one of its tensors is missing).
+    fn web_weights(&self, seed: u64) -> anyhow::Result<Option<WebWeights>> {
         let denoise = self.store.artifact_path(seed, &Node::stage(Stage::Denoise));
         let data = self.store.artifact_path(seed, &Node::stage(Stage::Data));
         let (Ok(d), Ok(x)) = (
@@ -466,20 +493,22 @@ impl Pictures<'_> {
         Ok(Some(WebWeights {
             kind: ids
                 .iter()
-                .map(|&id| noise.get(id as usize).copied().unwrap_or(4).min(4) as usize)
+                .map(|&id| {
+                    noise
+                        .get(id as usize)
+                        .and_then(|&v| NoiseKind::from_u8(v))
+                        .unwrap_or(NoiseKind::Unknown)
+                })
                 .collect(),
             offsets: offsets.to_vec1::<u32>()?,
-            weights: w.to_vec1::<f32>()?.into_iter().map(f64::from).collect(),
+            weights: w.to_vec1::<f32>()?,
             artifact: d,
         }))
     }
 
     /// Per novel category, a histogram of the `savg1` weights by recorded noise kind; and the
     /// ROC curves of the weights against that ground truth, over all categories.
-    fn weights(&self, seed: u64) -> anyhow::Result<String> {
-        let Some(web) = self.denoise_of(seed)? else {
-            return Ok(String::new());
-        };
+    fn weights(&self, seed: u64, web: &WebWeights) -> anyhow::Result<String> {
         let mut md = format!(
             "\n## Sample weights (seed {seed})\n\n`savg1` weights of each novel category's web images \
              (mean 1 per category), by the noise kind the data set recorded.\n\n"
@@ -491,10 +520,12 @@ impl Pictures<'_> {
                 ));
                 break;
             }
-            let mut groups: Vec<(String, Vec<f64>)> =
-                KINDS.iter().map(|n| (n.to_string(), vec![])).collect();
+            let mut groups: Vec<(String, Vec<f64>)> = NoiseKind::ALL
+                .iter()
+                .map(|&k| (kind_label(k), vec![]))
+                .collect();
             for i in pair[0] as usize..pair[1] as usize {
-                groups[web.kind[i]].1.push(web.weights[i]);
+                groups[web.kind[i] as usize].1.push(web.weights[i] as f64);
             }
             let figure = Histogram {
                 title: format!("Weights of the web images of {}", self.class(k)),
@@ -517,16 +548,16 @@ impl Pictures<'_> {
             diagonal: true,
             ..Lines::default()
         };
-        let clean = 0;
-        for (kind, name) in KINDS.iter().enumerate().take(4).skip(1) {
+        let clean = NoiseKind::Clean;
+        for kind in [NoiseKind::ClosedSet, NoiseKind::OpenSet, NoiseKind::Junk] {
             let pick: Vec<usize> = (0..web.kind.len())
                 .filter(|&i| web.kind[i] == clean || web.kind[i] == kind)
                 .collect();
-            let scores: Vec<f64> = pick.iter().map(|&i| web.weights[i]).collect();
+            let scores: Vec<f32> = pick.iter().map(|&i| web.weights[i]).collect();
             let positive: Vec<bool> = pick.iter().map(|&i| web.kind[i] == clean).collect();
             if let Some((points, auc)) = roc_curve(&scores, &positive) {
                 roc.lines.push(Line {
-                    name: format!("clean vs {name}: AUC {auc:.3}"),
+                    name: format!("clean vs {}: AUC {auc:.3}", kind_label(kind)),
                     points,
                     ..Line::default()
                 });
@@ -542,10 +573,7 @@ impl Pictures<'_> {
 
     /// Heat maps of each novel category's similarity matrix, the web images ordered by recorded
     /// noise kind (then by weight, highest first), the kinds' blocks marked.
-    fn similarities(&self, seed: u64) -> anyhow::Result<String> {
-        let Some(web) = self.denoise_of(seed)? else {
-            return Ok(String::new());
-        };
+    fn similarities(&self, seed: u64, web: &WebWeights) -> anyhow::Result<String> {
         let mut md = format!(
             "\n## Similarity matrices (seed {seed})\n\nEach novel category's web images, grouped by the \
              noise kind the data set recorded and by weight within a group (highest first). If the \
@@ -561,7 +589,12 @@ impl Pictures<'_> {
             }
             let s: Vec<Vec<f32>> = s.to_dtype(DType::F32)?.to_vec2()?;
             let first = web.offsets[k] as usize;
-            let kind = |i: usize| web.kind.get(first + i).copied().unwrap_or(4);
+            let kind = |i: usize| {
+                web.kind
+                    .get(first + i)
+                    .copied()
+                    .unwrap_or(NoiseKind::Unknown)
+            };
             let weight = |i: usize| web.weights.get(first + i).copied().unwrap_or(0.0);
             let mut order: Vec<usize> = (0..s.len()).collect();
             order.sort_by(|&i, &j| kind(i).cmp(&kind(j)).then(weight(j).total_cmp(&weight(i))));
@@ -571,12 +604,14 @@ impl Pictures<'_> {
                 .collect();
             let side = sorted.len().div_ceil(MAX_PICTURE_SIDE);
             let mut blocks: Vec<(usize, String)> = vec![];
+            let mut previous = None;
             for (pos, &i) in order.iter().enumerate() {
-                if blocks.last().is_none_or(|b| b.1 != KINDS[kind(i)]) {
-                    blocks.push((pos / side, KINDS[kind(i)].to_string()));
+                if previous != Some(kind(i)) {
+                    previous = Some(kind(i));
+                    blocks.push((pos / side, kind_label(kind(i))));
                 }
             }
-            if blocks.len() == 1 && blocks[0].1 == "unknown" {
+            if order.iter().all(|&i| kind(i) == NoiseKind::Unknown) {
                 blocks.clear();
             }
             let figure = Heatmap {
@@ -599,8 +634,10 @@ impl Pictures<'_> {
     }
 }
 
-/// The noise kinds as the data index records them (`NoiseKind` as u8), in that order.
-const KINDS: [&str; 5] = ["clean", "closed-set", "open-set", "junk", "unknown"];
+/// A noise kind as the figures name it (`closed-set` for the metrics' `closed_set`).
+fn kind_label(kind: NoiseKind) -> String {
+    kind.name().replace('_', "-")
+}
 /// Confusion matrices up to this many classes get names and counts on the figure.
 const MAX_NAMED_CLASSES: usize = 30;
 
@@ -613,10 +650,10 @@ fn block_note(side: usize) -> String {
 }
 
 /// The web images of one seed's denoise artifact: per image (in the artifact's order) its
-/// recorded noise kind (an index of [`KINDS`]) and `savg1` weight, the categories' offsets.
+/// recorded noise kind and `savg1` weight, the categories' offsets.
 struct WebWeights {
-    kind: Vec<usize>,
-    weights: Vec<f64>,
+    kind: Vec<NoiseKind>,
+    weights: Vec<f32>,
     offsets: Vec<u32>,
     artifact: Artifact,
 }
