@@ -12,6 +12,7 @@
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::colors::colormaps::ViridisRGB;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 use std::path::Path;
 use std::sync::Once;
 
@@ -374,10 +375,7 @@ impl Figure for Heatmap {
         let scale = |v: f64| ((v - vmin) / (vmax - vmin)).clamp(0.0, 1.0);
         let label_size = if self.names.is_some() { 140 } else { 56 };
         // The title above, then room for the blocks' labels.
-        let title_style = text(20).pos(plotters::style::text_anchor::Pos::new(
-            plotters::style::text_anchor::HPos::Center,
-            plotters::style::text_anchor::VPos::Top,
-        ));
+        let title_style = text(20).pos(Pos::new(HPos::Center, VPos::Top));
         root.draw(&Text::new(
             self.title.clone(),
             ((w - 110) as i32 / 2, 8),
@@ -425,12 +423,9 @@ impl Figure for Heatmap {
                 let at = chart
                     .plotting_area()
                     .map_coordinate(&(j as f64 + 0.5, rows as f64));
-                let style = text(12).transform(FontTransform::Rotate90).pos(
-                    plotters::style::text_anchor::Pos::new(
-                        plotters::style::text_anchor::HPos::Left,
-                        plotters::style::text_anchor::VPos::Center,
-                    ),
-                );
+                let style = text(12)
+                    .transform(FontTransform::Rotate90)
+                    .pos(Pos::new(HPos::Left, VPos::Center));
                 root.draw(&Text::new(name.clone(), (at.0, at.1 + 8), style))?;
             }
         }
@@ -452,10 +447,7 @@ impl Figure for Heatmap {
                         .map_coordinate(&(j as f64 + 0.5, i as f64 + 0.5));
                     let style = text(13)
                         .color(&ink)
-                        .pos(plotters::style::text_anchor::Pos::new(
-                            plotters::style::text_anchor::HPos::Center,
-                            plotters::style::text_anchor::VPos::Center,
-                        ));
+                        .pos(Pos::new(HPos::Center, VPos::Center));
                     root.draw(&Text::new(format!("{v:.0}"), at, style))?;
                 }
             }
@@ -471,10 +463,7 @@ impl Figure for Heatmap {
             let at = chart
                 .plotting_area()
                 .map_coordinate(&((s + end) / 2.0, 0.0));
-            let style = text(13).pos(plotters::style::text_anchor::Pos::new(
-                plotters::style::text_anchor::HPos::Center,
-                plotters::style::text_anchor::VPos::Bottom,
-            ));
+            let style = text(13).pos(Pos::new(HPos::Center, VPos::Bottom));
             root.draw(&Text::new(label.clone(), (at.0, at.1 - 4), style))?;
         }
         // The colour bar, on the map's vertical extent.
