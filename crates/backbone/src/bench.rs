@@ -142,7 +142,7 @@ pub fn bench_files(
     let dir =
         tempfile::tempdir().map_err(|e| simtrans_data::DataError::io(std::env::temp_dir(), e))?;
     let index = simtrans_data::bench::synthetic_photos(dir.path(), files)?;
-    let loader = simtrans_data::Loader::new(std::sync::Arc::new(index), data);
+    let loader = simtrans_data::Loader::new(std::sync::Arc::new(index), data)?;
     let varmap = VarMap::new();
     let vb = simtrans_core::seed::var_builder(&varmap, 0, "bench", DTYPE, device);
     let net = ResNet::new(arch, 16, Some(classes as usize), vb)?;

@@ -274,7 +274,7 @@ pub fn run(ctx: &StageContext) -> Result<StageOutput> {
         &ctx.load_upstream("data", &DataIndex::schema())?,
     )?);
     let sets = Sets::new(&index, cfg)?;
-    let loader = Loader::new(index.clone(), &ctx.config.data);
+    let loader = Loader::new(index.clone(), &ctx.config.data)?;
     let (varmap, net) = init_model(ctx, sets.classes.len())?;
     let mut sgd = Sgd::new(trainable_vars(&varmap), oc.lr, oc.momentum, oc.weight_decay);
     let (mut history, start) = resume(ctx, &varmap, &mut sgd)?;

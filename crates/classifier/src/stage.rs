@@ -223,7 +223,7 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
     let data = Arc::new(DataIndex::from_artifact(
         &ctx.load_upstream("data", &DataIndex::schema())?,
     )?);
-    let loader = Loader::new(data.clone(), &ctx.config.data);
+    let loader = Loader::new(data.clone(), &ctx.config.data)?;
     let sets = Sets::new(&data, variant)?;
     let plans = schedule(variant, cfg, ctx.config.denoise.top_r)?;
     let upstream = Upstream::load(ctx, &plans)?;

@@ -143,14 +143,32 @@ pub struct DataConfig {
     pub crop_scale: [f64; 2],
     /// Train transform: random horizontal flip.
     pub hflip: bool,
-    /// Normalisation mean (ImageNet's).
+    /// Normalisation mean (ImageNet's); used when `normalise = "fixed"`.
     pub mean: [f32; 3],
-    /// Normalisation standard deviation (ImageNet's).
+    /// Normalisation standard deviation (ImageNet's); used when `normalise = "fixed"`.
     pub std: [f32; 3],
+    /// Where the normalisation's mean and standard deviation come from: `fixed` (`mean`,
+    /// `std`: right for ImageNet-pretrained weights and for the data set whose statistics they
+    /// are) or `base_train` (measured on the base training images of the run's data set, per
+    /// channel, each time a loader is built: for an IDX data set other than Fashion-MNIST).
+    /// Part of the data stage's cache key only when not `fixed`.
+    #[serde(default)]
+    pub normalise: Normalise,
     /// Decode/augment threads; 0 = all cores.
     pub workers: usize,
     /// The embedded benchmark's recipe (ignored for real data sets).
     pub demo: DemoConfig,
+}
+
+/// Where the input normalisation's statistics come from (`data.normalise`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Normalise {
+    /// `data.mean` and `data.std` as configured.
+    #[default]
+    Fixed,
+    /// Measured on the data set's base training images.
+    BaseTrain,
 }
 
 /// The recipe of the embedded weak-shot benchmark.
@@ -451,6 +469,7 @@ impl Config {
                 hflip: true,
                 mean: IMAGENET_MEAN,
                 std: IMAGENET_STD,
+                normalise: Normalise::Fixed,
                 workers: 0,
                 demo: DemoConfig::default_recipe(),
             },
@@ -610,7 +629,7 @@ impl Config {
     pub fn inputs_with(&self, stage: Stage, section: serde_json::Value) -> String {
         let section = match stage {
             Stage::Data => serde_json::json!({
-                "section": section,
+                "section": without_default_normalise(section),
                 "data_path": self.run.data_path,
                 "junk_path": self.run.junk_path,
             }),
@@ -629,6 +648,17 @@ impl Config {
         }
         key.to_string()
     }
+}
+
+/// The data section as the cache key sees it: `normalise` only when it is not the default
+/// every earlier run used, so that their caches stay valid.
+fn without_default_normalise(mut section: serde_json::Value) -> serde_json::Value {
+    if let Some(fields) = section.as_object_mut() {
+        if fields.get("normalise") == Some(&serde_json::json!("fixed")) {
+            fields.remove("normalise");
+        }
+    }
+    section
 }
 
 impl Config {
@@ -900,6 +930,28 @@ mod tests {
         c.validate().unwrap();
         c.set("classifier.epochs_3b=0").unwrap();
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn normalise_is_settable_and_keyed_only_when_not_fixed() {
+        let mut c = Config::preset(Preset::Demo);
+        let fixed = c.stage_inputs(Stage::Data);
+        assert!(!fixed.contains("normalise"), "{fixed}");
+        assert!(c.to_toml().contains("normalise = \"fixed\""));
+        c.set("data.normalise=base_train").unwrap();
+        assert_eq!(c.data.normalise, Normalise::BaseTrain);
+        assert_ne!(c.stage_inputs(Stage::Data), fixed);
+        assert!(c.stage_inputs(Stage::Data).contains("base_train"));
+        let back: Config = toml::from_str(&c.to_toml()).unwrap();
+        assert_eq!(back.data.normalise, Normalise::BaseTrain);
+        assert!(c.set("data.normalise=mean").is_err());
+        // A config saved before the field existed still reads, as `fixed`.
+        let old = Config::preset(Preset::Demo)
+            .to_toml()
+            .replace("normalise = \"fixed\"\n", "");
+        assert!(!old.contains("normalise"));
+        let back: Config = toml::from_str(&old).unwrap();
+        assert_eq!(back.data.normalise, Normalise::Fixed);
     }
 
     #[test]

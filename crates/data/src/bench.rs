@@ -66,7 +66,7 @@ pub fn bench(
     let batch_size = batch_size.max(1);
     let dir = tempfile::tempdir().map_err(|e| DataError::io(std::env::temp_dir(), e))?;
     let index = synthetic_photos(dir.path(), files)?;
-    let loader = Loader::new(Arc::new(index), cfg);
+    let loader = Loader::new(Arc::new(index), cfg)?;
     let ids: Vec<u32> = (0..files as u32).collect();
     let device = Device::Cpu;
     loader.batch(&ids[..batch_size.min(files)], Augment::Train, 0, &device)?;

@@ -90,6 +90,14 @@ pub struct DemoSource {
     pub origin: String,
 }
 
+impl DemoSource {
+    /// Whether the class names are Fashion-MNIST's (no `classes.txt`, or one that repeats
+    /// them): the demo preset's normalisation constants and horizontal flips are meant for it.
+    pub fn is_fashion_mnist(&self) -> bool {
+        self.class_names.iter().eq(FASHION_MNIST_CLASSES.iter())
+    }
+}
+
 /// The `origin` of the subset compiled into the library.
 pub const EMBEDDED_ORIGIN: &str = "embedded Fashion-MNIST subset";
 

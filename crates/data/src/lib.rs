@@ -80,6 +80,9 @@ pub fn build_index(
                 _ => None,
             };
             let index = demo::build(&config.data.demo, &source, junk.as_ref(), seed)?;
+            if !source.is_fashion_mnist() {
+                warn_foreign_idx(&config.data, &source.origin);
+            }
             let mut metrics = serde_json::json!({ "source": source.origin });
             if let Some(j) = &junk {
                 metrics["junk_source"] = serde_json::json!(j.origin);
@@ -102,10 +105,43 @@ pub fn build_index(
     }
 }
 
+/// Warns about the two settings of the demo preset that are Fashion-MNIST's, when the IDX
+/// folder holds another data set: its normalisation constants and horizontal flips.
+fn warn_foreign_idx(data: &simtrans_core::config::DataConfig, origin: &str) {
+    use simtrans_core::config::Normalise;
+    if data.normalise == Normalise::Fixed {
+        tracing::warn!(
+            source = origin,
+            mean = ?data.mean,
+            std = ?data.std,
+            "this IDX data set is not Fashion-MNIST but is normalised with the fixed data.mean and \
+             data.std; set data.normalise = \"base_train\" to measure them on its base training images"
+        );
+    }
+    if data.hflip {
+        tracing::warn!(
+            source = origin,
+            "data.hflip = true mirrors training images; if a mirrored image of this data set means \
+             something else (digits, letters), set data.hflip = false"
+        );
+    }
+}
+
+/// The normalisation the loaders of the later stages will use, for the data stage's metrics.
+fn normalisation_metrics(
+    index: &DataIndex,
+    data: &simtrans_core::config::DataConfig,
+) -> Result<serde_json::Value> {
+    let index = std::sync::Arc::new(index.clone());
+    let (mean, std) = Loader::new(index, data)?.normalisation();
+    Ok(serde_json::json!({ "from": data.normalise, "mean": mean, "std": std }))
+}
+
 /// The data stage: resolves `ctx.config`'s data set for `ctx.seed` and returns the index as
 /// tensors, with counts per split and noise kind as metrics and class names as metadata.
 pub fn run(ctx: &StageContext) -> Result<StageOutput> {
-    let (index, metrics) = build_index(&ctx.config, ctx.seed)?;
+    let (index, mut metrics) = build_index(&ctx.config, ctx.seed)?;
+    metrics["normalisation"] = normalisation_metrics(&index, &ctx.config.data)?;
     tracing::info!(
         items = index.items.len(),
         dataset = index.dataset.name(),

@@ -5,13 +5,18 @@
 //! (real data sets), applies the reference train or test transform with randomness derived
 //! from `(seed, id, position)` only, so the same arguments always give the same tensor whatever
 //! the thread count, and fans the images out over rayon.
+//!
+//! With `data.normalise = "base_train"` the loader measures the normalisation's mean and
+//! standard deviation itself, per channel over the source pixels of the index's base training
+//! images, when it is built: every stage that builds one from the same index gets the same
+//! values, and no artifact has to carry them.
 
 use crate::error::{DataError, Result};
-use crate::index::{DataIndex, Images};
+use crate::index::{DataIndex, Images, Split};
 use crate::transform::{normalise_into, test_transform, train_transform, ImageU8};
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
-use simtrans_core::config::DataConfig;
+use simtrans_core::config::{DataConfig, Normalise};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -58,8 +63,10 @@ impl std::fmt::Debug for Loader {
 
 impl Loader {
     /// A loader over `index` with the transforms of `cfg`; `cfg.workers` threads (0 = rayon's
-    /// global pool, all cores).
-    pub fn new(index: Arc<DataIndex>, cfg: &DataConfig) -> Self {
+    /// global pool, all cores). With `cfg.normalise = "base_train"` the normalisation is
+    /// measured here ([`Loader::pixel_stats`] of the base training images); an index without
+    /// base training images is then an error.
+    pub fn new(index: Arc<DataIndex>, cfg: &DataConfig) -> Result<Self> {
         let pool = (cfg.workers > 0)
             .then(|| {
                 rayon::ThreadPoolBuilder::new()
@@ -69,11 +76,93 @@ impl Loader {
             })
             .flatten()
             .map(Arc::new);
-        Loader {
+        let mut loader = Loader {
             index,
             cfg: cfg.clone(),
             pool,
+        };
+        if cfg.normalise == Normalise::BaseTrain {
+            let (mean, std) = loader.pixel_stats(Split::BaseTrain)?;
+            tracing::info!(
+                ?mean,
+                ?std,
+                "normalisation measured on the base training images"
+            );
+            loader.cfg.mean = mean;
+            loader.cfg.std = std;
         }
+        Ok(loader)
+    }
+
+    /// The mean and standard deviation (population, per channel, of `v / 255`) of the source
+    /// pixels of every image of `split`; a grayscale image counts on all three channels.
+    /// Images that do not decode are skipped and counted in a warning.
+    pub fn pixel_stats(&self, split: Split) -> Result<([f32; 3], [f32; 3])> {
+        let ids: Vec<u32> = self.index.items_in(split).iter().map(|i| i.id).collect();
+        if ids.is_empty() {
+            return Err(DataError::Invalid(format!(
+                "data.normalise = \"base_train\" needs base training images, but the index has \
+                 none in split {}; set data.normalise = \"fixed\" with data.mean and data.std",
+                split.name()
+            )));
+        }
+        let zero = || ([0f64; 3], [0f64; 3], 0u64, 0usize);
+        let sums = |ids: &[u32]| {
+            ids.par_iter()
+                .fold(zero, |(mut s, mut q, mut n, mut bad), &id| {
+                    match self.source_image(id) {
+                        Ok(img) => {
+                            for c in 0..3 {
+                                let plane = img.plane(if img.channels == 1 { 0 } else { c });
+                                for &v in plane {
+                                    let v = v as f64 / 255.0;
+                                    s[c] += v;
+                                    q[c] += v * v;
+                                }
+                            }
+                            n += (img.width * img.height) as u64;
+                        }
+                        Err(_) => bad += 1,
+                    }
+                    (s, q, n, bad)
+                })
+                .reduce(zero, |a, b| {
+                    let add = |x: [f64; 3], y: [f64; 3]| [x[0] + y[0], x[1] + y[1], x[2] + y[2]];
+                    (add(a.0, b.0), add(a.1, b.1), a.2 + b.2, a.3 + b.3)
+                })
+        };
+        let (s, q, n, bad) = match &self.pool {
+            Some(pool) => pool.install(|| sums(&ids)),
+            None => sums(&ids),
+        };
+        if bad > 0 {
+            tracing::warn!(
+                skipped = bad,
+                "images that did not decode left out of the normalisation"
+            );
+        }
+        if n == 0 {
+            return Err(DataError::Invalid(format!(
+                "none of the {} images of split {} decoded, so no normalisation can be measured",
+                ids.len(),
+                split.name()
+            )));
+        }
+        let mut mean = [0f32; 3];
+        let mut std = [0f32; 3];
+        for c in 0..3 {
+            let m = s[c] / n as f64;
+            mean[c] = m as f32;
+            // A constant image set would divide by zero; 1 leaves it centred and unscaled.
+            let sd = (q[c] / n as f64 - m * m).max(0.0).sqrt();
+            std[c] = if sd > 1e-6 { sd as f32 } else { 1.0 };
+        }
+        Ok((mean, std))
+    }
+
+    /// The normalisation mean and standard deviation the batches use.
+    pub fn normalisation(&self) -> ([f32; 3], [f32; 3]) {
+        (self.cfg.mean, self.cfg.std)
     }
 
     /// The index the loader reads.

@@ -51,7 +51,8 @@ impl ImageU8 {
         Self::new(w, h, 3, data)
     }
 
-    fn plane(&self, c: usize) -> &[u8] {
+    /// Channel `c` of the planar buffer.
+    pub(crate) fn plane(&self, c: usize) -> &[u8] {
         let n = self.width * self.height;
         &self.data[c * n..(c + 1) * n]
     }

@@ -508,6 +508,22 @@ fn the_stage_entry_point_builds_the_configured_benchmark() {
     assert_eq!(out.metrics["splits"]["novel_web"], 4 * 10);
     let names: Vec<String> = serde_json::from_str(&out.meta["class_names"]).unwrap();
     assert_eq!(names[9], "Ankle boot");
+    // The normalisation the later stages' loaders will use is reported: the preset's constants,
+    // or with `base_train` the values measured on the base training images.
+    assert_eq!(out.metrics["normalisation"]["from"], "fixed");
+    assert_eq!(
+        out.metrics["normalisation"]["mean"],
+        serde_json::json!([0.286f32, 0.286f32, 0.286f32])
+    );
+    let mut measured = ctx.clone();
+    measured.config.data.normalise = simtrans_core::config::Normalise::BaseTrain;
+    let m = simtrans_data::run(&measured).unwrap().metrics["normalisation"].clone();
+    assert_eq!(m["from"], "base_train");
+    let mean = m["mean"][0].as_f64().unwrap();
+    assert!(
+        mean > 0.0 && mean < 1.0 && (mean - 0.286).abs() > 1e-4,
+        "{m}"
+    );
     assert_eq!(out.meta["dataset"], "demo");
     // The same seed through build_index gives the same labels.
     let (index, _) = simtrans_data::build_index(&config, 4).unwrap();
@@ -516,6 +532,15 @@ fn the_stage_entry_point_builds_the_configured_benchmark() {
         labels,
         index.items.iter().map(|i| i.label).collect::<Vec<_>>()
     );
+}
+
+#[test]
+fn a_folder_with_its_own_class_names_is_not_fashion_mnist() {
+    assert!(demo::embedded_source().unwrap().is_fashion_mnist());
+    let mut digits = synthetic(2, 2);
+    assert!(digits.is_fashion_mnist());
+    digits.class_names = (0..10).map(|d| d.to_string()).collect();
+    assert!(!digits.is_fashion_mnist());
 }
 
 #[test]

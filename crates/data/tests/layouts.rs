@@ -155,7 +155,7 @@ fn cub_resolves_the_reference_split() {
     assert!(out.tensors.contains_key("paths"));
     let mut cfg = Config::preset(Preset::Demo).data;
     cfg.image_size = 8;
-    let loader = Loader::new(Arc::new(index.clone()), &cfg);
+    let loader = Loader::new(Arc::new(index.clone()), &cfg).unwrap();
     let ids: Vec<u32> = web.iter().take(4).map(|i| i.id).collect();
     let t = loader
         .batch(&ids, Augment::Train, 0, &candle_core::Device::Cpu)

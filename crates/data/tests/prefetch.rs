@@ -17,7 +17,7 @@ fn prefetched_batches_equal_direct_batches() {
     };
     let (index, _) = simtrans_data::build_index(&config, 0).unwrap();
     let index = Arc::new(index);
-    let loader = Loader::new(index.clone(), &config.data);
+    let loader = Loader::new(index.clone(), &config.data).unwrap();
     let ids: Vec<u32> = index
         .items_in(Split::BaseTrain)
         .iter()
@@ -97,7 +97,7 @@ fn a_panic_while_building_a_batch_reaches_the_consumer() {
         },
     };
     let config = Config::preset(Preset::Demo);
-    let loader = Loader::new(Arc::new(index), &config.data);
+    let loader = Loader::new(Arc::new(index), &config.data).unwrap();
     let dev = candle_core::Device::Cpu;
     let mut it = loader.prefetch(vec![vec![0], vec![1]], vec![0, 0], Augment::Test, 1, &dev);
     assert!(it.next().unwrap().is_ok());

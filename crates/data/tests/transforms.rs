@@ -176,7 +176,7 @@ fn small_index() -> (Arc<DataIndex>, Config) {
 #[test]
 fn test_transform_of_the_demo_is_resize_then_center_crop() {
     let (index, config) = small_index();
-    let loader = Loader::new(index.clone(), &config.data);
+    let loader = Loader::new(index.clone(), &config.data).unwrap();
     let id = index.items_in(Split::NovelTest)[0].id;
     let src = loader.source_image(id).unwrap();
     // 28 → round(28 · 32/28) = 32 → central 28 at offset (2, 2).
@@ -205,9 +205,9 @@ fn train_batches_are_deterministic_and_vary_with_seed_and_position() {
         .map(|i| i.id)
         .collect();
     let dev = candle_core::Device::Cpu;
-    let a = Loader::new(index.clone(), &config.data);
+    let a = Loader::new(index.clone(), &config.data).unwrap();
     config.data.workers = 1;
-    let single = Loader::new(index.clone(), &config.data);
+    let single = Loader::new(index.clone(), &config.data).unwrap();
     let x = a
         .batch(&ids, Augment::Train, 5, &dev)
         .unwrap()
@@ -252,7 +252,7 @@ fn train_batches_are_deterministic_and_vary_with_seed_and_position() {
     config.data.rotation_degrees = 0.0;
     config.data.crop_scale = [1.0, 1.0];
     config.data.hflip = false;
-    let plain = Loader::new(index.clone(), &config.data);
+    let plain = Loader::new(index.clone(), &config.data).unwrap();
     let img = plain.transformed(ids[3], 3, Augment::Train, 1).unwrap();
     // With scale 1 on a square image every box that fits is the whole image (a 28-px side
     // rounds to 28 only when the ratio is near 1; otherwise the fallback takes the whole
@@ -270,7 +270,7 @@ fn train_augmentation_keeps_content_statistics() {
     // Rotation and crops move pixels but do not invent them: the mean brightness of the
     // augmented images stays near the source's (fill is black, so it can only drop a little).
     let (index, config) = small_index();
-    let loader = Loader::new(index.clone(), &config.data);
+    let loader = Loader::new(index.clone(), &config.data).unwrap();
     let ids: Vec<u32> = index
         .items_in(Split::BaseTrain)
         .iter()
@@ -289,4 +289,51 @@ fn train_augmentation_keeps_content_statistics() {
         (0.8..1.25).contains(&ratio),
         "mean brightness ratio {ratio}"
     );
+}
+
+#[test]
+fn base_train_normalisation_is_measured_on_the_base_training_pixels() {
+    let (index, mut config) = small_index();
+    // By hand: population mean and standard deviation of v / 255 over every base-train pixel.
+    let (mut n, mut s, mut q) = (0f64, 0f64, 0f64);
+    let fixed = Loader::new(index.clone(), &config.data).unwrap();
+    for item in index.items_in(Split::BaseTrain) {
+        for &v in &fixed.source_image(item.id).unwrap().data {
+            let v = v as f64 / 255.0;
+            n += 1.0;
+            s += v;
+            q += v * v;
+        }
+    }
+    let mean = s / n;
+    let std = (q / n - mean * mean).sqrt();
+    assert_eq!(fixed.normalisation(), ([0.286; 3], [0.353; 3]));
+
+    config.data.normalise = simtrans_core::config::Normalise::BaseTrain;
+    let measured = Loader::new(index.clone(), &config.data).unwrap();
+    let (m, sd) = measured.normalisation();
+    for c in 0..3 {
+        assert!((m[c] as f64 - mean).abs() < 1e-6, "mean {m:?} vs {mean}");
+        assert!((sd[c] as f64 - std).abs() < 1e-6, "std {sd:?} vs {std}");
+    }
+    // What the batches use: a base-train image normalised with the measured values.
+    let id = index.items_in(Split::BaseTrain)[0].id;
+    let img = measured.transformed(id, 0, Augment::Test, 0).unwrap();
+    let t = measured
+        .batch(&[id], Augment::Test, 0, &candle_core::Device::Cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let want = (img.data[0] as f32 / 255.0 - m[0]) / sd[0];
+    assert!((t[0] - want).abs() < 1e-6);
+
+    // An index without base training images cannot be measured, and says what to do.
+    let mut no_base = (*index).clone();
+    no_base.items.retain(|i| i.split != Split::BaseTrain);
+    let err = Loader::new(Arc::new(no_base), &config.data)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("data.normalise"), "{err}");
 }

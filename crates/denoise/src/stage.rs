@@ -56,7 +56,7 @@ pub fn run(ctx: &StageContext) -> anyhow::Result<StageOutput> {
         &ctx.load_upstream("simnet", &simtrans_simnet::schema())?,
         &ctx.device,
     )?;
-    let loader = Loader::new(data.clone(), &ctx.config.data);
+    let loader = Loader::new(data.clone(), &ctx.config.data)?;
     let cfg = &ctx.config.denoise;
     let schemes: Vec<(String, WeightScheme)> = STORED_SCHEMES
         .iter()

@@ -97,7 +97,7 @@ impl IndexData {
             }
         }
         Ok(IndexData {
-            loader: Loader::new(index.clone(), data),
+            loader: Loader::new(index.clone(), data)?,
             base_val: index.pairs(Split::BaseVal),
             novel_test: index.pairs(Split::NovelTest),
             index,
