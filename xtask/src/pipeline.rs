@@ -7,10 +7,16 @@
 //! of its upstream artifacts; any change upstream therefore invalidates exactly the nodes below.
 //! The stage functions are behind the [`StageRunner`] trait so the walk can be tested without
 //! training anything.
+//!
+//! An imported artifact (`cargo xtask import`) is always fresh and ends the walk upstream: it
+//! stands for its source file, and its checksum enters the keys below it like any other. The
+//! eval node reads the backbone, SimNet and denoise artifacts only for their metrics, so those
+//! are upstream of it only where they exist (a run holding just an imported classifier can be
+//! evaluated).
 
 use anyhow::{bail, Context, Result};
 use simtrans_core::artifact::{Artifact, ArtifactMeta};
-use simtrans_core::store::cache_key;
+use simtrans_core::store::{cache_key, is_imported};
 use simtrans_core::{Config, Freshness, Node, RunStore, Stage, StageContext, StageOutput};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
@@ -65,6 +71,12 @@ pub fn upstream(node: &Node, config: &Config) -> Vec<Node> {
             up
         }
     }
+}
+
+/// Whether `up` is upstream of `node` only when its artifact exists (see the module doc).
+pub fn is_optional_upstream(node: &Node, up: &Node) -> bool {
+    node.stage == Stage::Eval
+        && matches!(up.stage, Stage::Backbone | Stage::Simnet | Stage::Denoise)
 }
 
 /// The classifier variants this config trains.
@@ -126,9 +138,25 @@ impl Pipeline<'_> {
         format!("cargo xtask stage --run {}", self.store.name)
     }
 
+    /// The upstream nodes of `node` in this run: [`upstream`] less the optional ones whose
+    /// artifact does not exist.
+    fn upstream_here(&self, seed: u64, node: &Node) -> Vec<Node> {
+        upstream(node, &self.config)
+            .into_iter()
+            .filter(|up| {
+                !is_optional_upstream(node, up) || self.store.artifact_path(seed, up).exists()
+            })
+            .collect()
+    }
+
+    /// Whether the node's artifact exists, is intact and was imported.
+    fn is_imported(&self, seed: u64, node: &Node) -> bool {
+        Artifact::verify(&self.store.artifact_path(seed, node)).is_ok_and(|m| is_imported(&m))
+    }
+
     fn key(&self, seed: u64, node: &Node) -> Result<(String, BTreeMap<String, String>)> {
         let mut sums = BTreeMap::new();
-        for up in upstream(node, &self.config) {
+        for up in self.upstream_here(seed, node) {
             let path = self.store.artifact_path(seed, &up);
             let meta = Artifact::verify(&path).map_err(|e| {
                 anyhow::anyhow!(
@@ -151,7 +179,10 @@ impl Pipeline<'_> {
 
     /// Checks that every upstream node of `node` is fresh, naming the command that rebuilds the first one that is not.
     pub fn require_upstream(&self, seed: u64, node: &Node) -> Result<()> {
-        for up in upstream(node, &self.config) {
+        for up in self.upstream_here(seed, node) {
+            if self.is_imported(seed, &up) {
+                continue;
+            }
             self.require_upstream(seed, &up)?;
             let (key, _) = self.key(seed, &up)?;
             let path = self.store.artifact_path(seed, &up);
@@ -177,6 +208,10 @@ impl Pipeline<'_> {
 
     /// Builds one node if stale (or always when `force`), returning what happened.
     pub fn ensure(&self, seed: u64, node: &Node, force: bool) -> Result<Outcome> {
+        if !force && self.is_imported(seed, node) {
+            tracing::info!("seed {seed}: {node} is imported; kept as it is");
+            return Ok(Outcome::Cached);
+        }
         let (key, upstream_sums) = self.key(seed, node)?;
         let path = self.store.artifact_path(seed, node);
         let ctx = StageContext {
@@ -186,7 +221,8 @@ impl Pipeline<'_> {
             node: node.clone(),
             cache_key: key.clone(),
             seed_dir: self.store.seed_dir(seed),
-            upstream: upstream(node, &self.config)
+            upstream: self
+                .upstream_here(seed, node)
                 .into_iter()
                 .map(|u| (u.name(), self.store.artifact_path(seed, &u)))
                 .collect(),

@@ -22,6 +22,9 @@ pub enum BackboneError {
         path: PathBuf,
         problems: Vec<String>,
     },
+    /// A reference checkpoint does not fit the configured network.
+    #[error("{0}")]
+    Import(String),
     /// Pretrained weights could not be found or downloaded.
     #[error("{0}")]
     Weights(String),

@@ -11,6 +11,7 @@
 
 pub mod bench;
 pub mod error;
+pub mod import;
 pub mod resnet;
 pub mod stage;
 pub mod weights;

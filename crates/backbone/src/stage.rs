@@ -448,7 +448,7 @@ fn save_checkpoint(
 }
 
 /// The artifact: the trained weights, how to rebuild the network, and the metrics.
-fn output(
+pub(crate) fn output(
     cfg: &BackboneConfig,
     classes: &[u32],
     net: &ResNet,

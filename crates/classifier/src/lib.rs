@@ -13,6 +13,7 @@
 
 pub mod bench;
 pub mod error;
+pub mod import;
 pub mod losses;
 pub mod stage;
 pub mod variants;

@@ -307,20 +307,20 @@ fn variant_of(ctx: &StageContext) -> anyhow::Result<Variant> {
 }
 
 /// The images a variant trains and is tested on.
-struct Sets {
+pub(crate) struct Sets {
     /// The novel web images it trains on (all, or the clean ones for `clean`).
     train_ids: Vec<u32>,
     /// Each training image's label: the category it was found under.
     label_of: HashMap<u32, u32>,
     /// The clean novel test images and their labels.
-    test_ids: Vec<u32>,
+    pub(crate) test_ids: Vec<u32>,
     test_labels: Vec<u32>,
     /// The true class of every web image, where the data index knows every one.
     truth_of: Option<HashMap<u32, Option<u32>>>,
 }
 
 impl Sets {
-    fn new(data: &DataIndex, variant: Variant) -> anyhow::Result<Self> {
+    pub(crate) fn new(data: &DataIndex, variant: Variant) -> anyhow::Result<Self> {
         let clean_only = variant.switches().clean_only;
         let web = data.items_in(Split::NovelWeb);
         if clean_only && web.iter().any(|it| it.noise == NoiseKind::Unknown) {
@@ -556,7 +556,7 @@ fn save_checkpoint(
 }
 
 /// The artifact: the final weights, the final epoch's test results and the history.
-fn output(
+pub(crate) fn output(
     variant: Variant,
     data: &DataIndex,
     sets: &Sets,

@@ -91,6 +91,9 @@ impl RunStore {
             Ok(meta) if meta.node != node.name() => Freshness::Corrupt {
                 reason: format!("it was written by node `{}`", meta.node),
             },
+            // An imported artifact stands for its source file, not for a config: nothing a
+            // config changes makes it stale (only `--force` of its stage rebuilds it).
+            Ok(meta) if is_imported(&meta) => Freshness::Fresh(meta),
             Ok(meta) if meta.cache_key != expected_key => Freshness::Stale {
                 reason: "its config section or an upstream artifact changed".into(),
             },
@@ -121,6 +124,19 @@ impl RunStore {
         walk(&self.root, &mut n).map_err(|e| CoreError::io(&self.root, e))?;
         Ok(n)
     }
+}
+
+/// How the cache key of an imported artifact starts; the rest is its source file's SHA-256.
+pub const IMPORTED_KEY_PREFIX: &str = "imported:";
+
+/// The cache key of an artifact imported from a file with this SHA-256 (lower-case hex).
+pub fn imported_key(sha256: &str) -> String {
+    format!("{IMPORTED_KEY_PREFIX}{sha256}")
+}
+
+/// Whether an artifact was imported (`cargo xtask import`) rather than built by its stage.
+pub fn is_imported(meta: &ArtifactMeta) -> bool {
+    meta.cache_key.starts_with(IMPORTED_KEY_PREFIX)
 }
 
 /// The cache key of a node.
@@ -171,6 +187,37 @@ mod tests {
         std::fs::write(&path, b"xx").unwrap();
         assert!(matches!(
             store.freshness(0, &node, "k1"),
+            Freshness::Corrupt { .. }
+        ));
+    }
+
+    #[test]
+    fn an_imported_artifact_is_fresh_whatever_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RunStore::open(dir.path(), "t").unwrap();
+        let node = Node::stage(Stage::Backbone);
+        let meta = ArtifactMeta {
+            node: "backbone".into(),
+            cache_key: imported_key("ab12"),
+            ..Default::default()
+        };
+        assert!(is_imported(&meta));
+        Artifact::new(meta, BTreeMap::new())
+            .save(&store.artifact_path(0, &node))
+            .unwrap();
+        assert!(matches!(
+            store.freshness(0, &node, "any key"),
+            Freshness::Fresh(_)
+        ));
+        // Written under another node's name it is still unusable there.
+        let other = Node::stage(Stage::Simnet);
+        std::fs::copy(
+            store.artifact_path(0, &node),
+            store.artifact_path(0, &other),
+        )
+        .unwrap();
+        assert!(matches!(
+            store.freshness(0, &other, "k"),
             Freshness::Corrupt { .. }
         ));
     }

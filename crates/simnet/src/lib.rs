@@ -14,6 +14,7 @@
 
 pub mod bench;
 pub mod head;
+pub mod import;
 pub mod model;
 pub mod pairs;
 pub mod stage;
