@@ -204,3 +204,94 @@ fn a_failing_stage_writes_no_artifact() {
         .artifact_path(0, &simtrans_core::Node::stage(Stage::Simnet))
         .exists());
 }
+
+/// Writes an artifact as `cargo xtask import` does: key `imported:<sha>`, the data upstream.
+fn write_imported(p: &Pipeline, seed: u64, node: &simtrans_core::Node, value: f32) {
+    let data = simtrans_core::Artifact::verify(
+        &p.store
+            .artifact_path(seed, &simtrans_core::Node::stage(Stage::Data)),
+    )
+    .unwrap();
+    let meta = simtrans_core::ArtifactMeta {
+        node: node.name(),
+        schema_version: 1,
+        cache_key: simtrans_core::store::imported_key("feed"),
+        upstream: [("data".to_string(), data.checksum)].into(),
+        metrics: serde_json::json!({"node": node.name()}),
+        ..Default::default()
+    };
+    let tensors = [(
+        "x".to_string(),
+        Tensor::new(&[value], &Device::Cpu).unwrap(),
+    )]
+    .into();
+    simtrans_core::Artifact::new(meta, tensors)
+        .save(&p.store.artifact_path(seed, node))
+        .unwrap();
+}
+
+#[test]
+fn an_imported_artifact_is_kept_and_keys_what_is_below_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let none = BTreeSet::new();
+    let fake = Fake::default();
+    let p = pipeline(dir.path(), Config::preset(Preset::Demo), &fake);
+    p.reproduce(&[0], &none).unwrap();
+    let simnet = simtrans_core::Node::stage(Stage::Simnet);
+    write_imported(&p, 0, &simnet, 42.0);
+
+    // The walk keeps the imported SimNet whatever its key says, and rebuilds what reads it.
+    let fake = Fake::default();
+    let p = pipeline(dir.path(), Config::preset(Preset::Demo), &fake);
+    let mut rebuilt = built(&p.reproduce(&[0], &none).unwrap());
+    rebuilt.sort();
+    assert_eq!(
+        rebuilt,
+        ["classifier-full", "denoise", "eval"],
+        "{rebuilt:?}"
+    );
+    let kept = simtrans_core::Artifact::verify(&p.store.artifact_path(0, &simnet)).unwrap();
+    assert!(simtrans_core::store::is_imported(&kept));
+    // A config change of its own section does not make it stale either.
+    let mut changed = Config::preset(Preset::Demo);
+    changed.simnet.beta = 0.0;
+    let fake = Fake::default();
+    let p = pipeline(dir.path(), changed, &fake);
+    assert!(built(&p.reproduce(&[0], &none).unwrap()).is_empty());
+    // Forcing its stage rebuilds it.
+    let fake = Fake::default();
+    let p = pipeline(dir.path(), Config::preset(Preset::Demo), &fake);
+    let forced: BTreeSet<Stage> = [Stage::Simnet].into();
+    let rebuilt = built(&p.reproduce(&[0], &forced).unwrap());
+    assert!(rebuilt.contains(&"simnet".to_string()), "{rebuilt:?}");
+}
+
+#[test]
+fn a_run_holding_only_an_imported_classifier_can_be_evaluated() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::preset(Preset::Demo);
+    config.classifier.variants = vec!["full".into()];
+    let fake = Fake::default();
+    let p = pipeline(dir.path(), config, &fake);
+    p.stage(Stage::Data, &[0], false).unwrap();
+    let full = simtrans_core::Node::variant(Stage::Classifier, "full");
+    write_imported(&p, 0, &full, 1.0);
+    // No backbone, SimNet or denoise artifact: eval reads data and the imported classifier.
+    let outcomes = p.stage(Stage::Eval, &[0], false).unwrap();
+    assert_eq!(outcomes, [Outcome::Built]);
+    assert_eq!(*fake.ran.borrow(), ["data", "eval"]);
+    let eval = simtrans_core::Artifact::verify(
+        &p.store
+            .artifact_path(0, &simtrans_core::Node::stage(Stage::Eval)),
+    )
+    .unwrap();
+    let ups: Vec<&String> = eval.upstream.keys().collect();
+    assert_eq!(ups, ["classifier-full", "data"]);
+    // A variant with no artifact is still required (here first what it would be built from).
+    let mut both = Config::preset(Preset::Demo);
+    both.classifier.variants = vec!["naive".into(), "full".into()];
+    let fake = Fake::default();
+    let p = pipeline(dir.path(), both, &fake);
+    let err = p.stage(Stage::Eval, &[0], false).unwrap_err().to_string();
+    assert!(err.contains("backbone artifact missing"), "{err}");
+}
