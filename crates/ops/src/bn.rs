@@ -231,21 +231,58 @@ impl BatchNorm {
     }
 
     /// Batch statistics, differentiated as PyTorch does (the mean and the variance depend on
-    /// `x`); optionally moves the running statistics.
-    ///
-    /// The work happens on a `[C, N]` copy of the input (N = values per channel): reducing and
-    /// broadcasting along the last dimension is an order of magnitude faster in candle, forward
-    /// and backward, than reducing over dimensions (0, 2, 3) at once.
+    /// `x`); optionally moves the running statistics. f32 on the CPU runs as one fused op each
+    /// way ([`crate::bn_cpu`]); everything else as [`Self::train_composed`], its definition.
     fn train(&self, x: &Tensor, update: bool, relu: bool) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let c = self.channels;
-        let count = x.elem_count() / c;
+        let count = x.elem_count() / self.channels;
         if count < 2 {
             bail!(
                 "BatchNorm in training mode needs more than one value per channel, got input {:?}",
                 x.dims()
             )
         }
+        let (y, mean, var) = if crate::bn_cpu::applies(x, &self.weight) {
+            let (y, stats) = crate::bn_cpu::train(x, &self.weight, &self.bias, EPS, relu)?;
+            let dev = x.device();
+            (
+                y,
+                Tensor::new(stats.mean.as_slice(), dev)?,
+                Tensor::new(stats.var.as_slice(), dev)?,
+            )
+        } else {
+            self.train_composed(x, relu)?
+        };
+        if update {
+            self.update_running(&mean, &var, count)?;
+        }
+        Ok(y)
+    }
+
+    /// Moves the running estimates towards the batch mean and the unbiased batch variance
+    /// (`var` is the biased one over `count` values per channel).
+    fn update_running(&self, mean: &Tensor, var: &Tensor, count: usize) -> Result<()> {
+        let dtype = self.running_mean.dtype();
+        let batch_mean = mean.detach().flatten_all()?.to_dtype(dtype)?;
+        let unbiased =
+            (var.detach().flatten_all()? * (count as f64 / (count - 1) as f64))?.to_dtype(dtype)?;
+        let rm = ((self.running_mean.as_tensor().detach() * (1.0 - MOMENTUM))?
+            + (batch_mean * MOMENTUM)?)?;
+        let rv =
+            ((self.running_var.as_tensor().detach() * (1.0 - MOMENTUM))? + (unbiased * MOMENTUM)?)?;
+        self.running_mean.set(&rm)?;
+        self.running_var.set(&rv)
+    }
+
+    /// The definition of training-mode BatchNorm in candle ops: the output, and the batch
+    /// mean and biased variance per channel.
+    ///
+    /// The work happens on a `[C, N]` copy of the input (N = values per channel): reducing and
+    /// broadcasting along the last dimension is an order of magnitude faster in candle, forward
+    /// and backward, than reducing over dimensions (0, 2, 3) at once.
+    fn train_composed(&self, x: &Tensor, relu: bool) -> Result<(Tensor, Tensor, Tensor)> {
+        let dims = x.dims().to_vec();
+        let c = self.channels;
+        let count = x.elem_count() / c;
         // Statistics in f32 at least, whatever the activations' dtype.
         let xs = if x.dtype() == DType::F64 {
             x.clone()
@@ -263,24 +300,9 @@ impl BatchNorm {
         let mut swapped = dims.clone();
         swapped.swap(0, 1);
         let y = y.reshape(swapped)?.transpose(0, 1)?.contiguous()?;
-        if update {
-            let dtype = self.running_mean.dtype();
-            let batch_mean = mean.detach().flatten_all()?.to_dtype(dtype)?;
-            let unbiased = (var.detach().flatten_all()? * (count as f64 / (count - 1) as f64))?
-                .to_dtype(dtype)?;
-            let rm = ((self.running_mean.as_tensor().detach() * (1.0 - MOMENTUM))?
-                + (batch_mean * MOMENTUM)?)?;
-            let rv = ((self.running_var.as_tensor().detach() * (1.0 - MOMENTUM))?
-                + (unbiased * MOMENTUM)?)?;
-            self.running_mean.set(&rm)?;
-            self.running_var.set(&rv)?;
-        }
         let y = y.to_dtype(x.dtype())?;
-        if relu {
-            y.relu()
-        } else {
-            Ok(y)
-        }
+        let y = if relu { y.relu()? } else { y };
+        Ok((y, mean, var))
     }
 }
 
@@ -351,5 +373,111 @@ mod tests {
                 BnMode::Train
             )
             .is_err());
+    }
+
+    /// The largest `|a − b| / max(|b|, 1)` over two tensors.
+    fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs() / y.abs().max(1.0))
+            .fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn the_fused_cpu_op_matches_its_definition_values_and_gradients() {
+        use candle_core::Var;
+        let dev = Device::Cpu;
+        for (shape, relu) in [
+            (vec![4usize, 3, 5, 5], true),
+            (vec![4, 3, 5, 5], false),
+            (vec![6, 8], true),
+            (vec![7, 2, 3, 1], false),
+        ] {
+            let c = shape[1];
+            let x = Var::from_tensor(
+                &Tensor::randn(0f32, 1., shape.as_slice(), &dev)
+                    .unwrap()
+                    .affine(3.0, 0.5)
+                    .unwrap(),
+            )
+            .unwrap();
+            let (fused, fused_vm) = bn(c);
+            let (plain, plain_vm) = bn(c);
+            // Non-trivial affine parameters, the same in both.
+            for vm in [&fused_vm, &plain_vm] {
+                let data = vm.data().lock().unwrap();
+                data["weight"]
+                    .set(&Tensor::arange(1f32, 1. + c as f32, &dev).unwrap())
+                    .unwrap();
+                data["bias"]
+                    .set(&(Tensor::arange(0f32, c as f32, &dev).unwrap() * -0.3).unwrap())
+                    .unwrap();
+            }
+            let probe = Tensor::randn(0f32, 1., shape.as_slice(), &dev).unwrap();
+            let y_fused = fused.train(x.as_tensor(), true, relu).unwrap();
+            let (y_plain, mean, var) = plain.train_composed(x.as_tensor(), relu).unwrap();
+            let count = x.elem_count() / c;
+            plain.update_running(&mean, &var, count).unwrap();
+            assert!(
+                rel_diff(&y_fused, &y_plain) < 1e-5,
+                "{shape:?} relu {relu}: values"
+            );
+            assert!(rel_diff(&fused.running_mean(), &plain.running_mean()) < 1e-5);
+            assert!(rel_diff(&fused.running_var(), &plain.running_var()) < 1e-5);
+            // Gradients of a random projection of the output, for x, weight and bias.
+            let g_fused = (y_fused * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let g_plain = (y_plain * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for (name, t) in [
+                ("x", x.as_tensor()),
+                ("weight", &fused.weight),
+                ("bias", &fused.bias),
+            ] {
+                let other = match name {
+                    "x" => x.as_tensor(),
+                    "weight" => &plain.weight,
+                    _ => &plain.bias,
+                };
+                let (a, b) = (g_fused.get(t).unwrap(), g_plain.get(other).unwrap());
+                assert!(
+                    rel_diff(a, b) < 1e-5,
+                    "{shape:?} relu {relu}: gradient of {name} differs by {}",
+                    rel_diff(a, b)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn split_mode_takes_the_fused_path_on_each_half() {
+        let dev = Device::Cpu;
+        let x = (Tensor::randn(0f32, 1., (6, 2, 3, 3), &dev).unwrap() * 2.0).unwrap();
+        let (split, _) = bn(2);
+        let (halves, _) = bn(2);
+        let y = split.forward_relu(&x, BnMode::Split(4)).unwrap();
+        let a = halves
+            .train(&x.narrow(0, 0, 4).unwrap(), true, true)
+            .unwrap();
+        let b = halves
+            .train(&x.narrow(0, 4, 2).unwrap(), false, true)
+            .unwrap();
+        let want = Tensor::cat(&[a, b], 0).unwrap();
+        assert_eq!(rel_diff(&y, &want), 0.0);
+        assert_eq!(
+            split.running_mean().to_vec1::<f32>().unwrap(),
+            halves.running_mean().to_vec1::<f32>().unwrap()
+        );
     }
 }

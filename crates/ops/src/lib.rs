@@ -12,7 +12,8 @@
 //!
 //! - [`conv`]: the 2-D convolution (im2col on the CPU, cuDNN on CUDA), the one entry point of
 //!   every network.
-//! - [`bn`]: BatchNorm in its training, evaluation and split-batch modes.
+//! - [`bn`]: BatchNorm in its training, evaluation and split-batch modes; in training on the
+//!   CPU one fused op each way (`bn_cpu`), defined by the candle composition beside it.
 //! - [`headops`]: the SimNet head's pair grid, LayerNorm+ReLU, bias, cross-entropy and the
 //!   global average pooling.
 //! - [`optim`]: PyTorch's SGD and the step schedule.
@@ -23,6 +24,7 @@
 //! - [`hostprof`]: where the host's time goes while it issues a step's work.
 
 pub mod bn;
+mod bn_cpu;
 pub mod conv;
 #[cfg(feature = "cuda")]
 pub mod cudnn;
