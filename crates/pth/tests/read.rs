@@ -1,0 +1,189 @@
+//! The reader against files torch itself wrote (`scripts/make-torch-fixtures.py`): every
+//! tensor equal to what PyTorch's `state_dict()` held, names and dtypes included, in both file
+//! formats; and every refusal the issue lists, with a seeded mutation loop for the rest.
+
+use candle_core::{DType, Device, Tensor};
+use rand::{Rng, SeedableRng};
+use simtrans_pth::{read, read_bytes, Format, Layout, PthError};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+fn expected() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture("expected.safetensors"), &Device::Cpu).unwrap()
+}
+
+fn values(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()
+}
+
+/// Every tensor of the fixture equals PyTorch's state dict under `<stem>/`, and nothing is
+/// missing or extra.
+fn assert_matches_state_dict(file: &str) -> simtrans_pth::Checkpoint {
+    let stem = file.trim_end_matches(".pth");
+    let ckpt = read(&fixture(file)).unwrap();
+    let want: HashMap<String, Tensor> = expected()
+        .into_iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix(&format!("{stem}/"))?.to_string(), v)))
+        .filter(|(k, _)| k.contains('.'))
+        .collect();
+    assert!(!want.is_empty(), "no expected tensors for {stem}");
+    let mut got_names: Vec<&String> = ckpt.tensors.keys().collect();
+    let mut want_names: Vec<&String> = want.keys().collect();
+    got_names.sort();
+    want_names.sort();
+    assert_eq!(got_names, want_names, "{file}: names");
+    for (name, t) in &ckpt.tensors {
+        let w = &want[name];
+        assert_eq!(t.dtype(), w.dtype(), "{file}: {name} dtype");
+        assert_eq!(t.dims(), w.dims(), "{file}: {name} shape");
+        assert_eq!(values(t), values(w), "{file}: {name} values");
+    }
+    ckpt
+}
+
+#[test]
+fn a_data_parallel_classifier_saved_on_gpus_reads_onto_the_cpu() {
+    let ckpt = assert_matches_state_dict("classifier_whole.pth");
+    assert_eq!(ckpt.format, Format::Zip);
+    assert_eq!(ckpt.layout, Layout::WholeModule);
+    let classes: Vec<(&str, &str)> = ckpt
+        .modules
+        .iter()
+        .take(3)
+        .map(|(p, c)| (p.as_str(), c.as_str()))
+        .collect();
+    assert_eq!(
+        classes,
+        [
+            ("", "torch.nn.parallel.data_parallel.DataParallel"),
+            ("module", "__main__.Net"),
+            ("module.backbone", "torchvision.models.resnet.ResNet"),
+        ]
+    );
+    assert!(ckpt.tensors["module.backbone.bn1.num_batches_tracked"].dtype() == DType::I64);
+    assert_eq!(ckpt.sha256.len(), 64);
+    // The file says its storages were on `cuda:0`.
+    let bytes = std::fs::read(fixture("classifier_whole.pth")).unwrap();
+    assert!(bytes.windows(6).any(|w| w == b"cuda:0"));
+}
+
+#[test]
+fn state_dicts_read_alike_in_the_zip_and_the_legacy_format() {
+    let zip = assert_matches_state_dict("classifier_params.pth");
+    let legacy = assert_matches_state_dict("classifier_params_legacy.pth");
+    assert_eq!((zip.format, legacy.format), (Format::Zip, Format::Legacy));
+    assert_eq!(zip.layout, Layout::StateDict);
+    assert!(zip.modules.is_empty());
+    for (k, v) in &zip.tensors {
+        assert_eq!(values(v), values(&legacy.tensors[k]), "{k}");
+    }
+    let whole = assert_matches_state_dict("backbone_step0.pth");
+    let old = assert_matches_state_dict("backbone_step0_legacy.pth");
+    assert_eq!(old.format, Format::Legacy);
+    assert_eq!(old.layout, Layout::WholeModule);
+    assert_eq!(whole.modules, old.modules);
+    assert!(whole.tensors.contains_key("module.fc.weight"));
+}
+
+#[test]
+fn simnets_and_the_discriminator_name_their_modules() {
+    for file in ["simnet_head4.pth", "simnet_head2.pth"] {
+        let ckpt = assert_matches_state_dict(file);
+        assert_eq!(
+            ckpt.modules[0].1, "ad_similarity.ad_modules.GANSimilarityNet",
+            "{file}"
+        );
+        assert!(ckpt
+            .modules
+            .iter()
+            .any(|(p, c)| p == "backbone.module" && c == "ad_similarity.ad_modules.Backbone"));
+        // The trunk's deleted fc is not there.
+        assert!(
+            !ckpt.tensors.keys().any(|k| k.contains("resnet.fc")),
+            "{file}"
+        );
+    }
+    let disc = assert_matches_state_dict("domain_classifier.pth");
+    assert!(disc.tensors.contains_key("module.bn.weight"));
+}
+
+#[test]
+fn a_pickle_that_names_os_system_is_refused_by_name() {
+    let err = read(&fixture("hostile_global.pth")).unwrap_err();
+    let PthError::Disallowed { global, .. } = &err else {
+        panic!("{err}")
+    };
+    assert!(global.ends_with(".system"), "{global}");
+    assert!(err.to_string().contains("hostile_global.pth"), "{err}");
+}
+
+#[test]
+fn files_that_are_not_models_are_refused() {
+    let err = read(&fixture("not_a_model.pth")).unwrap_err();
+    assert!(
+        matches!(&err, PthError::NotAModel { found, .. } if found == "a dict with keys epoch, acc"),
+        "{err}"
+    );
+    let err = read(&fixture("storage_too_short.pth")).unwrap_err();
+    assert!(matches!(err, PthError::Storage { .. }), "{err}");
+    assert!(err.to_string().contains("the pickle declares 256"), "{err}");
+    let png = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR";
+    assert!(matches!(
+        read_bytes(png, "x.png").unwrap_err(),
+        PthError::NotACheckpoint { .. }
+    ));
+    assert!(matches!(
+        read(&fixture("no such file.pth")).unwrap_err(),
+        PthError::Io { .. }
+    ));
+}
+
+#[test]
+fn truncated_files_are_errors_at_every_cut() {
+    for file in ["classifier_params.pth", "backbone_step0_legacy.pth"] {
+        let bytes = std::fs::read(fixture(file)).unwrap();
+        let step = (bytes.len() / 97).max(1);
+        for cut in (0..bytes.len()).step_by(step) {
+            assert!(
+                read_bytes(&bytes[..cut], file).is_err(),
+                "{file} cut at {cut} of {} read",
+                bytes.len()
+            );
+        }
+    }
+}
+
+#[test]
+fn random_damage_never_panics() {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+    for file in ["backbone_step0_legacy.pth", "simnet_head4.pth"] {
+        let clean = std::fs::read(fixture(file)).unwrap();
+        let start = std::time::Instant::now();
+        let mut refused = 0;
+        for _ in 0..1500 {
+            let mut bytes = clean.clone();
+            for _ in 0..rng.random_range(1..4) {
+                let at = rng.random_range(0..bytes.len());
+                bytes[at] = rng.random();
+            }
+            if rng.random_bool(0.1) {
+                bytes.truncate(rng.random_range(0..bytes.len()));
+            }
+            // Ok or Err, never a panic; a damaged byte in a tensor's data still reads.
+            refused += usize::from(read_bytes(&bytes, file).is_err());
+        }
+        assert!(refused > 0, "{file}: no damage was noticed");
+        assert!(start.elapsed().as_secs() < 60, "{file}: too slow");
+    }
+}
