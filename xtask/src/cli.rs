@@ -36,6 +36,24 @@ pub enum Command {
     Eval(Common),
     /// Rewrite eval.json and report.md from the eval artifacts of a run.
     Report(Common),
+    /// Import a PyTorch checkpoint of the reference code (the authors' released models) as the
+    /// run's backbone, simnet or classifier artifact; a classifier is evaluated on the novel
+    /// test images on the way in. The pickle is parsed, never executed.
+    Import {
+        /// backbone (step 0), simnet (step 1) or classifier (step 3).
+        #[arg(long)]
+        stage: String,
+        /// The checkpoint (`.pth`: a whole pickled module or a state dict).
+        file: PathBuf,
+        /// The SimNet's discriminator checkpoint (`domain_classifier….pth`), with --stage simnet.
+        #[arg(long)]
+        disc: Option<PathBuf>,
+        /// The classifier variant the checkpoint is (the reference's final classifier: full).
+        #[arg(long, default_value = "full")]
+        variant: String,
+        #[command(flatten)]
+        common: Common,
+    },
     /// Measure throughput: data, backbone, classifier, simnet, denoise, table (the GPU table of
     /// BENCHMARKS.md: ResNet-50 at 224 px, slow on a CPU), profile (three ResNet-50 steps at
     /// batch 64, to run under a kernel profiler), profile-simnet and profile-similarity (the

@@ -3,6 +3,7 @@
 //! tested with fake stages.
 
 pub mod cli;
+pub mod import;
 pub mod pipeline;
 pub mod smoke;
 pub mod stages;

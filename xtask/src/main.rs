@@ -97,6 +97,24 @@ fn run(cli: Cli) -> Result<()> {
             print_headline(&summary, &p.store);
             Ok(())
         }
+        Command::Import {
+            stage,
+            file,
+            disc,
+            variant,
+            common,
+        } => {
+            let p = pipeline(&common, &runner)?;
+            let req = xtask::import::Request {
+                stage: stage.parse()?,
+                file,
+                disc,
+                variant,
+            };
+            let path = xtask::import::import(&p, &req)?;
+            println!("{}", path.display());
+            Ok(())
+        }
         Command::Bench { what, common } => bench(&what, &common),
         Command::Smoke(common) => {
             let (common, photos) = xtask::smoke::prepare(&common)?;
@@ -490,7 +508,9 @@ fn main() -> ExitCode {
         | Command::Report(c)
         | Command::Fetch(c)
         | Command::Smoke(c) => Some(c),
-        Command::Stage { common, .. } | Command::Bench { common, .. } => Some(common),
+        Command::Stage { common, .. }
+        | Command::Bench { common, .. }
+        | Command::Import { common, .. } => Some(common),
         Command::Config(_) | Command::Ci => None,
     };
     init_logging(common);
