@@ -7,8 +7,9 @@ import are tested against what torch really writes, without Python at test time:
 - a torchvision ResNet reshaped to our `small` architecture (width 4: a 3x3 stem without
   max-pooling, one basic block per stage, widths 4/8/16/32), built from torchvision's own
   classes so that every parameter keeps torchvision's name;
-- `classifier_whole.pth`: `DataParallel(Net)` of the step-3 classifier (`__main__.Net` with the
-  ResNet under `backbone`, 50 classes as CUB's novel split), with the attributes and `cuda:0`
+- `classifier_whole.pth`: `DataParallel(Net)` of the step-3 classifier (`GCN_reg.graph_modules.Net`,
+  as `GCN_reg/with_GCN.py` saves it, with the ResNet under `backbone`, 50 classes as CUB's
+  novel split), with the attributes and `cuda:0`
   storage locations of a checkpoint saved from two GPUs; `classifier_params.pth` and
   `classifier_params_legacy.pth`: `Net.state_dict()` in the zip and the legacy format;
 - `backbone_step0.pth` / `backbone_step0_legacy.pth`: `DataParallel(ResNet)` over 150 classes
@@ -85,7 +86,8 @@ def trunk(resnet, x):
 
 
 class Net(nn.Module):
-    """The step-3 classifier's wrapper: the ResNet under `backbone`."""
+    """The step-3 classifier's wrapper: the ResNet under `backbone` (registered below as
+    `GCN_reg.graph_modules.Net`)."""
 
     def __init__(self, backbone):
         super().__init__()
@@ -96,16 +98,26 @@ class Net(nn.Module):
         return self.backbone.fc(features), features
 
 
-def reference_module(cls):
-    """Registers `cls` as `ad_similarity.ad_modules.<name>`, where the reference defines it."""
-    package = sys.modules.setdefault("ad_similarity", types.ModuleType("ad_similarity"))
-    module = sys.modules.setdefault(
-        "ad_similarity.ad_modules", types.ModuleType("ad_similarity.ad_modules")
-    )
-    package.ad_modules = module
-    cls.__module__ = "ad_similarity.ad_modules"
-    setattr(module, cls.__name__, cls)
-    return cls
+def defined_in(package_name, module_name):
+    """Registers a class as `<package>.<module>.<name>`, where the reference defines it, so
+    that the pickle names the same global."""
+
+    def register(cls):
+        package = sys.modules.setdefault(package_name, types.ModuleType(package_name))
+        full = f"{package_name}.{module_name}"
+        module = sys.modules.setdefault(full, types.ModuleType(full))
+        setattr(package, module_name, module)
+        cls.__module__ = full
+        setattr(module, cls.__name__, cls)
+        return cls
+
+    return register
+
+
+reference_module = defined_in("ad_similarity", "ad_modules")
+
+
+defined_in("GCN_reg", "graph_modules")(Net)
 
 
 @reference_module

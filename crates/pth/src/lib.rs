@@ -64,6 +64,16 @@ pub const ALLOWED: &[(&str, &str)] = &[
     ("torch", "ShortStorage"),
     ("torch", "ByteStorage"),
     ("torch", "BoolStorage"),
+    // Files written from a GPU by old torch versions may name the CUDA storage classes.
+    ("torch.cuda", "FloatStorage"),
+    ("torch.cuda", "DoubleStorage"),
+    ("torch.cuda", "HalfStorage"),
+    ("torch.cuda", "BFloat16Storage"),
+    ("torch.cuda", "LongStorage"),
+    ("torch.cuda", "IntStorage"),
+    ("torch.cuda", "ShortStorage"),
+    ("torch.cuda", "ByteStorage"),
+    ("torch.cuda", "BoolStorage"),
     ("torch", "device"),
     ("torch", "Size"),
     ("collections", "OrderedDict"),
@@ -73,9 +83,11 @@ pub const ALLOWED: &[(&str, &str)] = &[
     ("__builtin__", "frozenset"),
 ];
 
-/// The reference code's own module classes (`module`, `class`): its classifier `Net` is
-/// defined in the training script, so it is pickled as `__main__.Net`.
+/// The reference code's own module classes (`module`, `class`): the step-3 classifier's `Net`
+/// of `GCN_reg/graph_modules.py` (and the same wrapper defined in a training script, pickled
+/// as `__main__.Net`), and the SimNet's classes.
 pub const REFERENCE_CLASSES: &[(&str, &str)] = &[
+    ("GCN_reg.graph_modules", "Net"),
     ("__main__", "Net"),
     ("ad_similarity.ad_modules", "GANSimilarityNet"),
     ("ad_similarity.ad_modules", "Backbone"),

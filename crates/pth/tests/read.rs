@@ -67,7 +67,7 @@ fn a_data_parallel_classifier_saved_on_gpus_reads_onto_the_cpu() {
         classes,
         [
             ("", "torch.nn.parallel.data_parallel.DataParallel"),
-            ("module", "__main__.Net"),
+            ("module", "GCN_reg.graph_modules.Net"),
             ("module.backbone", "torchvision.models.resnet.ResNet"),
         ]
     );
