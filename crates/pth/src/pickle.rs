@@ -528,7 +528,16 @@ impl Parser<'_> {
 }
 
 /// A LONG1/LONG4 payload (little-endian two's complement) as an [`Value::Int`] when it fits.
-fn long_value(bytes: Vec<u8>) -> Value {
+fn long_value(mut bytes: Vec<u8>) -> Value {
+    // Drop redundant sign bytes (a valid, if not minimal, encoding).
+    while bytes.len() > 1 {
+        let (last, prev) = (bytes[bytes.len() - 1], bytes[bytes.len() - 2]);
+        if (last == 0 && prev & 0x80 == 0) || (last == 0xff && prev & 0x80 != 0) {
+            bytes.pop();
+        } else {
+            break;
+        }
+    }
     if bytes.is_empty() {
         return Value::Int(0);
     }
@@ -623,7 +632,13 @@ mod tests {
             panic!()
         };
         assert_eq!(t, &vec![Value::Int(-32768), Value::Float(1.5)]);
-        assert_eq!(long_value(vec![0xff; 9]), Value::BigInt(vec![0xff; 9]));
+        assert_eq!(long_value(vec![0xff; 9]), Value::Int(-1));
+        assert_eq!(
+            long_value(vec![5, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+            Value::Int(5)
+        );
+        let big = vec![0, 0, 0, 0, 0, 0, 0, 0, 1];
+        assert_eq!(long_value(big.clone()), Value::BigInt(big));
     }
 
     #[test]

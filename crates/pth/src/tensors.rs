@@ -342,7 +342,18 @@ impl Walker<'_, '_, '_> {
         if *stored != dtype {
             return Err(self.storage_error(&key, "two tensors read it as different types"));
         }
-        let count: usize = size.iter().product();
+        // Each element of the view is copied out, so a view may not hold more elements than
+        // its storage (a broadcast view would let a few bytes claim terabytes).
+        let count = size
+            .iter()
+            .try_fold(1usize, |acc, &s| acc.checked_mul(s))
+            .filter(|&c| c <= numel)
+            .ok_or_else(|| {
+                self.storage_error(
+                    &key,
+                    &format!("a view of size {size:?} holds more elements than its {numel}"),
+                )
+            })?;
         let offset = *offset as usize;
         // The last element the view touches must lie inside the storage.
         if count > 0 {

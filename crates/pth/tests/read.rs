@@ -187,3 +187,60 @@ fn random_damage_never_panics() {
         assert!(start.elapsed().as_secs() < 60, "{file}: too slow");
     }
 }
+
+/// A legacy-format file by hand: one state dict entry `w` viewing storage `0` (`numel` f32
+/// declared) with `size` and `stride`, then the storage record: its element count `stored`,
+/// followed by 4 floats whatever it says.
+fn legacy_file(numel: u64, size: u64, stride: u64, stored: u64) -> Vec<u8> {
+    let mut f = Vec::new();
+    // The magic number, the protocol version and an empty sys-info dict, each a pickle.
+    f.extend_from_slice(b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19.");
+    f.extend_from_slice(b"\x80\x02M\xe9\x03.");
+    f.extend_from_slice(b"\x80\x02}.");
+    let long = |v: u64| {
+        let mut b = vec![0x8a, 9];
+        b.extend_from_slice(&v.to_le_bytes());
+        b.push(0);
+        b
+    };
+    let mut p = b"\x80\x02}X\x01\x00\x00\x00wctorch._utils\n_rebuild_tensor_v2\n(".to_vec();
+    p.extend_from_slice(
+        b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpu",
+    );
+    p.extend_from_slice(&long(numel));
+    p.extend_from_slice(b"NtQK\x00");
+    p.extend_from_slice(&long(size));
+    p.push(0x85);
+    p.extend_from_slice(&long(stride));
+    p.extend_from_slice(b"\x85\x89ccollections\nOrderedDict\n)RtRs.");
+    f.extend_from_slice(&p);
+    f.extend_from_slice(b"\x80\x02]X\x01\x00\x00\x000a.");
+    f.extend_from_slice(&stored.to_le_bytes());
+    for i in 0..4 {
+        f.extend_from_slice(&(i as f32).to_le_bytes());
+    }
+    f
+}
+
+#[test]
+fn declared_sizes_are_checked_before_anything_is_allocated() {
+    // The hand-made file itself reads: a view of 3 of the 4 elements, stride 1.
+    let ok = read_bytes(&legacy_file(4, 3, 1, 4), "ok.pt").unwrap();
+    assert_eq!(ok.format, Format::Legacy);
+    assert_eq!(
+        ok.tensors["w"].to_vec1::<f32>().unwrap(),
+        vec![0.0, 1.0, 2.0]
+    );
+    // A storage whose record declares 2^40 elements, of which the file holds 4.
+    let err = read_bytes(&legacy_file(1 << 40, 3, 1, 1 << 40), "big.pt").unwrap_err();
+    assert!(matches!(err, PthError::Truncated { .. }), "{err}");
+    // The record says 4 elements but the pickle's storage claims 8.
+    let err = read_bytes(&legacy_file(8, 3, 1, 4), "short.pt").unwrap_err();
+    assert!(err.to_string().contains("declares 32"), "{err}");
+    // A broadcast view (stride 0) claiming 2^40 elements of a 4-element storage.
+    let err = read_bytes(&legacy_file(4, 1 << 40, 0, 4), "broadcast.pt").unwrap_err();
+    assert!(err.to_string().contains("holds more elements"), "{err}");
+    // A view reaching past its storage.
+    let err = read_bytes(&legacy_file(4, 3, 2, 4), "past.pt").unwrap_err();
+    assert!(err.to_string().contains("reaches past"), "{err}");
+}
