@@ -164,59 +164,16 @@ impl CustomOp3 for BnTrain {
         let Some(stats) = self.stats.lock().expect("BatchNorm statistics").clone() else {
             bail!("fused BatchNorm backward before its forward pass")
         };
-        let g @ (_, c_n, inner) = geometry(x.dims());
+        let g @ (_, c_n, _) = geometry(x.dims());
         let weight = w.to_vec1::<f32>()?;
-        let (dx, dw, db) =
-            with_values(x, "the input", |xv| {
-                with_values(grad, "the gradient", |gv| {
-                    with_values(res, "the output", |yv| {
-                        let n = (xv.len() / c_n) as f64;
-                        // The output gradient where the ReLU let the value through.
-                        let pass = |k: usize| !self.relu || yv[k] > 0.0;
-                        let sums: Vec<(f64, f64)> =
-                            (0..c_n)
-                                .into_par_iter()
-                                .map(|c| {
-                                    let (mean, r) = (stats.mean[c], stats.rstd[c]);
-                                    let db = channel_sum(gv, g, c, |k, gk| {
-                                        if pass(k) {
-                                            gk as f64
-                                        } else {
-                                            0.0
-                                        }
-                                    });
-                                    let dw = channel_sum(gv, g, c, |k, gk| {
-                                        if pass(k) {
-                                            gk as f64 * (xv[k] as f64 - mean) * r
-                                        } else {
-                                            0.0
-                                        }
-                                    });
-                                    (dw, db)
-                                })
-                                .collect();
-                        let mut dx = vec![0f32; xv.len()];
-                        dx.par_chunks_mut(inner.max(1))
-                            .enumerate()
-                            .for_each(|(chunk, dst)| {
-                                let c = chunk % c_n;
-                                let (mean, r) = (stats.mean[c], stats.rstd[c]);
-                                let (dw, db) = sums[c];
-                                let a = weight[c] as f64 * r;
-                                let start = chunk * inner;
-                                for (i, o) in dst.iter_mut().enumerate() {
-                                    let k = start + i;
-                                    let gk = if pass(k) { gv[k] as f64 } else { 0.0 };
-                                    let xhat = (xv[k] as f64 - mean) * r;
-                                    *o = (a * (gk - db / n - xhat * dw / n)) as f32;
-                                }
-                            });
-                        let dw: Vec<f32> = sums.iter().map(|s| s.0 as f32).collect();
-                        let db: Vec<f32> = sums.iter().map(|s| s.1 as f32).collect();
-                        (dx, dw, db)
-                    })
+        let relu = self.relu;
+        let (dx, dw, db) = with_values(x, "the input", |xv| {
+            with_values(grad, "the gradient", |gv| {
+                with_values(res, "the output", |yv| {
+                    backward(xv, gv, relu.then_some(yv), g, &stats, &weight)
                 })
-            })???;
+            })
+        })???;
         let dev = x.device();
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), dev)?),
@@ -224,4 +181,47 @@ impl CustomOp3 for BnTrain {
             Some(Tensor::from_vec(db, c_n, dev)?),
         ))
     }
+}
+
+/// `(∂x, ∂γ, ∂β)` of input `x`, output gradient `g` and, with the fused ReLU, its output `y`
+/// (the gradient passes where `y > 0`).
+fn backward(
+    x: &[f32],
+    g: &[f32],
+    y: Option<&[f32]>,
+    geom @ (_, c_n, inner): (usize, usize, usize),
+    stats: &Stats,
+    weight: &[f32],
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let n = (x.len() / c_n) as f64;
+    let grad = |k: usize| match y {
+        Some(y) if y[k] <= 0.0 => 0.0,
+        _ => g[k] as f64,
+    };
+    let sums: Vec<(f64, f64)> = (0..c_n)
+        .into_par_iter()
+        .map(|c| {
+            let (mean, r) = (stats.mean[c], stats.rstd[c]);
+            let db = channel_sum(g, geom, c, |k, _| grad(k));
+            let dw = channel_sum(g, geom, c, |k, _| grad(k) * (x[k] as f64 - mean) * r);
+            (dw, db)
+        })
+        .collect();
+    let mut dx = vec![0f32; x.len()];
+    dx.par_chunks_mut(inner.max(1))
+        .enumerate()
+        .for_each(|(chunk, dst)| {
+            let c = chunk % c_n;
+            let (mean, r) = (stats.mean[c], stats.rstd[c]);
+            let (dw, db) = sums[c];
+            let a = weight[c] as f64 * r;
+            for (i, o) in dst.iter_mut().enumerate() {
+                let k = chunk * inner + i;
+                let xhat = (x[k] as f64 - mean) * r;
+                *o = (a * (grad(k) - db / n - xhat * dw / n)) as f32;
+            }
+        });
+    let dw = sums.iter().map(|s| s.0 as f32).collect();
+    let db = sums.iter().map(|s| s.1 as f32).collect();
+    (dx, dw, db)
 }

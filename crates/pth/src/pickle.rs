@@ -458,20 +458,11 @@ impl Parser<'_> {
                     let v = self.global(module, name)?;
                     self.stack.push(v);
                 }
-                b'R' | 0x81 => {
-                    let args = self.pop()?;
-                    let callable = self.pop()?;
-                    let v = self.push_node(Node::Object {
-                        callable,
-                        args,
-                        state: None,
-                        items: Vec::new(),
-                        appended: Vec::new(),
-                    });
-                    self.stack.push(v);
-                }
-                0x92 => {
-                    let _kwargs = self.pop()?;
+                // REDUCE, NEWOBJ and NEWOBJ_EX (whose keyword arguments are dropped).
+                b'R' | 0x81 | 0x92 => {
+                    if op == 0x92 {
+                        self.pop()?;
+                    }
                     let args = self.pop()?;
                     let callable = self.pop()?;
                     let v = self.push_node(Node::Object {
