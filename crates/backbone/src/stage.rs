@@ -203,6 +203,8 @@ pub struct EpochStats {
     pub seen: usize,
     /// Steps taken.
     pub steps: usize,
+    /// How long the loop waited for decoded batches, out of the epoch.
+    pub input: simtrans_data::InputWait,
 }
 
 /// One epoch of step-0 training: each batch of at least two images (smaller ones are skipped:
@@ -232,9 +234,9 @@ pub fn train_epoch(
         .filter(|(_, (b, _))| b.len() >= 2)
         .unzip();
     let (kept, seeds): (Vec<_>, Vec<_>) = kept.into_iter().unzip();
-    let prefetched = loader.prefetch(kept, seeds, Augment::Train, prefetch::DEPTH, device);
+    let mut prefetched = loader.prefetch(kept, seeds, Augment::Train, prefetch::DEPTH, device);
     let mut stats = EpochStats::default();
-    for (step, item) in steps.into_iter().zip(prefetched) {
+    for (step, item) in steps.into_iter().zip(&mut prefetched) {
         let (batch, x) = item?;
         let y: Vec<u32> = batch.iter().map(|id| epoch.labels[id]).collect();
         let y = Tensor::new(y.as_slice(), device)?;
@@ -262,6 +264,7 @@ pub fn train_epoch(
         stats.steps += 1;
         on_step(step);
     }
+    stats.input = prefetched.input_wait();
     Ok(stats)
 }
 
@@ -317,6 +320,8 @@ pub fn run(ctx: &StageContext) -> Result<StageOutput> {
             "val_acc": if val_acc.is_nan() { serde_json::Value::Null } else { val_acc.into() },
         });
         tracing::info!("backbone {record}");
+        // Timing stays out of the record, so that a run's logs repeat byte for byte.
+        tracing::info!("backbone epoch {}: {}", epoch + 1, stats.input.describe());
         ctx.log_json(&record)?;
         history.push(record);
         save_checkpoint(ctx, epoch, &varmap, &sgd, &history)?;

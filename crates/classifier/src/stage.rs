@@ -449,12 +449,12 @@ impl EpochRun<'_> {
             .map(|b| epoch_seed ^ b.wrapping_mul(0x9E37_79B9_7F4A_7C15))
             .collect();
         let count = batches.len();
-        let prefetched =
+        let mut prefetched =
             self.loader
                 .prefetch(batches, seeds, Augment::Train, prefetch::DEPTH, &ctx.device);
         let mut loss_sum = 0.0;
         let mut account = GraphAccount::default();
-        for (b, item) in prefetched.enumerate() {
+        for (b, item) in (&mut prefetched).enumerate() {
             let (ids, x) = item?;
             let web_labels: Vec<u32> = ids.iter().map(|id| self.sets.label_of[id]).collect();
             let w: Vec<f32> = ids
@@ -492,6 +492,12 @@ impl EpochRun<'_> {
                 );
             }
         }
+        // Timing goes to the console only, so that the history and logs repeat byte for byte.
+        tracing::info!(
+            "{} epoch {e}: {}",
+            ctx.node,
+            prefetched.input_wait().describe()
+        );
         Ok((loss_sum / count.max(1) as f64, account))
     }
 }

@@ -23,7 +23,7 @@ pub use bench::{bench, BenchReport};
 pub use error::{DataError, Result};
 pub use index::{DataIndex, Images, Item, NoiseKind, Split};
 pub use loader::{Augment, Loader};
-pub use prefetch::Prefetch;
+pub use prefetch::{InputWait, Prefetch};
 pub use simtrans_core::config::DatasetKind;
 
 use simtrans_core::{StageContext, StageOutput};

@@ -7,6 +7,10 @@
 //! hands them over in order. The batches are exactly those of [`Loader::batch`] with the same
 //! arguments, so prefetching never changes results. Dropping the iterator stops the producer.
 //!
+//! The iterator also measures how long its consumer waited for the producer
+//! ([`Prefetch::input_wait`]): the share of a training epoch spent waiting for decoded batches
+//! says whether the input pipeline or the network is the limit.
+//!
 //! The producer builds host tensors only; each batch moves to the device on the consumer's
 //! thread, when it is taken. candle's CUDA device issues work on the calling thread's own
 //! stream (the per-thread default stream), so a copy made on the producer thread would not be
@@ -17,6 +21,7 @@ use crate::loader::{Augment, Loader};
 use candle_core::{Device, Tensor};
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 /// How many built batches the training and evaluation loops let wait, besides the one being
 /// built and those being consumed (one, or SimNet's source and target two): enough to keep
@@ -31,6 +36,46 @@ pub struct Prefetch {
     rx: Option<Receiver<Batch>>,
     handle: Option<JoinHandle<()>>,
     device: Device,
+    started: Instant,
+    waited: Duration,
+}
+
+/// How long a consumer waited for its batches, out of how long it has run.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct InputWait {
+    /// Time spent blocked on the producer, seconds.
+    pub waited_s: f64,
+    /// Time since the iterator was made, seconds.
+    pub elapsed_s: f64,
+}
+
+impl InputWait {
+    /// `waited / elapsed` (0 before any time has passed).
+    pub fn share(&self) -> f64 {
+        if self.elapsed_s > 0.0 {
+            (self.waited_s / self.elapsed_s).min(1.0)
+        } else {
+            0.0
+        }
+    }
+
+    /// The sum of two consumers' waits (SimNet reads two streams in turn).
+    pub fn plus(self, other: InputWait) -> InputWait {
+        InputWait {
+            waited_s: self.waited_s + other.waited_s,
+            elapsed_s: self.elapsed_s.max(other.elapsed_s),
+        }
+    }
+
+    /// The log line's words: `waited 1.2 s of 10.3 s for decoded batches (12 %)`.
+    pub fn describe(&self) -> String {
+        format!(
+            "waited {:.1} s of {:.1} s for decoded batches ({:.0} %)",
+            self.waited_s,
+            self.elapsed_s,
+            100.0 * self.share()
+        )
+    }
 }
 
 impl Loader {
@@ -63,6 +108,8 @@ impl Loader {
             rx: Some(rx),
             handle: Some(handle),
             device: device.clone(),
+            started: Instant::now(),
+            waited: Duration::ZERO,
         }
     }
 
@@ -74,11 +121,24 @@ impl Loader {
     }
 }
 
+impl Prefetch {
+    /// How long the consumer has waited for batches so far, out of the iterator's lifetime.
+    pub fn input_wait(&self) -> InputWait {
+        InputWait {
+            waited_s: self.waited.as_secs_f64(),
+            elapsed_s: self.started.elapsed().as_secs_f64(),
+        }
+    }
+}
+
 impl Iterator for Prefetch {
     type Item = Batch;
 
     fn next(&mut self) -> Option<Self::Item> {
-        match self.rx.as_ref()?.recv() {
+        let asked = Instant::now();
+        let received = self.rx.as_ref()?.recv();
+        self.waited += asked.elapsed();
+        match received {
             Ok(item) => Some(item.and_then(|(ids, t)| Ok((ids, t.to_device(&self.device)?)))),
             Err(_) => {
                 // The producer is done. If it panicked, the panic goes on here rather than

@@ -107,3 +107,37 @@ fn a_panic_while_building_a_batch_reaches_the_consumer() {
         "the producer's panic ended the batches silently"
     );
 }
+
+#[test]
+fn the_consumers_wait_for_batches_is_measured() {
+    let config = Config::preset(Preset::Demo);
+    let (index, _) = simtrans_data::build_index(&config, 0).unwrap();
+    let index = Arc::new(index);
+    let loader = Loader::new(index.clone(), &config.data).unwrap();
+    let ids: Vec<u32> = index.items_in(Split::BaseTrain)[..64]
+        .iter()
+        .map(|i| i.id)
+        .collect();
+    let batches: Vec<Vec<u32>> = ids.chunks(16).map(|c| c.to_vec()).collect();
+    let dev = candle_core::Device::Cpu;
+    // A consumer that takes its batches at once waits for every one of them to be built; one
+    // that is slower than the producer finds them ready.
+    let mut eager = loader.prefetch(batches.clone(), vec![1; 4], Augment::Train, 1, &dev);
+    for b in &mut eager {
+        b.unwrap();
+    }
+    let eager = eager.input_wait();
+    let mut slow = loader.prefetch(batches, vec![1; 4], Augment::Train, 4, &dev);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    for b in &mut slow {
+        b.unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let slow = slow.input_wait();
+    assert!(eager.waited_s <= eager.elapsed_s && slow.waited_s <= slow.elapsed_s);
+    assert!(eager.share() > 0.5, "{eager:?}");
+    assert!(slow.share() < eager.share(), "{slow:?} vs {eager:?}");
+    assert!(slow.describe().contains("for decoded batches"));
+    let both = eager.plus(slow);
+    assert_eq!(both.waited_s, eager.waited_s + slow.waited_s);
+}

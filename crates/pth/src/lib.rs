@@ -75,6 +75,9 @@ pub const ALLOWED: &[(&str, &str)] = &[
     ("torch.cuda", "ByteStorage"),
     ("torch.cuda", "BoolStorage"),
     ("torch", "device"),
+    // torch < 1.1 kept each module's `_backend`, and torch 0.4 pickled parameters by class.
+    ("torch.nn.backends.thnn", "_get_thnn_function_backend"),
+    ("torch.nn.parameter", "Parameter"),
     ("torch", "Size"),
     ("collections", "OrderedDict"),
     ("builtins", "set"),

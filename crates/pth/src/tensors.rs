@@ -16,6 +16,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 /// Deepest module nesting walked (a ResNet-50 under DataParallel is five levels).
 pub const MAX_DEPTH: usize = 64;
 
+/// Most modules a walk visits (a ResNet-50 has about 150; a module object listed under many
+/// names, as a hostile pickle can nest it, would otherwise be walked exponentially often).
+pub const MAX_MODULES: usize = 100_000;
+
 /// The candle dtype and element size of a torch storage class, by its name.
 pub fn storage_dtype(class: &str) -> Option<(DType, usize)> {
     Some(match class {
@@ -211,6 +215,9 @@ impl Walker<'_, '_, '_> {
         if depth > MAX_DEPTH {
             return Err(self.malformed("modules nested deeper than any model"));
         }
+        if found.modules.len() >= MAX_MODULES {
+            return Err(self.malformed(format!("more than {MAX_MODULES} modules")));
+        }
         found
             .modules
             .push((prefix.trim_end_matches('.').to_string(), class));
@@ -275,16 +282,19 @@ impl Walker<'_, '_, '_> {
             .collect()
     }
 
+    /// The tensor record `v` is, if it is one: `(which, args)`.
     fn rebuild(&self, v: &Value) -> Option<(&str, Vec<Value>)> {
         let Some(Node::Object { callable, args, .. }) = self.p.node(v) else {
             return None;
         };
-        let (module, name) = self.global_name(callable)?;
-        if module != "torch._utils" {
-            return None;
-        }
+        let which = match self.global_name(callable)? {
+            ("torch._utils", name) => name,
+            // torch 0.4 pickled a parameter as `Parameter(data, requires_grad)`.
+            ("torch.nn.parameter", "Parameter") => "_rebuild_parameter",
+            _ => return None,
+        };
         match self.p.node(args)? {
-            Node::Tuple(a) => Some((name, a.clone())),
+            Node::Tuple(a) => Some((which, a.clone())),
             _ => None,
         }
     }
@@ -302,20 +312,28 @@ impl Walker<'_, '_, '_> {
     }
 
     fn tensor(&mut self, v: &Value) -> Result<Tensor> {
+        self.tensor_at(v, 0)
+    }
+
+    /// A tensor record, `depth` parameters deep (a parameter wraps one tensor; a pickle that
+    /// nests them further is not a checkpoint).
+    fn tensor_at(&mut self, v: &Value, depth: usize) -> Result<Tensor> {
         let Some((name, args)) = self.rebuild(v) else {
             let what = self.describe(v);
             return Err(self.malformed(format!("expected a tensor, found {what}")));
         };
         match name {
-            "_rebuild_parameter" | "_rebuild_parameter_with_state" => {
+            "_rebuild_parameter" | "_rebuild_parameter_with_state" if depth < 2 => {
                 let inner = args
                     .first()
                     .cloned()
                     .ok_or_else(|| self.malformed("a parameter without its data"))?;
-                self.tensor(&inner)
+                self.tensor_at(&inner, depth + 1)
             }
             "_rebuild_tensor_v2" | "_rebuild_tensor" => self.view(&args),
-            other => Err(self.malformed(format!("torch._utils.{other} is not a tensor record"))),
+            other => Err(self.malformed(format!(
+                "`{other}` nested {depth} deep is not a tensor record"
+            ))),
         }
     }
 

@@ -244,3 +244,54 @@ fn declared_sizes_are_checked_before_anything_is_allocated() {
     let err = read_bytes(&legacy_file(4, 3, 2, 4), "past.pt").unwrap_err();
     assert!(err.to_string().contains("reaches past"), "{err}");
 }
+
+/// A legacy-format file whose object is the pickle `object` (no storages).
+fn legacy_object(object: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19.");
+    f.extend_from_slice(b"\x80\x02M\xe9\x03.\x80\x02}.");
+    f.extend_from_slice(object);
+    f.extend_from_slice(b"\x80\x02].");
+    f
+}
+
+#[test]
+fn a_module_tree_shared_exponentially_is_refused_quickly() {
+    // Level i is a Sequential whose children `a` and `b` are both level i − 1: 40 levels name
+    // 2^40 modules, from a pickle of a few kilobytes.
+    let mut p = b"\x80\x02ctorch.nn.modules.container\nSequential\nq\x00".to_vec();
+    p.extend_from_slice(b"h\x00)\x81}br");
+    p.extend_from_slice(&1u32.to_le_bytes());
+    for level in 1..=40u32 {
+        p.extend_from_slice(b"h\x00)\x81}X\x08\x00\x00\x00_modulesccollections\nOrderedDict\n)R(");
+        for child in [b'a', b'b'] {
+            p.extend_from_slice(&[b'X', 1, 0, 0, 0, child, b'j']);
+            p.extend_from_slice(&level.to_le_bytes());
+        }
+        p.extend_from_slice(b"usbr");
+        p.extend_from_slice(&(level + 1).to_le_bytes());
+    }
+    p.push(b'.');
+    let start = std::time::Instant::now();
+    let err = read_bytes(&legacy_object(&p), "shared.pt").unwrap_err();
+    assert!(err.to_string().contains("more than"), "{err}");
+    assert!(start.elapsed().as_secs() < 10);
+}
+
+#[test]
+fn parameters_nested_in_parameters_are_not_tensors() {
+    // `_rebuild_parameter` around `_rebuild_parameter` around … 3,000 deep (within the
+    // parser's MARK bound): refused by the walk, not a stack overflow.
+    let mut p = b"\x80\x02}X\x01\x00\x00\x00w".to_vec();
+    let depth = 3_000;
+    for _ in 0..depth {
+        p.extend_from_slice(b"ctorch._utils\n_rebuild_parameter\n(");
+    }
+    p.push(b'N');
+    for _ in 0..depth {
+        p.extend_from_slice(b"\x89ccollections\nOrderedDict\n)RtR");
+    }
+    p.extend_from_slice(b"s.");
+    let err = read_bytes(&legacy_object(&p), "nested.pt").unwrap_err();
+    assert!(err.to_string().contains("nested 2 deep"), "{err}");
+}
