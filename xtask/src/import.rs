@@ -38,6 +38,15 @@ pub struct Request {
 /// Imports `req` into the pipeline's run (first seed), building the data stage first if it is
 /// stale; returns the artifact's path.
 pub fn import(p: &Pipeline, req: &Request) -> Result<PathBuf> {
+    if !matches!(
+        req.stage,
+        Stage::Backbone | Stage::Simnet | Stage::Classifier
+    ) {
+        bail!(
+            "`{}` artifacts are not imported: import reads backbone, simnet or classifier checkpoints",
+            req.stage
+        );
+    }
     let seed = p.config.run.seed;
     if p.config.run.seeds > 1 {
         tracing::warn!(
@@ -45,6 +54,9 @@ pub fn import(p: &Pipeline, req: &Request) -> Result<PathBuf> {
             p.config.run.seeds
         );
     }
+    // The files first: a bad checkpoint is refused before the data set is indexed.
+    let ckpt = read(&req.file)?;
+    let disc = req.disc.as_deref().map(read).transpose()?;
     p.store.save_config(&p.config)?;
     let data_node = Node::stage(Stage::Data);
     p.ensure(seed, &data_node, false)?;
@@ -53,7 +65,6 @@ pub fn import(p: &Pipeline, req: &Request) -> Result<PathBuf> {
         Artifact::load(&data_path, &DataIndex::schema(), &candle_core::Device::Cpu)?;
     let data = Arc::new(DataIndex::from_artifact(&data_artifact)?);
 
-    let ckpt = read(&req.file)?;
     let (node, out) = match req.stage {
         Stage::Backbone => {
             let out = simtrans_backbone::import::import(
@@ -64,7 +75,6 @@ pub fn import(p: &Pipeline, req: &Request) -> Result<PathBuf> {
             (Node::stage(Stage::Backbone), out)
         }
         Stage::Simnet => {
-            let disc = req.disc.as_deref().map(read).transpose()?;
             let out = simtrans_simnet::import::import(
                 &ckpt.tensors,
                 disc.as_ref().map(|d| &d.tensors),
@@ -85,9 +95,7 @@ pub fn import(p: &Pipeline, req: &Request) -> Result<PathBuf> {
             )?;
             (Node::variant(Stage::Classifier, variant.name()), out)
         }
-        other => bail!(
-            "`{other}` artifacts are not imported: import reads backbone, simnet or classifier checkpoints"
-        ),
+        other => unreachable!("checked above: {other}"),
     };
     let provenance = format!("{} (sha256 {})", req.file.display(), ckpt.sha256);
     let path = write(

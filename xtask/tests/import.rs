@@ -281,6 +281,28 @@ fn the_authors_models_import_into_a_cub_run_and_the_pipeline_continues_from_them
     ]));
     assert!(!ok && log.contains(".system` is not a global"), "{log}");
 
+    // Only the three trained stages are imported, and a missing file is named.
+    let (ok, log) = run(with(vec![
+        "import".into(),
+        "--stage=denoise".into(),
+        classifier.clone(),
+        "--run=wrong".into(),
+    ]));
+    assert!(
+        !ok && log.contains("`denoise` artifacts are not imported"),
+        "{log}"
+    );
+    let (ok, log) = run(with(vec![
+        "import".into(),
+        "--stage=backbone".into(),
+        "no-such-file.pth".into(),
+        "--run=wrong".into(),
+    ]));
+    assert!(
+        !ok && log.contains("no-such-file.pth: cannot read it"),
+        "{log}"
+    );
+
     // Step 0 and the SimNet imported: denoise and a classifier variant run on them.
     for (stage, file, extra) in [
         ("backbone", "backbone_step0.pth", None),

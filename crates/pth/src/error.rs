@@ -2,17 +2,15 @@
 //!
 //! A checkpoint comes from outside the project (the authors' downloads, a user's own training),
 //! so every way it can be unreadable is a named variant whose message names the file, says
-//! what was found and what to do; none of them is a panic.
+//! what was found and what to do; none of them is a panic. The message is complete by itself
+//! (an underlying error is part of it, not a separate cause).
 
 /// Why a checkpoint could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum PthError {
     /// The file could not be read from disk.
-    #[error("{file}: cannot read it ({source})")]
-    Io {
-        file: String,
-        source: std::io::Error,
-    },
+    #[error("{file}: cannot read it ({error})")]
+    Io { file: String, error: std::io::Error },
     /// Neither a zip archive nor a legacy pickle sequence.
     #[error("{file}: not a PyTorch checkpoint ({what}); pass a file written by torch.save")]
     NotACheckpoint { file: String, what: String },
@@ -40,10 +38,10 @@ pub enum PthError {
         what: String,
     },
     /// Building a tensor failed.
-    #[error("{file}: {source}")]
+    #[error("{file}: {error}")]
     Candle {
         file: String,
-        source: candle_core::Error,
+        error: candle_core::Error,
     },
 }
 

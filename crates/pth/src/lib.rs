@@ -120,9 +120,9 @@ pub fn is_allowed(module: &str, name: &str) -> bool {
 /// Reads a checkpoint file.
 pub fn read(path: &Path) -> Result<Checkpoint> {
     let name = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|source| PthError::Io {
+    let bytes = std::fs::read(path).map_err(|error| PthError::Io {
         file: name.clone(),
-        source,
+        error,
     })?;
     read_bytes(&bytes, &name)
 }

@@ -398,10 +398,10 @@ impl Walker<'_, '_, '_> {
                 index[d] = 0;
             }
         }
-        Tensor::from_raw_buffer(&out, dtype, &size, &Device::Cpu).map_err(|source| {
+        Tensor::from_raw_buffer(&out, dtype, &size, &Device::Cpu).map_err(|error| {
             PthError::Candle {
                 file: self.file.into(),
-                source,
+                error,
             }
         })
     }
