@@ -11,9 +11,9 @@
 
 use crate::pipeline::{Pipeline, VARIANTS};
 use anyhow::{bail, Context, Result};
-use simtrans_core::artifact::{Artifact, ArtifactMeta};
+use simtrans_core::artifact::Artifact;
 use simtrans_core::store::imported_key;
-use simtrans_core::{Node, Stage, StageOutput};
+use simtrans_core::{Node, Stage};
 use simtrans_data::DataIndex;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -97,16 +97,15 @@ pub fn import(p: &Pipeline, req: &Request) -> Result<PathBuf> {
         }
         other => unreachable!("checked above: {other}"),
     };
+    // Provenance, and the data artifact it was checked (a classifier: evaluated) against as
+    // its one upstream.
     let provenance = format!("{} (sha256 {})", req.file.display(), ckpt.sha256);
-    let path = write(
-        p,
-        seed,
-        &node,
-        out,
-        &ckpt.sha256,
-        &provenance,
-        &data_artifact,
-    )?;
+    let mut out = out;
+    out.meta.insert(IMPORTED_FROM.into(), provenance.clone());
+    let upstream = BTreeMap::from([("data".to_string(), data_artifact.meta.checksum.clone())]);
+    let path = p
+        .save(seed, &node, imported_key(&ckpt.sha256), upstream, out, 0.0)
+        .with_context(|| format!("writing the imported {node}"))?;
     if req.stage == Stage::Classifier {
         keep_variant(p, seed, &req.variant)?;
     }
@@ -132,37 +131,6 @@ fn read(path: &Path) -> Result<simtrans_pth::Checkpoint> {
             .unwrap_or_default()
     );
     Ok(ckpt)
-}
-
-/// Writes the artifact of an imported node, with its provenance and the data artifact it was
-/// checked (and, for a classifier, evaluated) against as its one upstream.
-fn write(
-    p: &Pipeline,
-    seed: u64,
-    node: &Node,
-    out: StageOutput,
-    sha256: &str,
-    provenance: &str,
-    data: &Artifact,
-) -> Result<PathBuf> {
-    let mut extra = out.meta;
-    extra.insert(IMPORTED_FROM.into(), provenance.into());
-    let meta = ArtifactMeta {
-        node: node.name(),
-        schema_version: p.runner.schema_version(node.stage),
-        cache_key: imported_key(sha256),
-        upstream: BTreeMap::from([("data".to_string(), data.meta.checksum.clone())]),
-        crate_version: env!("CARGO_PKG_VERSION").into(),
-        wall_seconds: 0.0,
-        metrics: out.metrics,
-        extra,
-        checksum: String::new(),
-    };
-    let path = p.store.artifact_path(seed, node);
-    Artifact::new(meta, out.tensors)
-        .save(&path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    Ok(path)
 }
 
 /// Saves the run's config with `classifier.variants` = the configured variants that have an

@@ -252,18 +252,14 @@ impl Pipeline<'_> {
             .runner
             .run(&ctx)
             .with_context(|| format!("stage {node} (seed {seed}) failed"))?;
-        let meta = ArtifactMeta {
-            node: node.name(),
-            schema_version: self.runner.schema_version(node.stage),
-            cache_key: key,
-            upstream: upstream_sums,
-            crate_version: env!("CARGO_PKG_VERSION").into(),
-            wall_seconds: start.elapsed().as_secs_f64(),
-            metrics: out.metrics,
-            extra: out.meta,
-            checksum: String::new(),
-        };
-        Artifact::new(meta, out.tensors).save(&path)?;
+        self.save(
+            seed,
+            node,
+            key,
+            upstream_sums,
+            out,
+            start.elapsed().as_secs_f64(),
+        )?;
         ctx.checkpoints().clear()?;
         tracing::info!(
             "seed {seed}: {node} done in {:.1} s → {}",
@@ -271,6 +267,33 @@ impl Pipeline<'_> {
             path.display()
         );
         Ok(Outcome::Built)
+    }
+
+    /// Writes a node's artifact (atomically) with its provenance: the key it was built under,
+    /// its upstream checksums, the crate version and the time it took; returns its path.
+    pub fn save(
+        &self,
+        seed: u64,
+        node: &Node,
+        cache_key: String,
+        upstream: BTreeMap<String, String>,
+        out: StageOutput,
+        wall_seconds: f64,
+    ) -> Result<std::path::PathBuf> {
+        let meta = ArtifactMeta {
+            node: node.name(),
+            schema_version: self.runner.schema_version(node.stage),
+            cache_key,
+            upstream,
+            crate_version: env!("CARGO_PKG_VERSION").into(),
+            wall_seconds,
+            metrics: out.metrics,
+            extra: out.meta,
+            checksum: String::new(),
+        };
+        let path = self.store.artifact_path(seed, node);
+        Artifact::new(meta, out.tensors).save(&path)?;
+        Ok(path)
     }
 
     /// Walks every node of every seed; nodes of `force` stages are rebuilt.

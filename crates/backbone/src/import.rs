@@ -26,7 +26,7 @@ pub fn under(tensors: &BTreeMap<String, Tensor>, prefix: &str) -> BTreeMap<Strin
         .collect()
 }
 
-/// The longest of `prefixes` (tried in order, `""` last) under which `conv1.weight` is found:
+/// The first of `prefixes` (tried in order; `""` if none) under which `conv1.weight` is found:
 /// the wrappers the reference put around its ResNet.
 pub fn resnet_prefix<'a>(tensors: &BTreeMap<String, Tensor>, prefixes: &[&'a str]) -> &'a str {
     prefixes

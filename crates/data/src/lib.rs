@@ -129,11 +129,10 @@ fn warn_foreign_idx(data: &simtrans_core::config::DataConfig, origin: &str) {
 
 /// The normalisation the loaders of the later stages will use, for the data stage's metrics.
 fn normalisation_metrics(
-    index: &DataIndex,
+    index: &std::sync::Arc<DataIndex>,
     data: &simtrans_core::config::DataConfig,
 ) -> Result<serde_json::Value> {
-    let index = std::sync::Arc::new(index.clone());
-    let (mean, std) = Loader::new(index, data)?.normalisation();
+    let (mean, std) = Loader::new(index.clone(), data)?.normalisation();
     Ok(serde_json::json!({ "from": data.normalise, "mean": mean, "std": std }))
 }
 
@@ -141,6 +140,7 @@ fn normalisation_metrics(
 /// tensors, with counts per split and noise kind as metrics and class names as metadata.
 pub fn run(ctx: &StageContext) -> Result<StageOutput> {
     let (index, mut metrics) = build_index(&ctx.config, ctx.seed)?;
+    let index = std::sync::Arc::new(index);
     metrics["normalisation"] = normalisation_metrics(&index, &ctx.config.data)?;
     tracing::info!(
         items = index.items.len(),

@@ -59,14 +59,6 @@ impl InputWait {
         }
     }
 
-    /// The sum of two consumers' waits (SimNet reads two streams in turn).
-    pub fn plus(self, other: InputWait) -> InputWait {
-        InputWait {
-            waited_s: self.waited_s + other.waited_s,
-            elapsed_s: self.elapsed_s.max(other.elapsed_s),
-        }
-    }
-
     /// The log line's words: `waited 1.2 s of 10.3 s for decoded batches (12 %)`.
     pub fn describe(&self) -> String {
         format!(

@@ -26,34 +26,39 @@ pub enum Format {
 /// The legacy format's first pickle: this number.
 const LEGACY_MAGIC: [u8; 10] = [0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19];
 
-/// A checkpoint opened: its object's pickle and its storages' bytes by key.
+/// A checkpoint opened: its object's pickle and its storages.
 pub struct Opened<'a> {
     pub format: Format,
     pub pickle: Pickle,
-    /// For the legacy format, the bytes of each storage (the element count checked later).
-    storages: Storages<'a>,
+    pub storages: Storages<'a>,
+}
+
+/// Where the storages' bytes are, by key.
+pub struct Storages<'a> {
+    kind: StorageKind<'a>,
     file: &'a str,
 }
 
-enum Storages<'a> {
+enum StorageKind<'a> {
     Zip {
         archive: zip::ZipArchive<std::io::Cursor<&'a [u8]>>,
         prefix: String,
         total: usize,
     },
+    /// The bytes of each storage and the element count its record declares (checked when read).
     Legacy(BTreeMap<String, (u64, &'a [u8])>),
 }
 
-impl Opened<'_> {
+impl Storages<'_> {
     /// The raw bytes of storage `key`, which must hold `bytes` bytes.
-    pub fn storage(&mut self, key: &str, bytes: usize) -> Result<Vec<u8>> {
+    pub fn read(&mut self, key: &str, bytes: usize) -> Result<Vec<u8>> {
         let bad = |what: String| PthError::Storage {
             file: self.file.to_string(),
             key: key.to_string(),
             what,
         };
-        match &mut self.storages {
-            Storages::Zip {
+        match &mut self.kind {
+            StorageKind::Zip {
                 archive,
                 prefix,
                 total,
@@ -89,7 +94,7 @@ impl Opened<'_> {
                 }
                 Ok(out)
             }
-            Storages::Legacy(map) => {
+            StorageKind::Legacy(map) => {
                 let Some(&(count, raw)) = map.get(key) else {
                     return Err(bad("the file has no record for it".into()));
                 };
@@ -206,12 +211,14 @@ fn open_zip<'a>(
     Ok(Opened {
         format: Format::Zip,
         pickle,
-        storages: Storages::Zip {
-            archive,
-            prefix,
-            total: bytes.len(),
+        storages: Storages {
+            kind: StorageKind::Zip {
+                archive,
+                prefix,
+                total: bytes.len(),
+            },
+            file,
         },
-        file,
     })
 }
 
@@ -286,8 +293,10 @@ fn open_legacy<'a>(
     Ok(Opened {
         format: Format::Legacy,
         pickle: object,
-        storages: Storages::Legacy(storages),
-        file,
+        storages: Storages {
+            kind: StorageKind::Legacy(storages),
+            file,
+        },
     })
 }
 

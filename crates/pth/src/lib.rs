@@ -134,7 +134,7 @@ pub fn read_bytes(bytes: &[u8], name: &str) -> Result<Checkpoint> {
         .map(|b| format!("{b:02x}"))
         .collect();
     let mut opened = container::open(bytes, name, &is_allowed)?;
-    let found = tensors::collect(&mut opened, name)?;
+    let found = tensors::collect(&opened.pickle, &mut opened.storages, name)?;
     Ok(Checkpoint {
         name: name.to_string(),
         sha256,

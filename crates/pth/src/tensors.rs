@@ -7,7 +7,7 @@
 //! class whose BUILD state holds `_parameters`, `_buffers` and `_modules`, each an OrderedDict.
 //! Locations (`cuda:0` …) are ignored: every tensor comes to the CPU.
 
-use crate::container::Opened;
+use crate::container::Storages;
 use crate::error::{PthError, Result};
 use crate::pickle::{Node, Pickle, Value};
 use candle_core::{DType, Device, Tensor};
@@ -42,23 +42,23 @@ pub struct Found {
     pub tensors: BTreeMap<String, Tensor>,
 }
 
-/// Turns the opened checkpoint's object into named tensors.
-pub fn collect(opened: &mut Opened<'_>, file: &str) -> Result<Found> {
-    let pickle = opened.pickle.clone();
+/// Turns a checkpoint's object into named tensors, reading their storages.
+pub fn collect(pickle: &Pickle, storages: &mut Storages<'_>, file: &str) -> Result<Found> {
     let mut w = Walker {
-        p: &pickle,
-        opened,
+        p: pickle,
+        storages,
         file,
-        storages: HashMap::new(),
+        loaded: HashMap::new(),
     };
     w.root()
 }
 
-struct Walker<'p, 'o, 'a> {
+struct Walker<'p, 's, 'a> {
     p: &'p Pickle,
-    opened: &'o mut Opened<'a>,
+    storages: &'s mut Storages<'a>,
     file: &'p str,
-    storages: HashMap<String, (DType, Vec<u8>)>,
+    /// Storages read so far, by key (tensors may share one).
+    loaded: HashMap<String, (DType, Vec<u8>)>,
 }
 
 impl Walker<'_, '_, '_> {
@@ -349,14 +349,14 @@ impl Walker<'_, '_, '_> {
         }
         let (key, dtype, numel) = self.storage_of(storage)?;
         let elem = dtype.size_in_bytes();
-        if !self.storages.contains_key(&key) {
+        if !self.loaded.contains_key(&key) {
             let bytes = numel
                 .checked_mul(elem)
                 .ok_or_else(|| self.storage_error(&key, "its size overflows"))?;
-            let data = self.opened.storage(&key, bytes)?;
-            self.storages.insert(key.clone(), (dtype, data));
+            let data = self.storages.read(&key, bytes)?;
+            self.loaded.insert(key.clone(), (dtype, data));
         }
-        let (stored, data) = &self.storages[&key];
+        let (stored, data) = &self.loaded[&key];
         if *stored != dtype {
             return Err(self.storage_error(&key, "two tensors read it as different types"));
         }
