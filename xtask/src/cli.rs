@@ -62,6 +62,11 @@ pub enum Command {
         /// What to measure.
         #[arg(default_value = "all")]
         what: String,
+        /// For `data`: the JPEG files to decode, `img_00000.jpg` … in this folder (the
+        /// synthetic photographs are written there where missing and kept), so that another
+        /// tool can be timed on the very same files; default a temporary folder.
+        #[arg(long, value_name = "DIR")]
+        photos: Option<std::path::PathBuf>,
         #[command(flatten)]
         common: Common,
     },

@@ -115,7 +115,11 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", path.display());
             Ok(())
         }
-        Command::Bench { what, common } => bench(&what, &common),
+        Command::Bench {
+            what,
+            photos,
+            common,
+        } => bench(&what, photos.as_deref(), &common),
         Command::Smoke(common) => {
             let (common, photos) = xtask::smoke::prepare(&common)?;
             let start = std::time::Instant::now();
@@ -161,16 +165,17 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 /// Throughput benchmarks: prints each figure and writes them to `runs/<name>/bench-<what>.json`.
-fn bench(what: &str, common: &Common) -> Result<()> {
+fn bench(what: &str, photos: Option<&std::path::Path>, common: &Common) -> Result<()> {
     let config = common.resolve()?;
     let device = device_of(&config)?;
     let all = what == "all";
     let mut out = serde_json::Map::new();
     if all || what == "data" {
-        // Decoding and augmentation of JPEG files at the paper's 224 px.
+        // Decoding and augmentation of JPEG files at the paper's 224 px: the workload of
+        // ../shared/anchors/torchvision_data.py (256 files, batches of 64, three passes).
         let mut cfg = config.data.clone();
         cfg.image_size = 224;
-        let r = simtrans_data::bench(&cfg, 64, 32, 2)?;
+        let r = simtrans_data::bench(&cfg, 256, 64, 3, photos)?;
         println!(
             "data: {:.1} decoded+augmented images/s at 224 px ({} threads)",
             r.images_per_second, r.threads

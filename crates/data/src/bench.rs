@@ -32,14 +32,17 @@ pub struct BenchReport {
     pub files: usize,
 }
 
-/// Writes `files` synthetic JPEG photographs into `dir` ([`crate::synthetic::photo`], sizes
-/// around 500×375 like CUB's) and indexes them as the base training images of one class, ids `0..files`.
+/// Indexes `files` JPEG photographs `dir/img_00000.jpg` … as the base training images of one
+/// class, ids `0..files`, writing the synthetic ones ([`crate::synthetic::photo`], sizes around
+/// 500×375 like CUB's) where a file is missing.
 pub fn synthetic_photos(dir: &std::path::Path, files: usize) -> Result<DataIndex> {
     let paths: Vec<_> = (0..files)
         .map(|k| dir.join(format!("img_{k:05}.jpg")))
         .collect();
     for (k, path) in paths.iter().enumerate() {
-        crate::synthetic::write_photo(path, crate::synthetic::PhotoSize::Cub, k)?;
+        if !path.exists() {
+            crate::synthetic::write_photo(path, crate::synthetic::PhotoSize::Cub, k)?;
+        }
     }
     let items = (0..files as u32)
         .map(|id| Item::clean(id, 0, Split::BaseTrain))
@@ -54,18 +57,28 @@ pub fn synthetic_photos(dir: &std::path::Path, files: usize) -> Result<DataIndex
     })
 }
 
-/// Times `passes` passes over `files` synthetic JPEGs in batches of `batch_size`, at
-/// `cfg.image_size` with the train transform (one untimed warm-up batch first).
+/// Times `passes` passes over `files` JPEGs in batches of `batch_size`, at `cfg.image_size`
+/// with the train transform (one untimed warm-up batch first). The files are those of
+/// `photos` ([`synthetic_photos`]: missing ones are written and kept), or synthetic ones in a
+/// temporary folder.
 pub fn bench(
     cfg: &DataConfig,
     files: usize,
     batch_size: usize,
     passes: usize,
+    photos: Option<&std::path::Path>,
 ) -> Result<BenchReport> {
     let files = files.max(1);
     let batch_size = batch_size.max(1);
-    let dir = tempfile::tempdir().map_err(|e| DataError::io(std::env::temp_dir(), e))?;
-    let index = synthetic_photos(dir.path(), files)?;
+    let temporary = tempfile::tempdir().map_err(|e| DataError::io(std::env::temp_dir(), e))?;
+    let dir = match photos {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
+            dir
+        }
+        None => temporary.path(),
+    };
+    let index = synthetic_photos(dir, files)?;
     let loader = Loader::new(Arc::new(index), cfg)?;
     let ids: Vec<u32> = (0..files as u32).collect();
     let device = Device::Cpu;

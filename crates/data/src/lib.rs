@@ -14,6 +14,7 @@ pub mod index;
 pub mod layouts;
 pub mod loader;
 mod mat;
+pub mod onepass;
 pub mod prefetch;
 pub mod sampler;
 pub mod synthetic;

@@ -4,7 +4,9 @@
 //! ids drawn by a sampler. The loader reads pixels from the index (demo) or decodes files
 //! (real data sets), applies the reference train or test transform with randomness derived
 //! from `(seed, id, position)` only, so the same arguments always give the same tensor whatever
-//! the thread count, and fans the images out over rayon.
+//! the thread count, and fans the images out over rayon. Batches are computed by
+//! [`crate::onepass`] straight from the decoder's interleaved pixels; [`Loader::transformed`]
+//! gives the same image through the step-by-step definition in [`crate::transform`].
 //!
 //! With `data.normalise = "base_train"` the loader measures the normalisation's mean and
 //! standard deviation itself, per channel over the source pixels of the index's base training
@@ -13,7 +15,8 @@
 
 use crate::error::{DataError, Result};
 use crate::index::{DataIndex, Images, Split};
-use crate::transform::{normalise_into, test_transform, train_transform, ImageU8};
+use crate::onepass::{self, Normaliser, Pixels};
+use crate::transform::{test_transform, train_transform, ImageU8};
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 use simtrans_core::config::{DataConfig, Normalise};
@@ -31,6 +34,12 @@ pub enum Augment {
 
 /// Decodes an image file to planar RGB; the error names the file.
 pub fn decode_file(path: &Path) -> Result<ImageU8> {
+    Ok(ImageU8::from_rgb(&decode_rgb(path)?))
+}
+
+/// Decodes an image file to interleaved RGB (as the decoder returns it); the error names the
+/// file.
+pub fn decode_rgb(path: &Path) -> Result<image::RgbImage> {
     let img = image::ImageReader::open(path)
         .map_err(|e| DataError::io(path, e))?
         .with_guessed_format()
@@ -40,7 +49,7 @@ pub fn decode_file(path: &Path) -> Result<ImageU8> {
             path: path.to_path_buf(),
             reason: e.to_string(),
         })?;
-    Ok(ImageU8::from_rgb(&img.into_rgb8()))
+    Ok(img.into_rgb8())
 }
 
 /// Batches of transformed images from a [`DataIndex`].
@@ -172,12 +181,7 @@ impl Loader {
 
     /// The untransformed image of an id (grayscale for the demo, RGB for files).
     pub fn source_image(&self, id: u32) -> Result<ImageU8> {
-        if self.index.item(id).is_none() {
-            return Err(DataError::Invalid(format!(
-                "image id {id} is not in the data index ({} items); rebuild the downstream stage",
-                self.index.items.len()
-            )));
-        }
+        self.check_id(id)?;
         match &self.index.images {
             Images::Pixels {
                 height,
@@ -197,39 +201,87 @@ impl Loader {
         }
     }
 
-    /// One transformed (not yet normalised) image: `id` at position `k` of a batch.
+    /// An error unless `id` is in the index.
+    fn check_id(&self, id: u32) -> Result<()> {
+        if self.index.item(id).is_none() {
+            return Err(DataError::Invalid(format!(
+                "image id {id} is not in the data index ({} items); rebuild the downstream stage",
+                self.index.items.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The augmentation randomness of `id` at position `k` of a batch drawn with `seed`.
+    fn augment_rng(&self, id: u32, k: usize, seed: u64) -> impl rand::Rng {
+        simtrans_core::seed::rng(seed, &["augment", &id.to_string()], k as u64)
+    }
+
+    /// One transformed (not yet normalised) image, `id` at position `k` of a batch, through
+    /// the step-by-step definition of the transforms.
     pub fn transformed(&self, id: u32, k: usize, aug: Augment, seed: u64) -> Result<ImageU8> {
         let img = self.source_image(id)?;
         Ok(match aug {
-            Augment::Train => {
-                let mut rng =
-                    simtrans_core::seed::rng(seed, &["augment", &id.to_string()], k as u64);
-                train_transform(&img, &self.cfg, &mut rng)
-            }
+            Augment::Train => train_transform(&img, &self.cfg, &mut self.augment_rng(id, k, seed)),
             Augment::Test => test_transform(&img, &self.cfg),
         })
     }
 
     /// `[B, 3, S, S]` f32, normalised; image k's augmentation randomness is derived from
-    /// `(seed, ids[k], k)`, decoded and augmented in parallel. Same arguments, same tensor.
+    /// `(seed, ids[k], k)`, decoded and augmented in parallel. Same arguments, same tensor
+    /// (and the same values as [`Loader::transformed`] normalised).
     pub fn batch(&self, ids: &[u32], aug: Augment, seed: u64, device: &Device) -> Result<Tensor> {
         let s = self.cfg.image_size;
         let per = 3 * s * s;
         let mut out = vec![0f32; ids.len() * per];
+        let norm = Normaliser::new(self.cfg.mean, self.cfg.std);
         let work = |out: &mut [f32]| {
             out.par_chunks_mut(per.max(1))
                 .zip(ids.par_iter())
                 .enumerate()
-                .try_for_each(|(k, (dst, &id))| -> Result<()> {
-                    let img = self.transformed(id, k, aug, seed)?;
-                    normalise_into(&img, self.cfg.mean, self.cfg.std, dst);
-                    Ok(())
-                })
+                .try_for_each(|(k, (dst, &id))| self.transform_into(id, k, aug, seed, &norm, dst))
         };
         match &self.pool {
             Some(pool) => pool.install(|| work(&mut out))?,
             None => work(&mut out)?,
         }
         Ok(Tensor::from_vec(out, (ids.len(), 3, s, s), &Device::Cpu)?.to_device(device)?)
+    }
+
+    /// Image `id` at position `k` of a batch, transformed and normalised into `dst` in one pass.
+    fn transform_into(
+        &self,
+        id: u32,
+        k: usize,
+        aug: Augment,
+        seed: u64,
+        norm: &Normaliser,
+        dst: &mut [f32],
+    ) -> Result<()> {
+        self.check_id(id)?;
+        let decoded;
+        let pixels = match &self.index.images {
+            Images::Pixels {
+                height,
+                width,
+                data,
+            } => {
+                let n = height * width;
+                let k = id as usize;
+                Pixels::new(*width, *height, 1, &data[k * n..(k + 1) * n])
+            }
+            Images::Paths(paths) => {
+                decoded = decode_rgb(&paths[id as usize])?;
+                Pixels::rgb(&decoded)
+            }
+        };
+        match aug {
+            Augment::Train => {
+                let mut rng = self.augment_rng(id, k, seed);
+                onepass::train_into(&pixels, &self.cfg, &mut rng, norm, dst)
+            }
+            Augment::Test => onepass::test_into(&pixels, &self.cfg, norm, dst),
+        }
+        Ok(())
     }
 }

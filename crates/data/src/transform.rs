@@ -89,100 +89,202 @@ pub fn rotate_crop(
         top + height <= h && left + width <= w,
         "rotate_crop: the box must lie inside the image"
     );
-    let angle = angle.rem_euclid(360.0);
-    if angle == 0.0 {
+    let Some(rotation) = Rotation::new(w, h, angle) else {
         return crop(img, top as i64, left as i64, height, width);
-    }
-    let r = -angle.to_radians();
-    let round15 = |v: f64| (v * 1e15).round() / 1e15;
-    let (a, b, d, e) = (
-        round15(r.cos()),
-        round15(r.sin()),
-        round15(-r.sin()),
-        round15(r.cos()),
-    );
-    let (cx, cy) = (w as f64 / 2.0, h as f64 / 2.0);
-    let c = a * -cx + b * -cy + cx;
-    let f = d * -cx + e * -cy + cy;
-    // PIL samples at pixel centres in 16.16 fixed point and floors with an arithmetic shift.
-    let fix = |v: f64| (v * 65536.0 + 0.5).floor() as i64;
-    let (a0, a1, a3, a4) = (fix(a), fix(b), fix(d), fix(e));
-    let a2 = fix(c + a * 0.5 + b * 0.5);
-    let a5 = fix(f + d * 0.5 + e * 0.5);
+    };
     let mut out = ImageU8::zeros(width, height, img.channels);
     let (n_in, n_out) = (w * h, width * height);
-    // Per output row, each pixel's source index (None: outside, stays black).
-    let mut src_of = vec![None; width];
+    // Per output row, the covered pixels' source indices (the others stay black).
+    let mut src_of = Vec::with_capacity(width);
     for oy in 0..height {
-        let y = (top + oy) as i64;
-        let x = left as i64;
-        let (mut xx, mut yy) = (a2 + a1 * y + a0 * x, a5 + a4 * y + a3 * x);
-        for s in src_of.iter_mut() {
-            let (xin, yin) = (xx >> 16, yy >> 16);
-            *s = (xin >= 0 && (xin as usize) < w && yin >= 0 && (yin as usize) < h)
-                .then(|| yin as usize * w + xin as usize);
-            xx += a0;
-            yy += a3;
-        }
+        let covered = rotation.line(top + oy, left, width, Along::Row);
+        let first = covered.range.start;
+        src_of.clear();
+        src_of.extend(covered.sources());
         for ch in 0..img.channels {
             let src = &img.data[ch * n_in..(ch + 1) * n_in];
-            let row = ch * n_out + oy * width;
-            for (d, s) in out.data[row..row + width].iter_mut().zip(&src_of) {
-                if let Some(s) = s {
-                    *d = src[*s];
-                }
+            let row = ch * n_out + oy * width + first;
+            for (d, &s) in out.data[row..row + src_of.len()].iter_mut().zip(&src_of) {
+                *d = src[s];
             }
         }
     }
     out
 }
 
-const PRECISION_BITS: u32 = 32 - 8 - 2;
+/// PIL's inverse map of `rotate(angle, NEAREST, expand=False)` in 16.16 fixed point: which
+/// source pixel each output pixel of a `width × height` image shows.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Rotation {
+    a: [i64; 6],
+    width: usize,
+    height: usize,
+}
 
-/// PIL's bilinear coefficients for one axis: per output pixel, the first input pixel and the
-/// fixed-point weights of the input pixels it reads (at most 2^22 each, so i32 sums hold).
-fn coefficients(in_size: usize, out_size: usize) -> Vec<(usize, Vec<i32>)> {
-    let scale = in_size as f64 / out_size as f64;
-    let filterscale = scale.max(1.0);
-    let support = filterscale; // the bilinear (triangle) filter has support 1
-    let triangle = |x: f64| {
-        let x = x.abs();
-        if x < 1.0 {
-            1.0 - x
-        } else {
-            0.0
+impl Rotation {
+    /// The map of a counter-clockwise rotation by `angle` degrees about the centre; `None` when
+    /// the angle is a multiple of 360 (the image is unchanged).
+    pub(crate) fn new(width: usize, height: usize, angle: f64) -> Option<Self> {
+        let angle = angle.rem_euclid(360.0);
+        if angle == 0.0 {
+            return None;
         }
-    };
-    (0..out_size)
-        .map(|xx| {
+        let r = -angle.to_radians();
+        let round15 = |v: f64| (v * 1e15).round() / 1e15;
+        let (a, b, d, e) = (
+            round15(r.cos()),
+            round15(r.sin()),
+            round15(-r.sin()),
+            round15(r.cos()),
+        );
+        let (cx, cy) = (width as f64 / 2.0, height as f64 / 2.0);
+        let c = a * -cx + b * -cy + cx;
+        let f = d * -cx + e * -cy + cy;
+        // PIL samples at pixel centres in 16.16 fixed point and floors with an arithmetic shift.
+        let fix = |v: f64| (v * 65536.0 + 0.5).floor() as i64;
+        Some(Rotation {
+            a: [
+                fix(a),
+                fix(b),
+                fix(c + a * 0.5 + b * 0.5),
+                fix(d),
+                fix(e),
+                fix(f + d * 0.5 + e * 0.5),
+            ],
+            width,
+            height,
+        })
+    }
+
+    /// The `n` output pixels from `(y, x)` on along a row (to the right) or a column (down):
+    /// which of them the rotated image covers (a range, as a line meets a rectangle in one
+    /// segment) and, in order, their source pixel indices (`y · width + x`); the others are
+    /// black.
+    pub(crate) fn line(&self, y: usize, x: usize, n: usize, along: Along) -> CoveredLine {
+        let [a0, a1, a2, a3, a4, a5] = self.a;
+        let (y, x) = (y as i64, x as i64);
+        let (xx, yy) = (a2 + a1 * y + a0 * x, a5 + a4 * y + a3 * x);
+        let (w, h) = (self.width as i64, self.height as i64);
+        let (a0, a3) = match along {
+            Along::Row => (a0, a3),
+            Along::Column => (a1, a4),
+        };
+        // Each coordinate is monotone along the line, so the covered pixels are contiguous.
+        let covered = |k: usize| {
+            let (xin, yin) = ((xx + a0 * k as i64) >> 16, (yy + a3 * k as i64) >> 16);
+            (0..w).contains(&xin) && (0..h).contains(&yin)
+        };
+        let start = (0..n).find(|&k| covered(k)).unwrap_or(n);
+        let end = (start..n).rev().find(|&k| covered(k)).map_or(start, |k| k + 1);
+        CoveredLine {
+            range: start..end,
+            xx: xx + a0 * start as i64,
+            yy: yy + a3 * start as i64,
+            step: (a0, a3),
+            width: self.width,
+        }
+    }
+}
+
+/// Which way [`Rotation::line`] walks the output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Along {
+    Row,
+    Column,
+}
+
+/// The covered pixels of one output line of a [`Rotation`] and their source pixels.
+pub(crate) struct CoveredLine {
+    /// The covered output pixels, as offsets from the line's first pixel.
+    pub(crate) range: std::ops::Range<usize>,
+    xx: i64,
+    yy: i64,
+    step: (i64, i64),
+    width: usize,
+}
+
+impl CoveredLine {
+    /// The source pixel indices of the covered pixels, in order.
+    pub(crate) fn sources(&self) -> impl Iterator<Item = usize> + '_ {
+        let ((a, b), w) = (self.step, self.width);
+        (0..self.range.len() as i64)
+            .map(move |k| ((self.yy + b * k) >> 16) as usize * w + ((self.xx + a * k) >> 16) as usize)
+    }
+}
+
+pub(crate) const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+/// PIL's bilinear filter for one axis, flat: output pixel `o` reads the input pixels from
+/// `start[o]` on with the fixed-point weights `weights[offset[o]..offset[o + 1]]` (at most 2^22
+/// each, so i32 sums hold).
+#[derive(Debug, Clone)]
+pub(crate) struct Taps {
+    start: Vec<usize>,
+    offset: Vec<usize>,
+    weights: Vec<i32>,
+}
+
+impl Taps {
+    /// The filter resampling `in_size` pixels to `out_size`.
+    pub(crate) fn new(in_size: usize, out_size: usize) -> Self {
+        let scale = in_size as f64 / out_size as f64;
+        let filterscale = scale.max(1.0);
+        let support = filterscale; // the bilinear (triangle) filter has support 1
+        let triangle = |x: f64| {
+            let x = x.abs();
+            if x < 1.0 {
+                1.0 - x
+            } else {
+                0.0
+            }
+        };
+        let one = (1i64 << PRECISION_BITS) as f64;
+        let mut taps = Taps {
+            start: Vec::with_capacity(out_size),
+            offset: Vec::with_capacity(out_size + 1),
+            weights: Vec::new(),
+        };
+        taps.offset.push(0);
+        let mut k = Vec::new();
+        for xx in 0..out_size {
             let center = (xx as f64 + 0.5) * scale;
             let ss = 1.0 / filterscale;
             // C's (int) cast truncates toward zero.
             let xmin = ((center - support + 0.5) as i64).max(0) as usize;
             let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
-            let len = xmax.saturating_sub(xmin);
-            let k: Vec<f64> = (0..len)
-                .map(|x| triangle((x as f64 + xmin as f64 - center + 0.5) * ss))
-                .collect();
+            k.clear();
+            k.extend(
+                (xmin..xmax.max(xmin)).map(|x| triangle((x as f64 - center + 0.5) * ss)),
+            );
             let total: f64 = k.iter().sum();
-            let one = (1i64 << PRECISION_BITS) as f64;
-            let kk = k
-                .iter()
-                .map(|&v| {
-                    let v = if total != 0.0 { v / total } else { v };
-                    if v < 0.0 {
-                        (-0.5 + v * one) as i32
-                    } else {
-                        (0.5 + v * one) as i32
-                    }
-                })
-                .collect();
-            (xmin, kk)
-        })
-        .collect()
+            taps.weights.extend(k.iter().map(|&v| {
+                let v = if total != 0.0 { v / total } else { v };
+                if v < 0.0 {
+                    (-0.5 + v * one) as i32
+                } else {
+                    (0.5 + v * one) as i32
+                }
+            }));
+            taps.start.push(xmin);
+            taps.offset.push(taps.weights.len());
+        }
+        taps
+    }
+
+    /// Output pixel `o`'s first input pixel and weights.
+    pub(crate) fn get(&self, o: usize) -> (usize, &[i32]) {
+        (
+            self.start[o],
+            &self.weights[self.offset[o]..self.offset[o + 1]],
+        )
+    }
 }
 
-fn clip8(v: i32) -> u8 {
+/// `2^(PRECISION_BITS − 1)`: the rounding term every filter sum starts from.
+pub(crate) const HALF: i32 = 1 << (PRECISION_BITS - 1);
+
+#[inline(always)]
+pub(crate) fn clip8(v: i32) -> u8 {
     // Sums stay below 2^31: 255 · (2^22 + taps) + 2^21 (the weights are non-negative).
     (v >> PRECISION_BITS).clamp(0, 255) as u8
 }
@@ -197,28 +299,29 @@ pub fn resize_bilinear(img: &ImageU8, out_w: usize, out_h: usize) -> ImageU8 {
     if w == 0 || h == 0 || out_w == 0 || out_h == 0 {
         return ImageU8::zeros(out_w, out_h, img.channels);
     }
-    let half = 1i32 << (PRECISION_BITS - 1);
-    let hc = coefficients(w, out_w);
-    let vc = coefficients(h, out_h);
+    let hc = Taps::new(w, out_w);
+    let vc = Taps::new(h, out_h);
     let mut out = ImageU8::zeros(out_w, out_h, img.channels);
     let mut tmp = vec![0u8; out_w * h];
     let mut acc = vec![0i32; out_w];
     for ch in 0..img.channels {
         let src = img.plane(ch);
         for (row, dst) in src.chunks_exact(w).zip(tmp.chunks_exact_mut(out_w)) {
-            for (d, (x0, k)) in dst.iter_mut().zip(&hc) {
-                let taps = &row[*x0..*x0 + k.len()];
+            for (o, d) in dst.iter_mut().enumerate() {
+                let (x0, k) = hc.get(o);
+                let taps = &row[x0..x0 + k.len()];
                 let s = taps
                     .iter()
                     .zip(k)
-                    .fold(half, |s, (&p, &kk)| s + p as i32 * kk);
+                    .fold(HALF, |s, (&p, &kk)| s + p as i32 * kk);
                 *d = clip8(s);
             }
         }
         // The vertical pass a whole row at a time: each tap adds a weighted row.
         let dst = &mut out.data[ch * out_w * out_h..(ch + 1) * out_w * out_h];
-        for (row, (y0, k)) in dst.chunks_exact_mut(out_w).zip(&vc) {
-            acc.fill(half);
+        for (o, row) in dst.chunks_exact_mut(out_w).enumerate() {
+            let (y0, k) = vc.get(o);
+            acc.fill(HALF);
             for (i, &kk) in k.iter().enumerate() {
                 let line = &tmp[(y0 + i) * out_w..(y0 + i + 1) * out_w];
                 for (a, &p) in acc.iter_mut().zip(line) {
@@ -360,23 +463,20 @@ pub fn center_crop_offsets(
     (top, left)
 }
 
-/// torchvision `CenterCrop(size)`: pads with black first when the image is smaller (left/top
-/// get `(size − W) // 2`), then crops the centre.
+/// torchvision `CenterCrop(size)`'s box `(top, left)` in a `width × height` image; negative
+/// where the image is smaller and gets padded with black first (left/top get `(size − W) // 2`).
+pub fn center_crop_box(width: usize, height: usize, size: usize) -> (i64, i64) {
+    let pad = |side: usize| if size > side { size - side } else { 0 };
+    let (pw, ph) = (pad(width), pad(height));
+    let (t, l) = center_crop_offsets(width + pw, height + ph, size, size);
+    (t as i64 - (ph / 2) as i64, l as i64 - (pw / 2) as i64)
+}
+
+/// torchvision `CenterCrop(size)`: the central `size` square, padded with black where the
+/// image is smaller ([`center_crop_box`]).
 pub fn center_crop(img: &ImageU8, size: usize) -> ImageU8 {
-    let (mut top, mut left) = (0i64, 0i64);
-    let (mut w, mut h) = (img.width, img.height);
-    if size > w || size > h {
-        let pl = if size > w { (size - w) / 2 } else { 0 };
-        let pt = if size > h { (size - h) / 2 } else { 0 };
-        let pr = if size > w { (size - w).div_ceil(2) } else { 0 };
-        let pb = if size > h { (size - h).div_ceil(2) } else { 0 };
-        top -= pt as i64;
-        left -= pl as i64;
-        w += pl + pr;
-        h += pt + pb;
-    }
-    let (t, l) = center_crop_offsets(w, h, size, size);
-    crop(img, top + t as i64, left + l as i64, size, size)
+    let (top, left) = center_crop_box(img.width, img.height, size);
+    crop(img, top, left, size, size)
 }
 
 /// The aspect-ratio range of `RandomResizedCrop`.

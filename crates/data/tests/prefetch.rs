@@ -69,7 +69,7 @@ fn prefetched_batches_equal_direct_batches() {
 fn bench_runs_on_a_few_jpeg_files() {
     let mut cfg = Config::preset(Preset::Paper).data;
     cfg.image_size = 32;
-    let r = simtrans_data::bench(&cfg, 3, 2, 1).unwrap();
+    let r = simtrans_data::bench(&cfg, 3, 2, 1, None).unwrap();
     assert_eq!(r.images, 3);
     assert_eq!(r.files, 3);
     assert!(r.images_per_second > 0.0);
