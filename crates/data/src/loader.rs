@@ -40,16 +40,47 @@ pub fn decode_file(path: &Path) -> Result<ImageU8> {
 /// Decodes an image file to interleaved RGB (as the decoder returns it); the error names the
 /// file.
 pub fn decode_rgb(path: &Path) -> Result<image::RgbImage> {
-    let img = image::ImageReader::open(path)
+    let mut buf = Vec::new();
+    let (width, height) = decode_rgb_into(path, &mut buf)?;
+    Ok(image::RgbImage::from_raw(width as u32, height as u32, buf)
+        .expect("decode_rgb_into returns width · height · 3 bytes"))
+}
+
+/// [`decode_rgb`] into `buf` (resized to `width · height · 3` bytes), so that a thread can
+/// reuse one buffer from image to image; returns `(width, height)`. RGB files are decoded
+/// straight into it, others (grayscale, CMYK, PNG with alpha…) converted.
+pub fn decode_rgb_into(path: &Path, buf: &mut Vec<u8>) -> Result<(usize, usize)> {
+    use image::ImageDecoder;
+    let failed = |e: image::ImageError| DataError::Image {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let decoder = image::ImageReader::open(path)
         .map_err(|e| DataError::io(path, e))?
         .with_guessed_format()
         .map_err(|e| DataError::io(path, e))?
-        .decode()
-        .map_err(|e| DataError::Image {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
-    Ok(img.into_rgb8())
+        .into_decoder()
+        .map_err(failed)?;
+    let (width, height) = decoder.dimensions();
+    if decoder.color_type() == image::ColorType::Rgb8 {
+        let bytes = usize::try_from(decoder.total_bytes()).unwrap_or(usize::MAX);
+        buf.clear();
+        buf.resize(bytes, 0);
+        decoder.read_image(buf).map_err(failed)?;
+    } else {
+        let img = image::DynamicImage::from_decoder(decoder)
+            .map_err(failed)?
+            .into_rgb8();
+        buf.clear();
+        buf.extend_from_slice(img.as_raw());
+    }
+    Ok((width as usize, height as usize))
+}
+
+thread_local! {
+    /// Each loader thread's decoded image, reused from image to image (a fresh buffer costs a
+    /// page fault per 4 KiB).
+    static DECODED: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::default();
 }
 
 /// Batches of transformed images from a [`DataIndex`].
@@ -259,29 +290,45 @@ impl Loader {
         dst: &mut [f32],
     ) -> Result<()> {
         self.check_id(id)?;
-        let decoded;
-        let pixels = match &self.index.images {
+        match &self.index.images {
             Images::Pixels {
                 height,
                 width,
                 data,
             } => {
                 let n = height * width;
-                let k = id as usize;
-                Pixels::new(*width, *height, 1, &data[k * n..(k + 1) * n])
+                let i = id as usize;
+                let pixels = Pixels::new(*width, *height, 1, &data[i * n..(i + 1) * n]);
+                self.transform_pixels(&pixels, id, k, aug, seed, norm, dst);
             }
-            Images::Paths(paths) => {
-                decoded = decode_rgb(&paths[id as usize])?;
-                Pixels::rgb(&decoded)
-            }
-        };
+            Images::Paths(paths) => DECODED.with_borrow_mut(|buf| -> Result<()> {
+                let (width, height) = decode_rgb_into(&paths[id as usize], buf)?;
+                let pixels = Pixels::new(width, height, 3, buf);
+                self.transform_pixels(&pixels, id, k, aug, seed, norm, dst);
+                Ok(())
+            })?,
+        }
+        Ok(())
+    }
+
+    /// [`Loader::transform_into`] once the pixels are at hand.
+    #[allow(clippy::too_many_arguments)]
+    fn transform_pixels(
+        &self,
+        pixels: &Pixels,
+        id: u32,
+        k: usize,
+        aug: Augment,
+        seed: u64,
+        norm: &Normaliser,
+        dst: &mut [f32],
+    ) {
         match aug {
             Augment::Train => {
                 let mut rng = self.augment_rng(id, k, seed);
-                onepass::train_into(&pixels, &self.cfg, &mut rng, norm, dst)
+                onepass::train_into(pixels, &self.cfg, &mut rng, norm, dst)
             }
-            Augment::Test => onepass::test_into(&pixels, &self.cfg, norm, dst),
+            Augment::Test => onepass::test_into(pixels, &self.cfg, norm, dst),
         }
-        Ok(())
     }
 }
