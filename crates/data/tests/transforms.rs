@@ -337,3 +337,48 @@ fn base_train_normalisation_is_measured_on_the_base_training_pixels() {
         .to_string();
     assert!(err.contains("data.normalise"), "{err}");
 }
+
+/// The loader's batches (one pass, [`simtrans_data::onepass`]) against its step-by-step
+/// definition ([`Loader::transformed`], then `ToTensor` + `Normalize`), value for value, on
+/// JPEG files as a real data set holds them: colour photographs of CUB's sizes, a grayscale
+/// JPEG and a PNG, with the paper's train and test transforms.
+#[test]
+fn batches_of_files_equal_the_step_by_step_transforms() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut index = simtrans_data::bench::synthetic_photos(dir.path(), 4).unwrap();
+    let gray = dir.path().join("gray.jpg");
+    image::DynamicImage::ImageRgb8(simtrans_data::synthetic::photo(301, 217, 7))
+        .into_luma8()
+        .save(&gray)
+        .unwrap();
+    let png = dir.path().join("small.png");
+    simtrans_data::synthetic::photo(150, 190, 9).save(&png).unwrap();
+    let simtrans_data::Images::Paths(paths) = &mut index.images else {
+        unreachable!("synthetic photos are files")
+    };
+    paths.extend([gray, png]);
+    index.items.extend([4, 5].map(|id| simtrans_data::Item::clean(id, 0, Split::BaseTrain)));
+    let mut cfg = Config::preset(Preset::Paper).data;
+    cfg.image_size = 96;
+    let loader = Loader::new(Arc::new(index), &cfg).unwrap();
+    let ids: Vec<u32> = (0..6).collect();
+    let s = cfg.image_size;
+    for aug in [Augment::Train, Augment::Test] {
+        let got = loader
+            .batch(&ids, aug, 3, &candle_core::Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        for (k, &id) in ids.iter().enumerate() {
+            let img = loader.transformed(id, k, aug, 3).unwrap();
+            let mut want = vec![0f32; 3 * s * s];
+            transform::normalise_into(&img, cfg.mean, cfg.std, &mut want);
+            assert!(
+                got[k * 3 * s * s..(k + 1) * 3 * s * s] == want[..],
+                "image {id}, {aug:?}: the batch differs from the definition"
+            );
+        }
+    }
+}
