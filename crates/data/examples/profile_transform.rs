@@ -34,7 +34,9 @@ fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     let n = 128;
     simtrans_data::bench::synthetic_photos(&dir, n)?;
-    let paths: Vec<_> = (0..n).map(|k| dir.join(format!("img_{k:05}.jpg"))).collect();
+    let paths: Vec<_> = (0..n)
+        .map(|k| dir.join(format!("img_{k:05}.jpg")))
+        .collect();
 
     let decode = best(n, || {
         for p in &paths {

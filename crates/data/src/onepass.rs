@@ -14,9 +14,9 @@ use crate::transform::{
     center_crop_box, clip8, resize_shorter_size, resized_crop_params, test_resize_side, Along,
     RngDraws, Rotation, Taps, CROP_RATIO, HALF,
 };
-use std::ops::Range;
 use rand::Rng;
 use simtrans_core::config::DataConfig;
+use std::ops::Range;
 
 /// An 8-bit image stored interleaved (`[H, W, C]`, as decoders return it), 1 or 3 channels.
 #[derive(Debug, Clone, Copy)]
@@ -32,7 +32,11 @@ impl<'a> Pixels<'a> {
     /// or 3 (programming errors).
     pub fn new(width: usize, height: usize, channels: usize, data: &'a [u8]) -> Self {
         assert!(matches!(channels, 1 | 3), "1 or 3 channels");
-        assert_eq!(data.len(), width * height * channels, "interleaved buffer size");
+        assert_eq!(
+            data.len(),
+            width * height * channels,
+            "interleaved buffer size"
+        );
         Pixels {
             width,
             height,
@@ -138,9 +142,9 @@ struct Window<'a> {
 
 impl Window<'_> {
     /// The pixels of the window's columns `xs` and rows `ys`, transposed: column `x` is the
-    /// line `x − xs.start` of the result, `ys.len() · channels` bytes long. Reading down the
-    /// columns keeps a rotated walk's source lines in cache (along a row it crosses a new
-    /// source row every two pixels at 30°) and lets the horizontal pass run on whole lines.
+    /// line `x − xs.start` of the result, `ys.len() · channels` bytes long, so that the
+    /// horizontal pass runs on whole lines. (Walking the rotated source down columns also
+    /// measured faster than along rows: 0.25 against 0.45 ms for a CUB-sized crop.)
     #[inline(always)]
     fn columns(&self, xs: Range<usize>, ys: Range<usize>, t: &mut Vec<u8>) {
         let c = self.src.channels;
@@ -213,9 +217,9 @@ impl Axis {
         let taps = Taps::new(in_size, resized);
         let kept = inside(origin, size, resized);
         let resized_of = |o: usize| (origin + o as i64) as usize;
-        let reads = match (kept.clone().next(), kept.clone().last()) {
-            (Some(a), Some(b)) => {
-                // Filters start in order, so the first and last kept outputs bound the reads.
+        // Filters start in order, so the first kept output's is where the reads start.
+        let reads = match kept.clone().next() {
+            Some(first) => {
                 let end = kept
                     .clone()
                     .map(|o| {
@@ -224,10 +228,9 @@ impl Axis {
                     })
                     .max()
                     .unwrap_or(0);
-                let _ = b;
-                taps.get(resized_of(a)).0..end
+                taps.get(resized_of(first)).0..end
             }
-            _ => 0..0,
+            None => 0..0,
         };
         Axis {
             taps,
@@ -400,11 +403,19 @@ fn resample_body(
         }
         for (c, (plane, t)) in out.chunks_exact_mut(planes).zip(&norm.table).enumerate() {
             let dst = &mut plane[o * s + kept.start..o * s + kept.end];
-            let src = row.iter().skip(if channels == 1 { 0 } else { c }).step_by(channels);
+            let src = row
+                .iter()
+                .skip(if channels == 1 { 0 } else { c })
+                .step_by(channels);
             if g.flip {
-                dst.iter_mut().rev().zip(src).for_each(|(d, &v)| *d = t[v as usize]);
+                dst.iter_mut()
+                    .rev()
+                    .zip(src)
+                    .for_each(|(d, &v)| *d = t[v as usize]);
             } else {
-                dst.iter_mut().zip(src).for_each(|(d, &v)| *d = t[v as usize]);
+                dst.iter_mut()
+                    .zip(src)
+                    .for_each(|(d, &v)| *d = t[v as usize]);
             }
         }
     });

@@ -175,7 +175,10 @@ impl Rotation {
             (0..w).contains(&xin) && (0..h).contains(&yin)
         };
         let start = (0..n).find(|&k| covered(k)).unwrap_or(n);
-        let end = (start..n).rev().find(|&k| covered(k)).map_or(start, |k| k + 1);
+        let end = (start..n)
+            .rev()
+            .find(|&k| covered(k))
+            .map_or(start, |k| k + 1);
         CoveredLine {
             range: start..end,
             xx: xx + a0 * start as i64,
@@ -207,8 +210,9 @@ impl CoveredLine {
     /// The source pixel indices of the covered pixels, in order.
     pub(crate) fn sources(&self) -> impl Iterator<Item = usize> + '_ {
         let ((a, b), w) = (self.step, self.width);
-        (0..self.range.len() as i64)
-            .map(move |k| ((self.yy + b * k) >> 16) as usize * w + ((self.xx + a * k) >> 16) as usize)
+        (0..self.range.len() as i64).map(move |k| {
+            ((self.yy + b * k) >> 16) as usize * w + ((self.xx + a * k) >> 16) as usize
+        })
     }
 }
 
@@ -253,9 +257,7 @@ impl Taps {
             let xmin = ((center - support + 0.5) as i64).max(0) as usize;
             let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
             k.clear();
-            k.extend(
-                (xmin..xmax.max(xmin)).map(|x| triangle((x as f64 - center + 0.5) * ss)),
-            );
+            k.extend((xmin..xmax.max(xmin)).map(|x| triangle((x as f64 - center + 0.5) * ss)));
             let total: f64 = k.iter().sum();
             taps.weights.extend(k.iter().map(|&v| {
                 let v = if total != 0.0 { v / total } else { v };
@@ -466,7 +468,7 @@ pub fn center_crop_offsets(
 /// torchvision `CenterCrop(size)`'s box `(top, left)` in a `width × height` image; negative
 /// where the image is smaller and gets padded with black first (left/top get `(size − W) // 2`).
 pub fn center_crop_box(width: usize, height: usize, size: usize) -> (i64, i64) {
-    let pad = |side: usize| if size > side { size - side } else { 0 };
+    let pad = |side: usize| size.saturating_sub(side);
     let (pw, ph) = (pad(width), pad(height));
     let (t, l) = center_crop_offsets(width + pw, height + ph, size, size);
     (t as i64 - (ph / 2) as i64, l as i64 - (pw / 2) as i64)

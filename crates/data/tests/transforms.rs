@@ -352,12 +352,16 @@ fn batches_of_files_equal_the_step_by_step_transforms() {
         .save(&gray)
         .unwrap();
     let png = dir.path().join("small.png");
-    simtrans_data::synthetic::photo(150, 190, 9).save(&png).unwrap();
+    simtrans_data::synthetic::photo(150, 190, 9)
+        .save(&png)
+        .unwrap();
     let simtrans_data::Images::Paths(paths) = &mut index.images else {
         unreachable!("synthetic photos are files")
     };
     paths.extend([gray, png]);
-    index.items.extend([4, 5].map(|id| simtrans_data::Item::clean(id, 0, Split::BaseTrain)));
+    index
+        .items
+        .extend([4, 5].map(|id| simtrans_data::Item::clean(id, 0, Split::BaseTrain)));
     let mut cfg = Config::preset(Preset::Paper).data;
     cfg.image_size = 96;
     let loader = Loader::new(Arc::new(index), &cfg).unwrap();
