@@ -27,7 +27,7 @@ use simtrans_backbone::Arch;
 use simtrans_core::config::Selection;
 use simtrans_core::config::{DataConfig, SimnetConfig};
 use simtrans_core::{Artifact, CoreError, StageContext, StageOutput};
-use simtrans_data::{prefetch, sampler, Augment, DataIndex, Loader, Split};
+use simtrans_data::{prefetch, sampler, Augment, DataIndex, InputWait, Loader, Prefetch, Split};
 use simtrans_ops::optim::{step_lr, Sgd};
 use simtrans_ops::BnMode;
 use std::collections::BTreeMap;
@@ -45,6 +45,45 @@ pub enum EvalSet {
 /// Batches of image ids.
 pub type Batches = Vec<Vec<u32>>;
 
+/// The images of [`TrainData::images_ahead`], in order.
+pub trait ImagesAhead: Iterator<Item = Result<Tensor>> {
+    /// How long their consumer has waited for them so far; `None` where each is built when
+    /// taken (the wait is then the whole build).
+    fn input_wait(&self) -> Option<InputWait> {
+        None
+    }
+}
+
+/// Images built one by one as they are taken.
+struct BuiltWhenTaken<I>(I);
+
+impl<I: Iterator<Item = Result<Tensor>>> Iterator for BuiltWhenTaken<I> {
+    type Item = Result<Tensor>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.0.next()
+    }
+}
+
+impl<I: Iterator<Item = Result<Tensor>>> ImagesAhead for BuiltWhenTaken<I> {}
+
+/// Images decoded ahead by the loader's [`Prefetch`].
+struct Prefetched(Prefetch);
+
+impl Iterator for Prefetched {
+    type Item = Result<Tensor>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.0.next().map(|b| Ok(b?.1))
+    }
+}
+
+impl ImagesAhead for Prefetched {
+    fn input_wait(&self) -> Option<InputWait> {
+        Some(self.0.input_wait())
+    }
+}
+
 /// Where the training loop gets its batches and images from.
 pub trait TrainData {
     /// `[B, 3, S, S]` images of `ids`, with the training augmentation when `train`
@@ -57,11 +96,11 @@ pub trait TrainData {
         jobs: Vec<(Vec<u32>, u64)>,
         train: bool,
         device: &'a Device,
-    ) -> Box<dyn Iterator<Item = Result<Tensor>> + 'a> {
-        Box::new(
+    ) -> Box<dyn ImagesAhead + 'a> {
+        Box::new(BuiltWhenTaken(
             jobs.into_iter()
                 .map(move |(ids, seed)| self.images(&ids, train, seed, device)),
-        )
+        ))
     }
     /// The label of an image (only equality matters).
     fn label(&self, id: u32) -> u32;
@@ -120,13 +159,16 @@ impl TrainData for IndexData {
         jobs: Vec<(Vec<u32>, u64)>,
         train: bool,
         device: &'a Device,
-    ) -> Box<dyn Iterator<Item = Result<Tensor>> + 'a> {
+    ) -> Box<dyn ImagesAhead + 'a> {
         let aug = if train { Augment::Train } else { Augment::Test };
         let (ids, seeds) = jobs.into_iter().unzip();
-        let batches = self
-            .loader
-            .prefetch(ids, seeds, aug, prefetch::DEPTH, device);
-        Box::new(batches.map(|b| Ok(b?.1)))
+        Box::new(Prefetched(self.loader.prefetch(
+            ids,
+            seeds,
+            aug,
+            prefetch::DEPTH,
+            device,
+        )))
     }
 
     fn label(&self, id: u32) -> u32 {
@@ -513,6 +555,10 @@ fn train_epoch(
         sums.done += 1;
     }
     bar.finish_and_clear();
+    if let Some(wait) = images.input_wait() {
+        // Timing goes to the console only, so that the history and logs repeat byte for byte.
+        tracing::info!("{} epoch {epoch}: {}", ctx.node, wait.describe());
+    }
     if sums.done == 0 {
         return Err(SimnetError::Config(format!(
             "epoch {epoch} had no usable pair of batches ({} source, {} target, {} skipped: a batch pair of unequal sizes or of fewer than 2 images is skipped); lower simnet.batch_a and simnet.batch_b",

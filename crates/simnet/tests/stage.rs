@@ -330,3 +330,35 @@ fn simnet_learns_the_synthetic_classes() {
     let f1_test = out.metrics["final_f1_test"].as_f64().unwrap();
     assert!(f1_test > 0.5, "novel pair F1 {f1_test}");
 }
+
+/// The real loader's images come decoded ahead and say how long the loop waited for them (the
+/// epoch's log line); images built when taken have no such figure.
+#[test]
+fn images_ahead_report_the_input_wait_where_they_are_decoded_ahead() {
+    let mut config = Config::preset(Preset::Demo);
+    config.data.demo = simtrans_core::config::DemoConfig {
+        base_train_per_class: 4,
+        base_val_per_class: 1,
+        web_per_class: 4,
+        novel_test_per_class: 1,
+        ..simtrans_core::config::DemoConfig::default_recipe()
+    };
+    let (index, _) = simtrans_data::build_index(&config, 0).unwrap();
+    let data = simtrans_simnet::stage::IndexData::new(
+        std::sync::Arc::new(index),
+        &config.data,
+        &config.simnet,
+    )
+    .unwrap();
+    let jobs = vec![(vec![0, 1, 2], 1), (vec![3, 4], 2)];
+    let mut ahead = data.images_ahead(jobs.clone(), true, &Device::Cpu);
+    let shapes: Vec<Vec<usize>> = (&mut ahead).map(|x| x.unwrap().dims().to_vec()).collect();
+    assert_eq!(shapes, [vec![3, 3, 28, 28], vec![2, 3, 28, 28]]);
+    let wait = ahead.input_wait().expect("decoded ahead");
+    assert!(wait.elapsed_s > 0.0 && (0.0..=wait.elapsed_s).contains(&wait.waited_s));
+
+    let synthetic = Synthetic::new();
+    let mut built = synthetic.images_ahead(jobs, true, &Device::Cpu);
+    assert_eq!(built.by_ref().count(), 2);
+    assert!(built.input_wait().is_none());
+}
