@@ -7,10 +7,7 @@
 //! them; without DIR a temporary folder.
 use rand::SeedableRng;
 use simtrans_data::onepass::{self, Normaliser, Pixels};
-use simtrans_data::transform::{
-    normalise_into, resize_bilinear, resized_crop_params, rotate_crop, ImageU8, RngDraws,
-    CROP_RATIO,
-};
+use simtrans_data::transform::{normalise_into, resize_bilinear, rotate_crop, ImageU8, TrainDraws};
 use std::time::Instant;
 
 /// Milliseconds per image of `work` over `n` images, the best of five.
@@ -59,15 +56,8 @@ fn main() -> anyhow::Result<()> {
     let draws: Vec<_> = planar
         .iter()
         .map(|p| {
-            let angle = rand::Rng::random_range(&mut rng, -30.0..30.0);
-            let crop = resized_crop_params(
-                p.width,
-                p.height,
-                cfg.crop_scale,
-                CROP_RATIO,
-                &mut RngDraws(&mut rng),
-            );
-            (angle, crop)
+            let d = TrainDraws::new(p.width, p.height, &cfg, &mut rng);
+            (d.angle, d.crop)
         })
         .collect();
     let rotate = best(n, || {

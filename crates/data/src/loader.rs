@@ -214,22 +214,28 @@ impl Loader {
     pub fn source_image(&self, id: u32) -> Result<ImageU8> {
         self.check_id(id)?;
         match &self.index.images {
-            Images::Pixels {
-                height,
-                width,
-                data,
-            } => {
-                let n = height * width;
-                let k = id as usize;
-                Ok(ImageU8::new(
-                    *width,
-                    *height,
-                    1,
-                    data[k * n..(k + 1) * n].to_vec(),
-                ))
+            Images::Pixels { .. } => {
+                let p = self.stored(id);
+                Ok(ImageU8::new(p.width, p.height, 1, p.data.to_vec()))
             }
             Images::Paths(paths) => decode_file(&paths[id as usize]),
         }
+    }
+
+    /// The pixels of image `id` of an index that holds them (the demo's grayscale images);
+    /// panics for an index of files (a programming error).
+    fn stored(&self, id: u32) -> Pixels<'_> {
+        let Images::Pixels {
+            height,
+            width,
+            data,
+        } = &self.index.images
+        else {
+            panic!("stored pixels asked of an index of image files");
+        };
+        let n = height * width;
+        let i = id as usize;
+        Pixels::new(*width, *height, 1, &data[i * n..(i + 1) * n])
     }
 
     /// An error unless `id` is in the index.
@@ -290,45 +296,21 @@ impl Loader {
         dst: &mut [f32],
     ) -> Result<()> {
         self.check_id(id)?;
-        match &self.index.images {
-            Images::Pixels {
-                height,
-                width,
-                data,
-            } => {
-                let n = height * width;
-                let i = id as usize;
-                let pixels = Pixels::new(*width, *height, 1, &data[i * n..(i + 1) * n]);
-                self.transform_pixels(&pixels, id, k, aug, seed, norm, dst);
-            }
-            Images::Paths(paths) => DECODED.with_borrow_mut(|buf| -> Result<()> {
-                let (width, height) = decode_rgb_into(&paths[id as usize], buf)?;
-                let pixels = Pixels::new(width, height, 3, buf);
-                self.transform_pixels(&pixels, id, k, aug, seed, norm, dst);
-                Ok(())
-            })?,
-        }
-        Ok(())
-    }
-
-    /// [`Loader::transform_into`] once the pixels are at hand.
-    #[allow(clippy::too_many_arguments)]
-    fn transform_pixels(
-        &self,
-        pixels: &Pixels,
-        id: u32,
-        k: usize,
-        aug: Augment,
-        seed: u64,
-        norm: &Normaliser,
-        dst: &mut [f32],
-    ) {
-        match aug {
+        let mut transform = |pixels: &Pixels| match aug {
             Augment::Train => {
                 let mut rng = self.augment_rng(id, k, seed);
                 onepass::train_into(pixels, &self.cfg, &mut rng, norm, dst)
             }
             Augment::Test => onepass::test_into(pixels, &self.cfg, norm, dst),
+        };
+        match &self.index.images {
+            Images::Pixels { .. } => transform(&self.stored(id)),
+            Images::Paths(paths) => DECODED.with_borrow_mut(|buf| -> Result<()> {
+                let (width, height) = decode_rgb_into(&paths[id as usize], buf)?;
+                transform(&Pixels::new(width, height, 3, buf));
+                Ok(())
+            })?,
         }
+        Ok(())
     }
 }

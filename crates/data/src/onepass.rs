@@ -11,8 +11,8 @@
 //! rounding are the definition's own ([`Rotation`], [`Taps`]); tests compare the two.
 
 use crate::transform::{
-    center_crop_box, clip8, resize_shorter_size, resized_crop_params, test_resize_side, Along,
-    RngDraws, Rotation, Taps, CROP_RATIO, HALF,
+    center_crop_box, clip8, resize_shorter_size, test_resize_side, Along, Rotation, Taps,
+    TrainDraws, HALF,
 };
 use rand::Rng;
 use simtrans_core::config::DataConfig;
@@ -21,10 +21,10 @@ use std::ops::Range;
 /// An 8-bit image stored interleaved (`[H, W, C]`, as decoders return it), 1 or 3 channels.
 #[derive(Debug, Clone, Copy)]
 pub struct Pixels<'a> {
-    width: usize,
-    height: usize,
-    channels: usize,
-    data: &'a [u8],
+    pub(crate) width: usize,
+    pub(crate) height: usize,
+    pub(crate) channels: usize,
+    pub(crate) data: &'a [u8],
 }
 
 impl<'a> Pixels<'a> {
@@ -80,33 +80,21 @@ pub fn train_into(
     norm: &Normaliser,
     out: &mut [f32],
 ) {
-    let d = cfg.rotation_degrees;
-    let angle = if d > 0.0 {
-        rng.random_range(-d..d)
-    } else {
-        0.0
-    };
-    let (top, left, height, width) = resized_crop_params(
-        src.width,
-        src.height,
-        cfg.crop_scale,
-        CROP_RATIO,
-        &mut RngDraws(&mut *rng),
-    );
-    let flip = cfg.hflip && rng.random::<f64>() < 0.5;
+    let draws = TrainDraws::new(src.width, src.height, cfg, rng);
+    let (top, left, height, width) = draws.crop;
     let size = cfg.image_size;
     let window = Window {
         src: *src,
         top,
         left,
-        rotation: Rotation::new(src.width, src.height, angle),
+        rotation: Rotation::new(src.width, src.height, draws.angle),
     };
     let geometry = Geometry {
         in_size: (width, height),
         resized: (size, size),
         origin: (0, 0),
         size,
-        flip,
+        flip: draws.flip,
     };
     resample(window, &geometry, src.channels, norm, out);
 }

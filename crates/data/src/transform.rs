@@ -488,26 +488,48 @@ pub const CROP_RATIO: [f64; 2] = [3.0 / 4.0, 4.0 / 3.0];
 /// `U(−d, d)` degrees, random resized crop to `image_size` (scale `crop_scale`, ratio 3/4–4/3,
 /// bilinear), horizontal flip with p = 0.5 when `hflip`.
 pub fn train_transform(img: &ImageU8, cfg: &DataConfig, rng: &mut impl Rng) -> ImageU8 {
-    let d = cfg.rotation_degrees;
-    let angle = if d > 0.0 {
-        rng.random_range(-d..d)
-    } else {
-        0.0
-    };
-    // The rotation keeps the size (expand=False), and the crop box lies inside it.
-    let (i, j, h, w) = resized_crop_params(
-        img.width,
-        img.height,
-        cfg.crop_scale,
-        CROP_RATIO,
-        &mut RngDraws(&mut *rng),
-    );
-    let cropped = rotate_crop(img, angle, i, j, h, w);
+    let draws = TrainDraws::new(img.width, img.height, cfg, rng);
+    let (i, j, h, w) = draws.crop;
+    let cropped = rotate_crop(img, draws.angle, i, j, h, w);
     let resized = resize_bilinear(&cropped, cfg.image_size, cfg.image_size);
-    if cfg.hflip && rng.random::<f64>() < 0.5 {
+    if draws.flip {
         hflip(&resized)
     } else {
         resized
+    }
+}
+
+/// The random choices of the training augmentation for one image.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TrainDraws {
+    /// Rotation, degrees counter-clockwise.
+    pub angle: f64,
+    /// The crop box `(top, left, height, width)` of the rotated image (the rotation keeps the
+    /// size, expand=False, and the box lies inside it).
+    pub crop: (usize, usize, usize, usize),
+    /// Whether the result is mirrored.
+    pub flip: bool,
+}
+
+impl TrainDraws {
+    /// The draws for a `width × height` image, in the reference's order: the angle, the crop,
+    /// the flip.
+    pub fn new(width: usize, height: usize, cfg: &DataConfig, rng: &mut impl Rng) -> Self {
+        let d = cfg.rotation_degrees;
+        let angle = if d > 0.0 {
+            rng.random_range(-d..d)
+        } else {
+            0.0
+        };
+        let crop = resized_crop_params(
+            width,
+            height,
+            cfg.crop_scale,
+            CROP_RATIO,
+            &mut RngDraws(&mut *rng),
+        );
+        let flip = cfg.hflip && rng.random::<f64>() < 0.5;
+        TrainDraws { angle, crop, flip }
     }
 }
 
