@@ -70,13 +70,16 @@ pub fn bench(
 ) -> Result<BenchReport> {
     let files = files.max(1);
     let batch_size = batch_size.max(1);
-    let temporary = tempfile::tempdir().map_err(|e| DataError::io(std::env::temp_dir(), e))?;
+    let temporary;
     let dir = match photos {
         Some(dir) => {
             std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
             dir
         }
-        None => temporary.path(),
+        None => {
+            temporary = tempfile::tempdir().map_err(|e| DataError::io(std::env::temp_dir(), e))?;
+            temporary.path()
+        }
     };
     let index = synthetic_photos(dir, files)?;
     let loader = Loader::new(Arc::new(index), cfg)?;

@@ -412,16 +412,9 @@ fn resample_body(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::transform::tests::noise;
     use crate::transform::{normalise_into, test_transform, train_transform, ImageU8};
     use rand::SeedableRng;
-
-    fn noise(width: usize, height: usize, channels: usize, seed: u64) -> ImageU8 {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let data = (0..width * height * channels)
-            .map(|_| rng.random())
-            .collect();
-        ImageU8::new(width, height, channels, data)
-    }
 
     fn interleaved(img: &ImageU8) -> Vec<u8> {
         let n = img.width * img.height;

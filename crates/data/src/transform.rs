@@ -560,11 +560,12 @@ pub fn normalise_into(img: &ImageU8, mean: [f32; 3], std: [f32; 3], out: &mut [f
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use rand::SeedableRng;
 
-    fn noise(width: usize, height: usize, channels: usize, seed: u64) -> ImageU8 {
+    /// A `width × height` planar image of seeded random bytes.
+    pub(crate) fn noise(width: usize, height: usize, channels: usize, seed: u64) -> ImageU8 {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let data = (0..width * height * channels)
             .map(|_| rng.random())
