@@ -22,6 +22,7 @@
 //!   blocks, BatchNorm, pooling and SGD on our kernels — and the host side of our kernels.
 //! - [`gpu`]: the `[gpu]` settings the CUDA path follows, and the device helpers around it.
 //! - [`hostprof`]: where the host's time goes while it issues a step's work.
+//! - [`malloc`]: the allocator setting that lets the CPU path reuse freed buffers.
 
 pub mod bn;
 mod bn_cpu;
@@ -35,6 +36,7 @@ pub mod hostprof;
 #[cfg(feature = "cuda")]
 pub mod kernels;
 pub mod launch;
+pub mod malloc;
 pub mod optim;
 #[cfg(feature = "cuda")]
 mod storage;
