@@ -499,7 +499,7 @@ fn ci() -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    simtrans_ops::malloc::keep_freed_memory();
+    simtrans_ops::process::prepare();
     if std::env::args_os().len() <= 1 {
         // No subcommand: help on stdout, success (clap's own default would exit 2).
         use clap::CommandFactory;

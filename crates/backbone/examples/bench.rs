@@ -3,7 +3,7 @@
 //! With widths, only the small network is timed, once per width.
 
 fn main() -> anyhow::Result<()> {
-    simtrans_ops::malloc::keep_freed_memory();
+    simtrans_ops::process::prepare();
     let args: Vec<String> = std::env::args().collect();
     let device = simtrans_ops::gpu::open(args.get(1).map(String::as_str).unwrap_or("cpu"))?;
     let steps = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(5);

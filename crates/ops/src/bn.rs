@@ -395,6 +395,7 @@ mod tests {
             (vec![4, 3, 5, 5], false),
             (vec![6, 8], true),
             (vec![7, 2, 3, 1], false),
+            (vec![3, 2, 17, 19], true),
         ] {
             let c = shape[1];
             let x = Var::from_tensor(

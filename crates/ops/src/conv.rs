@@ -66,6 +66,16 @@ impl Geom {
             .checked_sub(self.pad)
             .filter(|&i| i < size)
     }
+    /// The output coordinates `lo..hi` (of `out`) whose input coordinate at kernel offset `k`
+    /// lies inside an axis of `size`; the input coordinate of `lo` is `lo·stride + k − pad`.
+    fn span(&self, k: usize, size: usize, out: usize) -> (usize, usize) {
+        let lo = self.pad.saturating_sub(k).div_ceil(self.stride).min(out);
+        let hi = match (size + self.pad).checked_sub(k + 1) {
+            Some(last) => (last / self.stride + 1).min(out),
+            None => 0,
+        };
+        (lo, hi.max(lo))
+    }
     /// The channel and kernel offsets `(c, i, j)` of unfolded row `row`.
     fn row(&self, row: usize) -> (usize, usize, usize) {
         let c = row / (self.kh * self.kw);
@@ -76,14 +86,24 @@ impl Geom {
 /// Writes the `Ho·Wo` values that kernel offset `(i, j)` reads from one channel `plane`
 /// (`H·W`) into `dst`, zeros where the kernel reads padding.
 fn unfold_row<T: WithDType>(plane: &[T], g: &Geom, i: usize, j: usize, dst: &mut [T]) {
+    let (lo, hi) = g.span(j, g.w, g.wo);
     for (oy, d) in dst.chunks_exact_mut(g.wo).enumerate() {
         let Some(iy) = g.src(oy, i, g.h) else {
             d.fill(T::zero());
             continue;
         };
-        let src = &plane[iy * g.w..][..g.w];
-        for (ox, v) in d.iter_mut().enumerate() {
-            *v = g.src(ox, j, g.w).map_or(T::zero(), |ix| src[ix]);
+        d[..lo].fill(T::zero());
+        d[hi..].fill(T::zero());
+        if lo == hi {
+            continue;
+        }
+        let src = &plane[iy * g.w + lo * g.stride + j - g.pad..];
+        if g.stride == 1 {
+            d[lo..hi].copy_from_slice(&src[..hi - lo]);
+        } else {
+            for (v, &s) in d[lo..hi].iter_mut().zip(src.iter().step_by(g.stride)) {
+                *v = s;
+            }
         }
     }
 }
@@ -91,15 +111,17 @@ fn unfold_row<T: WithDType>(plane: &[T], g: &Geom, i: usize, j: usize, dst: &mut
 /// The adjoint of [`unfold_row`]: adds each of the `Ho·Wo` values of `src` into the pixel of
 /// `plane` it was read from.
 fn fold_row<T: WithDType>(src: &[T], g: &Geom, i: usize, j: usize, plane: &mut [T]) {
+    let (lo, hi) = g.span(j, g.w, g.wo);
+    if lo == hi {
+        return;
+    }
     for (oy, s) in src.chunks_exact(g.wo).enumerate() {
         let Some(iy) = g.src(oy, i, g.h) else {
             continue;
         };
-        let dst = &mut plane[iy * g.w..][..g.w];
-        for (ox, &v) in s.iter().enumerate() {
-            if let Some(ix) = g.src(ox, j, g.w) {
-                dst[ix] += v;
-            }
+        let dst = &mut plane[iy * g.w + lo * g.stride + j - g.pad..];
+        for (d, &v) in dst.iter_mut().step_by(g.stride).zip(&s[lo..hi]) {
+            *d += v;
         }
     }
 }
@@ -568,6 +590,10 @@ mod tests {
             (1, 4, 6, 11, 11, 7, 2, 3),
             (3, 5, 2, 6, 6, 1, 1, 0),
             (2, 4, 3, 7, 7, 1, 2, 0),
+            // More padding than image: whole kernel rows and columns read only zeros.
+            (2, 2, 3, 3, 2, 7, 2, 3),
+            (1, 2, 2, 8, 10, 5, 3, 2),
+            (1, 1, 2, 4, 5, 3, 2, 0),
         ] {
             let (nx, nw) = (b * c * h * w, o * c * k * k);
             let x = Var::from_tensor(&t(nx, 1, &[b, c, h, w])).unwrap();
@@ -603,6 +629,35 @@ mod tests {
                     (lhs_w - rhs_w).abs() < 1e-9 * rhs_w.abs().max(1.0),
                     "weight gradient {b} {c} {o} {h} {w} {k} {s} {p}"
                 );
+            }
+        }
+    }
+
+    /// `span` is exactly the set of output coordinates that `src` maps inside the image.
+    #[test]
+    fn span_is_where_the_kernel_reads_the_image() {
+        for (stride, pad, k, size) in (1..4).flat_map(|s| {
+            (0..4).flat_map(move |p| (0..8).flat_map(move |k| (1..9).map(move |n| (s, p, k, n))))
+        }) {
+            let out = 10;
+            let g = Geom {
+                b: 1,
+                c: 1,
+                h: size,
+                w: size,
+                o: 1,
+                kh: k + 1,
+                kw: k + 1,
+                stride,
+                pad,
+                ho: out,
+                wo: out,
+            };
+            let inside: Vec<usize> = (0..out).filter(|&o| g.src(o, k, size).is_some()).collect();
+            let (lo, hi) = g.span(k, size, out);
+            assert_eq!((lo..hi).collect::<Vec<_>>(), inside, "{g:?} k {k}");
+            if lo < hi {
+                assert_eq!(g.src(lo, k, size), Some(lo * stride + k - pad));
             }
         }
     }

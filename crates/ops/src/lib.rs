@@ -10,8 +10,8 @@
 //! and on every CPU run through the emulator). Candle keeps its kernels and its CUDA backend
 //! apart in the same way, and burn its backends out of its core.
 //!
-//! - [`conv`]: the 2-D convolution (im2col on the CPU, cuDNN on CUDA), the one entry point of
-//!   every network.
+//! - [`conv`]: the 2-D convolution (a fused per-image unfold and GEMM on the CPU, cuDNN on
+//!   CUDA), the one entry point of every network.
 //! - [`bn`]: BatchNorm in its training, evaluation and split-batch modes; in training on the
 //!   CPU one fused op each way (`bn_cpu`), defined by the candle composition beside it.
 //! - [`headops`]: the SimNet head's pair grid, LayerNorm+ReLU, bias, cross-entropy and the
@@ -22,7 +22,8 @@
 //!   blocks, BatchNorm, pooling and SGD on our kernels — and the host side of our kernels.
 //! - [`gpu`]: the `[gpu]` settings the CUDA path follows, and the device helpers around it.
 //! - [`hostprof`]: where the host's time goes while it issues a step's work.
-//! - [`malloc`]: the allocator setting that lets the CPU path reuse freed buffers.
+//! - [`process`]: the setup of a CPU training process (the allocator reuses freed buffers,
+//!   candle's idle workers sleep instead of spinning).
 
 pub mod bn;
 mod bn_cpu;
@@ -36,8 +37,8 @@ pub mod hostprof;
 #[cfg(feature = "cuda")]
 pub mod kernels;
 pub mod launch;
-pub mod malloc;
 pub mod optim;
+pub mod process;
 #[cfg(feature = "cuda")]
 mod storage;
 
