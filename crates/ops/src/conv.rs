@@ -352,16 +352,45 @@ fn on_floats(
     })
 }
 
-/// The fused CPU convolution `(x, w) ↦ y`; see the module doc.
-struct Conv2d(Geom);
-/// `(x, dy) ↦ ∂L/∂w`.
-struct WeightGrad(Geom);
-/// `(dy, w) ↦ ∂L/∂x`.
-struct InputGrad(Geom);
+/// The three products of a convolution the fused op computes, each one candle op.
+#[derive(Debug, Clone, Copy)]
+enum Product {
+    /// `(x, w) ↦ y`, differentiable through the other two.
+    Output,
+    /// `(x, dy) ↦ ∂L/∂w`.
+    WeightGrad,
+    /// `(dy, w) ↦ ∂L/∂x`.
+    InputGrad,
+}
+
+/// The fused CPU convolution and its gradients; see the module doc.
+struct Conv2d(Geom, Product);
+
+impl Conv2d {
+    fn run<T: WithDType>(&self, a: &[T], b: &[T]) -> Vec<T> {
+        match self.1 {
+            Product::Output => conv_forward(a, b, &self.0),
+            Product::WeightGrad => conv_weight_grad(a, b, &self.0),
+            Product::InputGrad => conv_input_grad(a, b, &self.0),
+        }
+    }
+    fn shape(&self) -> Shape {
+        let g = &self.0;
+        match self.1 {
+            Product::Output => Shape::from((g.b, g.o, g.ho, g.wo)),
+            Product::WeightGrad => Shape::from((g.o, g.c, g.kh, g.kw)),
+            Product::InputGrad => Shape::from((g.b, g.c, g.h, g.w)),
+        }
+    }
+}
 
 impl CustomOp2 for Conv2d {
     fn name(&self) -> &'static str {
-        "conv2d-cpu"
+        match self.1 {
+            Product::Output => "conv2d-cpu",
+            Product::WeightGrad => "conv2d-cpu-weight-grad",
+            Product::InputGrad => "conv2d-cpu-input-grad",
+        }
     }
     fn cpu_fwd(
         &self,
@@ -370,15 +399,14 @@ impl CustomOp2 for Conv2d {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = &self.0;
-        let y = on_floats(
+        let out = on_floats(
             self.name(),
             (s1, l1),
             (s2, l2),
-            |x, w| conv_forward(x, w, g),
-            |x, w| conv_forward(x, w, g),
+            |a, b| self.run(a, b),
+            |a, b| self.run(a, b),
         )?;
-        Ok((y, Shape::from((g.b, g.o, g.ho, g.wo))))
+        Ok((out, self.shape()))
     }
     fn bwd(
         &self,
@@ -387,60 +415,17 @@ impl CustomOp2 for Conv2d {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let Product::Output = self.1 else {
+            candle_core::bail!("{} has no backward pass", self.name())
+        };
         let dy = dy.contiguous()?;
-        let dw = x.apply_op2_no_bwd(&dy, &WeightGrad(self.0))?;
+        let dw = x.apply_op2_no_bwd(&dy, &Conv2d(self.0, Product::WeightGrad))?;
         let dx = if x.track_op() {
-            Some(dy.apply_op2_no_bwd(w, &InputGrad(self.0))?)
+            Some(dy.apply_op2_no_bwd(w, &Conv2d(self.0, Product::InputGrad))?)
         } else {
             None
         };
         Ok((dx, Some(dw)))
-    }
-}
-
-impl CustomOp2 for WeightGrad {
-    fn name(&self) -> &'static str {
-        "conv2d-cpu-weight-grad"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let g = &self.0;
-        let dw = on_floats(
-            self.name(),
-            (s1, l1),
-            (s2, l2),
-            |x, dy| conv_weight_grad(x, dy, g),
-            |x, dy| conv_weight_grad(x, dy, g),
-        )?;
-        Ok((dw, Shape::from((g.o, g.c, g.kh, g.kw))))
-    }
-}
-
-impl CustomOp2 for InputGrad {
-    fn name(&self) -> &'static str {
-        "conv2d-cpu-input-grad"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let g = &self.0;
-        let dx = on_floats(
-            self.name(),
-            (s1, l1),
-            (s2, l2),
-            |dy, w| conv_input_grad(dy, w, g),
-            |dy, w| conv_input_grad(dy, w, g),
-        )?;
-        Ok((dx, Shape::from((g.b, g.c, g.h, g.w))))
     }
 }
 
@@ -509,7 +494,8 @@ pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<T
         return x.conv2d(w, padding, stride, 1, 1);
     }
     let g = geometry(x, w, padding, stride)?;
-    x.contiguous()?.apply_op2(&w.contiguous()?, Conv2d(g))
+    x.contiguous()?
+        .apply_op2(&w.contiguous()?, Conv2d(g, Product::Output))
 }
 
 /// The definition of [`conv2d`]'s CPU path: the whole batch unfolded (im2col), one matmul, a
