@@ -1,6 +1,7 @@
 //! `process::prepare` makes candle's idle elementwise worker sleep instead of spinning. A test
 //! binary of its own: candle reads the spin limit once per process, when its first elementwise
 //! op starts its pool, so no other test may run an op before this one sets the limit.
+#![cfg(target_os = "linux")]
 
 use candle_core::{Device, Tensor};
 use std::time::{Duration, Instant};
@@ -25,7 +26,6 @@ fn candle_worker_cpu_ns() -> Option<u64> {
 /// gap: 0.92 of the time measured on a 2-core EPYC, against 0.09 with `prepare`). Linux only
 /// (it reads schedstat); where candle runs one thread, it checks that candle started no worker.
 #[test]
-#[cfg(target_os = "linux")]
 fn candle_workers_sleep_between_ops() {
     // The default is under test, not a limit the environment may set (the test binary has no
     // other thread yet, and no other test).
