@@ -6,7 +6,8 @@
 //! many backward, each into a freshly zeroed buffer; on the demo network that chain was a
 //! sixth of a training step. Here the forward reads the input twice (mean, then the centred
 //! variance, per channel) and writes the output once, and the backward reads it once more
-//! (both per-channel sums in one pass) and writes the input gradient once, all on the
+//! (both per-channel sums row by row, the second while the row is still in cache) and writes
+//! the input gradient once, all on the
 //! `[B, C, …]` layout as it is, channels in parallel. Each row of a channel (its values in one
 //! image) is summed in eight f32 lanes and the rows are added in f64, and the input gradient
 //! is computed in f32 (the composition sums and computes in f32), so results agree with the
@@ -94,8 +95,9 @@ fn channel_rows(
     (0..b).map(move |bi| &x[(bi * c_n + c) * inner..][..inner])
 }
 
-/// Lanes of the per-row sums: eight f32 accumulators, which the compiler keeps in one
-/// vector register, so a row is summed at the speed of its loads.
+/// Lanes of the per-row sums: eight independent f32 accumulators, which the compiler keeps
+/// in vector registers (two of SSE's, as the workspace builds for baseline x86-64) instead of
+/// one serial chain of additions.
 const LANES: usize = 8;
 
 /// `Σ f(i)` over the `n` positions of one row, in [`LANES`] f32 partial sums added in f64.
