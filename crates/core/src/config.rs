@@ -197,6 +197,68 @@ pub struct DemoConfig {
     /// partner, as on the web); empty: donors drawn uniformly from the other novel classes.
     #[serde(default)]
     pub closed_set_partner: Vec<String>,
+    /// The seed that draws the benchmark itself: which images are base training, validation
+    /// and web images, which web images are noise, and each web set's order. A number: one
+    /// benchmark for every run seed, as a real data set is, so that a run seed varies only the
+    /// training (initialisation, batches, augmentation). `"run"`: each run seed draws its own
+    /// benchmark (what configs written before the field existed did).
+    #[serde(default)]
+    pub benchmark_seed: BenchmarkSeed,
+}
+
+/// Which seed draws the embedded benchmark (`data.demo.benchmark_seed`): a number, or `"run"`
+/// for the run's own seed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "SeedText", into = "SeedText")]
+pub enum BenchmarkSeed {
+    /// Every run seed trains on the benchmark drawn with this seed.
+    Fixed(u64),
+    /// Each run seed draws its own benchmark.
+    #[default]
+    Run,
+}
+
+impl BenchmarkSeed {
+    /// The seed that draws the benchmark of run seed `run_seed`.
+    pub fn for_run(self, run_seed: u64) -> u64 {
+        match self {
+            BenchmarkSeed::Fixed(s) => s,
+            BenchmarkSeed::Run => run_seed,
+        }
+    }
+}
+
+/// [`BenchmarkSeed`] as written in a config file.
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum SeedText {
+    Number(i64),
+    Word(String),
+}
+
+impl TryFrom<SeedText> for BenchmarkSeed {
+    type Error = String;
+    fn try_from(text: SeedText) -> std::result::Result<Self, String> {
+        let written = match text {
+            SeedText::Number(s) if s >= 0 => return Ok(BenchmarkSeed::Fixed(s as u64)),
+            SeedText::Word(w) if w == "run" => return Ok(BenchmarkSeed::Run),
+            SeedText::Number(s) => s.to_string(),
+            SeedText::Word(w) => format!("\"{w}\""),
+        };
+        Err(format!(
+            "benchmark_seed = {written}: use a seed (a whole number ≥ 0) or \"run\" (each run \
+             seed draws its own benchmark)"
+        ))
+    }
+}
+
+impl From<BenchmarkSeed> for SeedText {
+    fn from(seed: BenchmarkSeed) -> Self {
+        match seed {
+            BenchmarkSeed::Fixed(s) => SeedText::Number(s as i64),
+            BenchmarkSeed::Run => SeedText::Word("run".into()),
+        }
+    }
 }
 
 /// Shared SGD and schedule settings of a training stage (the reference semantics).
@@ -861,6 +923,9 @@ impl DemoConfig {
             open_set_rate: 0.20,
             junk_rate: 0.0,
             closed_set_partner: strings(&["Shirt", "Coat", "Ankle boot", "Sneaker"]),
+            // One benchmark for all run seeds, as CUB's web sets are one fixed draw (README,
+            // "The demo benchmark").
+            benchmark_seed: BenchmarkSeed::Fixed(0),
         }
     }
 }
@@ -952,6 +1017,40 @@ mod tests {
         assert!(!old.contains("normalise"));
         let back: Config = toml::from_str(&old).unwrap();
         assert_eq!(back.data.normalise, Normalise::Fixed);
+    }
+
+    #[test]
+    fn benchmark_seed_is_a_number_or_run_and_old_configs_draw_per_run() {
+        let mut c = Config::preset(Preset::Demo);
+        assert_eq!(c.data.demo.benchmark_seed, BenchmarkSeed::Fixed(0));
+        let fixed = c.stage_inputs(Stage::Data);
+        c.set("data.demo.benchmark_seed=run").unwrap();
+        assert_eq!(c.data.demo.benchmark_seed, BenchmarkSeed::Run);
+        assert_ne!(c.stage_inputs(Stage::Data), fixed);
+        assert!(c.to_toml().contains("benchmark_seed = \"run\""));
+        let back: Config = toml::from_str(&c.to_toml()).unwrap();
+        assert_eq!(back.data.demo.benchmark_seed, BenchmarkSeed::Run);
+        c.set("data.demo.benchmark_seed=7").unwrap();
+        assert_eq!(c.data.demo.benchmark_seed, BenchmarkSeed::Fixed(7));
+        assert_eq!(c.data.demo.benchmark_seed.for_run(3), 7);
+        assert_eq!(BenchmarkSeed::Run.for_run(3), 3);
+        for bad in [
+            "data.demo.benchmark_seed=each",
+            "data.demo.benchmark_seed=-1",
+        ] {
+            let err = c.set(bad).unwrap_err().to_string();
+            assert!(
+                err.contains("a whole number ≥ 0) or \"run\""),
+                "{bad}: {err}"
+            );
+        }
+        // A config saved before the field existed reads as one benchmark per run seed.
+        let old = Config::preset(Preset::Demo)
+            .to_toml()
+            .replace("benchmark_seed = 0\n", "");
+        assert!(!old.contains("benchmark_seed"));
+        let back: Config = toml::from_str(&old).unwrap();
+        assert_eq!(back.data.demo.benchmark_seed, BenchmarkSeed::Run);
     }
 
     #[test]

@@ -25,7 +25,9 @@
 //! class (as web noise does: a search for "coat" returns shirts, not sneakers), else from a novel
 //! class other than the set's own, drawn uniformly; each open-set image comes from a base class,
 //! drawn uniformly. All draws come from
-//! `simtrans_core::seed::rng(seed, &["data", "demo", …], 0)`.
+//! `simtrans_core::seed::rng(seed, &["data", "demo", …], 0)`, where `seed` is
+//! `data.demo.benchmark_seed`: by default one fixed benchmark for every run seed, as a real data
+//! set is; `"run"` draws a benchmark per run seed.
 //!
 //! # Item order (ids)
 //! Base train (class by class in the order of `data.demo.base`), base validation, base test,
@@ -401,13 +403,15 @@ fn check_test_pools(
     )))
 }
 
-/// Builds the benchmark index of a recipe from a source (and junk images when the recipe has junk).
+/// Builds the benchmark index of a recipe from a source (and junk images when the recipe has junk)
+/// for run seed `run_seed`; the draws use the recipe's `benchmark_seed`, which may be that seed.
 pub fn build(
     recipe: &DemoConfig,
     source: &DemoSource,
     junk: Option<&IdxImages>,
-    seed: u64,
+    run_seed: u64,
 ) -> Result<DataIndex> {
+    let seed = recipe.benchmark_seed.for_run(run_seed);
     let names = &source.class_names;
     let base = class_ids(&recipe.base, names, "base")?;
     let novel = class_ids(&recipe.novel, names, "novel")?;

@@ -1,7 +1,7 @@
 //! The embedded benchmark builder: exact counts, noise truth, disjointness, determinism,
 //! errors, and the artifact round trip.
 
-use simtrans_core::config::{Config, DemoConfig, Preset};
+use simtrans_core::config::{BenchmarkSeed, Config, DemoConfig, Preset};
 use simtrans_core::{Artifact, ArtifactMeta};
 use simtrans_data::demo::{self, DemoSource};
 use simtrans_data::idx::IdxImages;
@@ -247,11 +247,38 @@ fn roles_are_disjoint_heads_of_each_class() {
 fn same_seed_same_index_other_seed_other_index() {
     let source = synthetic(60, 12);
     let junk = junk_source(50);
-    let a = demo::build(&small_recipe(), &source, Some(&junk), 1).unwrap();
-    let b = demo::build(&small_recipe(), &source, Some(&junk), 1).unwrap();
-    let c = demo::build(&small_recipe(), &source, Some(&junk), 2).unwrap();
+    let per_run = DemoConfig {
+        benchmark_seed: BenchmarkSeed::Run,
+        ..small_recipe()
+    };
+    let a = demo::build(&per_run, &source, Some(&junk), 1).unwrap();
+    let b = demo::build(&per_run, &source, Some(&junk), 1).unwrap();
+    let c = demo::build(&per_run, &source, Some(&junk), 2).unwrap();
     assert_eq!(a, b);
     assert_ne!(a, c);
+}
+
+#[test]
+fn a_fixed_benchmark_seed_draws_one_benchmark_for_every_run_seed() {
+    let source = synthetic(60, 12);
+    let junk = junk_source(50);
+    let build = |benchmark_seed, run_seed| {
+        let recipe = DemoConfig {
+            benchmark_seed,
+            ..small_recipe()
+        };
+        demo::build(&recipe, &source, Some(&junk), run_seed).unwrap()
+    };
+    let fixed = build(BenchmarkSeed::Fixed(2), 1);
+    assert_eq!(fixed, build(BenchmarkSeed::Fixed(2), 7));
+    // It is the benchmark that run seed 2 draws for itself, and not run seed 1's.
+    assert_eq!(fixed, build(BenchmarkSeed::Run, 2));
+    assert_ne!(fixed, build(BenchmarkSeed::Run, 1));
+    // The demo's default recipe fixes it.
+    assert_eq!(
+        DemoConfig::default_recipe().benchmark_seed,
+        BenchmarkSeed::Fixed(0)
+    );
 }
 
 #[test]
