@@ -51,6 +51,9 @@ pub fn markdown(summary: &Value, results: &[SeedResult], class_names: &[String])
         seeds,
         summary["seeds"]
     );
+    if let Some(b) = summary["benchmark"].as_str() {
+        let _ = writeln!(s, "Seeds: {b}.\n");
+    }
     let _ = writeln!(s, "## Ablation\n");
     let _ = writeln!(
         s,
@@ -463,8 +466,14 @@ mod tests {
             variants: BTreeMap::from([("full".into(), v(0.7)), ("naive".into(), v(0.6))]),
             ..Default::default()
         };
-        let j = summarise("demo", "demo", std::slice::from_ref(&r));
+        let mut j = summarise("demo", "demo", std::slice::from_ref(&r));
+        assert!(!markdown(&j, std::slice::from_ref(&r), &[]).contains("Seeds:"));
+        j["benchmark"] = serde_json::json!("one benchmark for every seed");
         let md = markdown(&j, &[r], &["Coat".into(), "Shirt".into()]);
+        assert!(
+            md.contains("Seeds: one benchmark for every seed.\n"),
+            "{md}"
+        );
         let naive = md.find("| `naive`").unwrap();
         let full = md.find("| `full`").unwrap();
         assert!(naive < full, "{md}");

@@ -152,11 +152,12 @@ pub fn write_report(
             }
         }
     }
-    let summary = summarise(
+    let mut summary = summarise(
         config.run.dataset.name(),
         &format!("{:?}", config.run.preset).to_lowercase(),
         &results,
     );
+    summary["benchmark"] = serde_json::json!(what_a_seed_varies(config));
     write_atomic(
         &store.root.join("eval.json"),
         serde_json::to_string_pretty(&summary)?.as_bytes(),
@@ -732,9 +733,44 @@ fn block_means(m: &[Vec<f64>], side: usize) -> Vec<Vec<f64>> {
         .collect()
 }
 
+/// What the seeds of a run redraw, for `eval.json`'s `benchmark` and the report: whether the
+/// intervals over seeds are about training runs on one benchmark or about benchmarks too.
+pub fn what_a_seed_varies(config: &Config) -> String {
+    use simtrans_core::config::{BenchmarkSeed, DatasetKind};
+    match (config.run.dataset, config.data.demo.benchmark_seed) {
+        (DatasetKind::Demo, BenchmarkSeed::Fixed(s)) => format!(
+            "one benchmark, drawn with data.demo.benchmark_seed = {s}, for every seed: a seed \
+             varies the training only (initialisation, batches, augmentation)"
+        ),
+        (DatasetKind::Demo, BenchmarkSeed::Run) => "each seed draws its own benchmark \
+             (data.demo.benchmark_seed = \"run\"): a seed varies the data roles and the noise \
+             too"
+        .into(),
+        (other, _) => format!(
+            "the {} data set as it is for every seed: a seed varies the training only",
+            other.name()
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::block_means;
+    use super::{block_means, what_a_seed_varies};
+    use simtrans_core::config::{BenchmarkSeed, Config, DatasetKind, Preset};
+
+    #[test]
+    fn the_report_says_what_a_seed_redraws() {
+        let mut c = Config::preset(Preset::Demo);
+        let fixed = what_a_seed_varies(&c);
+        assert!(fixed.contains("benchmark_seed = 0") && fixed.contains("training only"));
+        c.data.demo.benchmark_seed = BenchmarkSeed::Run;
+        assert!(what_a_seed_varies(&c).contains("noise too"));
+        let mut cub = Config::preset(Preset::Paper);
+        cub.run.dataset = DatasetKind::Cub;
+        cub.data.demo.benchmark_seed = BenchmarkSeed::Run;
+        let real = what_a_seed_varies(&cub);
+        assert!(real.contains("cub data set") && real.contains("training only"));
+    }
 
     #[test]
     fn block_means_average_square_blocks_and_keep_small_matrices() {
