@@ -6,9 +6,8 @@
 //! many backward, each into a freshly zeroed buffer; on the demo network that chain was a
 //! sixth of a training step. Here the forward reads the input twice (mean, then the centred
 //! variance, per channel) and writes the output once, and the backward reads it once more
-//! (both per-channel sums row by row, the second while the row is still in cache) and writes
-//! the input gradient once, all on the
-//! `[B, C, …]` layout as it is, channels in parallel. Each row of a channel (its values in one
+//! (both per-channel sums in one pass over each row) and writes the input gradient once, all
+//! on the `[B, C, …]` layout as it is, channels in parallel. Each row of a channel (its values in one
 //! image) is summed in eight f32 lanes and the rows are added in f64, and the input gradient
 //! is computed in f32 (the composition sums and computes in f32), so results agree with the
 //! definition to rounding, not bit for bit: the tests hold values and gradients to it at 1e-5
@@ -100,20 +99,42 @@ fn channel_rows(
 /// one serial chain of additions.
 const LANES: usize = 8;
 
-/// `Σ f(i)` over the `n` positions of one row, in [`LANES`] f32 partial sums added in f64.
-/// A row is one channel of one image (at most a few thousand values), so the f32 partials
-/// lose no more than the definition's own f32 sums; rows are added in f64.
+/// `S` sums `Σ f(values at i)[s]` over the positions `i` of `K` rows of equal length, each in
+/// [`LANES`] f32 partial sums (lane `l` takes the positions `≡ l` mod [`LANES`], in order, the
+/// positions past the last whole group of lanes a serial f32 sum), added in f64. A row is one
+/// channel of one image (at most a few thousand values), so the f32 partials lose no more than
+/// the definition's own f32 sums; rows are added in f64. The rows are read as groups of
+/// [`LANES`] values, so the inner loop carries no bounds checks, and several sums take one pass.
 #[inline(always)]
-fn row_sum(n: usize, f: impl Fn(usize) -> f32) -> f64 {
-    let mut acc = [0f32; LANES];
+fn row_sums<const K: usize, const S: usize>(
+    rows: [&[f32]; K],
+    f: impl Fn([f32; K]) -> [f32; S],
+) -> [f64; S] {
+    let n = rows[0].len();
+    debug_assert!(rows.iter().all(|r| r.len() == n));
     let whole = n - n % LANES;
+    let mut acc = [[0f32; LANES]; S];
     for start in (0..whole).step_by(LANES) {
-        for (l, a) in acc.iter_mut().enumerate() {
-            *a += f(start + l);
+        let group: [&[f32; LANES]; K] =
+            rows.map(|r| r[start..start + LANES].try_into().expect("a whole group"));
+        for l in 0..LANES {
+            let terms = f(group.map(|g| g[l]));
+            for (a, t) in acc.iter_mut().zip(terms) {
+                a[l] += t;
+            }
         }
     }
-    let tail: f32 = (whole..n).map(&f).sum();
-    acc.iter().map(|&a| a as f64).sum::<f64>() + tail as f64
+    let mut tail = [0f32; S];
+    for i in whole..n {
+        for (t, v) in tail.iter_mut().zip(f(rows.map(|r| r[i]))) {
+            *t += v;
+        }
+    }
+    let mut out = [0f64; S];
+    for ((o, a), t) in out.iter_mut().zip(acc).zip(tail) {
+        *o = a.iter().map(|&v| v as f64).sum::<f64>() + t as f64;
+    }
+    out
 }
 
 struct BnTrain {
@@ -145,10 +166,10 @@ impl CustomOp3 for BnTrain {
             .into_par_iter()
             .map(|c| {
                 let rows = || channel_rows(x, g, c);
-                let mean = rows().map(|r| row_sum(r.len(), |i| r[i])).sum::<f64>() / n;
+                let mean = rows().map(|r| row_sums([r], |[v]| [v])[0]).sum::<f64>() / n;
                 let m = mean as f32;
                 let var = rows()
-                    .map(|r| row_sum(r.len(), |i| (r[i] - m) * (r[i] - m)))
+                    .map(|r| row_sums([r], |[v]| [(v - m) * (v - m)])[0])
                     .sum::<f64>()
                     / n;
                 (mean, var)
@@ -226,14 +247,17 @@ fn backward(
             match y {
                 Some(y) => {
                     for ((g, x), y) in rows.zip(channel_rows(y, geom, c)) {
-                        db += row_sum(g.len(), |i| masked(g[i], y[i]));
-                        dxc += row_sum(g.len(), |i| masked(g[i], y[i]) * (x[i] - m));
+                        let [b, d] = row_sums([g, y, x], |[g, y, x]| {
+                            let g = masked(g, y);
+                            [g, g * (x - m)]
+                        });
+                        (db, dxc) = (db + b, dxc + d);
                     }
                 }
                 None => {
                     for (g, x) in rows {
-                        db += row_sum(g.len(), |i| g[i]);
-                        dxc += row_sum(g.len(), |i| g[i] * (x[i] - m));
+                        let [b, d] = row_sums([g, x], |[g, x]| [g, g * (x - m)]);
+                        (db, dxc) = (db + b, dxc + d);
                     }
                 }
             }
