@@ -7,8 +7,8 @@
 //! sixth of a training step. Here the forward reads the input twice (mean, then the centred
 //! variance, per channel) and writes the output once, and the backward reads it once more
 //! (both per-channel sums in one pass over each row) and writes the input gradient once, all
-//! on the `[B, C, …]` layout as it is, channels in parallel. Each row of a channel (its values in one
-//! image) is summed in eight f32 lanes and the rows are added in f64, and the input gradient
+//! on the `[B, C, …]` layout as it is, channels in parallel. Each row of a channel (its values
+//! in one image) is summed in eight f32 lanes and the rows are added in f64, and the input gradient
 //! is computed in f32 (the composition sums and computes in f32), so results agree with the
 //! definition to rounding, not bit for bit: the tests hold values and gradients to it at 1e-5
 //! relative.
