@@ -281,13 +281,17 @@ fn a_fixed_benchmark_seed_draws_one_benchmark_for_every_run_seed() {
     );
 }
 
+/// Needs the full files, which the project does not ship: the test runner reports it as ignored
+/// rather than passed where they are absent.
 #[test]
+#[ignore = "needs the Debian package dataset-fashion-mnist; run with --include-ignored"]
 fn the_subset_and_the_full_files_build_the_same_benchmark() {
     let debian = std::path::Path::new(demo::DEBIAN_DIR);
-    if !debian.join("train-images-idx3-ubyte.gz").is_file() {
-        eprintln!("skipped: {} is not installed", demo::DEBIAN_DIR);
-        return;
-    }
+    assert!(
+        debian.join("train-images-idx3-ubyte.gz").is_file(),
+        "{} is not installed: apt-get install dataset-fashion-mnist",
+        demo::DEBIAN_DIR
+    );
     let full = demo::dir_source(debian).unwrap();
     let subset = demo::embedded_source().unwrap();
     let recipe = DemoConfig::default_recipe();
